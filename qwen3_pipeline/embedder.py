@@ -1,0 +1,114 @@
+"""The embedder interface and its result types (no torch here).
+
+:class:`Embedder` is what the refresh engine and the Dagster assets depend on. The real
+implementation is :class:`qwen3_pipeline.encoder.Qwen3Encoder`; a deterministic fake for fast
+tests ships as :class:`qwen3_pipeline.testing.FakeEmbedder`.
+"""
+
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from qwen3_pipeline.errors import EmbeddingFailedError
+from qwen3_pipeline.spec import EmbeddingSpec
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeStats:
+    """Counters of one encode call.
+
+    Attributes:
+        rows: Texts in the call.
+        real_tokens: Tokens of the texts after truncation (``<|endoftext|>`` included).
+        padded_tokens: Positions the model computed (rows x longest row, summed over batches).
+        padding_efficiency: ``real_tokens / padded_tokens`` (1.0 when nothing was computed).
+        batches: Forward passes, OOM retries included.
+        seconds: Wall-clock time of the call.
+        tokens_per_second: ``real_tokens / seconds``.
+        truncated_rows: Rows longer than ``max_length``, cut to fit.
+        failed_rows: Rows that could not be embedded (see ``EncodeResult.failures``).
+    """
+
+    rows: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    truncated_rows: int = 0
+    failed_rows: int = 0
+
+    @property
+    def padding_efficiency(self) -> float:
+        """Real tokens per computed position."""
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Real tokens embedded per second of the call."""
+        return self.real_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the counters and the derived ratios as a JSON-ready dict."""
+        out = asdict(self)
+        out["padding_efficiency"] = round(self.padding_efficiency, 6)
+        out["tokens_per_second"] = round(self.tokens_per_second, 3)
+        out["seconds"] = round(self.seconds, 6)
+        return out
+
+    def __add__(self, other: "EncodeStats") -> "EncodeStats":
+        return EncodeStats(
+            rows=self.rows + other.rows,
+            real_tokens=self.real_tokens + other.real_tokens,
+            padded_tokens=self.padded_tokens + other.padded_tokens,
+            batches=self.batches + other.batches,
+            seconds=self.seconds + other.seconds,
+            truncated_rows=self.truncated_rows + other.truncated_rows,
+            failed_rows=self.failed_rows + other.failed_rows,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeResult:
+    """Vectors and per-row facts of one encode call, in the caller's order.
+
+    Attributes:
+        vectors: float32 ``[n, dim]``; rows listed in ``failures`` are all-NaN.
+        n_tokens: Tokens per row after truncation.
+        truncated: Whether each row was truncated to ``max_length``.
+        failures: Row index -> reason, for rows that could not be embedded.
+        stats: Counters of the call.
+    """
+
+    vectors: np.ndarray
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+    failures: Mapping[int, str] = field(default_factory=dict)
+    stats: EncodeStats = field(default_factory=EncodeStats)
+
+    def raise_on_failure(self) -> np.ndarray:
+        """Return the vectors, or raise :class:`EmbeddingFailedError` naming failed rows."""
+        if self.failures:
+            shown = ", ".join(f"row {i}: {why}" for i, why in list(self.failures.items())[:5])
+            more = f" (+{len(self.failures) - 5} more)" if len(self.failures) > 5 else ""
+            raise EmbeddingFailedError(f"{len(self.failures)} row(s) failed: {shown}{more}")
+        return self.vectors
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Turns texts into vectors according to an :class:`EmbeddingSpec`."""
+
+    @property
+    def spec(self) -> EmbeddingSpec:
+        """The spec the vectors follow (model, dim, max_length...)."""
+        ...
+
+    def embed_documents(self, texts: Sequence[str]) -> EncodeResult:
+        """Embed documents (no instruction), reporting per-row failures instead of raising."""
+        ...
+
+    def embed_queries(self, queries: Sequence[str]) -> EncodeResult:
+        """Embed queries in the instruction format of the spec's query task."""
+        ...

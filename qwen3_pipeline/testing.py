@@ -1,0 +1,86 @@
+"""Fakes for fast tests of code that depends on the package's interfaces.
+
+:class:`FakeEmbedder` implements :class:`qwen3_pipeline.embedder.Embedder` without a model: each
+vector is a deterministic function of the text (a seeded random unit vector), so equal texts get
+equal vectors and tests can compute expected vectors independently.
+"""
+
+import hashlib
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from qwen3_pipeline.embedder import EncodeResult, EncodeStats
+from qwen3_pipeline.spec import EmbeddingSpec
+
+
+def fake_vector(text: str, dim: int) -> np.ndarray:
+    """Return the unit vector :class:`FakeEmbedder` gives ``text`` (float32, ``[dim]``)."""
+    seed = int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+    vector = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return vector / np.linalg.norm(vector)
+
+
+class FakeEmbedder:
+    """A model-free :class:`~qwen3_pipeline.embedder.Embedder` for tests.
+
+    Tokens are counted as whitespace-separated words plus one (the ``<|endoftext|>``), and
+    texts longer than ``spec.max_length`` are flagged as truncated, like the real encoder.
+
+    Args:
+        spec: The spec to report; only ``dim`` and ``max_length`` affect the output.
+        fail_texts: Texts to report as failed rows (to test failure handling).
+
+    Example:
+        >>> spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
+        >>> FakeEmbedder(spec).embed_documents(["a", "b"]).vectors.shape
+        (2, 64)
+    """
+
+    def __init__(self, spec: EmbeddingSpec, *, fail_texts: Sequence[str] = ()) -> None:
+        self._spec = spec
+        self._fail_texts = frozenset(fail_texts)
+        self.calls: list[int] = []
+
+    @property
+    def spec(self) -> EmbeddingSpec:
+        """The spec the fake reports."""
+        return self._spec
+
+    def embed_documents(self, texts: Sequence[str]) -> EncodeResult:
+        """Embed documents as deterministic pseudo-random unit vectors."""
+        return self._embed([self._spec.format_document(t) for t in texts])
+
+    def embed_queries(self, queries: Sequence[str]) -> EncodeResult:
+        """Embed queries (instruction-formatted) as deterministic unit vectors."""
+        return self._embed([self._spec.format_query(q) for q in queries])
+
+    def _embed(self, texts: list[str]) -> EncodeResult:
+        started = time.perf_counter()
+        self.calls.append(len(texts))
+        dim, limit = self._spec.output_dim, self._spec.max_length
+        vectors = np.empty((len(texts), dim), dtype=np.float32)
+        lengths = np.array([len(t.split()) + 1 for t in texts], dtype=np.int64)
+        failures: dict[int, str] = {}
+        for i, text in enumerate(texts):
+            if text in self._fail_texts:
+                vectors[i] = np.nan
+                failures[i] = "fake failure"
+            else:
+                vectors[i] = fake_vector(text, dim)
+        truncated = lengths > limit
+        n_tokens = np.minimum(lengths, limit)
+        real = int(n_tokens.sum())
+        stats = EncodeStats(
+            rows=len(texts),
+            real_tokens=real,
+            padded_tokens=real,
+            batches=1 if texts else 0,
+            seconds=time.perf_counter() - started,
+            truncated_rows=int(truncated.sum()),
+            failed_rows=len(failures),
+        )
+        return EncodeResult(
+            vectors=vectors, n_tokens=n_tokens, truncated=truncated, failures=failures, stats=stats
+        )
