@@ -68,7 +68,7 @@ def resolve_hidden_size(model: str, revision: str | None = None) -> int:
     try:
         from huggingface_hub import hf_hub_download
 
-        config_path = hf_hub_download(
+        hub_config = hf_hub_download(
             model,
             "config.json",
             revision=revision,
@@ -80,7 +80,7 @@ def resolve_hidden_size(model: str, revision: str | None = None) -> int:
             "If this machine is offline, download the checkpoint elsewhere and point the model "
             "setting (QWEN3_PIPELINE_MODEL / --model) at the local directory."
         ) from e
-    return _hidden_size_from_config(json.loads(Path(config_path).read_text()), config_path)
+    return _hidden_size_from_config(json.loads(Path(hub_config).read_text()), hub_config)
 
 
 def _hidden_size_from_config(config: dict[str, Any], where: str) -> int:
@@ -100,7 +100,7 @@ def _env_offline() -> bool:
 
 @dataclass(frozen=True, kw_only=True)
 class EmbeddingSpec:
-    """What to embed with and what comes out; validated at construction.
+    r"""What to embed with and what comes out; validated at construction.
 
     Args:
         model: Hub id (``Qwen/Qwen3-Embedding-0.6B``) or local checkpoint directory.
@@ -111,7 +111,7 @@ class EmbeddingSpec:
             truncated and flagged. At most 32768.
         document_prompt: Optional text prepended to every document (none by default, as in the
             model card).
-        query_task: Instruction used for queries (``Instruct: {task}\\nQuery:{query}``). Not
+        query_task: Instruction used for queries (``Instruct: {task}\nQuery:{query}``). Not
             part of the fingerprint.
         normalize: L2-normalise the output vectors (after the Matryoshka truncation).
         hidden_size: Filled in from the model's config when ``None``.

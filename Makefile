@@ -1,0 +1,44 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   create .venv and run the demo pipeline end to end
+#   make test   create .venv and run lint, type checks and the test suite
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP) dbt_models/target/manifest.json
+
+# torch goes in first with plain pip: on these machines `torch==2.13.0` is a small CPU wheel on
+# local disk, while a resolver left to itself would pull a multi-GB CUDA build. Everything else
+# is resolved by uv (pip's resolver backtracks for many minutes on this stack) under the
+# versions pinned in constraints.txt.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)" uv
+	$(VENV)/bin/uv pip install --quiet --python $(PY) -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# dagster-dbt reads target/manifest.json when the code location is imported.
+dbt_models/target/manifest.json: $(STAMP) $(wildcard dbt_models/*.yml dbt_models/models/*/*)
+	$(VENV)/bin/dbt parse --quiet --project-dir dbt_models --profiles-dir dbt_models
+
+demo: setup
+	$(PY) -m qwen3_pipeline.demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+test: setup lint
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/encode_bench.py
+
+clean:
+	rm -rf $(VENV) data dbt_models/target dbt_models/logs .pytest_cache .mypy_cache .ruff_cache

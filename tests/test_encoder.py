@@ -1,0 +1,218 @@
+"""Parity of Qwen3Encoder with the model card's reference code and sentence-transformers."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel, AutoTokenizer
+
+from qwen3_pipeline.encoder import Qwen3Encoder
+from qwen3_pipeline.errors import ConfigError
+from qwen3_pipeline.spec import DEFAULT_QUERY_TASK, EmbeddingSpec
+
+COS_MIN = 0.99999
+
+DOCUMENTS = [
+    "The capital of China is Beijing.",
+    "Gravity is a force that attracts two bodies towards each other. " * 12,
+    "short",
+    "Ünïcödé ταξίδι 北京 🚀 — mixed scripts and emoji",
+    "def f(x):\n    return x * 2  # code with\ttabs",
+    "A" * 3,
+    "Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 40,
+]
+QUERIES = ["What is the capital of China?", "Explain gravity", "emoji 🚀"]
+
+
+def _cos_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a / np.linalg.norm(a, axis=1, keepdims=True)
+    b = b / np.linalg.norm(b, axis=1, keepdims=True)
+    return (a * b).sum(axis=1)
+
+
+def _last_token_pool(last_hidden_states, attention_mask):
+    # Verbatim from the Qwen3-Embedding model card.
+    left_padding = attention_mask[:, -1].sum() == attention_mask.shape[0]
+    if left_padding:
+        return last_hidden_states[:, -1]
+    sequence_lengths = attention_mask.sum(dim=1) - 1
+    batch_size = last_hidden_states.shape[0]
+    return last_hidden_states[
+        torch.arange(batch_size, device=last_hidden_states.device), sequence_lengths
+    ]
+
+
+def _reference(model_dir, texts, max_length=8192):
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    batch = tokenizer(
+        texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    with torch.no_grad():
+        outputs = model(**batch)
+    embeddings = _last_token_pool(outputs.last_hidden_state, batch["attention_mask"])
+    return F.normalize(embeddings, p=2, dim=1).numpy()
+
+
+def _instruct(query: str) -> str:
+    return f"Instruct: {DEFAULT_QUERY_TASK}\nQuery:{query}"
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_model_dir):
+    return Qwen3Encoder(EmbeddingSpec(model=str(tiny_model_dir)), device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def reduced_encoder(tiny_model_dir):
+    spec = EmbeddingSpec(model=str(tiny_model_dir), dim=32)
+    return Qwen3Encoder(spec, device="cpu", progress=False)
+
+
+def test_documents_match_model_card_reference(encoder, tiny_model_dir):
+    ours = encoder.encode_documents(DOCUMENTS)
+    ref = _reference(tiny_model_dir, DOCUMENTS)
+    assert ours.dtype == np.float32 and ours.shape == (len(DOCUMENTS), 64)
+    assert _cos_rows(ours, ref).min() >= COS_MIN
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+
+
+def test_queries_match_model_card_reference(encoder, tiny_model_dir):
+    ours = encoder.encode_queries(QUERIES)
+    ref = _reference(tiny_model_dir, [_instruct(q) for q in QUERIES])
+    assert _cos_rows(ours, ref).min() >= COS_MIN
+
+
+def test_reduced_dim_matches_reference_prefix(reduced_encoder, tiny_model_dir):
+    ours = reduced_encoder.encode_documents(DOCUMENTS)
+    ref = _reference(tiny_model_dir, DOCUMENTS)[:, :32]
+    assert ours.shape == (len(DOCUMENTS), 32)
+    assert _cos_rows(ours, ref).min() >= COS_MIN
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
+    queries = reduced_encoder.encode_queries(QUERIES)
+    ref_q = _reference(tiny_model_dir, [_instruct(q) for q in QUERIES])[:, :32]
+    assert _cos_rows(queries, ref_q).min() >= COS_MIN
+
+
+def test_truncation_matches_reference_and_is_flagged(tiny_model_dir):
+    spec = EmbeddingSpec(model=str(tiny_model_dir), max_length=16)
+    result = Qwen3Encoder(spec, device="cpu", progress=False).embed_documents(DOCUMENTS)
+    ref = _reference(tiny_model_dir, DOCUMENTS, max_length=16)
+    assert _cos_rows(result.vectors, ref).min() >= COS_MIN
+    assert result.n_tokens.max() == 16
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    full_lengths = [len(tokenizer(t)["input_ids"]) for t in DOCUMENTS]
+    assert result.truncated.tolist() == [n > 16 for n in full_lengths]
+    assert result.n_tokens.tolist() == [min(n, 16) for n in full_lengths]
+    assert 0 < result.stats.truncated_rows < len(DOCUMENTS)
+
+
+@pytest.mark.parametrize("dim", [None, 32])
+def test_matches_sentence_transformers(tiny_model_dir, dim):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(
+        str(tiny_model_dir), device="cpu", model_kwargs={"dtype": torch.float32}
+    )
+    spec = EmbeddingSpec(model=str(tiny_model_dir), dim=dim)
+    ours = Qwen3Encoder(spec, device="cpu", progress=False)
+    st_docs = st.encode_document(DOCUMENTS, batch_size=4, truncate_dim=dim)
+    st_queries = st.encode_query(QUERIES, batch_size=2, truncate_dim=dim)
+    assert _cos_rows(ours.encode_documents(DOCUMENTS), st_docs).min() >= COS_MIN
+    assert _cos_rows(ours.encode_queries(QUERIES), st_queries).min() >= COS_MIN
+
+
+@pytest.mark.parametrize("budget", [1, 40, 200, 100_000])
+def test_vector_is_the_same_alone_or_in_any_batch(encoder, tiny_model_dir, budget):
+    spec = EmbeddingSpec(model=str(tiny_model_dir))
+    batched = Qwen3Encoder(spec, device="cpu", max_batch_tokens=budget, progress=False)
+    together = batched.encode_documents(DOCUMENTS)
+    alone = np.stack([encoder.encode_documents([t])[0] for t in DOCUMENTS])
+    assert _cos_rows(together, alone).min() >= COS_MIN
+
+
+def test_order_is_restored(encoder):
+    permutation = np.random.default_rng(1).permutation(len(DOCUMENTS))
+    shuffled = encoder.encode_documents([DOCUMENTS[i] for i in permutation])
+    original = encoder.encode_documents(DOCUMENTS)
+    assert _cos_rows(shuffled, original[permutation]).min() >= COS_MIN
+
+
+def test_every_input_ends_with_end_of_text(encoder):
+    ids, truncated = encoder.tokenize(["What is the capital of China?", "word " * 10_000])
+    assert ids[0] == [3838, 374, 279, 6722, 315, 5616, 30, 151643]
+    assert ids[1][-1] == 151643 and len(ids[1]) == encoder.spec.max_length
+    assert truncated.tolist() == [False, True]
+
+
+def test_stats_are_reported(tiny_model_dir):
+    spec = EmbeddingSpec(model=str(tiny_model_dir))
+    encoder = Qwen3Encoder(spec, device="cpu", max_batch_tokens=300, progress=False)
+    result = encoder.embed_documents(DOCUMENTS)
+    stats = result.stats
+    assert stats.rows == len(DOCUMENTS)
+    assert stats.real_tokens == int(result.n_tokens.sum())
+    assert stats.padded_tokens >= stats.real_tokens
+    assert 0 < stats.padding_efficiency <= 1
+    assert stats.batches >= 2 and stats.seconds > 0 and stats.tokens_per_second > 0
+    assert stats.failed_rows == 0 and not result.failures
+    assert set(stats.as_dict()) >= {"rows", "padding_efficiency", "tokens_per_second"}
+
+
+def test_empty_input_gives_empty_array(encoder):
+    assert encoder.encode_documents([]).shape == (0, 64)
+
+
+def test_out_of_memory_splits_batches_and_reports_rows_that_never_fit(tiny_model_dir, monkeypatch):
+    spec = EmbeddingSpec(model=str(tiny_model_dir))
+    encoder = Qwen3Encoder(spec, device="cpu", max_batch_tokens=100_000, progress=False)
+    expected = encoder.encode_documents(DOCUMENTS)
+    real_forward = encoder._forward
+    longest = max(len(ids) for ids in encoder.tokenize(DOCUMENTS)[0])
+
+    def forward_that_runs_out_of_memory(sequences):
+        # More than two rows, or the single longest row, "does not fit".
+        if len(sequences) > 2 or max(len(s) for s in sequences) == longest:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_forward(sequences)
+
+    monkeypatch.setattr(encoder, "_forward", forward_that_runs_out_of_memory)
+    result = encoder.embed_documents(DOCUMENTS)
+    longest_row = int(np.argmax([len(d) for d in DOCUMENTS]))
+    assert list(result.failures) == [longest_row]
+    assert "out of memory" in result.failures[longest_row]
+    assert np.isnan(result.vectors[longest_row]).all()
+    ok = [i for i in range(len(DOCUMENTS)) if i != longest_row]
+    assert _cos_rows(result.vectors[ok], expected[ok]).min() >= COS_MIN
+    assert result.stats.failed_rows == 1
+    with pytest.raises(Exception, match=f"row {longest_row}"):
+        result.raise_on_failure()
+
+
+def test_non_finite_vector_is_retried_in_float32(tiny_model_dir, monkeypatch):
+    spec = EmbeddingSpec(model=str(tiny_model_dir))
+    encoder = Qwen3Encoder(spec, device="cpu", dtype="bfloat16", progress=False)
+    real_forward = encoder._forward
+
+    def forward_nan_in_bf16(sequences):
+        out = real_forward(sequences)
+        if encoder._model.dtype == torch.bfloat16:
+            out[0] = np.nan
+        return out
+
+    monkeypatch.setattr(encoder, "_forward", forward_nan_in_bf16)
+    result = encoder.embed_documents(DOCUMENTS[:3])
+    assert not result.failures
+    assert np.isfinite(result.vectors).all()
+    assert encoder._model.dtype == torch.bfloat16  # restored after the fp32 retry
+
+
+def test_bad_settings_are_config_errors(tiny_model_dir):
+    spec = EmbeddingSpec(model=str(tiny_model_dir))
+    with pytest.raises(ConfigError, match="dtype='float8'"):
+        Qwen3Encoder(spec, device="cpu", dtype="float8")
+    with pytest.raises(ConfigError, match="flash_attn"):
+        Qwen3Encoder(spec, device="cpu", attention="flash_attention_2")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            Qwen3Encoder(spec, device="cuda")
