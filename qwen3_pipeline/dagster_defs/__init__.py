@@ -1,0 +1,1 @@
+"""Dagster definitions of the pipeline: resources, assets, checks, schedules and dbt wiring."""
