@@ -96,7 +96,122 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--task", default=DEFAULT_QUERY_TASK, help="query instruction")
     embed.add_argument("--input", required=True, type=Path, help="text file or JSONL ('text')")
     embed.add_argument("--output", required=True, type=Path, help="where to write the .npy")
+
+    sync = commands.add_parser("refresh", help="sync a LanceDB table with a source table")
+    sync.add_argument(
+        "--source",
+        required=True,
+        help="a Parquet file or directory, or duckdb:PATH::TABLE_OR_QUERY",
+    )
+    sync.add_argument("--key", required=True, help="unique, non-null key column")
+    text = sync.add_mutually_exclusive_group(required=True)
+    text.add_argument("--text", nargs="+", metavar="COL", help="text column(s), joined")
+    text.add_argument("--template", help="str.format template over columns, e.g. '{title}: {body}'")
+    sync.add_argument("--carry", nargs="+", default=[], metavar="COL", help="columns kept beside")
+    sync.add_argument("--updated-at", default=None, metavar="COL", help="last-modified column")
+    scope = sync.add_mutually_exclusive_group()
+    scope.add_argument("--shard", default=None, metavar="K/N", help="refresh hash shard K of N")
+    scope.add_argument(
+        "--shards", type=int, default=None, metavar="N", help="label rows by N shards"
+    )
+    sync.add_argument("--db", required=True, help="LanceDB directory or URI")
+    sync.add_argument("--table", required=True, help="vector table name")
+    sync.add_argument("--rebuild", action="store_true", help="re-embed all into a new table, swap")
+    sync.add_argument("--chunk-rows", type=int, default=10_000, help="rows per commit")
+    _add_model_arguments(sync)
+
+    find = commands.add_parser("search", help="search a vector table with a query")
+    find.add_argument("--db", required=True, help="LanceDB directory or URI")
+    find.add_argument("--table", required=True, help="vector table name")
+    find.add_argument("--model", required=True, help="must match the table's model")
+    find.add_argument("--revision", default=None, help="must match the table's revision")
+    find.add_argument("--dim", type=int, default=None, help="must match the table's dim")
+    find.add_argument("--task", default=None, help="query instruction (default: the table's)")
+    find.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    find.add_argument("--version", type=int, default=None, help="pinned Lance version")
+    find.add_argument("-k", type=int, default=10, help="results to return")
+    find.add_argument("query", help="query text")
     return parser
+
+
+def parse_shard(value: str) -> "tuple[int, int]":
+    """Parse ``K/N`` (shard K of N, 0-based) for ``--shard``.
+
+    Raises:
+        InputDataError: Not two integers with ``0 <= K < N``.
+    """
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError as e:
+        raise InputDataError(f"--shard {value!r} must look like K/N, e.g. 3/16") from e
+    if not 0 <= index < count:
+        raise InputDataError(f"--shard {value!r}: K must be in 0..N-1")
+    return index, count
+
+
+def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``qwen3-pipeline refresh``: returns the report printed on stdout."""
+    from qwen3_pipeline.encoder import Qwen3Encoder
+    from qwen3_pipeline.refresh import refresh
+    from qwen3_pipeline.sources import Shard, Shards, SourceConfig, parse_source
+
+    partition: Shard | Shards | None = None
+    if args.shard:
+        partition = Shard(*parse_shard(args.shard))
+    elif args.shards:
+        partition = Shards(args.shards)
+    config = SourceConfig(
+        key=args.key,
+        text_columns=tuple(args.text or ()),
+        template=args.template,
+        carry=tuple(args.carry),
+        updated_at=args.updated_at,
+        partition=partition,
+    )
+    source = parse_source(args.source)
+    spec = EmbeddingSpec(
+        model=args.model, revision=args.revision, dim=args.dim, max_length=args.max_length
+    )
+    encoder = Qwen3Encoder(
+        spec, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
+    )
+    report = refresh(
+        source=source,
+        config=config,
+        embedder=encoder,
+        db_uri=args.db,
+        table=args.table,
+        rebuild=args.rebuild,
+        chunk_rows=args.chunk_rows,
+    )
+    return report.as_dict()
+
+
+def run_search(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``qwen3-pipeline search``: returns the results printed on stdout."""
+    from qwen3_pipeline.encoder import Qwen3Encoder
+    from qwen3_pipeline.search import (
+        check_query_spec,
+        open_table,
+        query_spec_for,
+        read_table_spec,
+        search,
+    )
+
+    handle = open_table(args.db, args.table, version=args.version)
+    table_spec = read_table_spec(handle)
+    asked = EmbeddingSpec(
+        model=args.model,
+        revision=args.revision,
+        dim=table_spec.dim if args.dim is None else args.dim,
+        max_length=table_spec.max_length,
+        document_prompt=table_spec.document_prompt,
+        normalize=table_spec.normalize,
+    )
+    check_query_spec(table_spec, asked)
+    encoder = Qwen3Encoder(query_spec_for(table_spec, args.task), device=args.device)
+    results = search(handle, encoder, [args.query], k=args.k)[0]
+    return {"table": args.table, "version": handle.version, "query": args.query, "results": results}
 
 
 def run_embed(args: argparse.Namespace) -> dict[str, Any]:
@@ -133,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qwen3-pipeline`` console script; returns the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    handlers = {"embed": run_embed}
+    handlers = {"embed": run_embed, "refresh": run_refresh, "search": run_search}
     try:
         output = handlers[args.command](args)
     except Qwen3PipelineError as e:
