@@ -7,6 +7,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
+# Some machines set PYTHONDONTWRITEBYTECODE: every import then recompiles from source (lancedb
+# alone takes ~15 s), which multiplies the cost of the many subprocesses the tests start.
+unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup demo test lint bench clean
 

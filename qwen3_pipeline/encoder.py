@@ -349,13 +349,16 @@ class Qwen3Encoder:
         torch = self._torch
         input_ids, attention_mask = left_pad(sequences, self._pad_id)
         ids_t = torch.from_numpy(input_ids).to(self.device)
-        mask_t = torch.from_numpy(attention_mask).to(self.device)
-        # Positions count real tokens only, as if each row ran alone (RoPE makes this exact).
-        positions = (mask_t.cumsum(-1) - 1).clamp(min=0)
+        inputs: dict[str, Any] = {"input_ids": ids_t, "use_cache": False}
+        if not attention_mask.all():
+            mask_t = torch.from_numpy(attention_mask).to(self.device)
+            inputs["attention_mask"] = mask_t
+            # Positions count real tokens only, as if each row ran alone (RoPE makes this exact).
+            inputs["position_ids"] = (mask_t.cumsum(-1) - 1).clamp(min=0)
+        # else: a batch of equal lengths (common after sorting) needs no mask, which lets SDPA
+        # take its fused causal kernel instead of materialising a padding mask.
         with torch.inference_mode():
-            hidden = self._model(
-                input_ids=ids_t, attention_mask=mask_t, position_ids=positions, use_cache=False
-            ).last_hidden_state
+            hidden = self._model(**inputs).last_hidden_state
             # Left padding: every row's <|endoftext|> is in the last column.
             pooled = hidden[:, -1, : self._spec.output_dim].float()
             if self._spec.normalize:

@@ -60,9 +60,11 @@ def test_bad_budget_is_rejected():
 
 def test_split_batch_halves():
     first, second = split_batch(np.arange(5))
-    assert first.tolist() == [0, 1] and second.tolist() == [2, 3, 4]
+    assert first.tolist() == [0, 1]
+    assert second.tolist() == [2, 3, 4]
     first, second = split_batch(np.arange(1))
-    assert first.tolist() == [0] and second.size == 0
+    assert first.tolist() == [0]
+    assert second.size == 0
 
 
 def test_left_pad_puts_last_token_in_last_column():

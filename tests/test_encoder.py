@@ -72,7 +72,8 @@ def reduced_encoder(tiny_model_dir):
 def test_documents_match_model_card_reference(encoder, tiny_model_dir):
     ours = encoder.encode_documents(DOCUMENTS)
     ref = _reference(tiny_model_dir, DOCUMENTS)
-    assert ours.dtype == np.float32 and ours.shape == (len(DOCUMENTS), 64)
+    assert ours.dtype == np.float32
+    assert ours.shape == (len(DOCUMENTS), 64)
     assert _cos_rows(ours, ref).min() >= COS_MIN
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-5)
 
@@ -141,7 +142,8 @@ def test_order_is_restored(encoder):
 def test_every_input_ends_with_end_of_text(encoder):
     ids, truncated = encoder.tokenize(["What is the capital of China?", "word " * 10_000])
     assert ids[0] == [3838, 374, 279, 6722, 315, 5616, 30, 151643]
-    assert ids[1][-1] == 151643 and len(ids[1]) == encoder.spec.max_length
+    assert ids[1][-1] == 151643
+    assert len(ids[1]) == encoder.spec.max_length
     assert truncated.tolist() == [False, True]
 
 
@@ -154,8 +156,11 @@ def test_stats_are_reported(tiny_model_dir):
     assert stats.real_tokens == int(result.n_tokens.sum())
     assert stats.padded_tokens >= stats.real_tokens
     assert 0 < stats.padding_efficiency <= 1
-    assert stats.batches >= 2 and stats.seconds > 0 and stats.tokens_per_second > 0
-    assert stats.failed_rows == 0 and not result.failures
+    assert stats.batches >= 2
+    assert stats.seconds > 0
+    assert stats.tokens_per_second > 0
+    assert stats.failed_rows == 0
+    assert not result.failures
     assert set(stats.as_dict()) >= {"rows", "padding_efficiency", "tokens_per_second"}
 
 

@@ -8,10 +8,12 @@ from qwen3_pipeline.spec import DEFAULT_QUERY_TASK, EmbeddingSpec
 
 def test_known_model_validates_offline_and_defaults():
     spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B")
-    assert spec.dim == 1024 and spec.hidden_size == 1024
+    assert spec.dim == 1024
+    assert spec.hidden_size == 1024
     assert spec.max_length == 8192
     assert spec.query_task == DEFAULT_QUERY_TASK
-    assert spec.document_prompt is None and spec.normalize
+    assert spec.document_prompt is None
+    assert spec.normalize
 
 
 @pytest.mark.parametrize("dim", [31, 0, -5, 1025, 2.5, True])
