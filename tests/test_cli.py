@@ -22,7 +22,19 @@ def test_embed_text_file_writes_vectors_in_order_and_prints_stats(
 ):
     out = tmp_path / "out.npy"
     status = main(
-        ["embed", "--model", str(tiny_model_dir), "--dim", "32", "--device", "cpu", "--input", str(text_file), "--output", str(out)]
+        [
+            "embed",
+            "--model",
+            str(tiny_model_dir),
+            "--dim",
+            "32",
+            "--device",
+            "cpu",
+            "--input",
+            str(text_file),
+            "--output",
+            str(out),
+        ]
     )
     assert status == 0
     stats = json.loads(capsys.readouterr().out)
@@ -38,7 +50,19 @@ def test_embed_text_file_writes_vectors_in_order_and_prints_stats(
     single = tmp_path / "single.npy"
     (tmp_path / "one.txt").write_text(TEXTS[2])
     main(
-        ["embed", "--model", str(tiny_model_dir), "--dim", "32", "--device", "cpu", "--input", str(tmp_path / "one.txt"), "--output", str(single)]
+        [
+            "embed",
+            "--model",
+            str(tiny_model_dir),
+            "--dim",
+            "32",
+            "--device",
+            "cpu",
+            "--input",
+            str(tmp_path / "one.txt"),
+            "--output",
+            str(single),
+        ]
     )
     assert float(np.load(single)[0] @ vectors[2]) > 0.99999
 
@@ -48,7 +72,18 @@ def test_embed_jsonl_queries(tiny_model_dir, tmp_path, capsys):
     source.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(TEXTS)))
     out = tmp_path / "q.npy"
     status = main(
-        ["embed", "--model", str(tiny_model_dir), "--query", "--task", "Find facts", "--input", str(source), "--output", str(out)]
+        [
+            "embed",
+            "--model",
+            str(tiny_model_dir),
+            "--query",
+            "--task",
+            "Find facts",
+            "--input",
+            str(source),
+            "--output",
+            str(out),
+        ]
     )
     assert status == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "queries"
@@ -100,7 +135,18 @@ def test_bad_input_is_one_line_error_and_nothing_written(
 def test_console_script_runs_as_a_process(tiny_model_dir, text_file, tmp_path):
     out = tmp_path / "out.npy"
     done = subprocess.run(
-        [sys.executable, "-m", "qwen3_pipeline.cli", "embed", "--model", str(tiny_model_dir), "--input", str(text_file), "--output", str(out)],
+        [
+            sys.executable,
+            "-m",
+            "qwen3_pipeline.cli",
+            "embed",
+            "--model",
+            str(tiny_model_dir),
+            "--input",
+            str(text_file),
+            "--output",
+            str(out),
+        ],
         capture_output=True,
         text=True,
         check=False,
