@@ -1,5 +1,7 @@
 """Parity of Qwen3Encoder with the model card's reference code and sentence-transformers."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,13 @@ from qwen3_pipeline.encoder import Qwen3Encoder
 from qwen3_pipeline.errors import ConfigError
 from qwen3_pipeline.spec import DEFAULT_QUERY_TASK, EmbeddingSpec
 
-COS_MIN = 0.99999
+# The GPU check (benchmarks/gpu_check.sh) reruns this module on CUDA in bf16 and fp32. In bf16
+# the reference and ours round differently (and may use other attention kernels), so the bar is
+# lower there; on CPU and in fp32 it is the issue's 0.99999.
+DEVICE = os.environ.get("QWEN3_TEST_DEVICE", "cpu")
+DTYPE = os.environ.get("QWEN3_TEST_DTYPE", "float32")
+TORCH_DTYPE = getattr(torch, DTYPE)
+COS_MIN = 0.99999 if DTYPE == "float32" else 0.999
 
 DOCUMENTS = [
     "The capital of China is Beijing.",
@@ -44,14 +52,14 @@ def _last_token_pool(last_hidden_states, attention_mask):
 
 def _reference(model_dir, texts, max_length=8192):
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModel.from_pretrained(model_dir, dtype=TORCH_DTYPE).to(DEVICE)
     batch = tokenizer(
         texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt"
-    )
+    ).to(DEVICE)
     with torch.no_grad():
         outputs = model(**batch)
     embeddings = _last_token_pool(outputs.last_hidden_state, batch["attention_mask"])
-    return F.normalize(embeddings, p=2, dim=1).numpy()
+    return F.normalize(embeddings.float(), p=2, dim=1).cpu().numpy()
 
 
 def _instruct(query: str) -> str:
@@ -60,13 +68,15 @@ def _instruct(query: str) -> str:
 
 @pytest.fixture(scope="module")
 def encoder(tiny_model_dir):
-    return Qwen3Encoder(EmbeddingSpec(model=str(tiny_model_dir)), device="cpu", progress=False)
+    return Qwen3Encoder(
+        EmbeddingSpec(model=str(tiny_model_dir)), device=DEVICE, dtype=DTYPE, progress=False
+    )
 
 
 @pytest.fixture(scope="module")
 def reduced_encoder(tiny_model_dir):
     spec = EmbeddingSpec(model=str(tiny_model_dir), dim=32)
-    return Qwen3Encoder(spec, device="cpu", progress=False)
+    return Qwen3Encoder(spec, device=DEVICE, dtype=DTYPE, progress=False)
 
 
 def test_documents_match_model_card_reference(encoder, tiny_model_dir):
@@ -97,7 +107,9 @@ def test_reduced_dim_matches_reference_prefix(reduced_encoder, tiny_model_dir):
 
 def test_truncation_matches_reference_and_is_flagged(tiny_model_dir):
     spec = EmbeddingSpec(model=str(tiny_model_dir), max_length=16)
-    result = Qwen3Encoder(spec, device="cpu", progress=False).embed_documents(DOCUMENTS)
+    result = Qwen3Encoder(spec, device=DEVICE, dtype=DTYPE, progress=False).embed_documents(
+        DOCUMENTS
+    )
     ref = _reference(tiny_model_dir, DOCUMENTS, max_length=16)
     assert _cos_rows(result.vectors, ref).min() >= COS_MIN
     assert result.n_tokens.max() == 16
@@ -113,12 +125,12 @@ def test_matches_sentence_transformers(tiny_model_dir, dim):
     from sentence_transformers import SentenceTransformer
 
     st = SentenceTransformer(
-        str(tiny_model_dir), device="cpu", model_kwargs={"dtype": torch.float32}
+        str(tiny_model_dir), device=DEVICE, model_kwargs={"dtype": TORCH_DTYPE}
     )
     spec = EmbeddingSpec(model=str(tiny_model_dir), dim=dim)
-    ours = Qwen3Encoder(spec, device="cpu", progress=False)
-    st_docs = st.encode_document(DOCUMENTS, batch_size=4, truncate_dim=dim)
-    st_queries = st.encode_query(QUERIES, batch_size=2, truncate_dim=dim)
+    ours = Qwen3Encoder(spec, device=DEVICE, dtype=DTYPE, progress=False)
+    st_docs = st.encode_document(DOCUMENTS, batch_size=4, truncate_dim=dim).astype(np.float32)
+    st_queries = st.encode_query(QUERIES, batch_size=2, truncate_dim=dim).astype(np.float32)
     assert _cos_rows(ours.encode_documents(DOCUMENTS), st_docs).min() >= COS_MIN
     assert _cos_rows(ours.encode_queries(QUERIES), st_queries).min() >= COS_MIN
 
@@ -126,7 +138,9 @@ def test_matches_sentence_transformers(tiny_model_dir, dim):
 @pytest.mark.parametrize("budget", [1, 40, 200, 100_000])
 def test_vector_is_the_same_alone_or_in_any_batch(encoder, tiny_model_dir, budget):
     spec = EmbeddingSpec(model=str(tiny_model_dir))
-    batched = Qwen3Encoder(spec, device="cpu", max_batch_tokens=budget, progress=False)
+    batched = Qwen3Encoder(
+        spec, device=DEVICE, dtype=DTYPE, max_batch_tokens=budget, progress=False
+    )
     together = batched.encode_documents(DOCUMENTS)
     alone = np.stack([encoder.encode_documents([t])[0] for t in DOCUMENTS])
     assert _cos_rows(together, alone).min() >= COS_MIN
@@ -218,6 +232,8 @@ def test_bad_settings_are_config_errors(tiny_model_dir):
         Qwen3Encoder(spec, device="cpu", dtype="float8")
     with pytest.raises(ConfigError, match="flash_attn"):
         Qwen3Encoder(spec, device="cpu", attention="flash_attention_2")
+    with pytest.raises(ConfigError, match="device='tpu:x'"):
+        Qwen3Encoder(spec, device="tpu:x")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             Qwen3Encoder(spec, device="cuda")
