@@ -154,3 +154,75 @@ def test_console_script_runs_as_a_process(tiny_model_dir, text_file, tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["rows"] == 3
     assert np.load(out).shape == (3, 64)
+
+
+@pytest.fixture
+def parquet_source(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "docs.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "id": [1, 2, 3],
+                "title": ["Beijing", "Gravity", "Short"],
+                "body": ["The capital of China is Beijing.", "Gravity attracts bodies.", "x"],
+            }
+        ),
+        path,
+    )
+    return path
+
+
+def _refresh_args(model, source, db, *extra):
+    return [
+        "refresh", "--source", str(source), "--key", "id", "--template", "{title}: {body}",
+        "--carry", "title", "--db", str(db), "--table", "docs", "--model", str(model),
+        "--dim", "32", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+def test_refresh_then_search_through_the_cli(tiny_model_dir, parquet_source, tmp_path, capsys):
+    db = tmp_path / "lancedb"
+    assert main(_refresh_args(tiny_model_dir, parquet_source, db)) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["inserted"] == 3
+    assert first["committed"] is True
+    assert main(_refresh_args(tiny_model_dir, parquet_source, db)) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["embedded_rows"] == 0
+    assert second["committed"] is False
+    assert second["version_after"] == second["version_before"]
+
+    query = ["search", "--db", str(db), "--table", "docs", "--model", str(tiny_model_dir)]
+    assert main([*query, "-k", "2", "capital of China"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert len(found["results"]) == 2
+    assert {"key", "score", "title"} <= set(found["results"][0])
+    assert found["results"][0]["score"] >= found["results"][1]["score"]
+
+    assert main([*query, "--dim", "64", "capital"]) == 2
+    assert "dim=32" in capsys.readouterr().err
+
+
+def test_refresh_with_changed_spec_refuses_then_rebuilds(
+    tiny_model_dir, parquet_source, tmp_path, capsys
+):
+    db = tmp_path / "lancedb"
+    assert main(_refresh_args(tiny_model_dir, parquet_source, db)) == 0
+    capsys.readouterr()
+    changed = _refresh_args(tiny_model_dir, parquet_source, db)
+    changed[changed.index("--dim") + 1] = "48"
+    assert main(changed) == 2
+    assert "--rebuild" in capsys.readouterr().err
+    assert main([*changed, "--rebuild"]) == 0
+    rebuilt = json.loads(capsys.readouterr().out)
+    assert rebuilt["inserted"] == 3
+
+
+@pytest.mark.parametrize("shard", ["3", "4/4", "a/b", "2/0"])
+def test_bad_shard_is_a_clear_error(tiny_model_dir, parquet_source, tmp_path, capsys, shard):
+    args = _refresh_args(tiny_model_dir, parquet_source, tmp_path / "db", "--shard", shard)
+    assert main(args) == 2
+    assert "--shard" in capsys.readouterr().err
