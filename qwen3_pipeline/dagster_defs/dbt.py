@@ -15,10 +15,11 @@ The path is made absolute against the Dagster process's working directory and ha
 as the ``duckdb_path`` var, because dbt runs with the dbt project as its working directory.
 
 The dbt manifest (``dbt_models/target/manifest.json``) is needed to define the dbt assets.
-``dagster dev`` rebuilds it on every load; elsewhere it is built on import only if missing.
-After editing the dbt models outside ``dagster dev``, and when building a deployment, rebuild
-it with ``dbt parse --project-dir dbt_models --profiles-dir dbt_models`` (from the repository
-root) or :func:`prepare_dbt_manifest`.
+It is rebuilt on import when it is missing or older than a file of the dbt project (so model
+edits are picked up, under ``dagster dev`` or not, while the code server and every run worker
+of an unchanged project skip the ~10 s parse). When building a deployment, build it ahead with
+``dbt parse --project-dir dbt_models --profiles-dir dbt_models`` (from the repository root) or
+:func:`prepare_dbt_manifest`.
 
 Example:
     >>> import dagster as dg
@@ -133,11 +134,29 @@ def prepare_dbt_manifest() -> Path:
     return dbt_project.manifest_path
 
 
-# What DbtProject.prepare_if_dev() does under `dagster dev` (reparse on every load, to pick up
-# model edits), done with the dbt beside this Python rather than the first one on PATH; plus
-# the first load of a fresh checkout, which dagster-dbt would otherwise refuse for a missing
-# manifest. Deployments build the manifest ahead of time (see the module docstring).
-if dbt_project.preparer.using_dagster_dev() or not dbt_project.manifest_path.exists():
+_NOT_PROJECT_FILES = frozenset({"target", "logs", "dbt_packages"})
+
+
+def manifest_is_current() -> bool:
+    """Whether the manifest exists and is newer than every file of the dbt project."""
+    manifest = dbt_project.manifest_path
+    if not manifest.is_file():
+        return False
+    built = manifest.stat().st_mtime
+    root = dbt_project.project_dir
+    for path in root.rglob("*"):
+        if path.relative_to(root).parts[0] in _NOT_PROJECT_FILES or not path.is_file():
+            continue
+        if path.stat().st_mtime > built:
+            return False
+    return True
+
+
+# DbtProject.prepare_if_dev() reparses on every load under `dagster dev` (the code server and
+# every run worker, ~10 s each); reparsing only when the project changed picks up model edits
+# just the same. The first load of a fresh checkout builds the manifest, which dagster-dbt would
+# otherwise refuse as missing. The dbt used is the one beside this Python, not the first on PATH.
+if not manifest_is_current():
     logger.info("preparing dbt manifest %s", dbt_project.manifest_path)
     prepare_dbt_manifest()
 

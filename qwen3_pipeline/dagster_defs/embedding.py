@@ -1,0 +1,519 @@
+"""The embedding asset factory: one call builds a partitioned, checked, retried embedding asset.
+
+:func:`build_embedding_asset` turns a source (e.g. the DuckDB table a dbt model builds), its
+:class:`~qwen3_pipeline.sources.SourceConfig` and an :class:`~qwen3_pipeline.spec.EmbeddingSpec`
+into a Dagster asset whose materialisation is one :func:`qwen3_pipeline.refresh.refresh` of the
+partitions in the run, followed in the same step (no second model load) by the checks of
+:mod:`qwen3_pipeline.checks`. The asset body only maps Dagster concepts onto the engine:
+
+- partitions: stable hash shards of the key (:class:`HashShards`, the default) or time windows
+  on a column (:class:`TimePartitioning`); ``BackfillPolicy.single_run()`` makes a backfill of
+  any number of partitions one run, so the model is loaded once, and the asset reads
+  ``context.partition_keys`` / ``context.partition_time_window`` (never ``partition_key``);
+- a ``gpu`` concurrency pool, which also serialises writers of the table;
+- a retry policy that only transient failures reach: bad input, a spec mismatch or a missing
+  model raise :class:`BadInputFailure` (``dg.Failure(allow_retries=False)``);
+- ``code_version`` = the spec fingerprint, a data version = a digest of the stored keys and
+  content hashes of the refreshed partitions, and materialisation metadata namespaced
+  ``qwen3/...`` (counts per partition via ``context.add_asset_metadata(partition_key=...)``);
+- five asset checks (blocking by default: a failed check stops downstream assets of the run).
+
+Example:
+    >>> from qwen3_pipeline.sources import DuckDBSource, SourceConfig
+    >>> from qwen3_pipeline.spec import EmbeddingSpec
+    >>> document_vectors = build_embedding_asset(
+    ...     key="document_vectors",
+    ...     source=lambda: DuckDBSource("data/warehouse.duckdb", "main.documents"),
+    ...     source_config=SourceConfig(key="doc_id", text_columns=("text",), carry=("title",)),
+    ...     spec=EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=256),
+    ...     table="documents",
+    ...     deps=["documents"],
+    ... )
+"""
+
+import logging
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, cast
+
+import dagster as dg
+
+from qwen3_pipeline.checks import CHECK_DESCRIPTIONS, CHECK_NAMES, CheckReport, run_checks
+from qwen3_pipeline.errors import (
+    ConfigError,
+    Qwen3PipelineError,
+    StoreConflictError,
+    StoreError,
+)
+from qwen3_pipeline.refresh import DEFAULT_CHUNK_ROWS, RefreshReport, refresh
+from qwen3_pipeline.sources import (
+    Grain,
+    Partition,
+    Shards,
+    Source,
+    SourceConfig,
+    TimeWindow,
+    shard_label,
+)
+from qwen3_pipeline.spec import EmbeddingSpec
+
+DEFAULT_SHARDS = 8
+DEFAULT_POOL = "gpu"
+DEFAULT_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+# The engine's per-partition counters, published as qwen3/rows_<name>.
+COUNTERS = (
+    "scanned",
+    "unchanged",
+    "inserted",
+    "updated",
+    "moved",
+    "carry_updated",
+    "deleted",
+    "skipped_empty",
+    "truncated",
+    "failed",
+    "embedded",
+)
+_TRANSIENT_MESSAGES = ("could not set lock", "conflicting lock", "database is locked")
+
+SourceFactory = Callable[[], Source]
+
+
+# --------------------------------------------------------------------------- partitioning
+
+
+@dataclass(frozen=True)
+class HashShards:
+    """Partition by stable hash shards of the key: ``shard-00-of-08`` ... ``shard-07-of-08``.
+
+    A key's shard is ``xxh3_64(key) % count`` (:func:`qwen3_pipeline.sources.shard_of`), so it
+    never changes between runs or machines. Changing ``count`` relabels rows (they are moved,
+    not re-embedded, by the next refresh of all shards).
+
+    Example:
+        >>> HashShards(4).partitions_def().get_partition_keys()[:2]
+        ['shard-00-of-04', 'shard-01-of-04']
+    """
+
+    count: int = DEFAULT_SHARDS
+
+    def __post_init__(self) -> None:
+        shard_label(0, self.count)  # validates the count
+
+    def partitions_def(self) -> dg.StaticPartitionsDefinition:
+        """The Dagster partitions: one static partition per shard."""
+        return dg.StaticPartitionsDefinition(
+            [shard_label(i, self.count) for i in range(self.count)]
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimePartitioning:
+    """Partition by time windows of a timestamp or date column (UTC).
+
+    Each partition refreshes the rows whose ``column`` falls in its window; a row whose time
+    moves to another window is moved there by that window's refresh.
+
+    Args:
+        column: The source column that places a row in a window (e.g. ``updated_at``).
+        start: The first window (``"2024-01-01"`` or a datetime).
+        grain: ``hour``, ``day``, ``week`` (starting Sunday) or ``month``.
+        end_offset: Extra windows after the current one (as in Dagster's definitions).
+
+    Example:
+        >>> TimePartitioning(column="updated_at", start="2024-01-01").partitions_def()
+        DailyPartitionsDefinition(...)  # doctest: +SKIP
+    """
+
+    column: str
+    start: str | datetime
+    grain: Grain = "day"
+    end_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.grain not in ("hour", "day", "week", "month"):
+            raise ConfigError(f"grain must be hour, day, week or month, got {self.grain!r}")
+
+    def partitions_def(self) -> dg.TimeWindowPartitionsDefinition:
+        """The Dagster time partitions, in UTC with the key formats the engine labels rows with."""
+        common: dict[str, Any] = {
+            "start_date": self.start,
+            "timezone": "UTC",
+            "end_offset": self.end_offset,
+        }
+        if self.grain == "hour":
+            return dg.HourlyPartitionsDefinition(**common)
+        if self.grain == "day":
+            return dg.DailyPartitionsDefinition(**common)
+        if self.grain == "week":
+            return dg.WeeklyPartitionsDefinition(**common)
+        return dg.MonthlyPartitionsDefinition(**common)
+
+
+Partitioning = HashShards | TimePartitioning
+
+
+def partition_scope(
+    context: dg.AssetExecutionContext, partitioning: Partitioning | None
+) -> Partition | None:
+    """Return the engine's read scope for the partitions of this run.
+
+    Reads ``context.partition_keys`` (a single partition or a whole backfill range) or
+    ``context.partition_time_window``; never ``context.partition_key``, which fails for ranges.
+    """
+    if partitioning is None:
+        return None
+    if isinstance(partitioning, TimePartitioning):
+        window = context.partition_time_window
+        return TimeWindow(
+            column=partitioning.column,
+            start=window.start,
+            end=window.end,
+            grain=partitioning.grain,
+        )
+    return Shards.from_labels(list(context.partition_keys))
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class BadInputFailure(dg.Failure):
+    """The refresh failed for a reason that a retry cannot fix; not retried.
+
+    Null or duplicate keys, missing columns, an invalid setting, a table holding another spec,
+    a model that cannot be found: the description says which value is wrong and what to do.
+    """
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(
+            description=str(error),
+            metadata={"error": type(error).__name__},
+            allow_retries=False,
+        )
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a retry may succeed: LanceDB commit conflicts and I/O, file locks, timeouts.
+
+    The cause chain is inspected, so a DuckDB "could not set lock" wrapped in a
+    :class:`~qwen3_pipeline.errors.ConfigError` by the source reader counts as transient.
+
+    Example:
+        >>> from qwen3_pipeline.errors import InputDataError, StoreConflictError
+        >>> is_transient(StoreConflictError("busy")), is_transient(InputDataError("dup keys"))
+        (True, False)
+    """
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, StoreConflictError | StoreError | TimeoutError | ConnectionError):
+            return True
+        if any(marker in str(seen).lower() for marker in _TRANSIENT_MESSAGES):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _rows_metadata(counts: Mapping[str, int]) -> dict[str, int]:
+    return {f"qwen3/rows_{name}": int(counts.get(name, 0)) for name in COUNTERS}
+
+
+def materialization_metadata(
+    report: RefreshReport,
+    *,
+    row_count: int,
+    column_schema: dg.TableSchema | None = None,
+    model: str = "",
+    dim: int | None = None,
+) -> dict[str, Any]:
+    """Return the run-level metadata of one refresh (DESIGN §6), keys namespaced ``qwen3/``.
+
+    ``qwen3/rows_*`` are the run's totals here; a partitioned run overrides them per partition.
+    ``qwen3/tokens``, ``qwen3/padding_efficiency``, ``qwen3/tokens_per_second`` and
+    ``qwen3/seconds`` always cover the whole run.
+    """
+    totals = {
+        "scanned": report.scanned,
+        "unchanged": report.unchanged,
+        "inserted": report.inserted,
+        "updated": report.updated,
+        "moved": report.moved,
+        "carry_updated": report.carry_updated,
+        "deleted": report.deleted,
+        "skipped_empty": report.skipped_empty,
+        "truncated": report.truncated,
+        "failed": report.failed,
+        "embedded": report.embedded_rows,
+    }
+    metadata: dict[str, Any] = {
+        **_rows_metadata(totals),
+        "qwen3/run_totals": totals,
+        "qwen3/tokens": report.tokens,
+        "qwen3/padded_tokens": report.padded_tokens,
+        "qwen3/padding_efficiency": float(report.padding_efficiency),
+        "qwen3/tokens_per_second": float(report.tokens_per_second),
+        "qwen3/seconds": float(report.seconds),
+        "qwen3/table_uri": report.table_uri,
+        "qwen3/table_name": report.table_name,
+        "qwen3/lance_version_before": report.version_before,
+        "qwen3/lance_version_after": report.version_after,
+        "qwen3/committed": report.committed,
+        "qwen3/spec_fingerprint": report.spec_fingerprint,
+        "qwen3/model": model,
+        "qwen3/dim": dim,
+        "qwen3/partitions": report.partition_keys if report.partition_keys else "all",
+        "dagster/row_count": row_count,
+        "dagster/table_name": report.table_name,
+        "dagster/uri": f"{report.table_uri.rstrip('/')}/{report.table_name}.lance",
+    }
+    if column_schema is not None:
+        metadata["dagster/column_schema"] = column_schema
+    if report.failures:
+        metadata["qwen3/failures"] = [list(f) for f in report.failures]
+    return metadata
+
+
+def partition_metadata(counts: Mapping[str, int], *, partition_rows: int) -> dict[str, Any]:
+    """Return the metadata of one partition's materialisation event (its own counts)."""
+    return {**_rows_metadata(counts), "dagster/partition_row_count": partition_rows}
+
+
+def lance_column_schema(schema: Any) -> dg.TableSchema:
+    """Describe a LanceDB table's Arrow schema as a Dagster ``TableSchema``."""
+    return dg.TableSchema(
+        columns=[dg.TableColumn(name=f.name, type=str(f.type), description=None) for f in schema]
+    )
+
+
+def check_results(report: CheckReport, asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
+    """Turn :func:`qwen3_pipeline.checks.run_checks` outcomes into Dagster check results."""
+    return [
+        dg.AssetCheckResult(
+            asset_key=asset_key,
+            check_name=outcome.name,
+            passed=outcome.passed,
+            description=outcome.description,
+            metadata=outcome.metadata,
+            severity=dg.AssetCheckSeverity.ERROR,
+        )
+        for outcome in report.outcomes
+    ]
+
+
+class _ForwardToDagster(logging.Handler):
+    def __init__(self, log: logging.Logger) -> None:
+        super().__init__(logging.INFO)
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._log.log(record.levelno, record.getMessage())
+
+
+@contextmanager
+def _engine_logs_to(log: logging.Logger) -> Iterator[None]:
+    # The engine logs progress to "qwen3_pipeline"; show it in the run's log while it runs.
+    engine = logging.getLogger("qwen3_pipeline")
+    handler = _ForwardToDagster(log)
+    engine.addHandler(handler)
+    previous = engine.level
+    if engine.getEffectiveLevel() > logging.INFO:
+        engine.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        engine.removeHandler(handler)
+        engine.setLevel(previous)
+
+
+# --------------------------------------------------------------------------- the factory
+
+
+def _source_factory(source: Source | SourceFactory) -> SourceFactory:
+    if hasattr(source, "batches"):
+        fixed = cast(Source, source)
+        return lambda: fixed
+    return cast(SourceFactory, source)
+
+
+def build_embedding_asset(
+    *,
+    key: dg.AssetKey | str | Sequence[str],
+    source: Source | SourceFactory,
+    source_config: SourceConfig,
+    spec: EmbeddingSpec,
+    table: str,
+    deps: Sequence[dg.AssetKey | str | Sequence[str]] = (),
+    partitioning: Partitioning | None = HashShards(),
+    embedder_key: str = "embedder",
+    lancedb_key: str = "lancedb",
+    group_name: str | None = None,
+    description: str | None = None,
+    pool: str | None = DEFAULT_POOL,
+    retry_policy: dg.RetryPolicy | None = DEFAULT_RETRY_POLICY,
+    automation_condition: dg.AutomationCondition | None = None,
+    blocking_checks: bool = True,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    vector_sample_rows: int = 1_000,
+    tags: Mapping[str, str] | None = None,
+) -> dg.AssetsDefinition:
+    """Build the asset that keeps LanceDB table ``table`` in sync with ``source``.
+
+    Args:
+        key: The asset key (e.g. ``"document_vectors"``).
+        source: The rows to embed, or a zero-argument callable returning them at run time
+            (so a path read from the environment is resolved when the asset runs).
+        source_config: Key, text/template, ``updated_at`` and carry columns; its ``partition``
+            must be None (the asset sets it per run).
+        spec: The document-side spec; its fingerprint is the ``code_version``. The embedder
+            resource must be configured with the same spec (checked at run time).
+        table: The LanceDB table name.
+        deps: Upstream assets (e.g. the dbt model's key).
+        partitioning: :class:`HashShards` (default, 8 shards), :class:`TimePartitioning`, or
+            None for an unpartitioned asset.
+        embedder_key: Resource key of an :class:`~.resources.EmbedderResource`.
+        lancedb_key: Resource key of a :class:`~.resources.LanceDBResource`.
+        group_name: Dagster asset group.
+        description: Asset description (a default describes the table and model).
+        pool: Concurrency pool of the step (``gpu``); it also serialises writers of the table.
+        retry_policy: Applied to transient failures only.
+        automation_condition: E.g. ``dg.AutomationCondition.eager()`` to refresh when the
+            upstream model updates.
+        blocking_checks: Whether a failed check stops downstream assets in the same run.
+        chunk_rows: Rows per read/embed/write chunk of the engine.
+        vector_sample_rows: Stored vectors of the scope checked besides the run's own.
+        tags: Asset tags.
+
+    Returns:
+        The asset, with its checks.
+
+    Raises:
+        ConfigError: ``source_config.partition`` is set, or a time column is not read.
+    """
+    if source_config.partition is not None:
+        raise ConfigError(
+            "source_config.partition must be None: the asset sets it from the run's partitions "
+            "(choose the partitioning with partitioning=HashShards(n) or TimePartitioning(...))"
+        )
+    asset_key = dg.AssetKey.from_coercible(key)
+    partitions_def = partitioning.partitions_def() if partitioning is not None else None
+    check_specs = [
+        dg.AssetCheckSpec(
+            name, asset=asset_key, description=CHECK_DESCRIPTIONS[name], blocking=blocking_checks
+        )
+        for name in CHECK_NAMES
+    ]
+    make_source = _source_factory(source)
+    fingerprint = spec.fingerprint
+
+    def _embedding_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        embedder = getattr(context.resources, embedder_key)
+        lancedb = getattr(context.resources, lancedb_key)
+        try:
+            if embedder.spec.fingerprint != fingerprint:
+                raise ConfigError(
+                    f"the {embedder_key!r} resource is configured for model="
+                    f"{embedder.spec.model} dim={embedder.spec.dim} (fingerprint "
+                    f"{embedder.spec.fingerprint}) but asset {asset_key.to_user_string()} was "
+                    f"defined for model={spec.model} dim={spec.dim} (fingerprint {fingerprint}); "
+                    "configure both from the same settings"
+                )
+            config = replace(source_config, partition=partition_scope(context, partitioning))
+            rows = make_source()
+            with _engine_logs_to(context.log):
+                report = refresh(
+                    source=rows,
+                    config=config,
+                    embedder=embedder,
+                    db_uri=lancedb.resolved_uri(),
+                    table=table,
+                    storage_options=lancedb.options(),
+                    source_name=asset_key.to_user_string(),
+                    run_id=context.op_execution_context.run_id,
+                    chunk_rows=chunk_rows,
+                )
+            written = lancedb.open_table(report.table_name)
+            checked = run_checks(
+                table=written,
+                source=rows,
+                config=config,
+                fingerprint=fingerprint,
+                normalize=spec.normalize,
+                run_id=context.op_execution_context.run_id,
+                failures=report.failures,
+                sample_rows=vector_sample_rows,
+            )
+        except Qwen3PipelineError as e:
+            if is_transient(e):
+                raise
+            raise BadInputFailure(e) from e
+
+        context.log.info(
+            f"refreshed {table}: {report.inserted} inserted, {report.updated} updated, "
+            f"{report.deleted} deleted, {report.unchanged} unchanged, {report.failed} failed; "
+            f"lance version {report.version_before} -> {report.version_after}"
+        )
+        if partitions_def is not None:
+            targeted = set(context.partition_keys)
+            for partition_key in sorted(targeted):
+                counts = report.per_partition.get(partition_key, {})
+                context.add_asset_metadata(
+                    partition_metadata(
+                        counts, partition_rows=checked.rows_by_partition.get(partition_key, 0)
+                    ),
+                    partition_key=partition_key,
+                )
+        selected = context.selected_asset_check_keys
+        return dg.MaterializeResult(
+            metadata=materialization_metadata(
+                report,
+                row_count=int(written.count_rows()),
+                column_schema=lance_column_schema(written.schema),
+                model=spec.model,
+                dim=spec.dim,
+            ),
+            check_results=[
+                r
+                for r in check_results(checked, asset_key)
+                if dg.AssetCheckKey(asset_key, r.check_name or "") in selected
+            ],
+            data_version=dg.DataVersion(checked.state_digest),
+        )
+
+    with warnings.catch_warnings():
+        # BackfillPolicy is "beta" in Dagster 1.13; the single-run policy is what makes a
+        # backfill of any number of partitions one run (one model load), so it is deliberate.
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        return dg.asset(
+            key=asset_key,
+            deps=list(deps),
+            partitions_def=partitions_def,
+            backfill_policy=dg.BackfillPolicy.single_run() if partitions_def is not None else None,
+            pool=pool,
+            retry_policy=retry_policy,
+            code_version=fingerprint,
+            check_specs=check_specs,
+            required_resource_keys={embedder_key, lancedb_key},
+            group_name=group_name,
+            description=description
+            or (
+                f"Qwen3 embeddings of the source rows in LanceDB table {table!r} "
+                f"(model {spec.model}, dim {spec.dim}), refreshed incrementally by content hash."
+            ),
+            automation_condition=automation_condition,
+            kinds={"python", "lancedb"},
+            tags=dict(tags or {}),
+            metadata={
+                "qwen3/table_name": table,
+                "qwen3/model": spec.model,
+                "qwen3/dim": spec.dim,
+                "qwen3/spec_fingerprint": fingerprint,
+                "dagster/table_name": table,
+            },
+        )(_embedding_asset)

@@ -1,0 +1,203 @@
+r"""The demo code location, built from settings: corpus -> dbt -> vectors -> consumers.
+
+Assets (lineage left to right)::
+
+    raw_docstrings -> stg_docstrings -> documents -> document_vectors -> document_vectors_index
+        (DuckDB)        (dbt view)      (dbt table)   (LanceDB, 8 shards)   (ANN upkeep)
+                                                                       \\-> near_duplicate_documents
+                                                                             (DuckDB table)
+
+Settings come from the environment (:meth:`DemoSettings.from_env`):
+
+- ``QWEN3_PIPELINE_MODEL``: hub id or local checkpoint (default ``Qwen/Qwen3-Embedding-0.6B``);
+- ``QWEN3_PIPELINE_DATA_DIR``: where the DuckDB warehouse and the LanceDB directory live
+  (default ``./data``);
+- ``QWEN3_PIPELINE_DEVICE``: ``auto`` (default), ``cpu``, ``cuda``, ``cuda:N``;
+- ``QWEN3_PIPELINE_DIM``: output dimension (default: the model's hidden size);
+- ``QWEN3_PIPELINE_AUTOMATION``: ``on`` (default) starts the hourly schedule and the
+  automation sensor with the daemon (``dagster dev``); ``off`` leaves them stopped.
+
+The executor is in-process: a run is one process, so the model is loaded once per run whatever
+steps it holds (Dagster's default multiprocess executor would start a process per step).
+"""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dagster as dg
+
+from qwen3_pipeline.dagster_defs.automation import build_automation_sensor, build_refresh_schedule
+from qwen3_pipeline.dagster_defs.consumers import (
+    build_near_duplicates_asset,
+    build_vector_index_asset,
+)
+from qwen3_pipeline.dagster_defs.dbt import (
+    DATA_DIR_ENV,
+    DEFAULT_DATA_DIR,
+    dbt_cli_resource,
+    dbt_models_assets,
+    documents_asset_key,
+    duckdb_warehouse_path,
+    raw_docstrings,
+)
+from qwen3_pipeline.dagster_defs.embedding import HashShards, build_embedding_asset
+from qwen3_pipeline.dagster_defs.resources import (
+    DEFAULT_MODEL,
+    EmbedderResource,
+    LanceDBResource,
+    Qwen3EmbedderResource,
+)
+from qwen3_pipeline.errors import ConfigError
+from qwen3_pipeline.sources import DuckDBSource, Source, SourceConfig
+
+MODEL_ENV = "QWEN3_PIPELINE_MODEL"
+DEVICE_ENV = "QWEN3_PIPELINE_DEVICE"
+DIM_ENV = "QWEN3_PIPELINE_DIM"
+AUTOMATION_ENV = "QWEN3_PIPELINE_AUTOMATION"
+
+EMBEDDING_GROUP = "embeddings"
+DOCUMENTS_TABLE = "main.documents"
+DOCUMENT_CONFIG = SourceConfig(
+    key="doc_id",
+    text_columns=("text",),
+    updated_at="updated_at",
+    carry=("title", "module", "kind", "source_path"),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSettings:
+    """Settings of the demo code location.
+
+    Attributes:
+        model: Hub id or local checkpoint directory.
+        data_dir: Directory of the LanceDB database (``<data_dir>/lancedb``).
+        device: Torch device of the embedder.
+        dim: Output dimension (None: the model's hidden size).
+        automation: Start the schedule and the automation sensor by default.
+        shards: Hash shards of the vector table.
+        table: LanceDB table name.
+    """
+
+    model: str = DEFAULT_MODEL
+    data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
+    device: str = "auto"
+    dim: int | None = None
+    automation: bool = True
+    shards: int = 8
+    table: str = "documents"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "DemoSettings":
+        """Read the settings from ``QWEN3_PIPELINE_*`` variables (see the module docstring).
+
+        Raises:
+            ConfigError: ``QWEN3_PIPELINE_DIM`` is not an integer, or the automation switch
+                is not on/off.
+        """
+        env = os.environ if environ is None else environ
+        raw_dim = env.get(DIM_ENV, "").strip()
+        try:
+            dim = int(raw_dim) if raw_dim else None
+        except ValueError as e:
+            raise ConfigError(f"{DIM_ENV}={raw_dim!r} is not an integer") from e
+        switch = env.get(AUTOMATION_ENV, "on").strip().lower()
+        if switch not in {"on", "off", "1", "0", "true", "false"}:
+            raise ConfigError(f"{AUTOMATION_ENV}={switch!r}: use on or off")
+        return cls(
+            model=env.get(MODEL_ENV) or DEFAULT_MODEL,
+            data_dir=Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
+            device=env.get(DEVICE_ENV) or "auto",
+            dim=dim,
+            automation=switch in {"on", "1", "true"},
+        )
+
+    @property
+    def lancedb_uri(self) -> str:
+        """The LanceDB directory, absolute."""
+        return str((self.data_dir.expanduser() / "lancedb").resolve())
+
+
+def documents_source() -> Source:
+    """The dbt model ``documents`` in the warehouse (path resolved when the asset runs)."""
+    return DuckDBSource(duckdb_warehouse_path(), DOCUMENTS_TABLE)
+
+
+def build_definitions(
+    settings: DemoSettings | None = None, *, embedder: EmbedderResource | None = None
+) -> dg.Definitions:
+    """Build the demo code location.
+
+    Args:
+        settings: Location settings (default: from the environment).
+        embedder: The embedder resource to bind (default: a :class:`Qwen3EmbedderResource`
+            from ``settings``); tests pass a fake.
+
+    Raises:
+        ConfigError: Invalid settings (e.g. a dimension the model does not support).
+        ModelLoadError: The model's config cannot be read (unknown hub id offline, bad path).
+    """
+    settings = settings or DemoSettings.from_env()
+    embedder = embedder or Qwen3EmbedderResource(
+        model=settings.model, dim=settings.dim, device=settings.device
+    )
+    spec = embedder.embedding_spec()
+    eager = dg.AutomationCondition.eager()
+    document_vectors = build_embedding_asset(
+        key="document_vectors",
+        source=documents_source,
+        source_config=DOCUMENT_CONFIG,
+        spec=spec,
+        table=settings.table,
+        deps=[documents_asset_key()],
+        partitioning=HashShards(settings.shards),
+        group_name=EMBEDDING_GROUP,
+        automation_condition=eager,
+    )
+    vector_index = build_vector_index_asset(
+        embedding_asset=document_vectors,
+        group_name=EMBEDDING_GROUP,
+        automation_condition=eager,
+    )
+    near_duplicates = build_near_duplicates_asset(
+        embedding_asset=document_vectors,
+        duckdb_path=duckdb_warehouse_path,
+        index_asset=vector_index,
+        group_name=EMBEDDING_GROUP,
+        automation_condition=eager,
+    )
+    vector_assets = [document_vectors, vector_index, near_duplicates]
+    return dg.Definitions(
+        assets=[raw_docstrings, dbt_models_assets, *vector_assets],
+        resources={
+            "dbt": dbt_cli_resource(),
+            "embedder": embedder,
+            "lancedb": LanceDBResource(uri=settings.lancedb_uri),
+        },
+        schedules=[
+            build_refresh_schedule(
+                name="document_vectors_hourly",
+                embedding_asset=document_vectors,
+                downstream=[vector_index, near_duplicates],
+                default_status=(
+                    dg.DefaultScheduleStatus.RUNNING
+                    if settings.automation
+                    else dg.DefaultScheduleStatus.STOPPED
+                ),
+            )
+        ],
+        sensors=[
+            build_automation_sensor(
+                name="document_vectors_automation",
+                assets=vector_assets,
+                default_status=(
+                    dg.DefaultSensorStatus.RUNNING
+                    if settings.automation
+                    else dg.DefaultSensorStatus.STOPPED
+                ),
+            )
+        ],
+        executor=dg.in_process_executor,
+    )

@@ -1,0 +1,14 @@
+"""The demo Dagster code location (``workspace.yaml`` loads ``qwen3_pipeline.definitions``).
+
+Raw standard-library docstrings in DuckDB -> dbt models -> Qwen3 vectors in LanceDB (8 hash
+shards) -> ANN index upkeep and a near-duplicate report; an hourly schedule and automation on
+dbt updates. Configured by environment variables; see
+:mod:`qwen3_pipeline.dagster_defs.location`. Loading it imports neither torch nor transformers:
+the model is loaded when a run that needs it starts.
+
+Run the UI with ``dagster dev -w workspace.yaml`` from the repository root.
+"""
+
+from qwen3_pipeline.dagster_defs.location import DemoSettings, build_definitions
+
+defs = build_definitions(DemoSettings.from_env())

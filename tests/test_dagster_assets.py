@@ -1,0 +1,627 @@
+"""The embedding asset, its checks and the consumer assets, with the fake embedder (fast)."""
+
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+
+import dagster as dg
+import duckdb
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from qwen3_pipeline import checks
+from qwen3_pipeline.consumers import (
+    IndexPolicy,
+    maintain_vector_index,
+    near_duplicate_pairs,
+    open_vector_table,
+    plan_index_action,
+    search,
+)
+from qwen3_pipeline.dagster_defs.automation import (
+    PARTITION_RANGE_END_TAG,
+    PARTITION_RANGE_START_TAG,
+    all_partitions_tags,
+    build_refresh_schedule,
+)
+from qwen3_pipeline.dagster_defs.consumers import (
+    build_near_duplicates_asset,
+    build_vector_index_asset,
+)
+from qwen3_pipeline.dagster_defs.embedding import (
+    BadInputFailure,
+    HashShards,
+    TimePartitioning,
+    build_embedding_asset,
+    is_transient,
+)
+from qwen3_pipeline.dagster_defs.resources import (
+    EmbedderLoadFailure,
+    FakeEmbedderResource,
+    LanceDBResource,
+    Qwen3EmbedderResource,
+)
+from qwen3_pipeline.dagster_defs.vectors import open_vectors
+from qwen3_pipeline.embedder import Embedder, EncodeResult
+from qwen3_pipeline.errors import (
+    ConfigError,
+    InputDataError,
+    SpecMismatchError,
+    StoreConflictError,
+)
+from qwen3_pipeline.sources import ArrowSource, DuckDBSource, Shards, SourceConfig
+from qwen3_pipeline.spec import EmbeddingSpec
+from qwen3_pipeline.testing import FakeEmbedder
+
+ROWS = 120
+SHARDS = 4
+TABLE = "documents"
+CONFIG = SourceConfig(
+    key="doc_id", text_columns=("text",), updated_at="updated_at", carry=("title",)
+)
+NO_RETRY = dg.RetryPolicy(max_retries=2, delay=0)
+
+
+def _fake(**kwargs) -> FakeEmbedderResource:
+    return FakeEmbedderResource(dim=64, **kwargs)
+
+
+SPEC = _fake().embedding_spec()
+
+
+@pytest.fixture
+def warehouse(tmp_path: Path) -> Path:
+    """A DuckDB file with a `documents` table shaped like the dbt model's."""
+    path = tmp_path / "warehouse.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(
+        f"""
+        CREATE TABLE documents AS
+        SELECT 'doc:' || i::VARCHAR AS doc_id,
+               'Title ' || i::VARCHAR AS title,
+               'Document number ' || i::VARCHAR || ' about topic ' || (i % 7)::VARCHAR AS text,
+               TIMESTAMP '2024-05-01 00:00:00' + to_hours(i % 48) AS updated_at
+        FROM range({ROWS}) AS t(i)
+        """
+    )
+    con.close()
+    return path
+
+
+def _execute(path: Path, sql: str) -> None:
+    con = duckdb.connect(str(path))
+    try:
+        con.execute(sql)
+    finally:
+        con.close()
+
+
+def _asset(warehouse: Path, **kwargs) -> dg.AssetsDefinition:
+    options = {"partitioning": HashShards(SHARDS), "retry_policy": NO_RETRY, **kwargs}
+    return build_embedding_asset(
+        key="document_vectors",
+        source=lambda: DuckDBSource(warehouse, "documents"),
+        source_config=CONFIG,
+        spec=SPEC,
+        table=TABLE,
+        **options,
+    )
+
+
+def _resources(tmp_path: Path, embedder: object | None = None) -> dict[str, object]:
+    return {
+        "embedder": embedder or _fake(),
+        "lancedb": LanceDBResource(uri=str(tmp_path / "lancedb")),
+    }
+
+
+def _materialize(
+    assets: Sequence[dg.AssetsDefinition],
+    resources: dict[str, object],
+    instance: dg.DagsterInstance,
+    tags: dict[str, str] | None = None,
+) -> dg.ExecuteInProcessResult:
+    return dg.materialize(
+        assets, resources=resources, instance=instance, tags=tags, raise_on_error=False
+    )
+
+
+def _by_partition(result: dg.ExecuteInProcessResult, key: str) -> dict[str, dict]:
+    out = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.materialization
+        if materialization.asset_key == dg.AssetKey(key):
+            out[materialization.partition] = {
+                k: getattr(v, "value", v) for k, v in materialization.metadata.items()
+            }
+    return out
+
+
+def _table(tmp_path: Path):
+    return lancedb.connect(str(tmp_path / "lancedb")).open_table(TABLE)
+
+
+# --------------------------------------------------------------------------- the embedding asset
+
+
+def test_direct_invocation_returns_metadata_checks_and_data_version(
+    tmp_path: Path, warehouse: Path
+) -> None:
+    asset = _asset(warehouse, partitioning=None)
+    with dg.build_asset_context(resources=_resources(tmp_path)) as context:
+        first = asset(context)
+    with dg.build_asset_context(resources=_resources(tmp_path)) as context:
+        second = asset(context)
+
+    assert first.metadata["qwen3/rows_inserted"] == ROWS
+    assert first.metadata["qwen3/rows_embedded"] == ROWS
+    assert first.metadata["dagster/row_count"] == ROWS
+    assert first.metadata["qwen3/table_name"] == TABLE
+    assert (
+        first.metadata["qwen3/lance_version_after"] > first.metadata["qwen3/lance_version_before"]
+    )
+    schema = first.metadata["dagster/column_schema"]
+    assert {"key", "vector", "content_hash", "title"} <= {c.name for c in schema.columns}
+    assert sorted(r.check_name for r in first.check_results) == sorted(checks.CHECK_NAMES)
+    assert all(r.passed for r in first.check_results)
+    # Nothing changed: nothing embedded, no commit, same data version.
+    assert second.metadata["qwen3/rows_embedded"] == 0
+    assert second.metadata["qwen3/committed"] is False
+    assert (
+        second.metadata["qwen3/lance_version_after"] == first.metadata["qwen3/lance_version_after"]
+    )
+    assert second.data_version == first.data_version
+
+
+def test_definition_carries_partitions_policies_and_checks(warehouse: Path) -> None:
+    asset = _asset(warehouse, retry_policy=dg.RetryPolicy(max_retries=3))
+    assert asset.partitions_def.get_partition_keys() == [
+        f"shard-{i:02d}-of-{SHARDS:02d}" for i in range(SHARDS)
+    ]
+    assert asset.backfill_policy == dg.BackfillPolicy.single_run()
+    assert asset.code_versions_by_key[asset.key] == SPEC.fingerprint
+    assert asset.op.pool == "gpu"
+    assert asset.op.retry_policy.max_retries == 3
+    specs = list(asset.check_specs)
+    assert {s.name for s in specs} == set(checks.CHECK_NAMES)
+    assert all(s.blocking for s in specs)
+    with pytest.raises(ConfigError, match="partition must be None"):
+        build_embedding_asset(
+            key="x",
+            source=ArrowSource(pa.table({"id": [1], "t": ["a"]})),
+            source_config=SourceConfig(key="id", text_columns=("t",), partition=Shards(2)),
+            spec=SPEC,
+            table="t",
+        )
+
+
+def test_materialize_twice_second_run_embeds_nothing_and_commits_nothing(
+    tmp_path: Path, warehouse: Path
+) -> None:
+    asset = _asset(warehouse)
+    instance = dg.DagsterInstance.ephemeral()
+    tags = all_partitions_tags(asset.partitions_def)
+    loads = FakeEmbedderResource.loads()
+
+    first = _materialize([asset], _resources(tmp_path), instance, tags)
+    assert first.success
+    assert FakeEmbedderResource.loads() == loads + 1  # four shards, one run, one load
+    events = _by_partition(first, "document_vectors")
+    assert sorted(events) == asset.partitions_def.get_partition_keys()
+    assert sum(m["qwen3/rows_inserted"] for m in events.values()) == ROWS
+    assert sum(m["dagster/partition_row_count"] for m in events.values()) == ROWS
+    one = next(iter(events.values()))
+    assert one["qwen3/run_totals"]["inserted"] == ROWS
+    assert one["dagster/row_count"] == ROWS
+    version = one["qwen3/lance_version_after"]
+    assert all(e.passed for e in first.get_asset_check_evaluations())
+
+    second = _materialize([asset], _resources(tmp_path), instance, tags)
+    assert second.success
+    again = _by_partition(second, "document_vectors")
+    assert sum(m["qwen3/rows_embedded"] for m in again.values()) == 0
+    assert sum(m["qwen3/rows_unchanged"] for m in again.values()) == ROWS
+    assert {m["qwen3/lance_version_after"] for m in again.values()} == {version}
+    assert {m["qwen3/committed"] for m in again.values()} == {False}
+    assert _table(tmp_path).version == version
+
+
+def test_single_run_over_a_range_of_shards_loads_once_and_touches_only_them(
+    tmp_path: Path, warehouse: Path
+) -> None:
+    asset = _asset(warehouse)
+    keys = asset.partitions_def.get_partition_keys()
+    instance = dg.DagsterInstance.ephemeral()
+    loads = FakeEmbedderResource.loads()
+    result = _materialize(
+        [asset],
+        _resources(tmp_path),
+        instance,
+        {PARTITION_RANGE_START_TAG: keys[1], PARTITION_RANGE_END_TAG: keys[2]},
+    )
+    assert result.success
+    assert FakeEmbedderResource.loads() == loads + 1
+    assert len(instance.get_runs()) == 1
+    events = _by_partition(result, "document_vectors")
+    assert sorted(events) == keys[1:3]
+    stored = _table(tmp_path).to_arrow()
+    assert set(stored.column("partition_key").to_pylist()) == set(keys[1:3])
+    assert stored.num_rows == sum(m["qwen3/rows_inserted"] for m in events.values())
+
+
+def test_changed_and_deleted_rows_are_the_only_ones_written(
+    tmp_path: Path, warehouse: Path
+) -> None:
+    asset = _asset(warehouse)
+    instance = dg.DagsterInstance.ephemeral()
+    tags = all_partitions_tags(asset.partitions_def)
+    assert _materialize([asset], _resources(tmp_path), instance, tags).success
+    _execute(warehouse, "UPDATE documents SET text = text || ' (revised)' WHERE doc_id IN "
+             "('doc:1', 'doc:2', 'doc:3')")  # fmt: skip
+    _execute(warehouse, "UPDATE documents SET title = 'Renamed' WHERE doc_id = 'doc:4'")
+    _execute(warehouse, "DELETE FROM documents WHERE doc_id = 'doc:5'")
+
+    result = _materialize([asset], _resources(tmp_path), instance, tags)
+    assert result.success
+    totals = next(iter(_by_partition(result, "document_vectors").values()))["qwen3/run_totals"]
+    assert totals["updated"] == 3
+    assert totals["embedded"] == 3
+    assert totals["carry_updated"] == 1
+    assert totals["deleted"] == 1
+    assert totals["inserted"] == 0
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    stored = _table(tmp_path).to_arrow()
+    assert stored.num_rows == ROWS - 1
+    assert "doc:5" not in stored.column("key").to_pylist()
+
+
+class _OffNormEmbedder:
+    """Wraps the fake and returns vectors of norm 2: the unit-vector check must fail."""
+
+    def __init__(self, inner: Embedder) -> None:
+        self._inner = inner
+
+    @property
+    def spec(self) -> EmbeddingSpec:
+        return self._inner.spec
+
+    def embed_documents(self, texts: Sequence[str]) -> EncodeResult:
+        result = self._inner.embed_documents(texts)
+        return EncodeResult(
+            vectors=result.vectors * 2.0,
+            n_tokens=result.n_tokens,
+            truncated=result.truncated,
+            failures=result.failures,
+            stats=result.stats,
+        )
+
+    def embed_queries(self, queries: Sequence[str]) -> EncodeResult:
+        return self._inner.embed_queries(queries)
+
+
+class OffNormEmbedderResource(FakeEmbedderResource):
+    def load_embedder(self, spec: EmbeddingSpec) -> Embedder:
+        return _OffNormEmbedder(super().load_embedder(spec))
+
+
+def test_failing_blocking_check_stops_downstream_assets(tmp_path: Path, warehouse: Path) -> None:
+    asset = _asset(warehouse, partitioning=None)
+    index = build_vector_index_asset(embedding_asset=asset, retry_policy=None)
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize(
+        [asset, index], _resources(tmp_path, OffNormEmbedderResource(dim=64)), instance
+    )
+
+    assert not result.success
+    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert not evaluations[checks.UNIT_VECTORS].passed
+    assert evaluations[checks.UNIT_VECTORS].metadata["bad_rows"].value == ROWS
+    assert evaluations[checks.COVERS_SOURCE].passed
+    materialized = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert materialized == {asset.key}  # recorded, but the index never ran
+    started = [e.step_key for e in result.all_events if e.event_type_value == "STEP_START"]
+    assert started == ["document_vectors"]
+    # A failed check is not a transient error: the step is not retried.
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+
+
+def test_bad_input_fails_without_retry(tmp_path: Path, warehouse: Path) -> None:
+    _execute(warehouse, "UPDATE documents SET doc_id = 'doc:1' WHERE doc_id = 'doc:2'")
+    asset = _asset(warehouse)
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize(
+        [asset], _resources(tmp_path), instance, all_partitions_tags(asset.partitions_def)
+    )
+
+    assert not result.success
+    types = [e.event_type_value for e in result.all_events]
+    assert "STEP_UP_FOR_RETRY" not in types
+    assert types.count("STEP_START") == 1
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    error = failure.step_failure_data.error
+    assert "duplicate keys" in error.message
+    assert "'doc:1' (2 rows)" in error.message
+    assert failure.step_failure_data.user_failure_data.metadata["error"].value == "InputDataError"
+    assert not result.get_asset_materialization_events()
+    assert TABLE not in lancedb.connect(str(tmp_path / "lancedb")).list_tables().tables
+
+
+class _FlakySource:
+    """A source whose first read times out (a transient failure), then works."""
+
+    def __init__(self, inner: DuckDBSource) -> None:
+        self._inner = inner
+        self.name = inner.name
+
+    def schema(self) -> pa.Schema:
+        return self._inner.schema()
+
+    def key_problems(self, key: str, limit: int):
+        return self._inner.key_problems(key, limit)
+
+    def batches(self, columns: Sequence[str], batch_rows: int):
+        if not _FLAKY_CALLS:
+            _FLAKY_CALLS.append(1)
+            raise TimeoutError("source read timed out")
+        yield from self._inner.batches(columns, batch_rows)
+
+
+_FLAKY_CALLS: list[int] = []
+
+
+def test_transient_failure_is_retried(tmp_path: Path, warehouse: Path) -> None:
+    _FLAKY_CALLS.clear()
+    asset = build_embedding_asset(
+        key="document_vectors",
+        source=lambda: _FlakySource(DuckDBSource(warehouse, "documents")),
+        source_config=CONFIG,
+        spec=SPEC,
+        table=TABLE,
+        partitioning=None,
+        retry_policy=NO_RETRY,
+    )
+    result = _materialize([asset], _resources(tmp_path), dg.DagsterInstance.ephemeral())
+    assert result.success
+    types = [e.event_type_value for e in result.all_events]
+    assert types.count("STEP_UP_FOR_RETRY") == 1
+    assert _table(tmp_path).count_rows() == ROWS
+
+
+def test_error_classification() -> None:
+    locked = ConfigError("could not open DuckDB file 'w.duckdb'")
+    locked.__cause__ = OSError("IO Error: Could not set lock on file 'w.duckdb'")
+    assert is_transient(StoreConflictError("conflict"))
+    assert is_transient(locked)
+    assert not is_transient(InputDataError("duplicate keys"))
+    assert not is_transient(SpecMismatchError("other spec"))
+    failure = BadInputFailure(InputDataError("bad"))
+    assert isinstance(failure, dg.Failure)
+    assert failure.allow_retries is False
+
+
+def test_resource_spec_must_match_the_asset_spec(tmp_path: Path, warehouse: Path) -> None:
+    asset = _asset(warehouse, partitioning=None)
+    result = _materialize(
+        [asset], _resources(tmp_path, FakeEmbedderResource(dim=32)), dg.DagsterInstance.ephemeral()
+    )
+    assert not result.success
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "configure both from the same settings" in failure.step_failure_data.error.message
+
+
+def test_missing_model_fails_the_run_with_how_to_fix(tmp_path: Path, warehouse: Path) -> None:
+    asset = _asset(warehouse, partitioning=None)
+    missing = Qwen3EmbedderResource(model=str(tmp_path / "no-such-model"))
+    with pytest.raises(EmbedderLoadFailure) as caught:
+        missing.setup_for_execution(dg.build_init_resource_context())
+    assert "does not exist" in caught.value.description
+    assert caught.value.allow_retries is False
+    assert "QWEN3_PIPELINE_MODEL" in caught.value.description
+    assert caught.value.metadata["model"].value == str(tmp_path / "no-such-model")
+
+    result = _materialize([asset], _resources(tmp_path, missing), dg.DagsterInstance.ephemeral())
+    assert not result.success
+    init_failure = next(
+        e for e in result.all_events if e.event_type_value == "RESOURCE_INIT_FAILURE"
+    )
+    shown = str(init_failure.engine_event_data.error.to_string())
+    assert "no-such-model" in shown
+    assert "local Qwen3-Embedding checkpoint" in shown
+
+
+def test_time_partitions_refresh_their_windows(tmp_path: Path, warehouse: Path) -> None:
+    asset = _asset(
+        warehouse,
+        partitioning=TimePartitioning(column="updated_at", start="2024-05-01", grain="day"),
+    )
+    assert isinstance(asset.partitions_def, dg.DailyPartitionsDefinition)
+    result = _materialize(
+        [asset],
+        _resources(tmp_path),
+        dg.DagsterInstance.ephemeral(),
+        {PARTITION_RANGE_START_TAG: "2024-05-01", PARTITION_RANGE_END_TAG: "2024-05-02"},
+    )
+    assert result.success
+    events = _by_partition(result, "document_vectors")
+    assert sorted(events) == ["2024-05-01", "2024-05-02"]
+    # updated_at = 2024-05-01 + (i % 48) hours: i % 48 < 24 falls on the first day.
+    first_day = sum(1 for i in range(ROWS) if i % 48 < 24)
+    assert [events[k]["qwen3/rows_inserted"] for k in sorted(events)] == [
+        first_day,
+        ROWS - first_day,
+    ]
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+
+
+def test_schedule_refreshes_every_shard_in_one_run(tmp_path: Path, warehouse: Path) -> None:
+    asset = _asset(warehouse)
+    index = build_vector_index_asset(embedding_asset=asset)
+    schedule = build_refresh_schedule(name="hourly", embedding_asset=asset, downstream=[index])
+    defs = dg.Definitions(
+        assets=[asset, index], schedules=[schedule], resources=_resources(tmp_path)
+    )
+    instance = dg.DagsterInstance.ephemeral()
+    with dg.build_schedule_context(
+        instance=instance, scheduled_execution_time=datetime(2025, 1, 1, 10)
+    ) as context:
+        request = defs.resolve_schedule_def("hourly").evaluate_tick(context).run_requests[0]
+    keys = asset.partitions_def.get_partition_keys()
+    assert request.tags[PARTITION_RANGE_START_TAG] == keys[0]
+    assert request.tags[PARTITION_RANGE_END_TAG] == keys[-1]
+
+    loads = FakeEmbedderResource.loads()
+    result = defs.resolve_job_def("hourly_job").execute_in_process(
+        instance=instance, tags=request.tags
+    )
+    assert result.success
+    assert FakeEmbedderResource.loads() == loads + 1
+    assert sorted(_by_partition(result, "document_vectors")) == keys
+    assert _by_partition(result, "document_vectors_index")[None]["dagster/row_count"] == ROWS
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _refreshed_table(tmp_path: Path, warehouse: Path):
+    asset = _asset(warehouse, partitioning=None)
+    with dg.build_asset_context(resources=_resources(tmp_path)) as context:
+        asset(context)
+    return _table(tmp_path)
+
+
+def _run_checks(table, warehouse: Path) -> dict[str, checks.CheckOutcome]:
+    report = checks.run_checks(
+        table=table,
+        source=DuckDBSource(warehouse, "documents"),
+        config=CONFIG,
+        fingerprint=SPEC.fingerprint,
+    )
+    return {o.name: o for o in report.outcomes}
+
+
+def test_checks_detect_stale_missing_duplicate_and_foreign_rows(
+    tmp_path: Path, warehouse: Path
+) -> None:
+    table = _refreshed_table(tmp_path, warehouse)
+    assert all(o.passed for o in _run_checks(table, warehouse).values())
+
+    table.update(where="key = 'doc:1'", values={"content_hash": "0" * 32})
+    table.update(where="key = 'doc:2'", values={"spec_fingerprint": "ffffffffffffffff"})
+    table.delete("key = 'doc:3'")
+    outcomes = _run_checks(table, warehouse)
+    assert not outcomes[checks.NOT_STALE].passed
+    assert outcomes[checks.NOT_STALE].metadata["stale_keys"] == ["doc:1"]
+    assert not outcomes[checks.COVERS_SOURCE].passed
+    assert outcomes[checks.COVERS_SOURCE].metadata["missing_keys"] == ["doc:3"]
+    assert not outcomes[checks.SINGLE_SPEC].passed
+    assert outcomes[checks.SINGLE_SPEC].metadata["rows_by_fingerprint"]["ffffffffffffffff"] == 1
+    assert outcomes[checks.UNIQUE_KEYS].passed
+
+    duplicate = table.search().where("key = 'doc:4'").limit(1).to_arrow()
+    table.add(duplicate)
+    outcome = checks.check_unique_keys(table)
+    assert not outcome.passed
+    assert outcome.metadata["repeated_keys"] == ["doc:4"]
+
+
+def test_state_digest_is_order_independent_and_content_sensitive() -> None:
+    rows = pa.table({"key": ["a", "b"], "content_hash": ["1", "2"], "spec_fingerprint": ["f", "f"]})
+    assert checks.state_digest(rows) == checks.state_digest(rows.take([1, 0]))
+    changed = rows.set_column(1, "content_hash", pa.array(["1", "3"]))
+    assert checks.state_digest(changed) != checks.state_digest(rows)
+
+
+# --------------------------------------------------------------------------- consumers
+
+
+def test_plan_index_action() -> None:
+    policy = IndexPolicy(min_rows=100, max_fragments=4)
+    plan = lambda **kw: plan_index_action(policy=policy, **kw)  # noqa: E731
+    assert plan(row_count=99, has_index=False, unindexed_rows=0, fragments=1) == "brute_force"
+    assert plan(row_count=99, has_index=False, unindexed_rows=0, fragments=9) == "compacted"
+    assert plan(row_count=100, has_index=False, unindexed_rows=0, fragments=1) == "created"
+    assert plan(row_count=500, has_index=True, unindexed_rows=3, fragments=1) == "optimized"
+    assert plan(row_count=500, has_index=True, unindexed_rows=0, fragments=1) == "up_to_date"
+
+
+def test_index_is_created_past_the_threshold_then_kept_current(
+    tmp_path: Path, warehouse: Path
+) -> None:
+    table = _refreshed_table(tmp_path, warehouse)
+    assert maintain_vector_index(table, IndexPolicy(min_rows=ROWS + 1)).action == "brute_force"
+    created = maintain_vector_index(table, IndexPolicy(min_rows=ROWS))
+    assert created.action == "created"
+    assert created.index_name
+    idle = maintain_vector_index(table, IndexPolicy(min_rows=ROWS))
+    assert idle.action == "up_to_date"
+    assert idle.version_after == idle.version_before  # no commit when nothing to do
+    table.add(table.search().where("key = 'doc:1'").limit(1).to_arrow().set_column(
+        0, "key", pa.array(["doc:new"])
+    ))  # fmt: skip
+    folded = maintain_vector_index(table, IndexPolicy(min_rows=ROWS))
+    assert folded.action == "optimized"
+    assert folded.unindexed_rows == 0
+
+
+def test_near_duplicate_pairs_are_exact_and_reported_once() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((50, 16)).astype(np.float32)
+    vectors[10] = vectors[3]
+    vectors[20] = vectors[3] * 3.0  # same direction, other norm
+    keys = pa.array([f"k{i}" for i in range(50)])
+    pairs = near_duplicate_pairs(keys, vectors, threshold=0.999, max_block_cells=64)
+    found = {tuple(sorted((r["key_a"], r["key_b"]))) for r in pairs.to_pylist()}
+    assert found == {("k10", "k3"), ("k20", "k3"), ("k10", "k20")}
+    assert pairs.num_rows == 3
+    assert all(abs(s - 1.0) < 1e-5 for s in pairs.column("similarity").to_pylist())
+
+
+class _QueriesAsDocuments(FakeEmbedder):
+    """Embeds a query like a document, so searching a document's text finds that document."""
+
+    def embed_queries(self, queries: Sequence[str]) -> EncodeResult:
+        return self.embed_documents(queries)
+
+
+def test_open_vectors_pins_the_materialized_version_and_search_uses_its_spec(
+    tmp_path: Path, warehouse: Path
+) -> None:
+    asset = _asset(warehouse, partitioning=None)
+    index = build_vector_index_asset(embedding_asset=asset)
+    near = build_near_duplicates_asset(
+        embedding_asset=asset,
+        duckdb_path=lambda: tmp_path / "reports.duckdb",
+        index_asset=index,
+        threshold=0.999,
+    )
+    _execute(warehouse, "UPDATE documents SET text = 'Document number 0 about topic 0' "
+             "WHERE doc_id = 'doc:7'")  # fmt: skip
+    instance = dg.DagsterInstance.ephemeral()
+    result = _materialize([asset, index, near], _resources(tmp_path), instance)
+    assert result.success
+    recorded = _by_partition(result, "document_vectors")[None]["qwen3/lance_version_after"]
+
+    # A later write (outside the pipeline) does not move what readers of the run see.
+    _table(tmp_path).delete("key = 'doc:9'")
+    vectors = open_vectors("document_vectors", instance=instance, index_asset_key=index.key)
+    assert vectors.version == recorded
+    assert vectors.count_rows() == ROWS
+    assert vectors.spec.fingerprint == SPEC.fingerprint
+    assert open_vector_table(str(tmp_path / "lancedb"), TABLE).count_rows() == ROWS - 1
+
+    hits = search(
+        vectors, "Document number 42 about topic 0", k=3, embedder=_QueriesAsDocuments(SPEC)
+    )
+    assert hits.column("key").to_pylist()[0] == "doc:42"
+    assert hits.column("similarity").to_pylist()[0] == pytest.approx(1.0, abs=1e-5)
+    assert {"title", "similarity"} <= set(hits.column_names)
+    with pytest.raises(SpecMismatchError, match="query embedder"):
+        search(vectors, "x", embedder=FakeEmbedder(EmbeddingSpec(model=SPEC.model, dim=32)))
+
+    # The near-duplicate report found the two identical documents.
+    con = duckdb.connect(str(tmp_path / "reports.duckdb"), read_only=True)
+    rows = con.execute("SELECT key_a, key_b, title_a, title_b FROM near_duplicates").fetchall()
+    con.close()
+    assert rows == [("doc:0", "doc:7", "Title 0", "Title 7")]

@@ -1,0 +1,176 @@
+"""The demo code location loads (without torch), with its resources, lineage and automation."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import pytest
+import yaml
+
+from qwen3_pipeline.dagster_defs.location import DemoSettings, build_definitions
+from qwen3_pipeline.dagster_defs.resources import (
+    FakeEmbedderResource,
+    LanceDBResource,
+    Qwen3EmbedderResource,
+)
+from qwen3_pipeline.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+VECTORS = dg.AssetKey("document_vectors")
+INDEX = dg.AssetKey("document_vectors_index")
+NEAR = dg.AssetKey("near_duplicate_documents")
+
+LOAD_SCRIPT = """
+import json, sys
+import dagster as dg
+from qwen3_pipeline.definitions import defs
+dg.Definitions.validate_loadable(defs)
+repo = defs.get_repository_def()
+print(json.dumps({
+    "torch": "torch" in sys.modules,
+    "transformers": "transformers" in sys.modules,
+    "assets": sorted(k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()),
+    "resources": {k: type(v).__name__ for k, v in defs.resources.items()},
+    "model": defs.resources["embedder"].model,
+    "lancedb_uri": defs.resources["lancedb"].uri,
+    "schedules": {s.name: s.default_status.value for s in repo.schedule_defs},
+    "sensors": {s.name: s.default_status.value for s in repo.sensor_defs},
+}))
+"""
+
+
+def test_definitions_load_in_a_fresh_process_without_torch(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "QWEN3_PIPELINE_DATA_DIR": str(tmp_path / "data"),
+        "QWEN3_PIPELINE_AUTOMATION": "off",
+    }
+    env.pop("QWEN3_PIPELINE_MODEL", None)
+    done = subprocess.run(
+        [sys.executable, "-c", LOAD_SCRIPT],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert loaded["torch"] is False
+    assert loaded["transformers"] is False
+    assert loaded["assets"] == sorted(
+        [
+            "raw_docstrings",
+            "stg_docstrings",
+            "documents",
+            "document_vectors",
+            "document_vectors_index",
+            "near_duplicate_documents",
+        ]
+    )
+    assert loaded["resources"] == {
+        "dbt": "DbtCliResource",
+        "embedder": "Qwen3EmbedderResource",
+        "lancedb": "LanceDBResource",
+    }
+    assert loaded["model"] == "Qwen/Qwen3-Embedding-0.6B"
+    assert loaded["lancedb_uri"] == str((tmp_path / "data" / "lancedb").resolve())
+    assert loaded["schedules"] == {"document_vectors_hourly": "STOPPED"}
+    assert loaded["sensors"] == {"document_vectors_automation": "STOPPED"}
+
+
+def test_workspace_points_at_the_definitions_module() -> None:
+    workspace = yaml.safe_load((REPO / "workspace.yaml").read_text())
+    (entry,) = workspace["load_from"]
+    assert entry["python_module"]["module_name"] == "qwen3_pipeline.definitions"
+
+
+@pytest.fixture
+def defs(tmp_path: Path) -> dg.Definitions:
+    settings = DemoSettings(data_dir=tmp_path, automation=True, shards=4)
+    return build_definitions(settings, embedder=FakeEmbedderResource(dim=64))
+
+
+def test_lineage_runs_from_the_dbt_model_to_the_consumers(defs: dg.Definitions) -> None:
+    graph = defs.resolve_asset_graph()
+    assert graph.get(VECTORS).parent_keys == {dg.AssetKey("documents")}
+    assert graph.get(INDEX).parent_keys == {VECTORS}
+    assert graph.get(NEAR).parent_keys == {VECTORS, INDEX}
+    assert graph.get(dg.AssetKey("documents")).parent_keys == {dg.AssetKey("stg_docstrings")}
+    vectors = defs.resolve_assets_def(VECTORS)
+    assert len(vectors.partitions_def.get_partition_keys()) == 4
+    assert vectors.backfill_policy == dg.BackfillPolicy.single_run()
+    for key in (VECTORS, INDEX, NEAR):
+        assert graph.get(key).automation_condition.get_label() == "eager"
+
+
+def test_resources_executor_schedule_and_sensor(defs: dg.Definitions, tmp_path: Path) -> None:
+    assert isinstance(defs.resources["embedder"], FakeEmbedderResource)
+    lancedb_resource = defs.resources["lancedb"]
+    assert isinstance(lancedb_resource, LanceDBResource)
+    assert lancedb_resource.uri == str((tmp_path / "lancedb").resolve())
+    assert defs.executor == dg.in_process_executor
+    schedule = defs.resolve_schedule_def("document_vectors_hourly")
+    assert schedule.cron_schedule == "0 * * * *"
+    assert schedule.default_status == dg.DefaultScheduleStatus.RUNNING
+    job = defs.resolve_job_def("document_vectors_hourly_job")
+    assert job.asset_layer.executable_asset_keys == {VECTORS, INDEX, NEAR}
+    sensor = defs.resolve_sensor_def("document_vectors_automation")
+    assert isinstance(sensor, dg.AutomationConditionSensorDefinition)
+    assert sensor.default_status == dg.DefaultSensorStatus.RUNNING
+    assert sensor.emit_backfills
+
+
+def test_the_default_embedder_is_the_qwen3_resource_with_settings(tmp_path: Path) -> None:
+    defs = build_definitions(DemoSettings(data_dir=tmp_path, dim=256, device="cpu"))
+    embedder = defs.resources["embedder"]
+    assert isinstance(embedder, Qwen3EmbedderResource)
+    assert (embedder.model, embedder.dim, embedder.device) == (
+        "Qwen/Qwen3-Embedding-0.6B",
+        256,
+        "cpu",
+    )
+    vectors = defs.resolve_assets_def(VECTORS)
+    assert vectors.code_versions_by_key[VECTORS] == embedder.embedding_spec().fingerprint
+
+
+def test_settings_from_environment() -> None:
+    settings = DemoSettings.from_env(
+        {
+            "QWEN3_PIPELINE_MODEL": "/models/qwen3",
+            "QWEN3_PIPELINE_DATA_DIR": "/tmp/x",
+            "QWEN3_PIPELINE_DEVICE": "cuda:1",
+            "QWEN3_PIPELINE_DIM": "512",
+            "QWEN3_PIPELINE_AUTOMATION": "off",
+        }
+    )
+    assert settings == DemoSettings(
+        model="/models/qwen3", data_dir=Path("/tmp/x"), device="cuda:1", dim=512, automation=False
+    )
+    assert DemoSettings.from_env({}) == DemoSettings()
+    with pytest.raises(ConfigError, match="QWEN3_PIPELINE_DIM"):
+        DemoSettings.from_env({"QWEN3_PIPELINE_DIM": "big"})
+    with pytest.raises(ConfigError, match="QWEN3_PIPELINE_AUTOMATION"):
+        DemoSettings.from_env({"QWEN3_PIPELINE_AUTOMATION": "sometimes"})
+
+
+def test_a_dbt_model_update_requests_every_shard_of_the_vectors(defs: dg.Definitions) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    evaluated = dg.evaluate_automation_conditions(defs=defs, instance=instance)
+    assert evaluated.total_requested == 0  # the dbt model was never built: nothing to embed
+
+    instance.report_runless_asset_event(dg.AssetMaterialization(asset_key="documents"))
+    evaluated = dg.evaluate_automation_conditions(
+        defs=defs, instance=instance, cursor=evaluated.cursor
+    )
+    requested = {r.key: r.true_subset.size for r in evaluated.results if r.true_subset.size}
+    assert requested == {VECTORS: 4}  # all shards; the sensor emits them as one backfill
+
+    evaluated = dg.evaluate_automation_conditions(
+        defs=defs, instance=instance, cursor=evaluated.cursor
+    )
+    assert evaluated.total_requested == 0  # handled: not requested again

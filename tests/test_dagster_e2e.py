@@ -1,0 +1,334 @@
+"""End to end through `dagster dev`: a UI-style backfill of all shards, then an incremental run.
+
+The webserver, daemon and code server run as one process group (killed at the end); runs use
+the tiny random Qwen3 checkpoint on CPU. The backfill is launched with the GraphQL mutation the
+UI sends (`launchPartitionBackfill`), and the incremental refresh with `launchRun` on the
+hourly schedule's job with the tags the schedule sets (one run over every shard).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import lancedb
+import pytest
+
+from qwen3_pipeline.changes import content_hash
+from qwen3_pipeline.dagster_defs.automation import all_partitions_tags
+from qwen3_pipeline.dagster_defs.dbt import dbt_cli_resource, dbt_models_assets, raw_docstrings
+from qwen3_pipeline.dagster_defs.embedding import HashShards
+
+REPO = Path(__file__).resolve().parents[1]
+LIMIT = 200
+VECTORS = dg.AssetKey("document_vectors")
+CHANGED = 3
+BACKFILL_TAG = "dagster/backfill"
+STARTED = 0.0
+# Dequeue queued runs every second (default 5 s) so the test waits less.
+INSTANCE_YAML = """
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    dequeue_interval_seconds: 1
+"""
+
+LAUNCH_BACKFILL = """
+mutation ($params: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $params) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on Error { message }
+  }
+}
+"""
+BACKFILL_STATUS = """
+query ($id: String!) {
+  partitionBackfillOrError(backfillId: $id) {
+    __typename
+    ... on PartitionBackfill { status }
+    ... on Error { message }
+  }
+}
+"""
+LAUNCH_RUN = """
+mutation ($params: ExecutionParams!) {
+  launchRun(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on Error { message }
+  }
+}
+"""
+RUN_STATUS = """
+query ($id: ID!) {
+  runOrError(runId: $id) { __typename ... on Run { status } ... on Error { message } }
+}
+"""
+REPOSITORIES = """
+{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name location { name } } }
+  ... on Error { message } } }
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class _Server:
+    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
+        self.url = f"http://127.0.0.1:{port}/graphql"
+        self.process = process
+        self.log = log
+
+    def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
+        body = json.dumps({"query": query, "variables": variables or {}}).encode()
+        request = urllib.request.Request(
+            self.url, data=body, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            payload = json.loads(response.read())
+        assert "errors" not in payload, payload
+        return payload["data"]
+
+    def wait_until_loaded(self, timeout: float) -> tuple[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.log.read_text()[-5000:]
+            try:
+                nodes = self.graphql(REPOSITORIES)["repositoriesOrError"].get("nodes")
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                nodes = None
+            if nodes:
+                return nodes[0]["location"]["name"], nodes[0]["name"]
+            time.sleep(1)
+        raise AssertionError(f"dagster dev did not load in {timeout}s:\n{self.log.read_text()}")
+
+    def wait_for(self, what: str, query: str, variables: dict, pick, done: set, timeout: float):
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            status = pick(self.graphql(query, variables))
+            if status in done:
+                return status
+            time.sleep(2)
+        raise AssertionError(f"{what} still {status} after {timeout}s:\n{self.log.read_text()}")
+
+
+@pytest.fixture
+def dagster_dev(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[_Server, dict[str, str]]]:
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text(INSTANCE_YAML)
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "QWEN3_PIPELINE_DATA_DIR": str(tmp_path / "data"),
+        "QWEN3_PIPELINE_MODEL": str(tiny_model_dir),
+        "QWEN3_PIPELINE_AUTOMATION": "off",
+        "HF_HUB_OFFLINE": "1",
+    }
+    port = _free_port()
+    log = tmp_path / "dagster_dev.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [
+                str(Path(sys.executable).with_name("dagster")),
+                "dev",
+                "-w",
+                "workspace.yaml",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        yield _Server(port, process, log), env
+    finally:
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def _documents(warehouse: Path) -> dict[str, str]:
+    con = duckdb.connect(str(warehouse), read_only=True)
+    try:
+        rows = con.execute("SELECT doc_id, text FROM documents").fetchall()
+    finally:
+        con.close()
+    return {key: content_hash(text) for key, text in rows if text.strip()}
+
+
+def _stored(lancedb_dir: Path) -> dict[str, str]:
+    table = lancedb.connect(str(lancedb_dir)).open_table("documents")
+    rows = table.to_arrow().select(["key", "content_hash"]).to_pylist()
+    return {r["key"]: r["content_hash"] for r in rows}
+
+
+def _materializations(instance: dg.DagsterInstance, run_id: str) -> dict[str, dict[str, Any]]:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=VECTORS), limit=100
+    ).records
+    return {
+        r.partition_key: {
+            k: getattr(v, "value", v) for k, v in r.asset_materialization.metadata.items()
+        }
+        for r in records
+        if r.run_id == run_id
+    }
+
+
+def _wait_for_backfill_runs(
+    instance: dg.DagsterInstance, backfill_id: str, timeout: float
+) -> list[dg.DagsterRun]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = instance.get_runs(filters=dg.RunsFilter(tags={BACKFILL_TAG: backfill_id}))
+        if runs and all(r.is_finished for r in runs):
+            return list(runs)
+        time.sleep(2)
+    raise AssertionError(f"backfill {backfill_id} runs did not finish in {timeout}s")
+
+
+@pytest.mark.slow
+def test_backfill_from_the_ui_then_incremental_refresh(
+    dagster_dev: tuple[_Server, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server, env = dagster_dev
+    global STARTED
+    STARTED = time.monotonic()
+    data = Path(env["QWEN3_PIPELINE_DATA_DIR"])
+    for name in ("DAGSTER_HOME", "QWEN3_PIPELINE_DATA_DIR"):
+        monkeypatch.setenv(name, env[name])
+    instance = dg.DagsterInstance.get()
+
+    # While the server starts: the corpus and the dbt models, recorded in the same instance.
+    upstream = dg.materialize(
+        [raw_docstrings, dbt_models_assets],
+        resources={"dbt": dbt_cli_resource()},
+        instance=instance,
+        run_config={"ops": {"raw_docstrings": {"config": {"limit": LIMIT}}}},
+    )
+    assert upstream.success
+    documents = _documents(data / "warehouse.duckdb")
+    assert len(documents) > LIMIT // 2
+
+    print(f"[e2e] upstream done at {time.monotonic() - STARTED:.0f}s")
+    location, repository = server.wait_until_loaded(timeout=240)
+    print(f"[e2e] server loaded at {time.monotonic() - STARTED:.0f}s")
+    shards = HashShards().partitions_def().get_partition_keys()
+    launched = server.graphql(
+        LAUNCH_BACKFILL,
+        {
+            "params": {
+                "partitionNames": shards,
+                "assetSelection": [{"path": ["document_vectors"]}],
+                "fromFailure": False,
+            }
+        },
+    )["launchPartitionBackfill"]
+    assert launched["__typename"] == "LaunchBackfillSuccess", launched
+    backfill_id = launched["backfillId"]
+
+    # One run for all eight shards (single-run backfill policy: one model load). The daemon
+    # marks the backfill complete on its next 30 s tick; that is checked at the end.
+    runs = _wait_for_backfill_runs(instance, backfill_id, timeout=300)
+    assert len(runs) == 1
+    assert runs[0].status == dg.DagsterRunStatus.SUCCESS
+    logs = instance.all_logs(runs[0].run_id)
+    assert sum("loaded embedder" in (e.user_message or "") for e in logs) == 1
+    step_pids = {e.dagster_event.pid for e in logs if e.dagster_event and e.step_key} - {None}
+    assert len(step_pids) == 1  # in-process executor: every step in the run's one process
+    print(f"[e2e] backfill run done at {time.monotonic() - STARTED:.0f}s")
+    backfill_events = _materializations(instance, runs[0].run_id)
+    assert sorted(backfill_events) == shards
+    assert sum(m["qwen3/rows_inserted"] for m in backfill_events.values()) == len(documents)
+    assert _stored(data / "lancedb") == documents
+
+    # Change some source rows; the hourly schedule's run refreshes every shard in one run.
+    con = duckdb.connect(str(data / "warehouse.duckdb"))
+    picked = con.execute(f"SELECT doc_id FROM documents ORDER BY doc_id LIMIT {CHANGED}")
+    changed = [key for (key,) in picked.fetchall()]
+    con.execute(
+        "UPDATE documents SET text = text || ' (edited)' WHERE doc_id IN (SELECT unnest(?))",
+        [changed],
+    )
+    con.close()
+    tags = [
+        {"key": k, "value": v}
+        for k, v in all_partitions_tags(HashShards().partitions_def()).items()
+    ]
+    launched_run = server.graphql(
+        LAUNCH_RUN,
+        {
+            "params": {
+                "selector": {
+                    "repositoryLocationName": location,
+                    "repositoryName": repository,
+                    "jobName": "document_vectors_hourly_job",
+                },
+                "executionMetadata": {"tags": tags},
+            }
+        },
+    )["launchRun"]
+    assert launched_run["__typename"] == "LaunchRunSuccess", launched_run
+    run_id = launched_run["run"]["runId"]
+    status = server.wait_for(
+        "refresh run",
+        RUN_STATUS,
+        {"id": run_id},
+        lambda d: d["runOrError"]["status"],
+        {"SUCCESS", "FAILURE", "CANCELED"},
+        timeout=300,
+    )
+    assert status == "SUCCESS"
+    print(f"[e2e] refresh done at {time.monotonic() - STARTED:.0f}s")
+    refreshed = _materializations(instance, run_id)
+    assert sorted(refreshed) == shards
+    totals = next(iter(refreshed.values()))["qwen3/run_totals"]
+    assert totals["updated"] == CHANGED
+    assert totals["embedded"] == CHANGED
+    assert totals["inserted"] == totals["deleted"] == 0
+    assert sum(m["qwen3/rows_updated"] for m in refreshed.values()) == CHANGED
+    assert _stored(data / "lancedb") == _documents(data / "warehouse.duckdb")
+
+    status = server.wait_for(
+        "backfill",
+        BACKFILL_STATUS,
+        {"id": backfill_id},
+        lambda d: d["partitionBackfillOrError"]["status"],
+        {"COMPLETED_SUCCESS", "COMPLETED_FAILED", "FAILED", "CANCELED"},
+        timeout=120,
+    )
+    assert status == "COMPLETED_SUCCESS"
+    print(f"[e2e] backfill completed at {time.monotonic() - STARTED:.0f}s")
