@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen3_pipeline.errors import InputDataError, Qwen3PipelineError
+from qwen3_pipeline.errors import InputDataError, Qwen3PipelineError, SpecMismatchError
 from qwen3_pipeline.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
 
 EXIT_BAD_INPUT = 2
@@ -189,29 +189,37 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_search(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``qwen3-pipeline search``: returns the results printed on stdout."""
-    from qwen3_pipeline.encoder import Qwen3Encoder
-    from qwen3_pipeline.search import (
-        check_query_spec,
-        open_table,
-        query_spec_for,
-        read_table_spec,
-        search,
-    )
+    from dataclasses import replace
 
-    handle = open_table(args.db, args.table, version=args.version)
-    table_spec = read_table_spec(handle)
+    from qwen3_pipeline.consumers import open_vector_table, search
+    from qwen3_pipeline.encoder import Qwen3Encoder
+
+    vectors = open_vector_table(args.db, args.table, version=args.version)
+    recorded = vectors.spec
     asked = EmbeddingSpec(
         model=args.model,
         revision=args.revision,
-        dim=table_spec.dim if args.dim is None else args.dim,
-        max_length=table_spec.max_length,
-        document_prompt=table_spec.document_prompt,
-        normalize=table_spec.normalize,
+        dim=recorded.dim if args.dim is None else args.dim,
+        max_length=recorded.max_length,
+        document_prompt=recorded.document_prompt,
+        normalize=recorded.normalize,
     )
-    check_query_spec(table_spec, asked)
-    encoder = Qwen3Encoder(query_spec_for(table_spec, args.task), device=args.device)
-    results = search(handle, encoder, [args.query], k=args.k)[0]
-    return {"table": args.table, "version": handle.version, "query": args.query, "results": results}
+    if asked.fingerprint != recorded.fingerprint:
+        raise SpecMismatchError(
+            f"table {args.table!r} was embedded with model={recorded.model} "
+            f"revision={recorded.revision} dim={recorded.dim}, but the query asks for "
+            f"model={asked.model} revision={asked.revision} dim={asked.dim}; search with the "
+            "table's model and dim"
+        )
+    query_spec = recorded if args.task is None else replace(recorded, query_task=args.task)
+    encoder = Qwen3Encoder(query_spec, device=args.device, progress=False)
+    found = search(vectors, args.query, k=args.k, embedder=encoder)
+    return {
+        "table": args.table,
+        "version": vectors.version,
+        "query": args.query,
+        "results": found.to_pylist(),
+    }
 
 
 def run_embed(args: argparse.Namespace) -> dict[str, Any]:

@@ -30,7 +30,12 @@ import pyarrow as pa
 from qwen3_pipeline.embedder import Embedder
 from qwen3_pipeline.errors import ConfigError, SpecMismatchError
 from qwen3_pipeline.spec import EmbeddingSpec
-from qwen3_pipeline.store import LINEAGE_COLUMNS, META_SPEC
+from qwen3_pipeline.store import (
+    LINEAGE_COLUMNS,
+    META_SPEC,
+    validate_table_name,
+    validate_uri,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +138,8 @@ def open_vector_table(
     """
     import lancedb
 
+    validate_uri(uri)
+    validate_table_name(table)
     db = lancedb.connect(uri, storage_options=storage_options)
     try:
         opened = db.open_table(table)

@@ -199,8 +199,8 @@ def test_refresh_then_search_through_the_cli(tiny_model_dir, parquet_source, tmp
     assert main([*query, "-k", "2", "capital of China"]) == 0
     found = json.loads(capsys.readouterr().out)
     assert len(found["results"]) == 2
-    assert {"key", "score", "title"} <= set(found["results"][0])
-    assert found["results"][0]["score"] >= found["results"][1]["score"]
+    assert {"key", "similarity", "title"} <= set(found["results"][0])
+    assert found["results"][0]["similarity"] >= found["results"][1]["similarity"]
 
     assert main([*query, "--dim", "64", "capital"]) == 2
     assert "dim=32" in capsys.readouterr().err
