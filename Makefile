@@ -11,7 +11,7 @@ TORCH_VERSION ?= 2.13.0
 # alone takes ~15 s), which multiplies the cost of the many subprocesses the tests start.
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo dev test lint bench clean
 
 setup: $(STAMP) dbt_models/target/manifest.json
 
@@ -31,6 +31,11 @@ dbt_models/target/manifest.json: $(STAMP) $(wildcard dbt_models/*.yml dbt_models
 
 demo: setup
 	$(PY) -m qwen3_pipeline.demo
+
+# The Dagster UI on the demo code location (runs are kept under data/dagster_home).
+dev: setup
+	mkdir -p data/dagster_home
+	DAGSTER_HOME=$(abspath data/dagster_home) $(VENV)/bin/dagster dev -w workspace.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
