@@ -6,9 +6,11 @@ One refresh = read -> render -> hash -> diff -> embed changed rows -> write -> d
    columns, before anything is written.
 2. The stored state of the scope (keys, content hashes, spec fingerprints, partitions, carry
    columns; never vectors) is indexed once.
-3. The scope is streamed in chunks of ``chunk_rows``: each chunk is rendered, hashed and
-   diffed; new and changed rows are embedded and upserted as one commit; moved and carry-only
-   rows get a column update (no re-embedding); unchanged rows cost a hash lookup.
+3. The scope is streamed in batches of ``chunk_rows``: each batch is rendered, hashed and
+   diffed; unchanged rows cost a hash lookup. New and changed rows are buffered across batches
+   and embedded and upserted ``chunk_rows`` at a time (one commit each); moved and carry-only
+   rows are buffered likewise and get a column update (no re-embedding). So a refresh that
+   changes 1% of the rows makes about 1% of the commits of a full one.
 4. Only after the whole scope was read are rows gone from the source deleted (a crash mid-way
    can never delete rows that were merely not read yet).
 
@@ -38,7 +40,7 @@ from qwen3_pipeline.changes import (
     diff,
 )
 from qwen3_pipeline.embedder import Embedder, EncodeStats
-from qwen3_pipeline.errors import ConfigError
+from qwen3_pipeline.errors import ConfigError, StoreError
 from qwen3_pipeline.progress import Progress
 from qwen3_pipeline.sources import (
     Source,
@@ -50,7 +52,7 @@ from qwen3_pipeline.sources import (
     scope_partition_keys,
     validate_keys,
 )
-from qwen3_pipeline.store import VectorStore
+from qwen3_pipeline.store import VectorStore, validate_table_name, validate_uri
 
 logger = logging.getLogger("qwen3_pipeline")
 
@@ -80,7 +82,8 @@ class RefreshReport:
         tokens_per_second: Embedding throughput.
         embed_seconds: Time spent in the model.
         seconds: Wall-clock time of the refresh.
-        version_before: Lance version before the refresh (None for a new table).
+        version_before: Lance version of the live table before the refresh (0 when it did not
+            exist: the commits creating it count as the refresh's own).
         version_after: Lance version after it.
         committed: Whether the refresh made any commit.
         table_uri: Database URI.
@@ -109,7 +112,7 @@ class RefreshReport:
     tokens_per_second: float = 0.0
     embed_seconds: float = 0.0
     seconds: float = 0.0
-    version_before: int | None = None
+    version_before: int = 0
     version_after: int | None = None
     committed: bool = False
     table_uri: str = ""
@@ -135,11 +138,18 @@ class _Tally:
         self.failures: list[tuple[str, str]] = []
         self.commits = 0
 
-    def add(self, name: str, partitions: pa.Array | list[str], mask: np.ndarray | None = None):
-        labels = partitions if isinstance(partitions, list) else partitions.to_pylist()
+    def add(
+        self, name: str, partitions: pa.Array | pa.ChunkedArray, mask: np.ndarray | None = None
+    ) -> None:
+        """Count rows (those where ``mask`` is true) under ``name``, per partition label."""
         if mask is not None:
-            labels = [p for p, keep in zip(labels, mask.tolist(), strict=True) if keep]
-        for label, count in Counter(labels).items():
+            if not mask.any():
+                return
+            partitions = partitions.filter(pa.array(mask))
+        if not len(partitions):
+            return
+        for item in pc.value_counts(partitions).to_pylist():
+            label, count = item["values"], item["counts"]
             self.by_partition[label][name] += count
             self.total[name] += count
 
@@ -172,7 +182,8 @@ def refresh(
         run_id: Lineage id written on each row (default: a new UUID).
         rebuild: Embed the whole source into a new table and swap it in when complete (for a
             spec change); the live table is untouched until the swap.
-        chunk_rows: Rows per read/embed/write chunk (one commit per chunk that changes rows).
+        chunk_rows: Rows per source batch, and the most rows per embed call and per commit
+            (rows to write are gathered across batches up to this size).
         progress: Report progress (bar on a terminal, log lines otherwise).
 
     Returns:
@@ -196,6 +207,7 @@ def refresh(
     spec = embedder.spec
     schema = output_schema(source, config)
     validate_keys(source, config)
+    version_before = _live_version(db_uri, table, storage_options)
     open_store = VectorStore.begin_rebuild if rebuild else VectorStore.open
     store = open_store(
         db_uri,
@@ -206,7 +218,6 @@ def refresh(
         source_key=config.key,
         storage_options=storage_options,
     )
-    version_before = store.version
     run_id = run_id or uuid.uuid4().hex
     label = source_name or source.name
     # Rows can move between time windows, so index the whole table to recognise a row moving
@@ -215,16 +226,17 @@ def refresh(
     existing = ExistingIndex(store.existing_state(None if time_windows else scope))
     tracker = ScopeTracker(existing)
     tally = _Tally()
-    carry_names = list(config.carry)
+    writer = _Writer(
+        store, embedder, tally,
+        chunk_rows=chunk_rows, carry_names=list(config.carry), source_label=label, run_id=run_id,
+    )  # fmt: skip
     blank_keys: list[pa.Array] = []
     total_rows = _estimate_rows(store, scope, existing)
     with Progress(total_rows, f"refreshing {table}", enabled=progress) as bar:
         for batch in read_batches(source, config, batch_rows=chunk_rows):
-            _refresh_chunk(
-                batch, store, embedder, existing, tracker, tally, blank_keys,
-                carry_names=carry_names, source_label=label, run_id=run_id,
-            )  # fmt: skip
+            _refresh_chunk(batch, existing, tracker, tally, writer, blank_keys)
             bar.update(batch.num_rows, embedded=tally.total["embedded"])
+        writer.flush()
     gone = tracker.unseen_keys(scope)
     if time_windows and len(gone):
         gone = _not_in_source(gone, source, config, chunk_rows)
@@ -247,16 +259,11 @@ def refresh(
 
 def _refresh_chunk(
     batch: pa.RecordBatch,
-    store: VectorStore,
-    embedder: Embedder,
     existing: ExistingIndex,
     tracker: ScopeTracker,
     tally: _Tally,
+    writer: "_Writer",
     blank_keys: list[pa.Array],
-    *,
-    carry_names: list[str],
-    source_label: str,
-    run_id: str,
 ) -> None:
     keys = batch.column("key")
     texts = batch.column("text")
@@ -267,8 +274,8 @@ def _refresh_chunk(
         content_hashes=hashes,
         partition_keys=partitions,
         existing=existing,
-        fingerprint=store.spec.fingerprint,
-        carry=batch.select(carry_names) if carry_names else None,
+        fingerprint=writer.fingerprint,
+        carry=batch.select(writer.carry_names) if writer.carry_names else None,
     )
     tracker.observe(keys, result.existing_rows)
     blank = blank_mask(texts)
@@ -285,68 +292,121 @@ def _refresh_chunk(
         live & result.mask(RowStatus.NEW, RowStatus.CHANGED, RowStatus.RESPEC)
     )
     if embed_rows.size:
-        _embed_and_write(batch, hashes, embed_rows, result.status, store, embedder, tally,
-                         source_label=source_label, run_id=run_id)  # fmt: skip
+        take = pa.array(embed_rows)
+        rows = pa.Table.from_batches([batch]).take(take)
+        rows = rows.append_column("content_hash", hashes.take(take))
+        rows = rows.append_column("status", pa.array(status[embed_rows], pa.int8()))
+        writer.add_embed(rows)
     update_rows = np.flatnonzero(live & result.mask(*UPDATE_STATUSES))
     if update_rows.size:
         take = pa.array(update_rows)
-        columns = ["key", "partition_key", "source_updated_at", *carry_names]
-        written = store.update_columns(pa.Table.from_batches([batch.select(columns)]).take(take))
+        columns = ["key", "partition_key", "source_updated_at", *writer.carry_names]
+        rows = pa.Table.from_batches([batch.select(columns)]).take(take)
+        rows = rows.append_column("moved", pa.array(result.moved[update_rows]))
+        writer.add_update(rows)
+
+
+class _Writer:
+    """Buffers the rows to embed and the rows to update across read batches.
+
+    Rows are written in chunks of ``chunk_rows`` (one embed call and one commit each), so a
+    refresh that changes 1% of the rows makes about 1% of the commits of a full one, and the
+    buffers never hold more than a chunk plus one read batch.
+    """
+
+    def __init__(
+        self,
+        store: VectorStore,
+        embedder: Embedder,
+        tally: _Tally,
+        *,
+        chunk_rows: int,
+        carry_names: list[str],
+        source_label: str,
+        run_id: str,
+    ) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.tally = tally
+        self.chunk_rows = chunk_rows
+        self.carry_names = carry_names
+        self.source_label = source_label
+        self.run_id = run_id
+        self.fingerprint = store.spec.fingerprint
+        self._embed: list[pa.Table] = []
+        self._update: list[pa.Table] = []
+
+    def add_embed(self, rows: pa.Table) -> None:
+        self._embed.append(rows)
+        while sum(t.num_rows for t in self._embed) >= self.chunk_rows:
+            self._embed_and_write(self._take(self._embed, self.chunk_rows))
+
+    def add_update(self, rows: pa.Table) -> None:
+        self._update.append(rows)
+        while sum(t.num_rows for t in self._update) >= self.chunk_rows:
+            self._write_updates(self._take(self._update, self.chunk_rows))
+
+    def flush(self) -> None:
+        """Write whatever is buffered (at the end of the scan)."""
+        while self._embed:
+            self._embed_and_write(self._take(self._embed, self.chunk_rows))
+        while self._update:
+            self._write_updates(self._take(self._update, self.chunk_rows))
+
+    @staticmethod
+    def _take(buffer: list[pa.Table], rows: int) -> pa.Table:
+        table = pa.concat_tables(buffer) if len(buffer) > 1 else buffer[0]
+        buffer.clear()
+        if table.num_rows > rows:
+            buffer.append(table.slice(rows))
+            table = table.slice(0, rows)
+        return table
+
+    def _write_updates(self, rows: pa.Table) -> None:
+        tally = self.tally
+        written = self.store.update_columns(rows.drop_columns(["moved"]))
         tally.commits += written is not None
-        moved = result.moved[update_rows]
-        taken_partitions = partitions.take(take)
-        tally.add("moved", taken_partitions, moved)
-        tally.add("carry_updated", taken_partitions, ~moved)
+        moved = np.asarray(rows.column("moved").to_numpy(), dtype=bool)
+        partitions = rows.column("partition_key")
+        tally.add("moved", partitions, moved)
+        tally.add("carry_updated", partitions, ~moved)
 
-
-def _embed_and_write(
-    batch: pa.RecordBatch,
-    hashes: pa.Array,
-    rows: np.ndarray,
-    status: np.ndarray,
-    store: VectorStore,
-    embedder: Embedder,
-    tally: _Tally,
-    *,
-    source_label: str,
-    run_id: str,
-) -> None:
-    take = pa.array(rows)
-    chunk = pa.Table.from_batches([batch]).take(take)
-    encoded = embedder.embed_documents(chunk.column("text").to_pylist())
-    tally.encode = tally.encode + encoded.stats
-    partitions = chunk.column("partition_key").combine_chunks()
-    tally.add("embedded", partitions)
-    ok = np.ones(len(rows), dtype=bool)
-    if encoded.failures:
-        failed_keys = chunk.column("key").to_pylist()
-        for index, reason in encoded.failures.items():
-            ok[index] = False
-            if len(tally.failures) < _SHOWN_FAILURES:
-                tally.failures.append((str(failed_keys[index]), reason))
-        tally.add("failed", partitions, ~ok)
-        logger.error("%d row(s) could not be embedded; their old vectors are kept", (~ok).sum())
-    keep = pa.array(np.flatnonzero(ok))
-    written = chunk.take(keep)
-    statuses = status[rows][ok]
-    kept_partitions = partitions.take(keep)
-    tally.add("inserted", kept_partitions, statuses == RowStatus.NEW)
-    tally.add("updated", kept_partitions, statuses != RowStatus.NEW)
-    tally.add("truncated", kept_partitions, encoded.truncated[ok])
-    carry = written.drop_columns(["key", "text", "partition_key", "source_updated_at"])
-    rows_to_write = store.build_rows(
-        keys=written.column("key"),
-        vectors=encoded.vectors[ok],
-        content_hashes=hashes.take(take).take(keep),
-        n_tokens=encoded.n_tokens[ok],
-        truncated=encoded.truncated[ok],
-        partition_keys=written.column("partition_key"),
-        source=source_label,
-        run_id=run_id,
-        source_updated_at=written.column("source_updated_at").combine_chunks(),
-        carry=carry if carry.num_columns else None,
-    )
-    tally.commits += store.upsert(rows_to_write) is not None
+    def _embed_and_write(self, chunk: pa.Table) -> None:
+        tally, store = self.tally, self.store
+        encoded = self.embedder.embed_documents(chunk.column("text").to_pylist())
+        tally.encode = tally.encode + encoded.stats
+        partitions = chunk.column("partition_key").combine_chunks()
+        tally.add("embedded", partitions)
+        ok = np.ones(chunk.num_rows, dtype=bool)
+        if encoded.failures:
+            failed_keys = chunk.column("key").to_pylist()
+            for index, reason in encoded.failures.items():
+                ok[index] = False
+                if len(tally.failures) < _SHOWN_FAILURES:
+                    tally.failures.append((str(failed_keys[index]), reason))
+            tally.add("failed", partitions, ~ok)
+            logger.error("%d row(s) could not be embedded; their old vectors are kept", (~ok).sum())
+        keep = pa.array(np.flatnonzero(ok))
+        written = chunk.take(keep) if not ok.all() else chunk
+        statuses = np.asarray(written.column("status").to_numpy(), dtype=np.int8)
+        kept_partitions = partitions.take(keep) if not ok.all() else partitions
+        tally.add("inserted", kept_partitions, statuses == RowStatus.NEW)
+        tally.add("updated", kept_partitions, statuses != RowStatus.NEW)
+        tally.add("truncated", kept_partitions, encoded.truncated[ok])
+        carry = written.select(self.carry_names) if self.carry_names else None
+        rows_to_write = store.build_rows(
+            keys=written.column("key").combine_chunks(),
+            vectors=encoded.vectors[ok],
+            content_hashes=written.column("content_hash").combine_chunks(),
+            n_tokens=encoded.n_tokens[ok],
+            truncated=encoded.truncated[ok],
+            partition_keys=written.column("partition_key").combine_chunks(),
+            source=self.source_label,
+            run_id=self.run_id,
+            source_updated_at=written.column("source_updated_at").combine_chunks(),
+            carry=carry,
+        )
+        tally.commits += store.upsert(rows_to_write) is not None
 
 
 def _not_in_source(
@@ -373,6 +433,25 @@ def _delete(store: VectorStore, keys: pa.Array, existing: ExistingIndex, tally: 
     if written is not None:
         tally.commits += 1
         tally.add("deleted", labels)
+
+
+def _live_version(db_uri: str, table: str, storage_options: dict[str, str] | None) -> int:
+    """The live table's version before this refresh writes anything; 0 if it does not exist.
+
+    Read before the store is opened, so that the commits creating a new table (or a rebuild's
+    staging table) are not mistaken for the table's state before the refresh.
+    """
+    import lancedb
+
+    validate_uri(db_uri)
+    validate_table_name(table)
+    try:
+        db = lancedb.connect(db_uri, storage_options=storage_options)
+        return int(db.open_table(table).version)
+    except Exception as e:  # LanceDB raises ValueError "Table '...' was not found", or I/O errors
+        if "not found" in str(e).lower():
+            return 0
+        raise StoreError(f"could not read table {table!r} at {db_uri!r}: {e}") from e
 
 
 def _estimate_rows(store: VectorStore, scope: list[str] | None, existing: ExistingIndex) -> int:

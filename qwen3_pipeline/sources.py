@@ -667,10 +667,34 @@ class ParquetSource:
         return self._dataset.schema
 
     def batches(self, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-        """Stream ``columns`` with a small read-ahead, so memory stays near ``batch_rows``."""
-        yield from self._dataset.to_batches(
-            columns=list(columns), batch_size=batch_rows, batch_readahead=2, fragment_readahead=1
-        )
+        """Stream ``columns`` file by file, page by page, so memory stays near ``batch_rows``.
+
+        ``Dataset.to_batches`` decodes whole row groups ahead of a slow consumer whatever its
+        read-ahead settings (a file written with one row group is held in memory entire), and
+        ``pre_buffer`` would load every row group's bytes at once; ``ParquetFile.iter_batches``
+        without it holds one row group's column chunks at a time.
+        """
+        import pyarrow.parquet as pq
+
+        wanted = list(columns)
+        schema = self._dataset.schema
+        for fragment in self._dataset.get_fragments():
+            constants = ds.get_partition_keys(fragment.partition_expression) or {}
+            in_file = [c for c in wanted if c not in constants]
+            with self._dataset.filesystem.open_input_file(fragment.path) as handle:
+                for batch in pq.ParquetFile(handle, pre_buffer=False).iter_batches(
+                    batch_size=batch_rows, columns=in_file, use_threads=False
+                ):
+                    arrays = []
+                    for name in wanted:
+                        target = schema.field(name).type
+                        if name in constants:
+                            value = pa.scalar(constants[name]).cast(target)
+                            arrays.append(pa.array([value.as_py()] * batch.num_rows, target))
+                        else:
+                            column = batch.column(name)
+                            arrays.append(column if column.type == target else column.cast(target))
+                    yield pa.RecordBatch.from_arrays(arrays, names=wanted)
 
     def key_problems(self, key: str, limit: int) -> tuple[int, list[tuple[Any, int]]]:
         """Null and duplicated keys, computed by DuckDB over the dataset."""

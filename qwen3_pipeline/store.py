@@ -379,25 +379,12 @@ class VectorStore:
             "storage_options": storage_options,
         }
         policy = retry or RetryPolicy()
-        if table_name in _table_names(db):
-            table = _call(lambda: db.open_table(table_name), f"open table {table_name!r}")
-            _check_recorded_spec(table, table_name, spec)
-            _check_key_type(table, table_name, key_type)
-        elif not create:
-            raise ConfigError(
-                f"vector table {table_name!r} does not exist under {uri!r}; run a refresh "
-                "first (it creates the table) or check the table name"
-            )
-        else:
-            schema = table_schema(
-                spec, key_type=key_type, carry_schema=carry_schema, source_key=source_key
-            )
-            table = _call(
-                lambda: db.create_table(table_name, schema=schema, exist_ok=True),
-                f"create table {table_name!r}",
-            )
-            _check_recorded_spec(table, table_name, spec)
-            _check_key_type(table, table_name, key_type)
+        schema = table_schema(
+            spec, key_type=key_type, carry_schema=carry_schema, source_key=source_key
+        )
+        table = _open_or_create(db, uri, table_name, schema, create=create, policy=policy)
+        _check_recorded_spec(table, table_name, spec)
+        _check_key_type(table, table_name, key_type)
         store = cls(
             db=db,
             table=table,
@@ -507,18 +494,28 @@ class VectorStore:
         return self._rebuild_target
 
     def _ensure_key(self) -> None:
-        key_field = self._table.schema.field("key")
-        declared = any(_PRIMARY_KEY_METADATA in k for k in (key_field.metadata or {}))
-        if not declared:
-            self._with_retries(
-                "declare the primary key", lambda: self._table.set_unenforced_primary_key("key")
-            )
+        if not self._key_declared():
+            try:
+                self._with_retries(
+                    "declare the primary key",
+                    lambda: self._table.set_unenforced_primary_key("key"),
+                )
+            except StoreError:
+                # Writers creating the table at once race to declare the key; the losers get a
+                # non-retryable error ("already set" / "incompatible transaction") but find
+                # the key declared.
+                if not self._key_declared():
+                    raise
         if not any(list(ix.columns) == ["key"] for ix in self._table.list_indices()):
             from lancedb.index import BTree
 
             self._with_retries(
                 "index the key", lambda: self._table.create_index("key", config=BTree())
             )
+
+    def _key_declared(self) -> bool:
+        key_field = self._table.schema.field("key")
+        return any(_PRIMARY_KEY_METADATA in k for k in (key_field.metadata or {}))
 
     def _check_carry(self, carry_schema: pa.Schema) -> list[pa.Field]:
         schema = self._table.schema
@@ -943,6 +940,39 @@ def _table_names(db: Any) -> set[str]:
         token = page.page_token
         if not token:
             return names
+
+
+_CREATION_RACE_MESSAGES = ("not found", "does not match existing table schema", "already exists")
+
+
+def _open_or_create(
+    db: Any, uri: str, table_name: str, schema: pa.Schema, *, create: bool, policy: RetryPolicy
+) -> Any:
+    """Open ``table_name``, or create it empty with ``schema``.
+
+    Writers creating one table at once can catch it half made: listed but not committed yet
+    ("not found"), or already altered by the winner (its key declared, so ``exist_ok`` sees
+    another schema). Those errors are retried with the conflict backoff.
+    """
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            if table_name in _table_names(db):
+                return _call(lambda: db.open_table(table_name), f"open table {table_name!r}")
+            if not create:
+                raise ConfigError(
+                    f"vector table {table_name!r} does not exist under {uri!r}; run a refresh "
+                    "first (it creates the table) or check the table name"
+                )
+            return _call(
+                lambda: db.create_table(table_name, schema=schema, exist_ok=True),
+                f"create table {table_name!r}",
+            )
+        except StoreError as e:
+            racing = any(m in str(e).lower() for m in _CREATION_RACE_MESSAGES)
+            if not racing or attempt == policy.attempts:
+                raise
+            time.sleep(policy.delay(attempt))
+    raise AssertionError("unreachable")
 
 
 def _call(action: Callable[[], _T], what: str) -> _T:

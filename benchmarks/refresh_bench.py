@@ -1,0 +1,401 @@
+"""Refresh throughput and memory: initial, no-op and 1%-changed refreshes of an N-row source.
+
+The source is N rows of short real-looking text (words of the standard library's docstrings,
+deterministic) in a Parquet file; the vector table is a local LanceDB directory. Each phase
+runs in a fresh process, so its peak RSS is its own:
+
+1. ``initial``: the table does not exist; every row is embedded and written;
+2. ``noop``: the same source again (nothing to embed or write; no commit expected);
+3. ``changed``: 1% of rows edited, 0.1% deleted, 0.1% new.
+
+For each phase it prints wall time, rows/s, the time split into read+hash+diff (everything
+but the model and the writes: source read, key validation, stored-state index, rendering,
+hashing, diffing), embed and write (LanceDB commits), the rows embedded and written, the
+Lance versions committed and the peak RSS.
+
+Embedding 1M rows with even the tiny Qwen3 checkpoint takes about half an hour on 2 CPU cores,
+so ``--embedder auto`` (the default) measures the tiny model first and uses the fake embedder
+when the projected initial refresh of the largest N exceeds ``--max-embed-s``; the tiny model
+then runs the same phases on ``--tiny-rows`` rows to report real embedding throughput.
+
+    python benchmarks/refresh_bench.py                          # 1M rows
+    python benchmarks/refresh_bench.py --rows 250000,1000000    # is peak RSS flat in N?
+    python benchmarks/refresh_bench.py --rows 20000 --embedder tiny
+"""
+
+import argparse
+import json
+import multiprocessing
+import queue as queue_module
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from qwen3_pipeline.sources import ParquetSource, SourceConfig  # noqa: E402
+from qwen3_pipeline.spec import EmbeddingSpec  # noqa: E402
+
+TABLE = "bench_docs"
+DIM = 64
+CONFIG = SourceConfig(key="id", text_columns=("title", "body"), carry=("title",))
+BLOCK = 100_000
+SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.int64()),
+        pa.field("title", pa.string()),
+        pa.field("body", pa.string()),
+    ]
+)
+
+
+# --------------------------------------------------------------------------- the source
+
+
+def vocabulary(size: int = 20_000) -> list[str]:
+    from qwen3_pipeline.corpus import stdlib_docstrings
+
+    seen: dict[str, None] = {}
+    for record in stdlib_docstrings():
+        for word in record.body.split():
+            word = word.strip(".,;:()[]'\"`").lower()
+            if word.isalpha() and 2 <= len(word) <= 14:
+                seen.setdefault(word, None)
+                if len(seen) >= size:
+                    return list(seen)
+    return list(seen)
+
+
+def block_rows(start: int, stop: int, words: np.ndarray, version: int = 0) -> pa.Table:
+    """Rows ``start..stop`` (ids), deterministic per id block; ``version`` marks edits."""
+    rng = np.random.default_rng([start, stop])
+    n = stop - start
+    title_len = rng.integers(2, 6, n)
+    body_len = rng.integers(6, 36, n)
+    picks = words[rng.integers(0, len(words), int((title_len + body_len).sum()))]
+    titles, bodies, at = [], [], 0
+    for t, b in zip(title_len.tolist(), body_len.tolist(), strict=True):
+        titles.append(" ".join(picks[at : at + t]).capitalize())
+        bodies.append(" ".join(picks[at + t : at + t + b]) + ".")
+        at += t + b
+    return pa.table({"id": np.arange(start, stop), "title": titles, "body": bodies}, SCHEMA)
+
+
+def write_source(path: Path, rows: int, words: np.ndarray, *, changed: bool) -> dict[str, int]:
+    """Write the source; ``changed``: 1% edited, 0.1% deleted, 0.1% inserted."""
+    counts = {"edited": 0, "deleted": 0, "inserted": 0}
+    with pq.ParquetWriter(path, SCHEMA) as writer:
+        for start in range(0, rows, BLOCK):
+            table = block_rows(start, min(start + BLOCK, rows), words)
+            if changed:
+                ids = table.column("id").to_numpy()
+                edited = ids % 100 == 7
+                bodies = np.array(table.column("body").to_pylist(), dtype=object)
+                bodies[edited] = bodies[edited] + " Edited."
+                table = table.set_column(2, "body", pa.array(bodies.tolist(), pa.string()))
+                keep = ids % 1000 != 13
+                table = table.filter(pa.array(keep))
+                counts["edited"] += int((edited & keep).sum())
+                counts["deleted"] += int((~keep).sum())
+            writer.write_table(table, row_group_size=BLOCK)
+        if changed:
+            extra = max(rows // 1000, 1)
+            writer.write_table(block_rows(rows, rows + extra, words), row_group_size=BLOCK)
+            counts["inserted"] = extra
+    return counts
+
+
+# --------------------------------------------------------------------------- one phase
+
+
+def run_phase(job: dict[str, Any], queue: Any) -> None:
+    """Child process: one instrumented refresh; puts its measurements on ``queue``."""
+    imports_started = time.perf_counter()
+    import duckdb  # noqa: F401  (imported before timing, as in a warm run process)
+    import lancedb  # noqa: F401
+
+    import qwen3_pipeline.refresh as engine
+    from qwen3_pipeline.store import VectorStore
+    from qwen3_pipeline.testing import FakeEmbedder
+
+    if job["embedder"] == "tiny":
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    import_s = time.perf_counter() - imports_started
+    baseline_rss = _peak_rss_mb()
+    timers: dict[str, float] = {"embed": 0.0, "write": 0.0, "validate": 0.0, "state": 0.0}
+    written = {"rows": 0, "commits": 0}
+
+    def timed(bucket: str, fn: Any, count_rows: bool = False) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                result = fn(*args, **kwargs)
+            finally:
+                timers[bucket] += time.perf_counter() - started
+            if count_rows and result is not None:
+                written["commits"] += 1
+                written["rows"] += result.inserted + result.updated + result.deleted
+            return result
+
+        return wrapper
+
+    VectorStore.upsert = timed("write", VectorStore.upsert, True)  # type: ignore[method-assign]
+    VectorStore.update_columns = timed("write", VectorStore.update_columns, True)  # type: ignore[method-assign]
+    VectorStore.delete_keys = timed("write", VectorStore.delete_keys, True)  # type: ignore[method-assign]
+    VectorStore.maybe_optimize = timed("write", VectorStore.maybe_optimize)  # type: ignore[method-assign]
+    VectorStore.existing_state = timed("state", VectorStore.existing_state)  # type: ignore[method-assign]
+    engine.validate_keys = timed("validate", engine.validate_keys)  # type: ignore[attr-defined]
+
+    spec = EmbeddingSpec(model=job["model"], dim=DIM)
+    if job["embedder"] == "tiny":
+        from qwen3_pipeline.encoder import Qwen3Encoder
+
+        embedder: Any = Qwen3Encoder(spec, device="cpu", progress=False)
+    else:
+        embedder = FakeEmbedder(spec)
+    embedder.embed_documents = timed("embed", embedder.embed_documents)
+
+    started = time.perf_counter()
+    report = engine.refresh(
+        source=ParquetSource(job["source"]),
+        config=CONFIG,
+        embedder=embedder,
+        db_uri=job["db"],
+        table=TABLE,
+        chunk_rows=job["chunk_rows"],
+        progress=False,
+    )
+    wall = time.perf_counter() - started
+    queue.put(
+        {
+            "wall_s": wall,
+            "import_s": import_s,
+            "embed_s": timers["embed"],
+            "write_s": timers["write"],
+            "validate_s": timers["validate"],
+            "state_s": timers["state"],
+            "read_hash_diff_s": wall - timers["embed"] - timers["write"],
+            "rows_written": written["rows"],
+            "write_calls": written["commits"],
+            "versions": report.version_after - report.version_before,
+            "peak_rss_mb": _peak_rss_mb(),
+            "baseline_rss_mb": baseline_rss,
+            "report": report.as_dict(),
+        }
+    )
+
+
+def _peak_rss_mb() -> float:
+    # VmHWM is this process's own high-water mark; ru_maxrss would carry over the parent's
+    # across fork+exec (Linux keeps it in the signal struct).
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def phase(job: dict[str, Any]) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    process = ctx.Process(target=run_phase, args=(job, queue))
+    process.start()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not process.is_alive():
+                raise SystemExit(f"phase died with exit code {process.exitcode}") from None
+    process.join()
+    if process.exitcode:
+        raise SystemExit(f"phase failed with exit code {process.exitcode}")
+    return result
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def tiny_checkpoint(workdir: Path) -> Path:
+    from tests.fixtures.tiny_qwen3 import build_tiny_qwen3_checkpoint
+
+    return build_tiny_qwen3_checkpoint(workdir / "tiny_qwen3")
+
+
+def tiny_rows_per_second(model_dir: Path, words: np.ndarray, sample: int = 4000) -> float:
+    """Tiny-model embedding throughput on bench texts (after a warm-up of 1000 texts)."""
+    from qwen3_pipeline.encoder import Qwen3Encoder
+
+    spec = EmbeddingSpec(model=str(model_dir), dim=DIM)
+    encoder = Qwen3Encoder(spec, device="cpu", progress=False)
+    table = block_rows(10**9, 10**9 + sample + 1000, words)
+    titles, bodies = table["title"].to_pylist(), table["body"].to_pylist()
+    texts = [f"{t}\n\n{b}" for t, b in zip(titles, bodies, strict=True)]
+    encoder.embed_documents(texts[sample:])
+    started = time.perf_counter()
+    encoder.embed_documents(texts[:sample])
+    return sample / (time.perf_counter() - started)
+
+
+def bench_size(rows: int, args: argparse.Namespace, words: np.ndarray, embedder: str,
+               model: str, workdir: Path) -> dict[str, dict[str, Any]]:  # fmt: skip
+    folder = workdir / f"{embedder}-{rows}"
+    folder.mkdir(parents=True, exist_ok=True)
+    base, changed = folder / "source.parquet", folder / "source_changed.parquet"
+    started = time.perf_counter()
+    write_source(base, rows, words, changed=False)
+    truth = write_source(changed, rows, words, changed=True)
+    print(f"\n[{embedder}] N={rows:,}: sources written in {time.perf_counter() - started:.1f}s "
+          f"(changed: {truth})", flush=True)  # fmt: skip
+    db = str(folder / "lancedb")
+    job = {"db": db, "model": model, "embedder": embedder, "chunk_rows": args.chunk_rows}
+    results = {}
+    for name, source in (("initial", base), ("noop", base), ("changed", changed)):
+        results[name] = phase(dict(job, source=str(source)))
+        _print_phase(name, results[name])
+    results["truth"] = truth
+    if not args.keep:
+        shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
+HEADER = (
+    f"  {'phase':<8} {'wall s':>7} {'rows/s':>9} {'rd+hash+diff':>12} {'(validate':>9} "
+    f"{'state)':>7} {'embed s':>8} {'write s':>8} {'embedded':>9} {'written':>8} "
+    f"{'commits':>7} {'peak RSS':>9} {'(base)':>7}"
+)
+
+
+def _print_phase(name: str, r: dict[str, Any]) -> None:
+    rep = r["report"]
+    if name == "initial":
+        print(HEADER)
+    print(
+        f"  {name:<8} {r['wall_s']:>7.1f} {rep['scanned'] / r['wall_s']:>9,.0f} "
+        f"{r['read_hash_diff_s']:>12.1f} {r['validate_s']:>9.1f} {r['state_s']:>7.1f} "
+        f"{r['embed_s']:>8.1f} {r['write_s']:>8.1f} {rep['embedded_rows']:>9,} "
+        f"{r['rows_written']:>8,} {r['versions']:>7} {r['peak_rss_mb']:>7.0f}MB "
+        f"{r['baseline_rss_mb']:>5.0f}MB",
+        flush=True,
+    )
+
+
+def verdicts(rows: int, results: dict[str, dict[str, Any]]) -> list[str]:
+    initial, noop, changed, truth = (results[k] for k in ("initial", "noop", "changed", "truth"))
+    verdict = {True: "PASS", False: "MISS"}
+    lines = []
+    ok = noop["wall_s"] <= 15 and noop["versions"] == 0
+    lines.append(
+        f"no-op refresh of {rows:,} rows: {noop['wall_s']:.1f}s, {noop['versions']} commits "
+        f"(target <= 15 s, 0 commits): {verdict[ok]}"
+    )
+    want_written = truth["edited"] + truth["deleted"] + truth["inserted"]
+    embedded = changed["report"]["embedded_rows"]
+    only_changed = changed["rows_written"] == want_written and embedded == (
+        truth["edited"] + truth["inserted"]
+    )
+    lines.append(
+        f"1%-changed refresh: wrote {changed['rows_written']:,} rows (changed: "
+        f"{want_written:,}), embedded {embedded:,} in {changed['versions']} commits: "
+        f"{verdict[only_changed]}"
+    )
+    non_embed = changed["wall_s"] - changed["embed_s"]
+    ratio = non_embed / noop["wall_s"]
+    lines.append(
+        f"1%-changed refresh: non-embedding time {non_embed:.1f}s = {ratio:.2f}x the no-op "
+        f"(target <= 1.5x): {verdict[ratio <= 1.5]}"
+    )
+    peak = max(r["peak_rss_mb"] for r in (initial, noop, changed))
+    lines.append(
+        f"peak RSS over the phases: {peak:.0f} MB (target <= 2048 MB for a 1M-row full "
+        f"refresh): {verdict[peak <= 2048]}"
+    )
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", default="1000000", help="comma-separated source sizes")
+    parser.add_argument(
+        "--embedder",
+        choices=("auto", "fake", "tiny"),
+        default="auto",
+        help="auto: tiny when the projected tiny-model initial refresh of the largest size "
+        "takes at most --max-embed-s, else fake",
+    )
+    parser.add_argument("--max-embed-s", type=float, default=600.0)
+    parser.add_argument(
+        "--tiny-rows",
+        type=int,
+        default=20_000,
+        help="rows of an extra tiny-model run when the fake embedder is used (0: skip)",
+    )
+    parser.add_argument("--chunk-rows", type=int, default=10_000)
+    parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--keep", action="store_true", help="keep sources and tables")
+    parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.rows.split(",")]
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="refresh_bench_"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    print(f"workdir {workdir}; chunk_rows {args.chunk_rows}; {multiprocessing.cpu_count()} CPUs")
+    words = np.array(vocabulary())
+    model_dir = tiny_checkpoint(workdir)
+    embedder = args.embedder
+    tiny_rate = None
+    if embedder == "auto" or (embedder == "fake" and args.tiny_rows):
+        tiny_rate = tiny_rows_per_second(model_dir, words)
+        projected = max(sizes) / tiny_rate
+        print(
+            f"tiny Qwen3 (hidden 64, dim {DIM}) on CPU: {tiny_rate:,.0f} rows/s, so an initial "
+            f"refresh of {max(sizes):,} rows would embed for ~{projected / 60:.0f} min"
+        )
+        if embedder == "auto":
+            embedder = "tiny" if projected <= args.max_embed_s else "fake"
+    described = {"fake": "FakeEmbedder: deterministic vectors, no model", "tiny": "tiny Qwen3"}
+    print(f"embedder: {embedder} ({described[embedder]})")
+    model = str(model_dir)
+    all_results: dict[str, Any] = {"embedder": embedder, "tiny_rows_per_s": tiny_rate}
+    summary: list[str] = []
+    for rows in sizes:
+        results = bench_size(rows, args, words, embedder, model, workdir)
+        all_results[f"{embedder}-{rows}"] = results
+        summary += [f"[{embedder} N={rows:,}] {line}" for line in verdicts(rows, results)]
+    if len(sizes) > 1:
+        runs = {n: all_results[f"{embedder}-{n}"] for n in sizes}
+        for name in ("initial", "noop", "changed"):
+            peaks = ", ".join(f"{n:,} rows: {runs[n][name]['peak_rss_mb']:.0f} MB" for n in sizes)
+            summary.append(f"{name} peak RSS by source size: {peaks}")
+    if embedder == "fake" and args.tiny_rows:
+        results = bench_size(args.tiny_rows, args, words, "tiny", model, workdir)
+        all_results[f"tiny-{args.tiny_rows}"] = results
+        initial = results["initial"]
+        rate = initial["report"]["embedded_rows"] / initial["embed_s"]
+        summary.append(
+            f"[tiny N={args.tiny_rows:,}] initial refresh embeds {rate:,.0f} rows/s "
+            f"({initial['report']['tokens_per_second']:,.0f} tokens/s); 1M rows would take "
+            f"~{1e6 / rate / 60:.0f} min of embedding"
+        )
+        summary += [
+            f"[tiny N={args.tiny_rows:,}] {line}" for line in verdicts(args.tiny_rows, results)
+        ]
+    print("\nsummary")
+    for line in summary:
+        print("  " + line)
+    if args.json:
+        args.json.write_text(json.dumps(all_results, indent=2, default=str))
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
