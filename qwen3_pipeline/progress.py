@@ -69,11 +69,13 @@ class Progress:
     def _log(self, now: float, postfix: dict[str, Any]) -> None:
         rate = self.done / max(now - self._started, 1e-9)
         extra = "".join(f" {k}={v}" for k, v in postfix.items())
+        # The total is an estimate (e.g. the stored row count); never show done/total past it.
+        of_total = f"/{self.total}" if self.total >= self.done else ""
         logger.info(
-            "%s: %d/%d %s (%.1f %s/s)%s",
+            "%s: %d%s %s (%.1f %s/s)%s",
             self._description,
             self.done,
-            self.total,
+            of_total,
             self._unit,
             rate,
             self._unit,
