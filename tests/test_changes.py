@@ -1,5 +1,4 @@
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -293,11 +292,11 @@ def test_deleted_keys():
     assert deleted_keys(pa.array([1, 2]), pa.array([1, 2], pa.int32())).to_pylist() == []
 
 
-# ---------------------------------------------------------------- speed
+# ---------------------------------------------------------------- scale (speed: refresh_bench.py)
 
 
 @pytest.mark.parametrize("key_kind", ["int", "string"])
-def test_noop_diff_of_a_million_rows_is_fast(key_kind):
+def test_noop_diff_of_a_million_rows_finds_every_row_unchanged(key_kind):
     n = 1_000_000
     ids = np.arange(n, dtype=np.int64)
     keys = pa.array(ids) if key_kind == "int" else pa.array([f"doc-{i:09d}" for i in ids])
@@ -309,7 +308,6 @@ def test_noop_diff_of_a_million_rows_is_fast(key_kind):
     incoming = pa.table({"key": keys, "h": hashes, "p": parts, "title": titles}).take(order)
     batches = incoming.to_batches(max_chunksize=50_000)
 
-    started = time.perf_counter()
     index = ExistingIndex(existing)
     tracker = ScopeTracker(index)
     total = 0
@@ -324,10 +322,8 @@ def test_noop_diff_of_a_million_rows_is_fast(key_kind):
         )
         tracker.observe(batch["key"], result.existing_rows)
         total += result.counts["unchanged"]
-    elapsed = time.perf_counter() - started
     assert total == n
     assert len(tracker.unseen_keys()) == 0
-    assert elapsed < 5.0, f"no-op diff of 1M {key_kind} keys took {elapsed:.2f}s"
 
 
 def test_module_is_pure():
