@@ -52,25 +52,26 @@ from qwen3_pipeline.errors import ConfigError, InputDataError
 UNPARTITIONED = ""
 DEFAULT_BATCH_ROWS = 50_000
 TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
-# The fixed output columns of read_batches, and the lineage columns of the vector table:
-# carry-along columns may not take any of these names.
+# The fixed output columns of read_batches, and the vector table's own columns in table order
+# (lineage beside each vector): carry-along columns may not take any of these names.
 OUTPUT_COLUMNS = ("key", "text", "partition_key", "source_updated_at")
-RESERVED_COLUMNS = frozenset(
-    {
-        *OUTPUT_COLUMNS,
-        "vector",
-        "content_hash",
-        "spec_fingerprint",
-        "model_id",
-        "model_revision",
-        "dim",
-        "n_tokens",
-        "truncated",
-        "source",
-        "embedded_at",
-        "run_id",
-    }
+LINEAGE_COLUMNS = (
+    "key",
+    "vector",
+    "content_hash",
+    "spec_fingerprint",
+    "model_id",
+    "model_revision",
+    "dim",
+    "n_tokens",
+    "truncated",
+    "partition_key",
+    "source",
+    "source_updated_at",
+    "embedded_at",
+    "run_id",
 )
+RESERVED_COLUMNS = frozenset({*OUTPUT_COLUMNS, *LINEAGE_COLUMNS})
 _SHOWN = 10
 _SHARD_LABEL = re.compile(r"^shard-(\d+)-of-(\d+)$")
 _BARE_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*){0,2}$")

@@ -61,7 +61,7 @@ from qwen3_pipeline.errors import (
     StoreError,
     UnsafeNameError,
 )
-from qwen3_pipeline.sources import RESERVED_COLUMNS
+from qwen3_pipeline.sources import LINEAGE_COLUMNS, RESERVED_COLUMNS
 from qwen3_pipeline.spec import EmbeddingSpec
 
 log = logging.getLogger(__name__)
@@ -72,23 +72,6 @@ META_PACKAGE_VERSION = "qwen3_pipeline.package_version"
 META_SOURCE_KEY = "qwen3_pipeline.source_key"
 REBUILD_MARKER = "__rebuild_"
 TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
-# The table's own columns, in order; carry-along columns follow them.
-LINEAGE_COLUMNS = (
-    "key",
-    "vector",
-    "content_hash",
-    "spec_fingerprint",
-    "model_id",
-    "model_revision",
-    "dim",
-    "n_tokens",
-    "truncated",
-    "partition_key",
-    "source",
-    "source_updated_at",
-    "embedded_at",
-    "run_id",
-)
 # The columns VectorStore.existing_state always returns (carry-along columns follow).
 STATE_COLUMNS = ("key", "content_hash", "spec_fingerprint", "partition_key", "source_updated_at")
 _PRIMARY_KEY_METADATA = b"unenforced-primary-key"
