@@ -477,24 +477,34 @@ class VectorStore:
         return self._rebuild_target
 
     def _ensure_key(self) -> None:
-        if not self._key_declared():
-            try:
-                self._with_retries(
-                    "declare the primary key",
-                    lambda: self._table.set_unenforced_primary_key("key"),
-                )
-            except StoreError:
-                # Writers creating the table at once race to declare the key; the losers get a
-                # non-retryable error ("already set" / "incompatible transaction") but find
-                # the key declared.
-                if not self._key_declared():
-                    raise
-        if not any(list(ix.columns) == ["key"] for ix in self._table.list_indices()):
-            from lancedb.index import BTree
+        # Writers creating the table at once race to declare the key and index it: the losers
+        # get non-retryable errors ("already set", "incompatible transaction ... Overwrite"
+        # when another writer's create committed in between). Re-read the latest version and
+        # try again until both are in place, within the retry policy.
+        from lancedb.index import BTree
 
-            self._with_retries(
-                "index the key", lambda: self._table.create_index("key", config=BTree())
-            )
+        for attempt in range(1, self._retry.attempts + 1):
+            try:
+                if not self._key_declared():
+                    self._with_retries(
+                        "declare the primary key",
+                        lambda: self._table.set_unenforced_primary_key("key"),
+                    )
+                if not self._key_indexed():
+                    self._with_retries(
+                        "index the key", lambda: self._table.create_index("key", config=BTree())
+                    )
+                return
+            except StoreError:
+                _call(self._table.checkout_latest, "reload the table")
+                if self._key_declared() and self._key_indexed():
+                    return
+                if attempt == self._retry.attempts:
+                    raise
+                time.sleep(self._retry.delay(attempt))
+
+    def _key_indexed(self) -> bool:
+        return any(list(ix.columns) == ["key"] for ix in self._table.list_indices())
 
     def _key_declared(self) -> bool:
         key_field = self._table.schema.field("key")
