@@ -8,14 +8,18 @@ counts each scenario's embed calls and store operations; each kill point then pi
 seeded RNG, a scenario and one of:
 
 - ``embed-N``: inside the N-th embed call (the chunk in flight is lost);
-- ``before-OP-N`` / ``after-OP-N``: just before / after the N-th commit of OP (``upsert``,
-  ``update``, ``delete``, ``swap``, ``declare``/``index`` while creating the table);
-- ``during-OP-N-Xms``: X ms after the N-th commit of OP started (usually mid-write);
-- ``time-Xms``: X ms after the refresh started.
+- ``before-OP-N`` / ``after-OP-N``: just before / after the N-th LanceDB call committing OP
+  (``upsert``, ``update``, ``delete``, ``swap``, ``create``/``declare``/``index`` while creating
+  a table; see ``COMMIT_OPS``);
+- ``during-OP-N``: inside that call, as soon as a file it writes appears in the table's
+  directory (``writing``: no new manifest yet; ``committed``: the manifest is there), or as it
+  returns if no file was seen first (``returning``);
+- ``time-Xms``: X ms after the refresh started (or at its end, if it ends sooner).
 
-After the kill the refresh is re-run to completion and the table is compared with the
-independently computed expected state (no duplicate keys, nothing lost or stale), and one more
-refresh must find nothing to do.
+Each child records the phase it died in; the kill must have landed in the intended phase (a
+child that exits otherwise is a failure). The refresh is then re-run to completion and the
+table is compared with the independently computed expected state (no duplicate keys, nothing
+lost or stale), and one more refresh must find nothing to do.
 
     python benchmarks/kill_bench.py                 # 100 kill points
     python benchmarks/kill_bench.py --points 20 --seed 3
@@ -37,6 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.refresh_helpers import (  # noqa: E402
+    COMMIT_OPS,
     FAULT_TABLE,
     KillPoint,
     Scenario,
@@ -48,7 +53,6 @@ from tests.refresh_helpers import (  # noqa: E402
 
 SCENARIO_WEIGHTS = {"initial": 0.3, "update": 0.45, "rebuild": 0.25}
 KIND_WEIGHTS = {"embed": 0.2, "before": 0.2, "after": 0.25, "during": 0.2, "time": 0.15}
-OPS = ("upsert", "update", "delete", "swap", "declare", "index")
 
 
 def census(scenario: Scenario, workdir: Path) -> dict[str, Any]:
@@ -79,11 +83,9 @@ def draw(rng: np.random.Generator, censuses: dict[str, dict[str, Any]]) -> tuple
         return name, KillPoint("embed", int(rng.integers(1, counts["embed"] + 1)))
     if kind == "time":
         return name, KillPoint("time", delay_s=round(float(rng.uniform(0, counts["seconds"])), 3))
-    ops = [op for op in OPS if counts.get(op)]
+    ops = [op for op in COMMIT_OPS if counts.get(op)]
     op = str(rng.choice(ops))
-    nth = int(rng.integers(1, counts[op] + 1))
-    delay = round(float(rng.uniform(0, 0.03)), 4) if kind == "during" else 0.0
-    return name, KillPoint(kind, nth, op, delay_s=delay)
+    return name, KillPoint(kind, int(rng.integers(1, counts[op] + 1)), op)
 
 
 def main() -> None:
@@ -102,7 +104,7 @@ def main() -> None:
             shown = ", ".join(f"{k}={v}" for k, v in counts.items() if k != "seconds")
             print(f"census {name:<8} {counts['seconds']:.1f}s: {shown}")
         rng = np.random.default_rng(args.seed)
-        tally: Counter[str] = Counter()
+        stages: Counter[str] = Counter()
         by_kind: dict[str, Counter[str]] = defaultdict(Counter)
         by_scenario: Counter[str] = Counter()
         failures: list[str] = []
@@ -121,16 +123,16 @@ def main() -> None:
                 status = "FAILED"
                 by_kind[kill.where]["failed"] += 1
             else:
-                status = "killed" if facts["killed"] else "finished before the kill"
-                tally["killed" if facts["killed"] else "finished"] += 1
+                status = f"killed in {facts['phase']} ({facts['stage']})"
+                stages[facts["stage"]] += 1
                 by_kind[kill.where]["ok"] += 1
                 full = scenarios[name].max_embedded
                 rerun_share.append(facts["rerun_embedded"] / full if full else 0.0)
             shutil.rmtree(point_dir, ignore_errors=True)
-            print(f"[{i + 1:3d}/{args.points}] {label:<34} {status}", flush=True)
+            print(f"[{i + 1:3d}/{args.points}] {label:<28} {status}", flush=True)
         print("\nsummary")
-        print(f"  kill points: {args.points} ({tally['killed']} killed mid-refresh, "
-              f"{tally['finished']} finished before their kill fired)")  # fmt: skip
+        print(f"  kill points: {args.points}, each checked to land in its intended phase")
+        print("  stages: " + ", ".join(f"{k} {v}" for k, v in sorted(stages.items())))
         print("  by scenario: " + ", ".join(f"{k} {v}" for k, v in sorted(by_scenario.items())))
         for kind, counts in sorted(by_kind.items()):
             print(f"  {kind:<7} ok {counts['ok']:3d}  failed {counts['failed']}")

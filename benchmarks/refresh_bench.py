@@ -154,7 +154,9 @@ def run_phase(job: dict[str, Any], queue: Any) -> None:
     VectorStore.delete_keys = timed("write", VectorStore.delete_keys, True)  # type: ignore[method-assign]
     VectorStore.maybe_optimize = timed("write", VectorStore.maybe_optimize)  # type: ignore[method-assign]
     VectorStore.existing_state = timed("state", VectorStore.existing_state)  # type: ignore[method-assign]
-    engine.validate_keys = timed("validate", engine.validate_keys)  # type: ignore[attr-defined]
+    import qwen3_pipeline.engine.plan as plan_pass
+
+    plan_pass.validate_keys = timed("validate", plan_pass.validate_keys)  # type: ignore[attr-defined]
 
     spec = EmbeddingSpec(model=job["model"], dim=DIM)
     if job["embedder"] == "tiny":

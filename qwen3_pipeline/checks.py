@@ -35,13 +35,13 @@ import pyarrow.compute as pc
 import xxhash
 
 from qwen3_pipeline.changes import blank_mask, content_hashes
+from qwen3_pipeline.schema import META_FINGERPRINT, TEXT_COLUMN
 from qwen3_pipeline.sources import (
     Source,
     SourceConfig,
     read_batches,
     scope_partition_keys,
 )
-from qwen3_pipeline.store import META_FINGERPRINT
 
 UNIQUE_KEYS = "unique_keys"
 COVERS_SOURCE = "covers_source"
@@ -166,7 +166,7 @@ def source_scope(
     parts: list[pa.Table] = []
     blanks = 0
     for batch in read_batches(source, config, batch_rows=batch_rows):
-        texts = batch.column("text")
+        texts = batch.column(TEXT_COLUMN)
         blank = blank_mask(texts)
         blanks += int(blank.sum())
         keep = pa.array(~blank)

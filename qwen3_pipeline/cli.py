@@ -1,8 +1,18 @@
 """The ``qwen3-pipeline`` command line.
 
 Each command prints one JSON object on stdout (machine-readable results and stats) and
-progress and errors on stderr. Bad input gets a one-line ``error: ...`` message, exit status 2,
-and nothing written.
+progress and errors on stderr. Every failure ends with exactly one ``error: ...`` line on stderr
+and a non-zero exit status:
+
+- 2 (:data:`EXIT_BAD_INPUT`): bad input, configuration or state (any
+  :class:`~qwen3_pipeline.errors.Qwen3PipelineError` but failed rows and transient errors),
+  including a refused mass delete; nothing written.
+- 1 (:data:`EXIT_FAILED_ROWS`): rows could not be embedded. ``embed`` writes nothing;
+  ``refresh`` prints its report first (the failed rows keep their old vectors).
+- 1 (:data:`EXIT_INTERNAL`): a transient failure (commit conflicts outlasting the retries,
+  object-store I/O, a locked DuckDB file: re-running may succeed) or any other exception, a bug
+  or an environment problem; ``--debug`` adds the traceback.
+- 130 (:data:`EXIT_INTERRUPTED`): Ctrl-C.
 """
 
 import argparse
@@ -11,37 +21,91 @@ import logging
 import os
 import sys
 import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
-from qwen3_pipeline.errors import InputDataError, Qwen3PipelineError, SpecMismatchError
+from qwen3_pipeline.changes import is_blank, sanitize_text, sanitize_texts
+from qwen3_pipeline.errors import (
+    EmbeddingFailedError,
+    InputDataError,
+    Qwen3PipelineError,
+    SpecMismatchError,
+    TransientError,
+)
 from qwen3_pipeline.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
 
 EXIT_BAD_INPUT = 2
-EXIT_FAILED_ROWS = 3
+EXIT_FAILED_ROWS = 1
+EXIT_INTERNAL = 1
+EXIT_INTERRUPTED = 130
+
+# How many line numbers an error message lists before "(+N more)".
+_SHOWN = 10
+
+_INTERRUPTED = {
+    "embed": "interrupted; nothing was written",
+    "refresh": "interrupted; the table is at its last committed version, re-run to continue",
+    "search": "interrupted",
+}
+
+_DEBUG_HELP = "on an error, also print the full traceback on stderr"
+
+_EXIT_STATUSES = (
+    "exit status: 0 done; 1 rows could not be embedded, or an internal error; 2 bad input, "
+    "configuration or state (nothing written); 130 interrupted"
+)
+
+_EMBED_DESCRIPTION = """\
+Embed a file of texts into a float32 [rows, dim] .npy array, in input order.
+
+Plain text: one text per line, lines end at "\\n" only (a trailing "\\r" is dropped, so CRLF
+files work; form feeds, U+2028, NEL and other separators stay inside the text). JSONL (a .jsonl
+or .ndjson name, or a first non-blank line starting with "{"): one object with a string "text"
+per line; blank lines between records are ignored. Invalid UTF-8 becomes U+FFFD and NUL
+characters are dropped, as in refresh. A blank (empty or whitespace-only) text is an error
+naming its line numbers, so row i of the output is always text i of the input. The output path
+is checked before anything is loaded.
+"""
 
 
-def read_texts(path: Path) -> list[str]:
-    """Read texts from a text file (one per line) or JSONL with a ``text`` field.
+def _format_lines(numbers: Sequence[int]) -> str:
+    shown = ", ".join(str(n) for n in numbers[:_SHOWN])
+    more = f" (+{len(numbers) - _SHOWN} more)" if len(numbers) > _SHOWN else ""
+    return f"{shown}{more}"
 
-    A file whose name ends in ``.jsonl``/``.ndjson``, or whose first non-blank line starts with
-    ``{``, is read as JSONL.
 
-    Raises:
-        InputDataError: Missing file, empty input, bad JSON, or a record without ``text``.
-    """
+def _read_numbered_texts(path: Path) -> list[tuple[int, str]]:
+    """Return ``(line number, text)`` of every text in ``path``; see :func:`read_texts`."""
     if not path.is_file():
         raise InputDataError(f"input file {str(path)!r} does not exist")
-    content = path.read_text(encoding="utf-8", errors="surrogateescape")
-    lines = content.splitlines()
-    first = next((line for line in lines if line.strip()), "")
+    try:
+        content = path.read_bytes()
+    except OSError as e:
+        raise InputDataError(f"cannot read input file {str(path)!r}: {e.strerror}") from e
+    raw_lines = content.split(b"\n")
+    if raw_lines[-1] == b"":
+        # The "\n" that ends the last line does not start another (and an empty file has none).
+        raw_lines.pop()
+    raw_lines = [line[:-1] if line.endswith(b"\r") else line for line in raw_lines]
+    # The refresh's own sanitiser, so a line becomes the text a source row with the same bytes
+    # would (invalid UTF-8 -> U+FFFD, NUL dropped); ``view`` skips Arrow's UTF-8 validation so
+    # the sanitiser sees the raw bytes.
+    lines: list[str] = sanitize_texts(
+        pa.array(raw_lines, pa.binary()).view(pa.string())
+    ).to_pylist()
+    if lines and lines[0].startswith("\ufeff"):
+        # A UTF-8 byte order mark (Windows editors) is an encoding marker, not text.
+        lines[0] = lines[0][1:]
+    first = next((line for line in lines if not is_blank(line)), "")
+    numbered: list[tuple[int, str]] = []
     if path.suffix in {".jsonl", ".ndjson"} or first.lstrip().startswith("{"):
-        texts = []
         for number, line in enumerate(lines, start=1):
-            if not line.strip():
+            if is_blank(line):
                 continue
             try:
                 record = json.loads(line)
@@ -49,12 +113,81 @@ def read_texts(path: Path) -> list[str]:
                 raise InputDataError(f"{path}:{number}: invalid JSON ({e.msg})") from e
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise InputDataError(f"{path}:{number}: each JSONL record needs a string 'text'")
-            texts.append(record["text"])
+            # JSON escapes can spell NUL and lone surrogates, which raw bytes cannot.
+            numbered.append((number, sanitize_text(record["text"])))
     else:
-        texts = lines
-    if not texts:
+        numbered = list(enumerate(lines, start=1))
+    if not numbered:
         raise InputDataError(f"input file {str(path)!r} has no texts")
-    return texts
+    blank = [number for number, text in numbered if is_blank(text)]
+    if blank:
+        raise InputDataError(
+            f"{path}: blank text on line(s) {_format_lines(blank)}: every text must have "
+            "something to embed (row i of the output is text i of the input); remove those lines"
+        )
+    return numbered
+
+
+def read_texts(path: Path) -> list[str]:
+    r"""Read texts from a text file (one per line) or JSONL with a ``text`` field.
+
+    A file whose name ends in ``.jsonl``/``.ndjson``, or whose first non-blank line starts with
+    ``{``, is read as JSONL, where blank lines between records are ignored. Otherwise each line
+    ending in ``"\n"`` is one text (one trailing ``"\r"`` is dropped, for CRLF files); other
+    separators (``"\f"``, U+2028, NEL, ``"\x1e"``...) stay inside the text. Texts are sanitised
+    like the refresh's (:func:`~qwen3_pipeline.changes.sanitize_texts`): invalid UTF-8 becomes
+    U+FFFD and NUL characters are dropped. A leading UTF-8 byte order mark is ignored.
+
+    Args:
+        path: The input file.
+
+    Returns:
+        The texts in file order, none of them blank.
+
+    Raises:
+        InputDataError: Missing or unreadable file, no texts, a blank (empty or whitespace-only)
+            text (the message names its line numbers), bad JSON, or a record without ``text``.
+
+    Example:
+        >>> import tempfile
+        >>> path = Path(tempfile.mkdtemp()) / "texts.txt"
+        >>> _ = path.write_bytes(b"first\r\nsecond\x0cpage\n")
+        >>> read_texts(path)
+        ['first', 'second\x0cpage']
+    """
+    return [text for _, text in _read_numbered_texts(path)]
+
+
+def check_output_path(path: Path) -> None:
+    """Check that ``path`` can receive the ``.npy`` array, before any work is done.
+
+    The path must end in ``.npy`` and not be a directory; its parent must exist, or be
+    creatable, and be writable (probed by creating, then removing, a nameless temporary file
+    in the nearest existing ancestor; nothing is left behind).
+
+    Args:
+        path: The ``--output`` path.
+
+    Raises:
+        InputDataError: The path cannot receive the array; the message says why.
+    """
+    if path.suffix != ".npy":
+        raise InputDataError(f"--output {str(path)!r} must end in .npy")
+    try:
+        if path.is_dir():
+            raise InputDataError(f"--output {str(path)!r} is a directory; name a .npy file")
+        parent = path.parent
+        existing = next(p for p in (parent, *parent.parents) if p.exists())
+        if not existing.is_dir():
+            raise InputDataError(
+                f"cannot write --output {str(path)!r}: {str(existing)!r} is not a directory"
+            )
+        # A real file creation answers for ACLs, read-only mounts and root, where
+        # os.access would not.
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise InputDataError(f"cannot write --output {str(path)!r}: {e.strerror or e}") from e
 
 
 def save_npy_atomically(path: Path, array: np.ndarray) -> None:
@@ -87,17 +220,37 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``qwen3-pipeline`` command."""
     parser = argparse.ArgumentParser(
-        prog="qwen3-pipeline", description="Qwen3-Embedding vectors kept in sync with LanceDB."
+        prog="qwen3-pipeline",
+        description="Qwen3-Embedding vectors kept in sync with LanceDB.",
+        epilog=_EXIT_STATUSES,
+    )
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
+    # Also accepted after the subcommand; SUPPRESS keeps a subcommand from resetting a
+    # ``--debug`` given before it to False.
+    debug_after = argparse.ArgumentParser(add_help=False)
+    debug_after.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    embed = commands.add_parser("embed", help="embed a file of texts into a .npy array")
+    embed = commands.add_parser(
+        "embed",
+        parents=[debug_after],
+        help="embed a file of texts into a .npy array",
+        description=_EMBED_DESCRIPTION,
+        epilog=_EXIT_STATUSES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_model_arguments(embed)
     embed.add_argument("--query", action="store_true", help="embed as queries (instruction)")
     embed.add_argument("--task", default=DEFAULT_QUERY_TASK, help="query instruction")
-    embed.add_argument("--input", required=True, type=Path, help="text file or JSONL ('text')")
+    embed.add_argument(
+        "--input", required=True, type=Path, help="text file (one text a line) or JSONL ('text')"
+    )
     embed.add_argument("--output", required=True, type=Path, help="where to write the .npy")
 
-    sync = commands.add_parser("refresh", help="sync a LanceDB table with a source table")
+    sync = commands.add_parser(
+        "refresh", parents=[debug_after], help="sync a LanceDB table with a source table"
+    )
     sync.add_argument(
         "--source",
         required=True,
@@ -118,9 +271,28 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--table", required=True, help="vector table name")
     sync.add_argument("--rebuild", action="store_true", help="re-embed all into a new table, swap")
     sync.add_argument("--chunk-rows", type=int, default=10_000, help="rows per commit")
+    sync.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (exact counts, rows and tokens to embed) and write nothing",
+    )
+    sync.add_argument(
+        "--allow-mass-delete",
+        action="store_true",
+        help="allow deleting more than --max-delete-share of the scope (or all of it)",
+    )
+    sync.add_argument(
+        "--max-delete-share",
+        type=float,
+        default=0.5,
+        metavar="F",
+        help="largest share of the stored scope a refresh may delete (default 0.5)",
+    )
     _add_model_arguments(sync)
 
-    find = commands.add_parser("search", help="search a vector table with a query")
+    find = commands.add_parser(
+        "search", parents=[debug_after], help="search a vector table with a query"
+    )
     find.add_argument("--db", required=True, help="LanceDB directory or URI")
     find.add_argument("--table", required=True, help="vector table name")
     find.add_argument("--model", required=True, help="must match the table's model")
@@ -172,6 +344,8 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
     spec = EmbeddingSpec(
         model=args.model, revision=args.revision, dim=args.dim, max_length=args.max_length
     )
+    if args.dry_run:
+        return _dry_run(args, source, config, spec)
     encoder = Qwen3Encoder(
         spec, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
     )
@@ -183,8 +357,42 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
         table=args.table,
         rebuild=args.rebuild,
         chunk_rows=args.chunk_rows,
+        allow_mass_delete=args.allow_mass_delete,
+        max_delete_share=args.max_delete_share,
     )
     return report.as_dict()
+
+
+def _dry_run(args: argparse.Namespace, source: Any, config: Any, spec: EmbeddingSpec) -> Any:
+    """Plan the refresh with the tokenizer only (no model) and return the plan as JSON.
+
+    A plan the mass-delete guard refuses is printed too, then the refusal is raised (exit 2).
+    """
+    from qwen3_pipeline.encoder import Qwen3Encoder
+    from qwen3_pipeline.errors import MassDeleteError
+    from qwen3_pipeline.refresh import check_mass_delete, plan_refresh
+
+    tokenizer = Qwen3Encoder(spec, device="cpu", load_model=False, progress=False)
+    with plan_refresh(
+        source=source,
+        config=config,
+        embedder=tokenizer,
+        db_uri=args.db,
+        table=args.table,
+        rebuild=args.rebuild,
+        chunk_rows=args.chunk_rows,
+    ) as plan:
+        output = {"dry_run": True, **plan.as_dict(), "refused": None}
+        try:
+            check_mass_delete(
+                plan,
+                max_delete_share=args.max_delete_share,
+                allow_mass_delete=args.allow_mass_delete,
+            )
+        except MassDeleteError as e:
+            print(json.dumps({**output, "refused": str(e)}, default=str))
+            raise
+    return output
 
 
 def run_search(args: argparse.Namespace) -> dict[str, Any]:
@@ -223,12 +431,17 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_embed(args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``qwen3-pipeline embed``: returns the stats printed on stdout."""
+    """Run ``qwen3-pipeline embed``: returns the stats printed on stdout.
+
+    Raises:
+        InputDataError: Bad ``--input`` or ``--output`` (checked before the model loads).
+        EmbeddingFailedError: Some rows could not be embedded; nothing is written.
+    """
     from qwen3_pipeline.encoder import Qwen3Encoder
 
-    if args.output.suffix != ".npy":
-        raise InputDataError(f"--output {str(args.output)!r} must end in .npy")
-    texts = read_texts(args.input)
+    check_output_path(args.output)
+    numbered = _read_numbered_texts(args.input)
+    texts = [text for _, text in numbered]
     spec = EmbeddingSpec(
         model=args.model,
         revision=args.revision,
@@ -240,11 +453,19 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
         spec, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
     )
     result = encoder.embed_queries(texts) if args.query else encoder.embed_documents(texts)
-    vectors = result.raise_on_failure()
-    save_npy_atomically(args.output, vectors)
+    if result.failures:
+        shown = "; ".join(
+            f"line {numbered[row][0]}: {why}" for row, why in list(result.failures.items())[:_SHOWN]
+        )
+        more = f" (+{len(result.failures) - _SHOWN} more)" if len(result.failures) > _SHOWN else ""
+        raise EmbeddingFailedError(
+            f"{len(result.failures)} row(s) could not be embedded ({shown}{more}); "
+            f"nothing was written to {str(args.output)!r}"
+        )
+    save_npy_atomically(args.output, result.vectors)
     return {
         "output": str(args.output),
-        "shape": list(vectors.shape),
+        "shape": list(result.vectors.shape),
         "model": spec.model,
         "dim": spec.dim,
         "kind": "queries" if args.query else "documents",
@@ -252,17 +473,61 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _one_line(message: str) -> str:
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
+def _report_error(args: argparse.Namespace, error: BaseException, message: str) -> None:
+    if getattr(args, "debug", False):
+        traceback.print_exception(error, file=sys.stderr)
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``qwen3-pipeline`` console script; returns the exit status."""
+    """Entry point of the ``qwen3-pipeline`` console script; returns the exit status.
+
+    The one error boundary of the command line: whatever a command raises ends as a single
+    ``error: ...`` line on stderr and an exit status (see the module docstring), never as a
+    traceback unless ``--debug`` asks for it.
+
+    Args:
+        argv: The arguments after the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success, else :data:`EXIT_BAD_INPUT`, :data:`EXIT_FAILED_ROWS`,
+        :data:`EXIT_INTERNAL` or :data:`EXIT_INTERRUPTED`.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
     handlers = {"embed": run_embed, "refresh": run_refresh, "search": run_search}
     try:
         output = handlers[args.command](args)
+    except KeyboardInterrupt as e:
+        _report_error(args, e, _INTERRUPTED[args.command])
+        return EXIT_INTERRUPTED
+    except EmbeddingFailedError as e:
+        _report_error(args, e, str(e))
+        return EXIT_FAILED_ROWS
+    except TransientError as e:
+        _report_error(args, e, f"{e} (a transient failure: re-running may succeed)")
+        return EXIT_INTERNAL
     except Qwen3PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report_error(args, e, str(e))
         return EXIT_BAD_INPUT
+    except Exception as e:
+        detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        hint = "" if args.debug else " (re-run with --debug for the traceback)"
+        _report_error(args, e, f"internal error: {detail}{hint}")
+        return EXIT_INTERNAL
     print(json.dumps(output, default=str))
+    failed = output.get("failed", 0) if args.command == "refresh" else 0
+    if failed:
+        print(
+            f"error: {failed} row(s) could not be embedded (see 'failures' in the report; "
+            "they keep any previous vector); fix the cause and re-run",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED_ROWS
     return 0
 
 

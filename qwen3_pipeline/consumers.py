@@ -9,8 +9,9 @@ to pin from the latest Dagster materialisation.
 - :func:`search` embeds a query with the matching query encoder (same model, dim and
   fingerprint; the query instruction of the recorded spec) and returns the nearest rows.
 - :func:`maintain_vector_index` keeps an ANN index on the vectors: none below a row threshold
-  (exact search is fast there), created once the table passes it, then ``optimize()`` to fold
-  new rows into it after refreshes.
+  (exact search is fast there), created once the table passes it, then
+  :func:`~qwen3_pipeline.upkeep.optimize_table` to fold new rows into it after refreshes
+  (tagged versions are never pruned).
 - :func:`near_duplicate_pairs` finds pairs of rows whose vectors are nearly identical.
 
 Example:
@@ -29,13 +30,15 @@ import pyarrow as pa
 
 from qwen3_pipeline.embedder import Embedder
 from qwen3_pipeline.errors import ConfigError, SpecMismatchError
-from qwen3_pipeline.spec import EmbeddingSpec
-from qwen3_pipeline.store import (
+from qwen3_pipeline.schema import (
     LINEAGE_COLUMNS,
     META_SPEC,
     validate_table_name,
     validate_uri,
 )
+from qwen3_pipeline.spec import EmbeddingSpec
+from qwen3_pipeline.store import store_error
+from qwen3_pipeline.upkeep import fragment_count, optimize_table
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +213,10 @@ def search(
     )
     if where is not None:
         builder = builder.where(where)
-    found = builder.to_arrow()
+    try:
+        found = builder.to_arrow()
+    except Exception as e:  # a missing data file, I/O: typed at the LanceDB boundary
+        raise store_error(e, f"search table {vectors.name!r}") from e
     similarity = pa.array(1.0 - found.column("_distance").to_numpy(), pa.float32())
     return found.select(wanted).append_column("similarity", similarity)
 
@@ -218,7 +224,10 @@ def search(
 def read_vectors(vectors: VectorTable, columns: list[str] | None = None) -> pa.Table:
     """Read the key, the vectors and ``columns`` of the whole pinned table."""
     wanted = ["key", VECTOR_COLUMN, *(columns or [])]
-    batches = list(vectors.table.search().select(wanted).to_batches(batch_size=65_536))
+    try:
+        batches = list(vectors.table.search().select(wanted).to_batches(batch_size=65_536))
+    except Exception as e:  # a missing data file, I/O: typed at the LanceDB boundary
+        raise store_error(e, f"read table {vectors.name!r}") from e
     schema = pa.schema([vectors.table.schema.field(c) for c in wanted])
     return pa.Table.from_batches([b.select(wanted) for b in batches], schema=schema)
 
@@ -245,8 +254,8 @@ class IndexPolicy:
         distance_type: The index's metric; the vectors are unit-norm, so cosine.
         target_partition_size: Rows per IVF partition (None: LanceDB's default).
         max_fragments: Compact the files once a table without index has more fragments.
-        cleanup_older_than: Versions older than this are pruned by ``optimize()``; keep it
-            longer than any reader pins a version.
+        cleanup_older_than: Versions older than this are pruned (tagged versions and those
+            after the oldest tag are kept); keep it longer than any reader pins a version.
     """
 
     min_rows: int = 50_000
@@ -269,6 +278,7 @@ class IndexUpkeep:
         index_name: The vector index, if any.
         version_before: Lance version before.
         version_after: Lance version after.
+        versions_pruned: Old versions removed by the upkeep.
     """
 
     action: IndexAction
@@ -278,6 +288,7 @@ class IndexUpkeep:
     index_name: str | None
     version_before: int
     version_after: int
+    versions_pruned: int
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -319,7 +330,8 @@ def maintain_vector_index(table: Any, policy: IndexPolicy | None = None) -> Inde
     """Create or refresh the ANN index of a vector table according to ``policy``.
 
     Commits only when there is something to do: a table without new rows is left at its
-    version.
+    version. Compaction and pruning go through :func:`~qwen3_pipeline.upkeep.optimize_table`,
+    so tagged versions are kept and never make it fail.
 
     Args:
         table: The live ``lancedb`` table (latest version).
@@ -327,14 +339,18 @@ def maintain_vector_index(table: Any, policy: IndexPolicy | None = None) -> Inde
 
     Returns:
         What was done.
+
+    Raises:
+        StoreError: LanceDB could not optimize the table.
     """
     from lancedb.index import IvfHnswSq
 
     policy = policy or IndexPolicy()
     version_before = int(table.version)
     row_count = int(table.count_rows())
-    fragments = int(table.stats()["fragment_stats"]["num_fragments"])
+    fragments = fragment_count(table)
     index = _vector_index(table)
+    versions_pruned = 0
     action = plan_index_action(
         row_count=row_count,
         has_index=index is not None,
@@ -350,7 +366,8 @@ def maintain_vector_index(table: Any, policy: IndexPolicy | None = None) -> Inde
         table.create_index(VECTOR_COLUMN, config=config)
         logger.info("created a vector index on %d rows", row_count)
     elif action in ("optimized", "compacted"):
-        table.optimize(cleanup_older_than=policy.cleanup_older_than)
+        upkeep = optimize_table(table, cleanup_older_than=policy.cleanup_older_than)
+        versions_pruned = upkeep.versions_pruned
     index = _vector_index(table)
     return IndexUpkeep(
         action=action,
@@ -360,6 +377,7 @@ def maintain_vector_index(table: Any, policy: IndexPolicy | None = None) -> Inde
         index_name=index.name if index is not None else None,
         version_before=version_before,
         version_after=int(table.version),
+        versions_pruned=versions_pruned,
     )
 
 

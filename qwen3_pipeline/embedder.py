@@ -112,3 +112,16 @@ class Embedder(Protocol):
     def embed_queries(self, queries: Sequence[str]) -> EncodeResult:
         """Embed queries in the instruction format of the spec's query task."""
         ...
+
+
+@runtime_checkable
+class TokenCounter(Protocol):
+    """An embedder that can count a document's tokens without running the model.
+
+    The refresh plan uses it for exact token totals (progress, dry runs); embedders without it
+    get an estimate, marked as one in the plan.
+    """
+
+    def count_document_tokens(self, texts: Sequence[str]) -> np.ndarray:
+        """Tokens per document after truncation, as ``embed_documents`` will count them."""
+        ...

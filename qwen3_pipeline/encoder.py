@@ -89,6 +89,8 @@ class Qwen3Encoder:
         max_batch_rows: Cap on rows per forward pass.
         local_files_only: Never contact the hub; default on when ``HF_HUB_OFFLINE`` is set.
         progress: Report progress of long calls (bar on a terminal, log lines otherwise).
+        load_model: ``False`` loads only the tokenizer (token counts for a dry run); the
+            embed methods then raise.
 
     Raises:
         ConfigError: An unknown device, dtype or attention, or flash-attention without
@@ -113,6 +115,7 @@ class Qwen3Encoder:
         max_batch_rows: int = DEFAULT_MAX_BATCH_ROWS,
         local_files_only: bool | None = None,
         progress: bool = True,
+        load_model: bool = True,
     ) -> None:
         import torch
 
@@ -135,7 +138,7 @@ class Qwen3Encoder:
                 "must be positive"
             )
         offline = env_offline() if local_files_only is None else local_files_only
-        self._tokenizer, self._model = self._load(offline)
+        self._tokenizer, self._model = self._load(offline, load_model=load_model)
         self._eot_id = self._end_of_text_id()
         self._pad_id = self._tokenizer.pad_token_id
         if self._pad_id is None:
@@ -180,7 +183,7 @@ class Qwen3Encoder:
             )
         return attention.value
 
-    def _load(self, local_files_only: bool) -> tuple[Any, Any]:
+    def _load(self, local_files_only: bool, *, load_model: bool) -> tuple[Any, Any]:
         from transformers import AutoModel, AutoTokenizer
 
         spec = self._spec
@@ -191,6 +194,8 @@ class Qwen3Encoder:
         }
         try:
             tokenizer = AutoTokenizer.from_pretrained(spec.model, padding_side="left", **common)
+            if not load_model:
+                return tokenizer, None
             model = AutoModel.from_pretrained(
                 spec.model,
                 dtype=self.dtype,
@@ -253,6 +258,21 @@ class Qwen3Encoder:
         truncated = np.fromiter((len(ids) > keep for ids in encoded), dtype=bool, count=len(texts))
         return [[*ids[:keep], self._eot_id] for ids in encoded], truncated
 
+    def count_document_tokens(self, texts: Sequence[str]) -> np.ndarray:
+        """Tokens each document costs the model (after truncation, ``<|endoftext|>`` included).
+
+        Exactly the ``n_tokens`` :meth:`embed_documents` will report; the refresh plan uses it
+        for exact progress totals. Needs only the tokenizer.
+        """
+        if not texts:
+            return np.zeros(0, dtype=np.int64)
+        formatted = [self._spec.format_document(t) for t in texts]
+        encoded = self._tokenizer(formatted, add_special_tokens=False)["input_ids"]
+        keep = self._spec.max_length - 1
+        return np.fromiter(
+            (min(len(ids), keep) + 1 for ids in encoded), dtype=np.int64, count=len(texts)
+        )
+
     def embed_documents(self, texts: Sequence[str]) -> EncodeResult:
         """Embed documents (raw text, optional document prompt); failures reported per row."""
         return self._embed([self._spec.format_document(t) for t in texts], "documents")
@@ -285,7 +305,10 @@ class Qwen3Encoder:
 
     def _embed(self, texts: list[str], what: str) -> EncodeResult:
         if self._model is None:
-            raise ModelLoadError("this encoder was closed; build a new one")
+            raise ModelLoadError(
+                "this encoder has no model (closed, or built with load_model=False); build a "
+                "new one"
+            )
         started = time.perf_counter()
         ids, truncated = self.tokenize(texts)
         lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))

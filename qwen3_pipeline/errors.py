@@ -3,11 +3,22 @@
 Every error the package raises on purpose derives from :class:`Qwen3PipelineError`, so callers
 can catch one type. Errors caused by bad input or configuration are raised before anything is
 written and say which value is wrong and what to do about it.
+
+Whether a retry can help is part of the type, never guessed from a message: errors that a
+retry of the same work may fix (a commit conflict, an object-store hiccup, a file lock held by
+another process) derive from :class:`TransientError`; every other error is permanent. The
+boundaries to DuckDB, Arrow and LanceDB translate third-party exceptions into these types
+(``StoreError.from_lance``, the source readers), so orchestrators decide retries by
+``isinstance(error, TransientError)`` alone.
 """
 
 
 class Qwen3PipelineError(Exception):
     """Base class of every error raised by qwen3_pipeline."""
+
+
+class TransientError(Qwen3PipelineError):
+    """A failure that a retry of the same work may fix (conflict, I/O hiccup, lock)."""
 
 
 class ConfigError(Qwen3PipelineError, ValueError):
@@ -30,6 +41,18 @@ class InputDataError(Qwen3PipelineError, ValueError):
     """Source rows are invalid: null or duplicate keys, missing columns, empty input."""
 
 
+class SourceReadError(InputDataError):
+    """The source could not be read: a corrupt file, a failing query (permanent)."""
+
+
+class SourceUnavailableError(TransientError):
+    """The source is busy or unreachable for now (a DuckDB file locked by a writer)."""
+
+
+class MassDeleteError(Qwen3PipelineError):
+    """A refresh would delete more of the table than allowed (an empty or broken source?)."""
+
+
 class SpecMismatchError(Qwen3PipelineError):
     """A vector table was built with a different embedding spec than the one configured."""
 
@@ -39,8 +62,16 @@ class EmbeddingFailedError(Qwen3PipelineError):
 
 
 class StoreError(Qwen3PipelineError):
-    """The vector store failed in a way that is not the caller's input."""
+    """The vector store failed in a way that is not the caller's input (permanent)."""
 
 
-class StoreConflictError(StoreError):
-    """A concurrent writer committed first and the bounded retries were used up (transient)."""
+class StoreCorruptError(StoreError):
+    """The table's files are damaged or missing (a deleted data file); rebuild to recover."""
+
+
+class StoreTransientError(StoreError, TransientError):
+    """The vector store failed in a way a retry may fix (I/O error, timeout, throttling)."""
+
+
+class StoreConflictError(StoreTransientError):
+    """A concurrent writer committed first and the bounded retries were used up."""

@@ -10,22 +10,25 @@ logger = logging.getLogger("qwen3_pipeline")
 
 
 class Progress:
-    """Report progress of ``total`` units of work.
+    """Report progress of ``total`` units of work (and optionally of ``tokens_total`` tokens).
 
     On an interactive stderr it draws a tqdm bar; otherwise (Dagster runs, CI, log files) it
     logs one line at most every ``log_every_s`` seconds and one at the end, so long jobs are
-    visibly alive without flooding logs.
+    visibly alive without flooding logs. With exact totals (a refresh plan's rows and tokens)
+    the line shows done/total, the rate and an ETA; with an estimate it never shows a total
+    that was already passed.
 
     Args:
-        total: Units of work expected (rows, tokens...).
+        total: Units of work expected (rows...).
         description: What is being done, shown in the bar or log line.
         unit: Name of one unit.
+        tokens_total: Tokens expected, when known; the ETA is then computed from tokens.
         enabled: Set ``False`` to report nothing.
         log_every_s: Minimum seconds between log lines when not on a terminal.
 
     Example:
-        >>> with Progress(3, "embedding", enabled=False) as progress:
-        ...     progress.update(3)
+        >>> with Progress(3, "embedding", tokens_total=30, enabled=False) as progress:
+        ...     progress.update(3, tokens=30)
     """
 
     def __init__(
@@ -34,11 +37,14 @@ class Progress:
         description: str,
         *,
         unit: str = "rows",
+        tokens_total: int | None = None,
         enabled: bool = True,
         log_every_s: float = 10.0,
     ) -> None:
         self.total = total
         self.done = 0
+        self.tokens_total = tokens_total
+        self.tokens_done = 0
         self._description = description
         self._unit = unit
         self._enabled = enabled
@@ -51,13 +57,16 @@ class Progress:
 
             self._bar = tqdm(total=total, desc=description, unit=unit, leave=False)
 
-    def update(self, n: int, **postfix: Any) -> None:
-        """Record ``n`` more units done; ``postfix`` values are shown beside the bar."""
+    def update(self, n: int, *, tokens: int = 0, **postfix: Any) -> None:
+        """Record ``n`` more units (and ``tokens``) done; ``postfix`` values are shown too."""
         self.done += n
+        self.tokens_done += tokens
         if not self._enabled:
             return
         if self._bar is not None:
             self._bar.update(n)
+            if tokens:
+                postfix = {"tokens": self.tokens_done, **postfix}
             if postfix:
                 self._bar.set_postfix(postfix, refresh=False)
             return
@@ -66,21 +75,30 @@ class Progress:
             self._last_log = now
             self._log(now, postfix)
 
+    def eta_seconds(self, now: float | None = None) -> float | None:
+        """Seconds left at the current rate, or None when unknown (no total, nothing done)."""
+        elapsed = (now or time.perf_counter()) - self._started
+        if self.tokens_total and self.tokens_done:
+            left = max(self.tokens_total - self.tokens_done, 0)
+            return left * elapsed / self.tokens_done
+        if self.done and self.total >= self.done:
+            return (self.total - self.done) * elapsed / self.done
+        return None
+
     def _log(self, now: float, postfix: dict[str, Any]) -> None:
-        rate = self.done / max(now - self._started, 1e-9)
-        extra = "".join(f" {k}={v}" for k, v in postfix.items())
-        # The total is an estimate (e.g. the stored row count); never show done/total past it.
+        elapsed = max(now - self._started, 1e-9)
+        # The total may be an estimate (e.g. the stored row count); never show done/total past it.
         of_total = f"/{self.total}" if self.total >= self.done else ""
-        logger.info(
-            "%s: %d%s %s (%.1f %s/s)%s",
-            self._description,
-            self.done,
-            of_total,
-            self._unit,
-            rate,
-            self._unit,
-            extra,
-        )
+        parts = [f"{self.done}{of_total} {self._unit}"]
+        if self.tokens_total is not None:
+            parts.append(f"{self.tokens_done}/{self.tokens_total} tokens")
+            rate = f"{self.tokens_done / elapsed:.0f} tokens/s"
+        else:
+            rate = f"{self.done / elapsed:.1f} {self._unit}/s"
+        eta = self.eta_seconds(now)
+        tail = f", ETA {eta:.0f}s" if eta is not None and self.done < self.total else ""
+        extra = "".join(f" {k}={v}" for k, v in postfix.items())
+        logger.info("%s: %s (%s%s)%s", self._description, ", ".join(parts), rate, tail, extra)
 
     def close(self) -> None:
         """Close the bar, or log the final line when the call was long enough to log."""

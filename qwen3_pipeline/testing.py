@@ -48,6 +48,11 @@ class FakeEmbedder:
         """The spec the fake reports."""
         return self._spec
 
+    def count_document_tokens(self, texts: Sequence[str]) -> np.ndarray:
+        """Tokens per document as :meth:`embed_documents` counts them (words + 1, capped)."""
+        lengths = [len(self._spec.format_document(t).split()) + 1 for t in texts]
+        return np.minimum(np.array(lengths, dtype=np.int64), self._spec.max_length)
+
     def embed_documents(self, texts: Sequence[str]) -> EncodeResult:
         """Embed documents as deterministic pseudo-random unit vectors."""
         return self._embed([self._spec.format_document(t) for t in texts])

@@ -4,23 +4,30 @@
 - An *independently computed* expected table state (rendering, sanitising, hashing, partition
   labels and fake vectors recomputed here, not through the engine's own helpers), and a
   comparison of a LanceDB table against it.
-- Child-process entry points for fault injection (SIGKILL at a chosen point of a refresh) and
-  for concurrent writers. Children are started from a ``forkserver`` that preloads this module,
-  so each child costs a fork instead of a fresh interpreter importing LanceDB.
+- Child-process entry points for fault injection (SIGKILL at a chosen point of a refresh, hooked
+  at LanceDB's commit calls; the child records which phase was active when it died, so a test
+  can check the kill landed where intended) and for concurrent writers. Children are started
+  from a ``forkserver`` that preloads this module, so each child costs a fork instead of a
+  fresh interpreter importing LanceDB.
 """
 
+import json
 import multiprocessing
 import os
 import re
 import shutil
 import signal
 import threading
+import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial, wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -316,7 +323,25 @@ def _key_diff(keys: list[Any], expected: dict[Any, Any]) -> str:
     return f"missing {sorted(want - have)[:10]}, unexpected {sorted(have - want)[:10]}"
 
 
-# --------------------------------------------------------------------------- child processes
+# --------------------------------------------------------------------------- kill points
+
+# The LanceDB calls that commit a table version, by the operation names kill points use. They
+# are hooked at LanceDB's API (see ``_hook_lancedb``), not inside the store, so a kill point
+# names the same commit whichever store code makes the call.
+COMMIT_OPS = (
+    "create",  # DBConnection.create_table (an empty table)
+    "declare",  # Table.set_unenforced_primary_key
+    "index",  # Table.create_index
+    "add_columns",  # Table.add_columns
+    "upsert",  # Table.merge_insert(...).when_not_matched_insert_all().execute(...)
+    "update",  # Table.merge_insert(...).execute(...) without inserts
+    "delete",  # Table.delete
+    "optimize",  # Table.optimize
+    "swap",  # DBConnection.create_table(..., mode="overwrite"): a rebuild's swap
+)
+# Where, within a hooked commit call, a ``during`` kill can land (see KillPoint).
+DURING_STAGES = ("writing", "committed", "returning")
+_TABLE_SUBDIRS = ("data", "_deletions", "_indices", "_transactions", "_versions")
 
 
 @dataclass(frozen=True)
@@ -325,54 +350,273 @@ class KillPoint:
 
     ``where``:
         ``embed``: inside the ``nth`` embed call (the chunk in flight is lost);
-        ``before`` / ``after``: just before / after the ``nth`` store commit whose operation
-        starts with ``op`` (``upsert``, ``update``, ``delete``, ``swap``, ``declare``, ...);
-        ``during``: ``delay_s`` after the ``nth`` such commit started (mid-write, usually);
-        ``time``: ``delay_s`` after the refresh started.
+        ``before`` / ``after``: just before the ``nth`` LanceDB call committing ``op`` (one of
+        ``COMMIT_OPS``) / just after it returned, before the store sees its result;
+        ``during``: inside that call, as soon as a file it writes shows up in the table's
+        directory: stage ``writing`` (a data, deletion, index or transaction file, no new
+        manifest yet) or ``committed`` (its manifest is already there); when LanceDB returns
+        before the watcher saw a file, the kill lands as it returns (``returning``), still
+        before the store sees the result;
+        ``time``: ``delay_s`` after the refresh started; a refresh that would end sooner is
+        killed at its end instead (stage ``refresh end``), so the kill always lands inside it.
+
+    Every kill is recorded by the child, just before the SIGKILL and while the phase it landed
+    in is still active (:class:`KillRecord`); :func:`assert_killed_at` checks it.
     """
 
-    where: str
+    where: Literal["embed", "before", "after", "during", "time"]
     nth: int = 1
     op: str = ""
     delay_s: float = 0.0
 
+    def __post_init__(self) -> None:
+        if self.where not in ("embed", "before", "after", "during", "time"):
+            raise ValueError(f"unknown kill point kind {self.where!r}")
+        if self.where in ("before", "after", "during") and self.op not in COMMIT_OPS:
+            raise ValueError(
+                f"{self.where} kill points need an op in {COMMIT_OPS}, not {self.op!r}"
+            )
+        if self.nth < 1 or self.delay_s < 0:
+            raise ValueError(f"nth must be at least 1 and delay_s not negative: {self!r}")
+
     def __str__(self) -> str:
-        parts = [self.where, self.op or "any", str(self.nth)]
-        if self.delay_s:
-            parts.append(f"{self.delay_s * 1000:.0f}ms")
-        return "-".join(parts)
+        if self.where == "time":
+            return f"time-{self.delay_s * 1000:.0f}ms"
+        if self.where == "embed":
+            return f"embed-{self.nth}"
+        return f"{self.where}-{self.op}-{self.nth}"
 
     @property
-    def deterministic(self) -> bool:
-        return self.where in ("embed", "before", "after")
+    def phase(self) -> str | None:
+        """The phase the kill must land in (``"upsert #7"``, ``"embed #3"``); None for ``time``."""
+        if self.where == "time":
+            return None
+        return f"{'embed' if self.where == 'embed' else self.op} #{self.nth}"
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages of :attr:`phase` the kill may be recorded at."""
+        return {
+            "embed": ("embedding",),
+            "before": ("before",),
+            "after": ("after",),
+            "during": DURING_STAGES,
+            "time": ("timer", "refresh end"),
+        }[self.where]
 
 
-def _die() -> None:
-    os.kill(os.getpid(), signal.SIGKILL)
+@dataclass(frozen=True)
+class KillRecord:
+    """Where a kill landed, as the killed child wrote it down just before dying.
+
+    Attributes:
+        stack: The phases active at the kill, outermost first (``("refresh", "upsert #7")``).
+        stage: Where within the innermost phase (see :class:`KillPoint`).
+        files: New files of the commit that the kill interrupted, as seen in its table's
+            directory (``during`` kills).
+    """
+
+    stack: tuple[str, ...]
+    stage: str
+    files: tuple[str, ...] = ()
+
+    @property
+    def phase(self) -> str | None:
+        """The innermost active phase."""
+        return self.stack[-1] if self.stack else None
+
+    @classmethod
+    def read(cls, path: os.PathLike[str] | str) -> "KillRecord | None":
+        """The record at ``path``, or None when the child wrote none."""
+        if not os.path.exists(path):
+            return None
+        data = json.loads(Path(path).read_text())
+        return cls(tuple(data["stack"]), data["stage"], tuple(data["files"]))
 
 
-def _start_timer(delay_s: float) -> None:
-    # A daemon timer: a refresh that finishes first exits normally (exit code 0).
-    timer = threading.Timer(delay_s, _die)
-    timer.daemon = True
-    timer.start()
+def assert_killed_at(kill: KillPoint, exitcode: int, record: KillRecord | None) -> None:
+    """The child died of SIGKILL, inside the refresh, in the phase and stage ``kill`` names."""
+    assert exitcode == -signal.SIGKILL, (
+        f"the child was not killed at {kill}: exit code {exitcode} (record {record})"
+    )
+    assert record is not None, f"the child was killed at {kill} but recorded nothing"
+    assert record.stack[:1] == ("refresh",), f"{kill} landed outside the refresh: {record}"
+    if kill.phase is not None:
+        assert record.phase == kill.phase, f"{kill} landed in {record.phase!r}: {record}"
+    assert record.stage in kill.stages, f"{kill} landed at stage {record.stage!r}: {record}"
 
 
-class KillingEmbedder(FakeEmbedder):
-    """A FakeEmbedder that SIGKILLs its own process on the ``nth`` embed call."""
+def _table_files(table_dir: str) -> set[str]:
+    found: set[str] = set()
+    for sub in _TABLE_SUBDIRS:
+        try:
+            found.update(f"{sub}/{name}" for name in os.listdir(os.path.join(table_dir, sub)))
+        except FileNotFoundError:
+            continue
+    return found
 
-    def __init__(self, embedding_spec: EmbeddingSpec, nth: int) -> None:
+
+def _is_manifest(path: str) -> bool:
+    # A committed version; LanceDB writes ``_versions/.tmp*`` / ``*.manifest#N`` first.
+    return path.startswith("_versions/") and path.endswith(".manifest")
+
+
+class KillSwitch:
+    """The phases of a child refresh, and the SIGKILL that ends it at ``kill``.
+
+    Phases (the refresh, each embed call, each hooked LanceDB commit call) are pushed on entry
+    and popped on exit under a lock. A kill takes that lock and never gives it back, so the
+    phase it records cannot end between the record and the SIGKILL.
+
+    Args:
+        kill: Where to die; None only counts embed calls and commits (a census).
+        record_path: Where to write the :class:`KillRecord` (None: nowhere).
+    """
+
+    def __init__(self, kill: KillPoint | None, record_path: str | None = None) -> None:
+        self.kill = kill
+        self.record_path = record_path
+        self.counts: Counter[str] = Counter()
+        self._stack: list[str] = []
+        self._lock = threading.Lock()
+        self._in_commit = threading.local()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        with self._lock:
+            self._stack.append(name)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._stack.pop()
+
+    def die(self, stage: str, files: Iterable[str] = ()) -> NoReturn:
+        self._lock.acquire()  # never released: the recorded phase stays active until the end
+        if self.record_path is not None:
+            record = {"stack": self._stack, "stage": stage, "files": sorted(files)}
+            Path(self.record_path).write_text(json.dumps(record))
+        os.kill(os.getpid(), signal.SIGKILL)
+        while True:  # SIGKILL cannot be caught; this thread only waits for it to land
+            time.sleep(1)
+
+    def _aims_at(self, where: str, op: str, nth: int) -> bool:
+        kill = self.kill
+        return kill is not None and (kill.where, kill.op, kill.nth) == (where, op, nth)
+
+    def embed(self, call: Callable[[], Any]) -> Any:
+        self.counts["embed"] += 1
+        nth = self.counts["embed"]
+        with self.phase(f"embed #{nth}"):
+            if self._aims_at("embed", "", nth):
+                self.die("embedding")
+            return call()
+
+    def commit(self, op: str, table_dir: str, call: Callable[[], Any]) -> Any:
+        """Run one LanceDB commit call ``call`` of ``op`` on ``table_dir``, maybe dying in it."""
+        if getattr(self._in_commit, "active", False):
+            return call()  # a hooked LanceDB method calling another: one commit
+        self.counts[op] += 1
+        nth = self.counts[op]
+        where = next((w for w in ("before", "after", "during") if self._aims_at(w, op, nth)), None)
+        self._in_commit.active = True
+        try:
+            with self.phase(f"{op} #{nth}"):
+                if where is None:
+                    return call()
+                if where == "before":
+                    self.die("before")
+                if where == "after":
+                    call()
+                    self.die("after")
+                before = _table_files(table_dir)
+                watcher = threading.Thread(target=self._watch, args=(table_dir, before))
+                watcher.daemon = True
+                watcher.start()
+                try:
+                    call()
+                finally:
+                    self.die("returning", _table_files(table_dir) - before)
+        finally:
+            self._in_commit.active = False
+
+    def _watch(self, table_dir: str, before: set[str]) -> None:
+        while True:
+            new = _table_files(table_dir) - before
+            if new:
+                self.die("committed" if any(map(_is_manifest, new)) else "writing", new)
+            time.sleep(0.0001)
+
+    def start_timer(self) -> None:
+        """Arm a ``time`` kill (call as the refresh starts)."""
+        if self.kill is not None and self.kill.where == "time":
+            timer = threading.Timer(self.kill.delay_s, self.die, args=("timer",))
+            timer.daemon = True
+            timer.start()
+
+    def refresh_ended(self) -> None:
+        """A ``time`` kill that has not fired lands here, before the refresh returns."""
+        if self.kill is not None and self.kill.where == "time":
+            self.die("refresh end")
+
+
+class _TrackedEmbedder(FakeEmbedder):
+    """A FakeEmbedder whose calls are phases of a :class:`KillSwitch` (which may kill in one)."""
+
+    def __init__(self, embedding_spec: EmbeddingSpec, switch: KillSwitch) -> None:
         super().__init__(embedding_spec)
-        self._nth = nth
+        self._switch = switch
 
     def embed_documents(self, texts):
-        if len(self.calls) + 1 == self._nth:
-            _die()
-        return super().embed_documents(texts)
+        return self._switch.embed(partial(super().embed_documents, texts))
 
 
-def install_kill_point(kill: KillPoint, *, delete_batch: int = 25) -> None:
-    """Patch the store in this (child) process so that it dies at ``kill``."""
+def _hook_lancedb(switch: KillSwitch) -> None:
+    # Wraps the LanceDB methods that commit (COMMIT_OPS). Reads two attributes of LanceDB's
+    # merge builder (its table; whether it inserts unmatched rows): internals of lancedb 0.40.
+    from lancedb.db import LanceDBConnection
+    from lancedb.merge import LanceMergeInsertBuilder
+    from lancedb.table import LanceTable
+
+    def table_method(op: str, original: Callable[..., Any]) -> Callable[..., Any]:
+        @wraps(original)
+        def hooked(self, *args, **kwargs):
+            return switch.commit(op, self.uri, partial(original, self, *args, **kwargs))
+
+        return hooked
+
+    for op, name in [
+        ("declare", "set_unenforced_primary_key"),
+        ("index", "create_index"),
+        ("add_columns", "add_columns"),
+        ("delete", "delete"),
+        ("optimize", "optimize"),
+    ]:
+        setattr(LanceTable, name, table_method(op, getattr(LanceTable, name)))
+
+    execute = LanceMergeInsertBuilder.execute
+
+    @wraps(execute)
+    def merge(self, *args, **kwargs):
+        op = "upsert" if self._when_not_matched_insert_all else "update"
+        return switch.commit(op, self._table.uri, partial(execute, self, *args, **kwargs))
+
+    create_table = LanceDBConnection.create_table
+
+    @wraps(create_table)
+    def create(self, name, *args, **kwargs):
+        op = "swap" if kwargs.get("mode") == "overwrite" else "create"
+        table_dir = os.path.join(self.uri, f"{name}.lance")
+        return switch.commit(op, table_dir, partial(create_table, self, name, *args, **kwargs))
+
+    LanceMergeInsertBuilder.execute = merge  # type: ignore[method-assign]
+    LanceDBConnection.create_table = create  # type: ignore[method-assign]
+
+
+def install_kill_switch(
+    kill: KillPoint | None, record_path: str | None = None, *, delete_batch: int = 25
+) -> KillSwitch:
+    """Hook LanceDB and the store in this (child) process so that it dies at ``kill``."""
     original_delete = VectorStore.delete_keys
 
     def small_batches(self, keys, *, batch_size=delete_batch):
@@ -380,31 +624,12 @@ def install_kill_point(kill: KillPoint, *, delete_batch: int = 25) -> None:
         return original_delete(self, keys, batch_size=min(batch_size, delete_batch))
 
     VectorStore.delete_keys = small_batches  # type: ignore[method-assign]
-    if kill.where == "time":
-        _start_timer(kill.delay_s)
-        return
-    if kill.where not in ("before", "after", "during"):
-        return
-    original = VectorStore._with_retries
-    seen = 0
+    switch = KillSwitch(kill, record_path)
+    _hook_lancedb(switch)
+    return switch
 
-    def patched(self, what, action):
-        nonlocal seen
-        if not what.startswith(kill.op):
-            return original(self, what, action)
-        seen += 1
-        if seen != kill.nth:
-            return original(self, what, action)
-        if kill.where == "before":
-            _die()
-        if kill.where == "during":
-            _start_timer(kill.delay_s)
-        result = original(self, what, action)
-        if kill.where == "after":
-            _die()
-        return result
 
-    VectorStore._with_retries = patched  # type: ignore[method-assign]
+# --------------------------------------------------------------------------- child processes
 
 
 def run_refresh(
@@ -440,21 +665,23 @@ def child_refresh(
     chunk_rows: int = 200,
     rebuild: bool = False,
     kill: KillPoint | None = None,
+    record: str | None = None,
     barrier: Any = None,
     barrier_at: str = "start",
     result: Any = None,
 ) -> None:
     """Child-process entry point: one refresh, maybe killed at ``kill``.
 
+    ``record`` is the file the child writes its :class:`KillRecord` to when it kills itself.
     ``barrier`` (a multiprocessing Barrier) lines concurrent children up at the start of the
     refresh, or at ``VectorStore.open`` with ``barrier_at="open"``; ``result`` (a
     multiprocessing queue) receives the report as a dict.
     """
     embedder: FakeEmbedder = FakeEmbedder(spec(dim))
+    switch: KillSwitch | None = None
     if kill is not None:
-        install_kill_point(kill)
-        if kill.where == "embed":
-            embedder = KillingEmbedder(spec(dim), kill.nth)
+        switch = install_kill_switch(kill, record)
+        embedder = _TrackedEmbedder(spec(dim), switch)
     if barrier is not None and barrier_at == "open":
         # Line the children up right where the table is opened (or created), so they race
         # on the creation itself rather than on reading the source.
@@ -467,16 +694,16 @@ def child_refresh(
         VectorStore.open = classmethod(open_together)  # type: ignore[method-assign,assignment]
     elif barrier is not None:
         barrier.wait(timeout=60)
-    report = run_refresh(
-        db_uri,
-        table,
-        source_path,
-        config=config,
-        dim=dim,
-        chunk_rows=chunk_rows,
-        rebuild=rebuild,
-        embedder=embedder,
-    )
+    run = partial(run_refresh, db_uri, table, source_path, config=config, dim=dim,
+                  chunk_rows=chunk_rows, rebuild=rebuild, embedder=embedder)  # fmt: skip
+    if switch is None:
+        report = run()
+    else:
+        with switch.phase("refresh"):
+            switch.start_timer()
+            report = run()
+            switch.refresh_ended()
+    # A kill point the refresh never reached ends here, normally: the parent sees exit code 0.
     if result is not None:
         result.put(report.as_dict())
 
@@ -506,6 +733,22 @@ def run_children(targets: list[dict[str, Any]], *, timeout: float = 120.0) -> li
             p.join()
             raise AssertionError(f"child {p.pid} hung for {timeout}s")
     return [int(p.exitcode) for p in processes]
+
+
+def run_killed_child(kill: KillPoint, workdir: Path, **child: Any) -> KillRecord:
+    """Run ``child_refresh(kill=kill, **child)`` and check that it died where ``kill`` says.
+
+    Raises:
+        AssertionError: The child exited another way (it never reached the kill point, or
+            failed), or its kill landed in another phase or stage.
+    """
+    record_path = workdir / "kill-record.json"
+    record_path.unlink(missing_ok=True)
+    (exitcode,) = run_children([dict(child, kill=kill, record=str(record_path))])
+    record = KillRecord.read(record_path)
+    assert_killed_at(kill, exitcode, record)
+    assert record is not None
+    return record
 
 
 # --------------------------------------------------------------------------- fault scenarios
@@ -558,21 +801,16 @@ def kill_and_recover(scenario: Scenario, kill: KillPoint, workdir: Path) -> dict
     """Kill a child refresh at ``kill``, re-run it to completion here, check the table.
 
     Raises:
-        AssertionError: A deterministic kill point was not reached, or the table is not the
-            expected state (duplicates, missing or stale rows), or a further refresh still
-            finds work.
+        AssertionError: The child was not killed where ``kill`` says (see
+            :func:`run_killed_child`), or the table is not the expected state (duplicates,
+            missing or stale rows), or a further refresh still finds work.
     """
     db = str(workdir / "db")
     if scenario.base is not None:
         shutil.copytree(scenario.base, db)
     kwargs: dict[str, Any] = {"dim": scenario.dim, "chunk_rows": scenario.chunk_rows}
-    child = dict(db_uri=db, table=FAULT_TABLE, source_path=scenario.source, kill=kill)
-    (exitcode,) = run_children([dict(child, rebuild=scenario.rebuild, **kwargs)])
-    killed = exitcode == -9
-    if kill.deterministic:
-        assert killed, f"the child was not killed at {kill} (exit code {exitcode})"
-    else:
-        assert exitcode in (0, -9), exitcode
+    child = dict(db_uri=db, table=FAULT_TABLE, source_path=scenario.source, **kwargs)
+    record = run_killed_child(kill, workdir, rebuild=scenario.rebuild, **child)
     interrupted = table_version(db, FAULT_TABLE)
     started = datetime.now()
     rerun = run_refresh(db, FAULT_TABLE, scenario.source, rebuild=scenario.rebuild, **kwargs)
@@ -584,7 +822,8 @@ def kill_and_recover(scenario: Scenario, kill: KillPoint, workdir: Path) -> dict
     assert again.unchanged == len(scenario.expected)
     assert rerun.embedded_rows <= scenario.max_embedded
     return {
-        "killed": killed,
+        "phase": record.phase,
+        "stage": record.stage,
         "version_interrupted": interrupted,
         "rerun_embedded": rerun.embedded_rows,
         "rerun_committed": rerun.committed,
@@ -602,25 +841,17 @@ def child_census(
     rebuild: bool = False,
     result: Any = None,
 ) -> None:
-    """Child-process entry point: count the embed calls and store operations of a refresh.
+    """Child-process entry point: count the embed calls and LanceDB commits of a refresh.
 
-    Runs with the same small delete batches as a killed child, so the counts say which
-    ``KillPoint`` values a refresh of this scenario reaches.
+    Runs with the same hooks and small delete batches as a killed child, so the counts
+    (``embed`` and each of ``COMMIT_OPS``) say which ``KillPoint`` values a refresh of this
+    scenario reaches, and ``seconds`` how long it takes.
     """
-    install_kill_point(KillPoint("none"))
-    counts: dict[str, int] = {}
-    original = VectorStore._with_retries
-
-    def counting(self, what, action):
-        op = what.split()[0]
-        counts[op] = counts.get(op, 0) + 1
-        return original(self, what, action)
-
-    VectorStore._with_retries = counting  # type: ignore[method-assign]
-    embedder = FakeEmbedder(spec(dim))
+    switch = install_kill_switch(None)
+    embedder = _TrackedEmbedder(spec(dim), switch)
     started = datetime.now()
     run_refresh(db_uri, table, source_path, dim=dim, chunk_rows=chunk_rows, rebuild=rebuild,
                 embedder=embedder)  # fmt: skip
-    counts["embed"] = len(embedder.calls)
-    counts["seconds"] = (datetime.now() - started).total_seconds()  # type: ignore[assignment]
+    counts: dict[str, Any] = dict(switch.counts)
+    counts["seconds"] = (datetime.now() - started).total_seconds()
     result.put(counts)

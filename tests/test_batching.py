@@ -85,3 +85,79 @@ def test_plan_never_computes_more_than_greedy_packing():
         start += size
     cost = lambda plan: sum(padded_positions(lengths, b) + 2048 // 64 for b in plan)  # noqa: E731
     assert cost(optimal) <= cost(greedy)
+
+
+# ---------------------------------------------------------------- the budget's edge
+
+
+@pytest.mark.parametrize(("rows", "length"), [(1, 1), (4, 3), (7, 128), (64, 1)])
+def test_a_batch_exactly_at_the_budget_is_one_batch(rows, length):
+    plan = plan_batches([length] * rows, max_batch_tokens=rows * length, max_batch_rows=rows)
+    assert [b.tolist() for b in plan] == [list(range(rows))]
+
+
+@pytest.mark.parametrize(("rows", "length"), [(2, 1), (4, 3), (7, 128), (64, 1)])
+def test_one_token_over_the_budget_splits(rows, length):
+    budget = rows * length - 1
+    # However large the per-batch overhead, the budget is a hard cap.
+    for overhead in (None, 10**9):
+        plan = plan_batches([length] * rows, max_batch_tokens=budget, max_batch_rows=rows,
+                            batch_overhead_tokens=overhead)  # fmt: skip
+        assert len(plan) == 2
+        assert sorted(np.concatenate(plan).tolist()) == list(range(rows))
+        assert all(padded_positions([length] * rows, b) <= budget for b in plan)
+
+
+def test_padding_counts_against_the_budget_at_its_edge():
+    # 4 rows padded to the longest (10) are 40 positions, though only 16 tokens are real.
+    lengths = [2, 10, 2, 2]
+    plan = plan_batches(lengths, max_batch_tokens=40, max_batch_rows=8, batch_overhead_tokens=100)
+    assert [b.tolist() for b in plan] == [[1, 0, 2, 3]]
+    plan = plan_batches(lengths, max_batch_tokens=39, max_batch_rows=8, batch_overhead_tokens=100)
+    assert len(plan) == 2
+    assert all(padded_positions(lengths, b) <= 39 for b in plan)
+
+
+def test_the_row_cap_at_its_edge():
+    assert len(plan_batches([5] * 8, max_batch_tokens=10**6, max_batch_rows=8)) == 1
+    sizes = [len(b) for b in plan_batches([5] * 9, max_batch_tokens=10**6, max_batch_rows=8)]
+    assert len(sizes) == 2
+    assert max(sizes) <= 8
+
+
+@pytest.mark.parametrize("budget", [1, 10, 4096])
+def test_rows_longer_than_the_budget_get_a_batch_each(budget):
+    lengths = [budget + 1, 1, budget * 3, 1]
+    plan = plan_batches(lengths, max_batch_tokens=budget, max_batch_rows=8)
+    assert [b.tolist() for b in plan[:2]] == [[2], [0]]  # longest first, one row each
+    rest = sorted(np.concatenate(plan[2:]).tolist())
+    assert rest == [1, 3]
+    assert all(padded_positions(lengths, b) <= budget for b in plan[2:])
+
+
+def test_encoder_batches_at_the_budget_edge(tiny_model_dir):
+    from qwen3_pipeline.encoder import Qwen3Encoder
+    from qwen3_pipeline.spec import EmbeddingSpec
+
+    encoder = Qwen3Encoder(EmbeddingSpec(model=str(tiny_model_dir)), device="cpu", progress=False)
+    texts, long_text = ["the same text"] * 4, "a much longer text " * 8
+    ids, _ = encoder.tokenize([*texts, long_text])
+    length = len(ids[0])
+    assert len(ids[-1]) > 4 * length
+
+    def run(budget, batch):
+        encoder.max_batch_tokens = budget
+        return encoder.embed_documents(batch)
+
+    at = run(4 * length, texts)
+    assert at.stats.batches == 1
+    assert at.stats.padded_tokens == at.stats.real_tokens == 4 * length
+    over = run(4 * length - 1, texts)
+    assert over.stats.batches == 2
+    np.testing.assert_allclose(over.vectors, at.vectors, rtol=0, atol=1e-5)
+    # A row longer than the budget is embedded alone, not failed; the others still share one.
+    mixed = run(4 * length, [*texts, long_text])
+    assert mixed.stats.batches == 2
+    assert not mixed.failures
+    assert mixed.stats.padded_tokens == mixed.stats.real_tokens
+    np.testing.assert_allclose(mixed.vectors[:4], at.vectors, rtol=0, atol=1e-5)

@@ -247,6 +247,55 @@ def test_existing_index_survives_hash_collisions(monkeypatch):
     assert index.lookup(pa.array(["z", "q", "x"])).tolist() == [2, -1, 0]
 
 
+def _colliding_key_hash(monkeypatch) -> list[bytes]:
+    """Make every string key hash to the same 64 bits in changes.py; return the hashed keys."""
+    hashed: list[bytes] = []
+
+    def constant(data: bytes) -> int:
+        hashed.append(data)
+        return 7
+
+    monkeypatch.setattr(changes.xxhash, "xxh3_64_intdigest", constant)
+    return hashed
+
+
+def test_incoming_key_colliding_with_a_stored_key_is_new(monkeypatch):
+    hashed = _colliding_key_hash(monkeypatch)
+    index = ExistingIndex(state(["stored"], ["h1"]))  # one stored key: the hashed index
+    keys = pa.array(["intruder", "stored"])
+    assert index.lookup(keys).tolist() == [-1, 0]
+    assert b"intruder" in hashed  # looked up by its (colliding) 64-bit hash, then verified
+    # The intruder even has the stored row's content hash: matched wrongly, it would be
+    # "unchanged" and never embedded.
+    result = diff(keys=keys, content_hashes=pa.array(["h1", "h1"]),
+                  partition_keys=pa.array(["", ""]), existing=index, fingerprint=FP)  # fmt: skip
+    assert labels(result) == ["new", "unchanged"]
+    tracker = ScopeTracker(index)
+    tracker.observe(keys, result.existing_rows)
+    assert tracker.unseen_keys().to_pylist() == []
+    # Alone, the intruder leaves the stored key unseen: it is deleted, not taken for it.
+    alone = diff(keys=pa.array(["intruder"]), content_hashes=pa.array(["h1"]),
+                 partition_keys=pa.array([""]), existing=index, fingerprint=FP)  # fmt: skip
+    assert labels(alone) == ["new"]
+    tracker = ScopeTracker(index)
+    tracker.observe(pa.array(["intruder"]), alone.existing_rows)
+    assert tracker.unseen_keys().to_pylist() == ["stored"]
+
+
+def test_stored_keys_colliding_with_each_other_fall_back_to_exact_lookups(monkeypatch):
+    hashed = _colliding_key_hash(monkeypatch)
+    index = ExistingIndex(state(["x", "y", "z"], ["1", "2", "3"]))
+    assert hashed  # the stored keys were hashed, collided, and the index fell back
+    keys = pa.array(["z", "q", "x", "y"])
+    assert index.lookup(keys).tolist() == [2, -1, 0, 1]
+    result = diff(keys=keys, content_hashes=pa.array(["3", "3", "1", "changed"]),
+                  partition_keys=pa.array([""] * 4), existing=index, fingerprint=FP)  # fmt: skip
+    assert labels(result) == ["unchanged", "new", "unchanged", "changed"]
+    tracker = ScopeTracker(index)
+    tracker.observe(pa.array(["z", "q"]), result.existing_rows[:2])
+    assert tracker.unseen_keys().to_pylist() == ["x", "y"]
+
+
 def test_existing_index_rejects_duplicate_and_missing_columns():
     with pytest.raises(StoreError, match="duplicate keys"):
         ExistingIndex(state([1, 1], ["a", "b"]))

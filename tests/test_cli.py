@@ -1,3 +1,4 @@
+import errno
 import json
 import subprocess
 import sys
@@ -5,7 +6,9 @@ import sys
 import numpy as np
 import pytest
 
-from qwen3_pipeline.cli import main
+from qwen3_pipeline import cli
+from qwen3_pipeline.cli import main, read_texts
+from qwen3_pipeline.testing import FakeEmbedder
 
 TEXTS = ["The capital of China is Beijing.", "Gravity attracts bodies.", "short"]
 
@@ -226,3 +229,323 @@ def test_bad_shard_is_a_clear_error(tiny_model_dir, parquet_source, tmp_path, ca
     args = _refresh_args(tiny_model_dir, parquet_source, tmp_path / "db", "--shard", shard)
     assert main(args) == 2
     assert "--shard" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- embed input rules
+
+
+def _embed_args(model, source, out, *extra):
+    return [
+        "embed", "--model", str(model), "--dim", "32", "--device", "cpu",
+        "--input", str(source), "--output", str(out), *extra,
+    ]  # fmt: skip
+
+
+def _error_lines(err):
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_embed_gives_one_vector_per_newline_terminated_line(tiny_model_dir, tmp_path, capsys):
+    source = tmp_path / "odd.txt"
+    source.write_bytes(
+        "page one\fpage two\npara\u2028graph\u2029end\nnext\x85line\x1erecord\x1cfile\n".encode()
+        + b"bad \xff byte\xe2\x82 end\r\n"
+    )
+    expected = [
+        "page one\fpage two",
+        "para\u2028graph\u2029end",
+        "next\x85line\x1erecord\x1cfile",
+        "bad \ufffd byte\ufffd end",
+    ]
+    assert read_texts(source) == expected
+    out = tmp_path / "new" / "dir" / "out.npy"
+    assert main(_embed_args(tiny_model_dir, source, out)) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 4
+    reference = tmp_path / "reference.jsonl"
+    reference.write_text("\n".join(json.dumps({"text": t}) for t in expected))
+    assert main(_embed_args(tiny_model_dir, reference, tmp_path / "reference.npy")) == 0
+    np.testing.assert_allclose(np.load(out), np.load(tmp_path / "reference.npy"), atol=1e-6)
+
+
+def test_invalid_utf8_and_nul_are_sanitised_like_the_refresh(tmp_path):
+    import pyarrow as pa
+
+    from qwen3_pipeline.changes import sanitize_texts
+
+    raw = [b"a\x00b\xe2\x82", b"\xc3\x28x", b"\xef\xbb\xbfnot a bom here", b"ok"]
+    source = tmp_path / "raw.txt"
+    source.write_bytes(b"\xef\xbb\xbf" + b"\n".join(raw) + b"\n")
+    refreshed = sanitize_texts(pa.array(raw, pa.binary()).view(pa.string())).to_pylist()
+    assert read_texts(source) == refreshed
+    assert read_texts(source)[0] == "ab\ufffd"
+
+
+def test_jsonl_ignores_blank_lines_and_sanitises_escapes(tmp_path):
+    source = tmp_path / "t.jsonl"
+    source.write_text('{"text": "a"}\n\n   \n{"text": "b\\u0000c\\ud800"}\r\n')
+    assert read_texts(source) == ["a", "bc\ufffd"]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("gap.txt", "a\n\nb\n", "line(s) 2:"),
+        ("spaces.txt", "a\n \t\nb\r\n\r\nc", "line(s) 2, 4:"),
+        ("separators.txt", "a\n\f\u2028\x1e\x85\n", "line(s) 2:"),
+        ("nul.txt", "a\n\x00\n", "line(s) 2:"),
+        ("trailing.txt", "a\nb\n\n", "line(s) 3:"),
+        ("many.txt", "a" + "\n" * 13 + "b", "line(s) 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 (+2 more):"),
+        ("blank.jsonl", '{"text": "a"}\n\n{"text": " "}\n', "line(s) 3:"),
+        ("only_blank.txt", "\n\n", "line(s) 1, 2:"),
+        ("only_blank.jsonl", "\n \n", "has no texts"),
+    ],
+)
+def test_blank_texts_are_rejected_naming_their_lines(name, content, message, tmp_path, capsys):
+    source = tmp_path / name
+    source.write_text(content, encoding="utf-8", newline="")
+    out = tmp_path / "out.npy"
+    # The model path does not exist: the input is rejected before the model is looked at.
+    assert main(_embed_args(tmp_path / "no-model", source, out)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [error] = _error_lines(captured.err)
+    assert message in error
+    assert not out.exists()
+
+
+@pytest.fixture
+def no_encoder(monkeypatch):
+    """Make any attempt to build the real encoder fail the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr("qwen3_pipeline.encoder.Qwen3Encoder", refuse)
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("directory", "is a directory"),
+        ("parent_is_a_file", "is not a directory"),
+        ("not_writable", "Permission denied"),
+    ],
+)
+def test_bad_output_path_fails_before_the_input_or_model_is_read(
+    case, message, no_encoder, monkeypatch, tmp_path, capsys
+):
+    out = tmp_path / "out.npy"
+    if case == "directory":
+        out.mkdir()
+    elif case == "parent_is_a_file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "sub" / "out.npy"
+    else:
+        # Root may write anywhere, so a read-only mode cannot be tested portably: refuse the
+        # probe file the way a read-only directory would.
+        def refuse(*args, **kwargs):
+            raise PermissionError(errno.EACCES, "Permission denied")
+
+        monkeypatch.setattr(cli.tempfile, "TemporaryFile", refuse)
+    # The input does not exist either: the output error coming first shows the order.
+    status = main(_embed_args("no-model", tmp_path / "missing.txt", out))
+    captured = capsys.readouterr()
+    assert status == 2
+    [error] = _error_lines(captured.err)
+    assert "--output" in error
+    assert message in error
+    assert out.is_dir() if case == "directory" else not out.exists()
+    assert not list(tmp_path.rglob("*.partial"))
+
+
+def _fake_encoder(monkeypatch, fail_texts):
+    monkeypatch.setattr(
+        "qwen3_pipeline.encoder.Qwen3Encoder",
+        lambda spec, **_: FakeEmbedder(spec, fail_texts=fail_texts),
+    )
+
+
+def test_embed_with_a_failed_row_exits_1_and_writes_nothing(
+    tiny_model_dir, monkeypatch, text_file, tmp_path, capsys
+):
+    _fake_encoder(monkeypatch, [TEXTS[2]])
+    out = tmp_path / "out.npy"
+    status = main(_embed_args(tiny_model_dir, text_file, out))
+    captured = capsys.readouterr()
+    assert status == cli.EXIT_FAILED_ROWS == 1
+    assert captured.out == ""
+    [error] = _error_lines(captured.err)
+    assert "1 row(s) could not be embedded (line 3: fake failure)" in error
+    assert not out.exists()
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_refresh_with_failed_rows_prints_the_report_and_exits_1(
+    tiny_model_dir, monkeypatch, parquet_source, tmp_path, capsys
+):
+    _fake_encoder(monkeypatch, ["Short: x"])
+    status = main(_refresh_args(tiny_model_dir, parquet_source, tmp_path / "db"))
+    captured = capsys.readouterr()
+    assert status == cli.EXIT_FAILED_ROWS
+    report = json.loads(captured.out)
+    assert report["failed"] == 1
+    assert report["inserted"] == 2
+    [error] = _error_lines(captured.err)
+    assert error.startswith("error: 1 row(s) could not be embedded")
+
+
+# --------------------------------------------------------------------------- error boundary
+
+_SEARCH = ["search", "--db", "db", "--table", "docs", "--model", "m", "a query"]
+
+
+def test_internal_error_is_one_line_without_traceback(monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(cli, "run_search", broken)
+    status = main(_SEARCH)
+    captured = capsys.readouterr()
+    assert status == cli.EXIT_INTERNAL == 1
+    assert captured.out == ""
+    assert "Traceback" not in captured.err
+    assert _error_lines(captured.err) == [
+        "error: internal error: RuntimeError: boom second line "
+        "(re-run with --debug for the traceback)"
+    ]
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_adds_the_traceback(where, monkeypatch, tmp_path, capsys):
+    def broken(args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli, "run_search", broken)
+    argv = ["--debug", *_SEARCH] if where == "before" else [*_SEARCH[:-1], "--debug", "a query"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert "in broken" in err
+    assert _error_lines(err) == ["error: internal error: RuntimeError: boom"]
+    assert err.rstrip().splitlines()[-1] == "error: internal error: RuntimeError: boom"
+
+    source = tmp_path / "missing.txt"
+    assert main(["--debug", *_embed_args("m", source, tmp_path / "o.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "InputDataError" in err
+    assert "Traceback (most recent call last)" in err
+    assert len(_error_lines(err)) == 1
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        ("refresh", "interrupted; the table is at its last committed version, re-run to continue"),
+        ("embed", "interrupted; nothing was written"),
+        ("search", "interrupted"),
+    ],
+)
+def test_ctrl_c_exits_130_with_one_line(command, message, monkeypatch, tmp_path, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, f"run_{command}", interrupted)
+    argv = {
+        "refresh": _refresh_args("m", tmp_path / "src.parquet", tmp_path / "db"),
+        "embed": _embed_args("m", tmp_path / "in.txt", tmp_path / "out.npy"),
+        "search": _SEARCH,
+    }[command]
+    try:
+        status = main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main()")
+    captured = capsys.readouterr()
+    assert status == cli.EXIT_INTERRUPTED == 130
+    assert "Traceback" not in captured.err
+    assert _error_lines(captured.err) == [f"error: {message}"]
+
+
+# --------------------------------------------------------------------------- plan, guard, errors
+
+
+def _write_parquet(path, ids):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    titles = [f"T{i}" for i in ids]
+    pq.write_table(pa.table({"id": ids, "title": titles, "body": [f"b {i}" for i in ids]}), path)
+    return path
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
+    from tests.refresh_helpers import table_version
+
+    db = tmp_path / "db"
+    source = _write_parquet(tmp_path / "s.parquet", list(range(10)))
+    assert main(_refresh_args(tiny_model_dir, source, db, "--dry-run")) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["dry_run"] is True
+    assert (plan["inserted"], plan["rows_to_embed"], plan["deleted"]) == (10, 10, 0)
+    assert plan["tokens_to_embed"] > 10
+    assert plan["tokens_estimated"] is False
+    assert table_version(str(db), "docs") is None  # not even created
+    assert main(_refresh_args(tiny_model_dir, source, db)) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tokens"] == plan["tokens_to_embed"]  # the plan's tokens are exact
+    version = table_version(str(db), "docs")
+    smaller = _write_parquet(tmp_path / "small.parquet", [0, 1, 2])
+    assert main(_refresh_args(tiny_model_dir, smaller, db, "--dry-run")) == 2
+    out, err = capsys.readouterr()
+    refused = json.loads(out)
+    assert refused["deleted"] == 7
+    assert "70.0%" in refused["refused"]
+    assert _error_lines(err) == [f"error: {refused['refused']}"]
+    assert main(_refresh_args(tiny_model_dir, smaller, db)) == 2
+    assert "--allow-mass-delete" in capsys.readouterr().err
+    assert table_version(str(db), "docs") == version
+    assert main(_refresh_args(tiny_model_dir, smaller, db, "--allow-mass-delete")) == 0
+    assert json.loads(capsys.readouterr().out)["deleted"] == 7
+
+
+def test_a_garbled_parquet_page_is_a_one_line_error(tiny_model_dir, tmp_path, capsys):
+    path = _write_parquet(tmp_path / "s.parquet", list(range(200)))
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 3
+    data[middle : middle + 64] = b"\xff" * 64  # inside the column chunks, not the footer
+    path.write_bytes(bytes(data))
+    status = main(_refresh_args(tiny_model_dir, path, tmp_path / "db"))
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert len(_error_lines(err)) == 1
+    assert "Traceback" not in err
+
+
+def test_a_missing_lance_data_file_says_how_to_recover(tiny_model_dir, tmp_path, capsys):
+    db = tmp_path / "db"
+    source = _write_parquet(tmp_path / "s.parquet", list(range(10)))
+    assert main(_refresh_args(tiny_model_dir, source, db)) == 0
+    capsys.readouterr()
+    for data_file in (db / "docs.lance" / "data").glob("*.lance"):
+        data_file.unlink()
+    status = main(_refresh_args(tiny_model_dir, source, db))
+    err = capsys.readouterr().err
+    assert status == 2, err
+    (line,) = _error_lines(err)
+    assert "missing" in line
+    assert "--rebuild" in line
+    assert main(_refresh_args(tiny_model_dir, source, db, "--rebuild")) == 0
+    assert json.loads(capsys.readouterr().out)["inserted"] == 10
+
+
+def test_a_transient_failure_exits_1_saying_a_rerun_may_succeed(monkeypatch, capsys):
+    from qwen3_pipeline.errors import StoreConflictError
+
+    def conflicted(args):
+        raise StoreConflictError("upsert still conflicted after 6 tries")
+
+    monkeypatch.setattr(cli, "run_refresh", conflicted)
+    monkeypatch.setitem(cli.main.__globals__, "run_refresh", conflicted)
+    status = main(_refresh_args("m", "s.parquet", "db"))
+    assert status == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "re-running may succeed" in line

@@ -389,13 +389,21 @@ def test_transient_failure_is_retried(tmp_path: Path, warehouse: Path) -> None:
     assert _table(tmp_path).count_rows() == ROWS
 
 
-def test_error_classification() -> None:
-    locked = ConfigError("could not open DuckDB file 'w.duckdb'")
-    locked.__cause__ = OSError("IO Error: Could not set lock on file 'w.duckdb'")
+def test_error_classification_uses_the_type_only() -> None:
+    from qwen3_pipeline.errors import SourceUnavailableError, StoreError
+    from qwen3_pipeline.store import store_error
+
     assert is_transient(StoreConflictError("conflict"))
-    assert is_transient(locked)
+    assert is_transient(SourceUnavailableError("DuckDB file is locked"))
+    assert is_transient(store_error(RuntimeError("Retryable commit conflict for version 7"), "x"))
+    assert is_transient(store_error(OSError("connection reset by peer"), "x"))
+    # A message that merely contains a marker word is not transient: the type decides.
+    assert not is_transient(ConfigError("could not set lock; non-retryable"))
+    assert not is_transient(store_error(RuntimeError("non-retryable: schema mismatch"), "x"))
+    assert not is_transient(StoreError("the vector table holds duplicate keys"))
     assert not is_transient(InputDataError("duplicate keys"))
     assert not is_transient(SpecMismatchError("other spec"))
+    assert not is_transient(RuntimeError("a bug"))
     failure = BadInputFailure(InputDataError("bad"))
     assert isinstance(failure, dg.Failure)
     assert failure.allow_retries is False

@@ -14,8 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 import xxhash
 
-from qwen3_pipeline.errors import ConfigError, InputDataError, SpecMismatchError
+from qwen3_pipeline.errors import ConfigError, InputDataError, MassDeleteError, SpecMismatchError
 from qwen3_pipeline.refresh import RefreshReport, refresh
+from qwen3_pipeline.schema import rebuild_table_name
 from qwen3_pipeline.sources import (
     ArrowSource,
     DuckDBSource,
@@ -25,7 +26,6 @@ from qwen3_pipeline.sources import (
     SourceConfig,
     TimeWindow,
 )
-from qwen3_pipeline.store import rebuild_table_name
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
 from tests.refresh_helpers import (
     CONFIG,
@@ -150,10 +150,16 @@ def test_title_change_reembeds_and_updates_carry(db):
 def test_delete_everything_and_empty_source(db):
     source = make_rows(range(50))
     run(db, source)
-    report = run(db, source.slice(0, 0))
+    version = table_version(db, TABLE)
+    # An empty source over a non-empty table is refused unless asked for, whatever the share.
+    with pytest.raises(MassDeleteError, match=r"no rows in scope .* holds 50 row"):
+        run(db, source.slice(0, 0), max_delete_share=1.0)
+    assert table_version(db, TABLE) == version
+    assert table_rows(db, TABLE).num_rows == 50
+    report = run(db, source.slice(0, 0), allow_mass_delete=True)
     assert counts(report) == {"deleted": 50}
     assert table_rows(db, TABLE).num_rows == 0
-    noop = run(db, source.slice(0, 0))
+    noop = run(db, source.slice(0, 0))  # nothing stored: nothing to guard
     assert not noop.committed
 
 

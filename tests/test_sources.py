@@ -6,7 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from qwen3_pipeline.changes import content_hash, content_hashes
 from qwen3_pipeline.errors import ConfigError, InputDataError
+from qwen3_pipeline.schema import INTERNAL_PREFIX, TEXT_COLUMN
 from qwen3_pipeline.sources import (
     UNPARTITIONED,
     ArrowSource,
@@ -20,7 +22,6 @@ from qwen3_pipeline.sources import (
     output_schema,
     parse_shard_label,
     parse_source,
-    partition_key_for,
     read_batches,
     scope_partition_keys,
     shard_indices,
@@ -74,8 +75,9 @@ def test_config_validation():
         SourceConfig(key="id")
     with pytest.raises(ConfigError, match="exactly one"):
         SourceConfig(key="id", text_columns=("body",), template="{body}")
-    with pytest.raises(ConfigError, match="clash"):
-        SourceConfig(key="id", text_columns=("body",), carry=("text",))
+    with pytest.raises(ConfigError, match="reserved"):
+        SourceConfig(key="id", text_columns=("body",), carry=(f"{INTERNAL_PREFIX}x",))
+    SourceConfig(key="id", text_columns=("body",), carry=("text",))  # the text is not "text"
     with pytest.raises(ConfigError, match="clash"):
         SourceConfig(key="id", text_columns=("body",), carry=("vector",))
     with pytest.raises(ConfigError, match="more than once"):
@@ -106,7 +108,7 @@ def test_arrow_source_output_columns_and_types():
     out = read_all(ArrowSource(docs(3)), cfg)
     assert out.column_names == [
         "key",
-        "text",
+        TEXT_COLUMN,
         "partition_key",
         "source_updated_at",
         "url",
@@ -116,7 +118,7 @@ def test_arrow_source_output_columns_and_types():
     assert not out.schema.field("key").nullable
     assert out.schema.field("source_updated_at").type == TS
     assert out["key"].to_pylist() == [0, 1, 2]
-    assert out["text"].to_pylist()[0] == "Title 0\n\nbody 0"
+    assert out[TEXT_COLUMN].to_pylist()[0] == "Title 0\n\nbody 0"
     assert out["partition_key"].to_pylist() == [UNPARTITIONED] * 3
     assert out["source_updated_at"][1].as_py() == datetime(2024, 5, 2, 1, tzinfo=UTC)
     assert carry_schema(out.schema).names == ["url", "title"]
@@ -125,17 +127,17 @@ def test_arrow_source_output_columns_and_types():
 def test_text_columns_skip_null_and_empty_parts():
     table = pa.table({"id": ["a", "b", "c"], "t": ["T", None, ""], "b": ["B", "B", None]})
     out = read_all(ArrowSource(table), SourceConfig(key="id", text_columns=("t", "b")))
-    assert out["text"].to_pylist() == ["T\n\nB", "B", ""]
+    assert out[TEXT_COLUMN].to_pylist() == ["T\n\nB", "B", ""]
     assert out.schema.field("key").type == pa.string()
 
 
 def test_template_rendering_vectorised_and_python_paths():
     table = pa.table({"id": [1, 2], "t": ["A", None], "n": [1.5, None], "flag": [True, False]})
     plain = read_all(ArrowSource(table), SourceConfig(key="id", template="# {t}\n{n}|{flag} {{x}}"))
-    assert plain["text"].to_pylist() == ["# A\n1.5|true {x}", "# \n|false {x}"]
+    assert plain[TEXT_COLUMN].to_pylist() == ["# A\n1.5|true {x}", "# \n|false {x}"]
     formatted = read_all(ArrowSource(table), SourceConfig(key="id", template="{t!r}:{n:>5}"))
-    assert formatted["text"].to_pylist() == ["'A':  1.5", "'':     "]
-    bad = pa.table({"id": [1], "n": ["text"]})
+    assert formatted[TEXT_COLUMN].to_pylist() == ["'A':  1.5", "'':     "]
+    bad = pa.table({"id": [1], "n": [TEXT_COLUMN]})
     with pytest.raises(InputDataError, match="could not format"):
         read_all(ArrowSource(bad), SourceConfig(key="id", template="{n:.2f}"))
 
@@ -143,11 +145,29 @@ def test_template_rendering_vectorised_and_python_paths():
 def test_text_is_sanitised():
     table = pa.table({"id": [1], "body": ["a\x00b"]})
     out = read_all(ArrowSource(table), SourceConfig(key="id", text_columns=("body",)))
-    assert out["text"].to_pylist() == ["ab"]
+    assert out[TEXT_COLUMN].to_pylist() == ["ab"]
     # pandas 3 cannot even hold a lone surrogate in its default string dtype; object can
     frame = pd.DataFrame({"id": [1, 2], "body": pd.Series(["x\ud800y", "fine"], dtype=object)})
     out = read_all(ArrowSource(frame), SourceConfig(key="id", text_columns=("body",)))
-    assert out["text"].to_pylist() == ["x\ufffdy", "fine"]
+    assert out[TEXT_COLUMN].to_pylist() == ["x\ufffdy", "fine"]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        SourceConfig(key="id", text_columns=("body",)),
+        SourceConfig(key="id", template="{body}"),  # rendered vectorised
+        SourceConfig(key="id", template="{body!s}"),  # rendered row by row in Python
+    ],
+    ids=["text_columns", "template", "python_template"],
+)
+def test_a_nul_byte_is_dropped_deterministically(config):
+    # No lone surrogate involved: only the NUL goes, so the text and its hash are "ab"'s.
+    table = pa.table({"id": [1, 2, 3, 4], "body": ["a\x00b", "ab", "a\x00\x00b", "\x00ab\x00"]})
+    for _ in range(2):
+        out = read_all(ArrowSource(table), config)
+        assert out[TEXT_COLUMN].to_pylist() == ["ab"] * 4
+        assert content_hashes(out[TEXT_COLUMN]).to_pylist() == [content_hash("ab")] * 4
 
 
 def test_updated_at_types_are_normalised_to_utc():
@@ -237,7 +257,7 @@ def test_duckdb_table_and_query(duckdb_file):
     cfg = SourceConfig(key="id", template="{title}: {body}", carry=("url",))
     table = read_all(DuckDBSource(duckdb_file, "docs"), cfg, batch_rows=10)
     assert table.num_rows == 25
-    assert table["text"][0].as_py() == "Title 0: body 0"
+    assert table[TEXT_COLUMN][0].as_py() == "Title 0: body 0"
     qualified = read_all(DuckDBSource(duckdb_file, "staging.docs"), cfg)
     assert qualified.num_rows == 5
     query = read_all(
@@ -348,7 +368,7 @@ def test_shards_partition_rows_and_label_each_row_with_its_own_shard():
     base = dict(key="id", text_columns=("body",))
     everything = read_all(source, SourceConfig(**base, partition=Shards(4)))
     assert everything.num_rows == 200
-    own = {k: partition_key_for(k, Shards(4)) for k in everything["key"].to_pylist()}
+    own = {k: shard_label(shard_of(k, 4), 4) for k in everything["key"].to_pylist()}
     assert (
         dict(
             zip(everything["key"].to_pylist(), everything["partition_key"].to_pylist(), strict=True)
@@ -389,7 +409,6 @@ def test_time_window_selects_and_labels_rows():
     for key, label in zip(out["key"].to_pylist(), days, strict=True):
         moment = table["updated"][key].as_py()
         assert label == window.label_of(moment) == moment.strftime("%Y-%m-%d")
-        assert partition_key_for(key, window, moment=moment) == label
     hourly = TimeWindow(
         column="updated", start=datetime(2024, 5, 1, 3), end=datetime(2024, 5, 1, 5), grain="hour"
     )
@@ -399,8 +418,6 @@ def test_time_window_selects_and_labels_rows():
     whole = TimeWindow(column="updated", start=date(2024, 5, 2), end=date(2024, 5, 9), grain=None)
     out = read_all(source, SourceConfig(key="id", text_columns=("body",), partition=whole))
     assert set(out["partition_key"].to_pylist()) == {"2024-05-02"}
-    with pytest.raises(ConfigError, match="moment"):
-        partition_key_for(1, whole)
 
 
 def test_time_window_nulls_bounds_and_grains():

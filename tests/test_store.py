@@ -16,18 +16,23 @@ from qwen3_pipeline.errors import (
     StoreError,
     UnsafeNameError,
 )
-from qwen3_pipeline.spec import EmbeddingSpec
-from qwen3_pipeline.store import (
+from qwen3_pipeline.schema import (
     LINEAGE_COLUMNS,
     META_FINGERPRINT,
     META_SOURCE_KEY,
     META_SPEC,
-    RetryPolicy,
-    VectorStore,
     rebuild_table_name,
     table_schema,
     validate_table_name,
     validate_uri,
+)
+from qwen3_pipeline.spec import EmbeddingSpec
+from qwen3_pipeline.store import (
+    RetryPolicy,
+    VectorStore,
+    abort_rebuild,
+    begin_rebuild,
+    commit_rebuild,
 )
 
 SPEC = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
@@ -431,7 +436,7 @@ def test_rebuild_swaps_only_when_committed(tmp_path):
     live.upsert(rows(live, [1, 2, 3]))
     old_version = live.version
 
-    staging = VectorStore.begin_rebuild(
+    staging = begin_rebuild(
         str(tmp_path), "docs", OTHER_SPEC, key_type=pa.int64(), carry_schema=CARRY
     )
     assert staging.table_name == rebuild_table_name("docs", OTHER_SPEC)
@@ -441,12 +446,12 @@ def test_rebuild_swaps_only_when_committed(tmp_path):
         open_store(tmp_path, spec=OTHER_SPEC)
     assert open_store(tmp_path).count_rows() == 3
 
-    resumed = VectorStore.begin_rebuild(
+    resumed = begin_rebuild(
         str(tmp_path), "docs", OTHER_SPEC, key_type=pa.int64(), carry_schema=CARRY
     )
     assert resumed.count_rows() == 2  # resumes where it stopped
     resumed.upsert(rows(resumed, [3, 4]))
-    swapped = resumed.commit_rebuild()
+    swapped = commit_rebuild(resumed)
 
     assert swapped.table_name == "docs"
     assert swapped.spec == OTHER_SPEC
@@ -466,15 +471,15 @@ def test_rebuild_swaps_only_when_committed(tmp_path):
 def test_abort_rebuild_and_misuse(tmp_path):
     live = open_store(tmp_path)
     live.upsert(rows(live, [1]))
-    staging = VectorStore.begin_rebuild(
+    staging = begin_rebuild(
         str(tmp_path), "docs", OTHER_SPEC, key_type=pa.int64(), carry_schema=CARRY
     )
-    staging.abort_rebuild()
+    abort_rebuild(staging)
     import lancedb
 
     assert lancedb.connect(str(tmp_path)).list_tables().tables == ["docs"]
     with pytest.raises(ConfigError, match="begin_rebuild"):
-        live.commit_rebuild()
+        commit_rebuild(live)
 
 
 # ---------------------------------------------------------------- concurrency

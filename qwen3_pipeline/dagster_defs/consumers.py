@@ -67,7 +67,8 @@ def build_vector_index_asset(
 
     Below ``policy.min_rows`` rows it leaves the table unindexed (exact search); past it, it
     builds an IVF-HNSW-SQ cosine index once, then folds new rows in with ``optimize()`` after
-    each refresh. It commits only when there is something to do.
+    each refresh (through :func:`~qwen3_pipeline.upkeep.optimize_table`: old versions are
+    pruned, tagged ones kept). It commits only when there is something to do.
 
     Args:
         embedding_asset: The embedding asset whose table is indexed.
@@ -112,6 +113,7 @@ def build_vector_index_asset(
                 "qwen3/index_name": upkeep.index_name,
                 "qwen3/unindexed_rows": upkeep.unindexed_rows,
                 "qwen3/fragments": upkeep.fragments,
+                "qwen3/versions_pruned": upkeep.versions_pruned,
                 "qwen3/table_name": table,
                 "qwen3/upstream_lance_version": upkeep.version_before,
                 "qwen3/lance_version": upkeep.version_after,

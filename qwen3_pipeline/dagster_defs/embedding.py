@@ -20,12 +20,13 @@ partitions in the run, followed in the same step (no second model load) by the c
 
 Example:
     >>> from qwen3_pipeline.sources import DuckDBSource, SourceConfig
-    >>> from qwen3_pipeline.spec import EmbeddingSpec
+    >>> from qwen3_pipeline.dagster_defs.resources import Qwen3EmbedderResource
+    >>> embedder = Qwen3EmbedderResource(model="Qwen/Qwen3-Embedding-0.6B", dim=256)
     >>> document_vectors = build_embedding_asset(
     ...     key="document_vectors",
     ...     source=lambda: DuckDBSource("data/warehouse.duckdb", "main.documents"),
     ...     source_config=SourceConfig(key="doc_id", text_columns=("text",), carry=("title",)),
-    ...     spec=EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=256),
+    ...     spec=embedder,  # the same object goes into Definitions(resources=...)
     ...     table="documents",
     ...     deps=["documents"],
     ... )
@@ -42,13 +43,9 @@ from typing import Any, cast
 import dagster as dg
 
 from qwen3_pipeline.checks import CHECK_DESCRIPTIONS, CHECK_NAMES, CheckReport, run_checks
-from qwen3_pipeline.errors import (
-    ConfigError,
-    Qwen3PipelineError,
-    StoreConflictError,
-    StoreError,
-)
-from qwen3_pipeline.refresh import DEFAULT_CHUNK_ROWS, RefreshReport, refresh
+from qwen3_pipeline.dagster_defs.resources import EmbedderResource
+from qwen3_pipeline.errors import ConfigError, Qwen3PipelineError, TransientError
+from qwen3_pipeline.refresh import DEFAULT_CHUNK_ROWS, ROW_COUNTERS, RefreshReport, refresh
 from qwen3_pipeline.sources import (
     Grain,
     Partition,
@@ -65,21 +62,6 @@ DEFAULT_POOL = "gpu"
 DEFAULT_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
-# The engine's per-partition counters, published as qwen3/rows_<name>.
-COUNTERS = (
-    "scanned",
-    "unchanged",
-    "inserted",
-    "updated",
-    "moved",
-    "carry_updated",
-    "deleted",
-    "skipped_empty",
-    "truncated",
-    "failed",
-    "embedded",
-)
-_TRANSIENT_MESSAGES = ("could not set lock", "conflicting lock", "database is locked")
 
 SourceFactory = Callable[[], Source]
 
@@ -186,43 +168,40 @@ class BadInputFailure(dg.Failure):
     """The refresh failed for a reason that a retry cannot fix; not retried.
 
     Null or duplicate keys, missing columns, an invalid setting, a table holding another spec,
-    a model that cannot be found: the description says which value is wrong and what to do.
+    a model that cannot be found, or a bug (an unexpected exception): the description says
+    what is wrong and what to do.
     """
 
-    def __init__(self, error: Exception) -> None:
+    def __init__(self, error: BaseException) -> None:
+        known = isinstance(error, Qwen3PipelineError)
         super().__init__(
-            description=str(error),
+            description=str(error) if known else f"internal error: {type(error).__name__}: {error}",
             metadata={"error": type(error).__name__},
             allow_retries=False,
         )
 
 
 def is_transient(error: BaseException) -> bool:
-    """Whether a retry may succeed: LanceDB commit conflicts and I/O, file locks, timeouts.
+    """Whether a retry may succeed, decided by the error's type alone.
 
-    The cause chain is inspected, so a DuckDB "could not set lock" wrapped in a
-    :class:`~qwen3_pipeline.errors.ConfigError` by the source reader counts as transient.
+    :class:`~qwen3_pipeline.errors.TransientError` (commit conflicts, object-store I/O, a
+    DuckDB file locked by a writer) and Python's own ``TimeoutError``/``ConnectionError`` (from
+    a user's source) are retried by the asset's retry policy; everything else, unknown
+    exceptions included, is not.
 
     Example:
         >>> from qwen3_pipeline.errors import InputDataError, StoreConflictError
         >>> is_transient(StoreConflictError("busy")), is_transient(InputDataError("dup keys"))
         (True, False)
     """
-    seen: BaseException | None = error
-    while seen is not None:
-        if isinstance(seen, StoreConflictError | StoreError | TimeoutError | ConnectionError):
-            return True
-        if any(marker in str(seen).lower() for marker in _TRANSIENT_MESSAGES):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
+    return isinstance(error, TransientError | TimeoutError | ConnectionError)
 
 
 # --------------------------------------------------------------------------- metadata
 
 
 def _rows_metadata(counts: Mapping[str, int]) -> dict[str, int]:
-    return {f"qwen3/rows_{name}": int(counts.get(name, 0)) for name in COUNTERS}
+    return {f"qwen3/rows_{name}": int(counts.get(name, 0)) for name in ROW_COUNTERS}
 
 
 def materialization_metadata(
@@ -239,19 +218,7 @@ def materialization_metadata(
     ``qwen3/tokens``, ``qwen3/padding_efficiency``, ``qwen3/tokens_per_second`` and
     ``qwen3/seconds`` always cover the whole run.
     """
-    totals = {
-        "scanned": report.scanned,
-        "unchanged": report.unchanged,
-        "inserted": report.inserted,
-        "updated": report.updated,
-        "moved": report.moved,
-        "carry_updated": report.carry_updated,
-        "deleted": report.deleted,
-        "skipped_empty": report.skipped_empty,
-        "truncated": report.truncated,
-        "failed": report.failed,
-        "embedded": report.embedded_rows,
-    }
+    totals = report.counters()
     metadata: dict[str, Any] = {
         **_rows_metadata(totals),
         "qwen3/run_totals": totals,
@@ -347,7 +314,7 @@ def build_embedding_asset(
     key: dg.AssetKey | str | Sequence[str],
     source: Source | SourceFactory,
     source_config: SourceConfig,
-    spec: EmbeddingSpec,
+    spec: "EmbeddingSpec | EmbedderResource",
     table: str,
     deps: Sequence[dg.AssetKey | str | Sequence[str]] = (),
     partitioning: Partitioning | None = HashShards(),
@@ -371,8 +338,10 @@ def build_embedding_asset(
             (so a path read from the environment is resolved when the asset runs).
         source_config: Key, text/template, ``updated_at`` and carry columns; its ``partition``
             must be None (the asset sets it per run).
-        spec: The document-side spec; its fingerprint is the ``code_version``. The embedder
-            resource must be configured with the same spec (checked at run time).
+        spec: The embedder resource the asset will run with (its spec is taken from it, so
+            the settings are declared once: pass the same object to ``Definitions``), or an
+            :class:`EmbeddingSpec`. Its fingerprint is the ``code_version``; the resource bound
+            at run time must have the same spec (checked before anything is read).
         table: The LanceDB table name.
         deps: Upstream assets (e.g. the dbt model's key).
         partitioning: :class:`HashShards` (default, 8 shards), :class:`TimePartitioning`, or
@@ -401,6 +370,8 @@ def build_embedding_asset(
             "source_config.partition must be None: the asset sets it from the run's partitions "
             "(choose the partitioning with partitioning=HashShards(n) or TimePartitioning(...))"
         )
+    if isinstance(spec, EmbedderResource):
+        spec = spec.embedding_spec()
     asset_key = dg.AssetKey.from_coercible(key)
     partitions_def = partitioning.partitions_def() if partitioning is not None else None
     check_specs = [
@@ -449,7 +420,7 @@ def build_embedding_asset(
                 failures=report.failures,
                 sample_rows=vector_sample_rows,
             )
-        except Qwen3PipelineError as e:
+        except Exception as e:  # typed errors decide retries; bugs must not be retried
             if is_transient(e):
                 raise
             raise BadInputFailure(e) from e

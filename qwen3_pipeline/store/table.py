@@ -6,18 +6,19 @@ One row per source key (DESIGN §6)::
     content_hash  spec_fingerprint  model_id  model_revision  dim  n_tokens  truncated
     partition_key  source  source_updated_at  embedded_at  run_id   + carry-along columns
 
-The schema metadata records the full spec (``EmbeddingSpec.to_json``), its fingerprint, the
-package version and the source's key column. :meth:`VectorStore.open` refuses a table whose
-recorded fingerprint differs from the configured spec (:class:`SpecMismatchError`); a rebuild
-(:meth:`VectorStore.begin_rebuild` / :meth:`VectorStore.commit_rebuild`) re-embeds into a
-staging table and swaps it in with one atomic commit.
+The columns and metadata are defined in :mod:`qwen3_pipeline.schema`. :meth:`VectorStore.open`
+refuses a table whose recorded fingerprint differs from the configured spec
+(:class:`SpecMismatchError`); :mod:`qwen3_pipeline.store.rebuild` re-embeds into a staging
+table and swaps it in with one atomic commit.
 
 Writes: :meth:`VectorStore.upsert` (full rows) and :meth:`VectorStore.update_columns` (some
 columns of existing rows) are one ``merge_insert`` commit each; :meth:`VectorStore.delete_keys`
 deletes by key with filters built by ``lancedb.expr`` (never pasted SQL). A call with nothing
 to do makes no commit (empty input; deletes of keys that are not stored). Concurrent commits
-that conflict are retried with bounded exponential backoff, then raise
-:class:`StoreConflictError`.
+that conflict are retried with bounded exponential backoff (:func:`with_retries`, the one
+retry loop of the store), then raise :class:`StoreConflictError`. Every LanceDB exception is
+typed at this boundary by :func:`store_error`: conflicts and I/O hiccups are transient, a
+missing data file is :class:`StoreCorruptError` (with how to recover), the rest permanent.
 
 Concurrency: the key is declared with ``set_unenforced_primary_key`` and indexed (BTree), so
 concurrent ``merge_insert`` calls inserting the same new key are detected as conflicting and
@@ -45,7 +46,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from importlib import metadata
 from typing import Any, TypeVar
 
 import numpy as np
@@ -56,167 +56,42 @@ from qwen3_pipeline.errors import (
     ConfigError,
     EmbeddingFailedError,
     InputDataError,
+    Qwen3PipelineError,
     SpecMismatchError,
     StoreConflictError,
+    StoreCorruptError,
     StoreError,
-    UnsafeNameError,
+    StoreTransientError,
 )
-from qwen3_pipeline.sources import LINEAGE_COLUMNS, RESERVED_COLUMNS
+from qwen3_pipeline.schema import (
+    LINEAGE_COLUMNS,
+    META_FINGERPRINT,
+    META_SPEC,
+    STATE_COLUMNS,
+    TIMESTAMP_TYPE,
+    normalize_key_type,
+    table_schema,
+    validate_table_name,
+    validate_uri,
+)
 from qwen3_pipeline.spec import EmbeddingSpec
+from qwen3_pipeline.upkeep import optimize_table
 
 log = logging.getLogger(__name__)
 
-META_SPEC = "qwen3_pipeline.spec"
-META_FINGERPRINT = "qwen3_pipeline.fingerprint"
-META_PACKAGE_VERSION = "qwen3_pipeline.package_version"
-META_SOURCE_KEY = "qwen3_pipeline.source_key"
-REBUILD_MARKER = "__rebuild_"
-TIMESTAMP_TYPE = pa.timestamp("us", tz="UTC")
-# The columns VectorStore.existing_state always returns (carry-along columns follow).
-STATE_COLUMNS = ("key", "content_hash", "spec_fingerprint", "partition_key", "source_updated_at")
 _PRIMARY_KEY_METADATA = b"unenforced-primary-key"
-_TABLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}$")
-_URI_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://(.*)$", re.DOTALL)
-_CONFLICT_MESSAGES = ("commit conflict", "concurrent write", "too many concurrent", "retryable")
+# LanceDB's conflict messages: "Retryable commit conflict for version N", "Commit conflict for
+# version N", "Too many concurrent writers/writes". Matched as phrases, never the bare word
+# "retryable" (which "non-retryable" contains).
+_CONFLICT = re.compile(r"commit conflict|too many concurrent|concurrent write", re.IGNORECASE)
+# A data or manifest file that the table's manifest names but the store no longer has.
+_MISSING_FILE = re.compile(r"not found|no such file|does not exist", re.IGNORECASE)
+_TRANSIENT_IO = re.compile(
+    r"timed? ?out|timeout|connection (reset|refused|closed|aborted)|temporarily|throttl|"
+    r"slow ?down|service unavailable|too many requests|\b50[234]\b",
+    re.IGNORECASE,
+)
 _T = TypeVar("_T")
-
-
-def package_version() -> str:
-    """The installed qwen3-pipeline version (recorded in table metadata)."""
-    try:
-        return metadata.version("qwen3-pipeline")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
-
-
-# --------------------------------------------------------------------------- names
-
-
-def validate_table_name(name: str) -> str:
-    """Return ``name`` if it is a safe table name, else raise :class:`UnsafeNameError`.
-
-    Allowed: letters, digits, ``_``, ``-`` and ``.`` (not first, never ``..``), at most 200
-    characters, so a name can never leave the database directory.
-
-    Example:
-        >>> validate_table_name("documents_v2")
-        'documents_v2'
-    """
-    if not isinstance(name, str) or not _TABLE_NAME.match(name) or ".." in name:
-        raise UnsafeNameError(
-            f"table name {name!r} is not allowed: use 1-200 letters, digits, '_', '-' or '.', "
-            "starting with a letter, digit or '_', without '..' or path separators"
-        )
-    return name
-
-
-def validate_uri(uri: str) -> str:
-    """Return ``uri`` if it is a safe database URI, else raise :class:`UnsafeNameError`.
-
-    A local path or ``scheme://...`` URI (``s3://``, ``gs://``, ``az://``, ``file://``...) with
-    no ``..`` path component and no control characters.
-
-    Example:
-        >>> validate_uri("s3://bucket/vectors")
-        's3://bucket/vectors'
-    """
-    if not isinstance(uri, str) or not uri.strip():
-        raise UnsafeNameError(f"database URI must be a non-empty string, got {uri!r}")
-    if any(ord(c) < 32 for c in uri):
-        raise UnsafeNameError(f"database URI {uri!r} contains control characters")
-    match = _URI_SCHEME.match(uri)
-    path = match.group(2) if match else uri
-    if ".." in re.split(r"[/\\]", path.split("?", 1)[0]):
-        raise UnsafeNameError(
-            f"database URI {uri!r} has a '..' component; give the directory or bucket path "
-            "without parent references"
-        )
-    return uri
-
-
-def rebuild_table_name(table_name: str, spec: EmbeddingSpec) -> str:
-    """The staging table a rebuild of ``table_name`` to ``spec`` writes into.
-
-    Deterministic, so an interrupted rebuild resumes where it stopped.
-
-    Example:
-        >>> spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
-        >>> rebuild_table_name("docs", spec) == f"docs__rebuild_{spec.fingerprint}"
-        True
-    """
-    return validate_table_name(f"{table_name}{REBUILD_MARKER}{spec.fingerprint}")
-
-
-# --------------------------------------------------------------------------- schema
-
-
-def normalize_key_type(key_type: pa.DataType | str) -> pa.DataType:
-    """Map an integer type (or ``"int64"``) to ``int64`` and a string type to ``string``.
-
-    Raises:
-        InputDataError: Any other type.
-    """
-    if isinstance(key_type, str):
-        key_type = {"int64": pa.int64(), "string": pa.string(), "str": pa.string()}.get(
-            key_type, pa.null()
-        )
-    if pa.types.is_integer(key_type):
-        return pa.int64()
-    if (
-        pa.types.is_string(key_type)
-        or pa.types.is_large_string(key_type)
-        or pa.types.is_string_view(key_type)
-    ):
-        return pa.string()
-    raise InputDataError(f"key type {key_type} is not supported; keys are integers or strings")
-
-
-def table_schema(
-    spec: EmbeddingSpec,
-    *,
-    key_type: pa.DataType | str,
-    carry_schema: pa.Schema | None = None,
-    source_key: str = "key",
-) -> pa.Schema:
-    """Return the Arrow schema of a vector table for ``spec`` (lineage columns, then carry).
-
-    Raises:
-        ConfigError: A carry column takes a lineage column's name.
-        InputDataError: The key type is neither integer nor string.
-
-    Example:
-        >>> spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
-        >>> table_schema(spec, key_type=pa.int64()).field("vector").type.list_size
-        64
-    """
-    carry = list(carry_schema or [])
-    clash = sorted({f.name for f in carry} & RESERVED_COLUMNS)
-    if clash:
-        raise ConfigError(f"carry column(s) {clash} clash with the vector table's own columns")
-    fields = [
-        pa.field("key", normalize_key_type(key_type), nullable=False),
-        pa.field("vector", pa.list_(pa.float32(), spec.output_dim)),
-        pa.field("content_hash", pa.string()),
-        pa.field("spec_fingerprint", pa.string()),
-        pa.field("model_id", pa.string()),
-        pa.field("model_revision", pa.string()),
-        pa.field("dim", pa.int32()),
-        pa.field("n_tokens", pa.int32()),
-        pa.field("truncated", pa.bool_()),
-        pa.field("partition_key", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("source_updated_at", TIMESTAMP_TYPE),
-        pa.field("embedded_at", TIMESTAMP_TYPE),
-        pa.field("run_id", pa.string()),
-        *(f.with_nullable(True) for f in carry),
-    ]
-    meta = {
-        META_SPEC: spec.to_json(),
-        META_FINGERPRINT: spec.fingerprint,
-        META_PACKAGE_VERSION: package_version(),
-        META_SOURCE_KEY: source_key,
-    }
-    return pa.schema(fields, metadata=meta)
 
 
 # --------------------------------------------------------------------------- results
@@ -343,6 +218,81 @@ class VectorStore:
             ConfigError: The table does not exist and ``create`` is False.
             StoreError: LanceDB failed.
         """
+        store = cls._connect(
+            uri,
+            table_name,
+            spec,
+            key_type=key_type,
+            carry_schema=carry_schema,
+            source_key=source_key,
+            storage_options=storage_options,
+            create=create,
+            retry=retry,
+        )
+        if store is None:
+            raise ConfigError(
+                f"vector table {table_name!r} does not exist under {uri!r}; run a refresh "
+                "first (it creates the table) or check the table name"
+            )
+        missing_carry = store._check_carry(carry_schema)  # every check before any commit
+        store._ensure_key()
+        if missing_carry:
+            store._add_carry(missing_carry)
+        return store
+
+    @classmethod
+    def inspect(
+        cls,
+        uri: str,
+        table_name: str,
+        spec: EmbeddingSpec,
+        *,
+        key_type: pa.DataType | str,
+        carry_schema: pa.Schema | None = None,
+        source_key: str = "key",
+        storage_options: dict[str, str] | None = None,
+    ) -> "VectorStore | None":
+        """Open an existing table for reading and run every check of :meth:`open`; write nothing.
+
+        The refresh plan reads through it: no table is created, no key declared, no column
+        added. Carry columns the table lacks are left out of :meth:`existing_state`.
+
+        Returns:
+            The store, or None when the table does not exist.
+
+        Raises:
+            The same errors as :meth:`open`.
+        """
+        store = cls._connect(
+            uri,
+            table_name,
+            spec,
+            key_type=key_type,
+            carry_schema=carry_schema,
+            source_key=source_key,
+            storage_options=storage_options,
+            create=False,
+            retry=None,
+        )
+        if store is not None:
+            missing = {f.name for f in store._check_carry(carry_schema or pa.schema([]))}
+            store._carry_names = tuple(n for n in store._carry_names if n not in missing)
+        return store
+
+    @classmethod
+    def _connect(
+        cls,
+        uri: str,
+        table_name: str,
+        spec: EmbeddingSpec,
+        *,
+        key_type: pa.DataType | str,
+        carry_schema: pa.Schema | None,
+        source_key: str,
+        storage_options: dict[str, str] | None,
+        create: bool,
+        retry: RetryPolicy | None,
+    ) -> "VectorStore | None":
         import lancedb
 
         validate_uri(uri)
@@ -365,10 +315,12 @@ class VectorStore:
         schema = table_schema(
             spec, key_type=key_type, carry_schema=carry_schema, source_key=source_key
         )
-        table = _open_or_create(db, uri, table_name, schema, create=create, policy=policy)
+        if not create and table_name not in _table_names(db):
+            return None
+        table = _open_or_create(db, uri, table_name, schema, create=True, policy=policy)
         _check_recorded_spec(table, table_name, spec)
         _check_key_type(table, table_name, key_type)
-        store = cls(
+        return cls(
             db=db,
             table=table,
             uri=uri,
@@ -378,130 +330,59 @@ class VectorStore:
             retry=policy,
             open_args=open_args,
         )
-        missing_carry = store._check_carry(carry_schema)  # every check before any commit
-        store._ensure_key()
-        if missing_carry:
-            store._add_carry(missing_carry)
-        return store
 
-    @classmethod
-    def begin_rebuild(
-        cls,
-        uri: str,
-        table_name: str,
-        spec: EmbeddingSpec,
-        *,
-        key_type: pa.DataType | str,
-        carry_schema: pa.Schema | None = None,
-        source_key: str = "key",
-        storage_options: dict[str, str] | None = None,
-        retry: RetryPolicy | None = None,
-    ) -> "VectorStore":
-        """Open a staging table to rebuild ``table_name`` with ``spec``.
+    @property
+    def rebuild_target(self) -> str | None:
+        """The live table a rebuild staging store replaces (None for a live table)."""
+        return self._rebuild_target
 
-        Refresh the *whole* source into the returned store (it starts empty, or where an
-        interrupted rebuild stopped: the staging name is deterministic, see
-        :func:`rebuild_table_name`), then call :meth:`commit_rebuild`. The live table is
-        untouched until then; readers keep using it.
+    def staging_for(self, target: str) -> "VectorStore":
+        """Mark this store as the rebuild staging table of ``target`` (see ``store.rebuild``)."""
+        self._rebuild_target = target
+        return self
 
-        Args:
-            uri: Database URI.
-            table_name: The live table to replace.
-            spec: The new spec.
-            key_type: As in :meth:`open`.
-            carry_schema: As in :meth:`open`.
-            source_key: As in :meth:`open`.
-            storage_options: As in :meth:`open`.
-            retry: As in :meth:`open`.
-
-        Returns:
-            A store bound to the staging table.
-        """
-        validate_table_name(table_name)
-        staging = cls.open(
-            uri,
-            rebuild_table_name(table_name, spec),
-            spec,
-            key_type=key_type,
-            carry_schema=carry_schema,
-            source_key=source_key,
-            storage_options=storage_options,
-            retry=retry,
+    def reopen(self, table_name: str) -> "VectorStore":
+        """Open ``table_name`` in the same database with this store's spec and settings."""
+        return VectorStore.open(
+            self._uri, table_name, self._spec, retry=self._retry, **self._open_args
         )
-        staging._rebuild_target = table_name
-        return staging
 
-    def commit_rebuild(self) -> "VectorStore":
-        """Swap the completed staging table in as the live table, then drop the staging table.
+    def drop(self, *, ignore_missing: bool = False) -> None:
+        """Drop this store's table (used for rebuild staging tables)."""
+        _call(
+            lambda: self._db.drop_table(self._table_name, ignore_missing=ignore_missing),
+            f"drop {self._table_name!r}",
+        )
 
-        The swap is one atomic commit on the live table (an overwrite that streams the staging
-        rows; earlier versions and tags of the live table are kept for pinned readers). Crash
-        behaviour: before that commit the live table is intact and the staging table is kept,
-        so re-running the rebuild resumes and commits again; after it, the live table holds
-        the new spec, and a staging table left behind by a crash is dropped by the next
-        :meth:`commit_rebuild` or :meth:`abort_rebuild`.
-
-        Returns:
-            The store bound to the live table (key declared and indexed again).
-
-        Raises:
-            ConfigError: This store is not a rebuild staging table.
-            StoreError: LanceDB failed (the live table is then unchanged).
-        """
-        target = self._require_rebuild()
+    def overwrite(self, target: str) -> None:
+        """Replace table ``target`` by this table's rows in one commit (history kept)."""
         schema = self._table.schema
         reader = self._table.search().to_batches(batch_size=8192)
         self._with_retries(
             f"swap rebuilt table into {target!r}",
             lambda: self._db.create_table(target, data=reader, schema=schema, mode="overwrite"),
         )
-        live = VectorStore.open(self._uri, target, self._spec, retry=self._retry, **self._open_args)
-        _call(lambda: self._db.drop_table(self._table_name), f"drop {self._table_name!r}")
-        log.info("rebuilt %s with spec %s", target, self._spec.fingerprint)
-        return live
-
-    def abort_rebuild(self) -> None:
-        """Drop the staging table of an unwanted rebuild (the live table is untouched)."""
-        self._require_rebuild()
-        _call(
-            lambda: self._db.drop_table(self._table_name, ignore_missing=True),
-            f"drop {self._table_name!r}",
-        )
-
-    def _require_rebuild(self) -> str:
-        if self._rebuild_target is None:
-            raise ConfigError(
-                f"{self._table_name!r} is not a rebuild staging table; start one with "
-                "VectorStore.begin_rebuild()"
-            )
-        return self._rebuild_target
 
     def _ensure_key(self) -> None:
         # Writers creating the table at once race to declare the key and index it: the losers
-        # get non-retryable errors ("already set", "incompatible transaction ... Overwrite"
-        # when another writer's create committed in between). Re-read the latest version and
-        # try again until both are in place, within the retry policy.
+        # get errors LanceDB does not retry ("already set", "incompatible transaction ...
+        # Overwrite" when another writer's create committed in between). Re-read the latest
+        # version and try again until both are in place, within the retry policy.
         from lancedb.index import BTree
 
-        for attempt in range(1, self._retry.attempts + 1):
-            try:
-                if not self._key_declared():
-                    self._with_retries(
-                        "declare the primary key",
-                        lambda: self._table.set_unenforced_primary_key("key"),
-                    )
-                if not self._key_indexed():
-                    self._with_retries(
-                        "index the key", lambda: self._table.create_index("key", config=BTree())
-                    )
-                return
-            except StoreError:
-                _call(self._table.checkout_latest, "reload the table")
-                if self._key_declared() and self._key_indexed():
-                    return
-                if attempt == self._retry.attempts:
-                    raise
-                time.sleep(self._retry.delay(attempt))
+        def declare_and_index() -> None:
+            if not self._key_declared():
+                self._table.set_unenforced_primary_key("key")
+            if not self._key_indexed():
+                self._table.create_index("key", config=BTree())
+
+        with_retries(
+            self._retry,
+            f"declare and index the key of {self._table_name!r}",
+            declare_and_index,
+            retryable=lambda _: True,
+            before_retry=self._table.checkout_latest,
+        )
 
     def _key_indexed(self) -> bool:
         return any(list(ix.columns) == ["key"] for ix in self._table.list_indices())
@@ -631,8 +512,13 @@ class VectorStore:
         query = self._table.search().select(columns)
         if where is not None:
             query = query.where(where)
-        reader = _call(lambda: query.to_batches(batch_size=65_536), "scan the stored state")
-        return pa.Table.from_batches(list(reader), schema=reader.schema).select(columns)
+
+        def read() -> pa.Table:
+            reader = query.to_batches(batch_size=65_536)
+            return pa.Table.from_batches(list(reader), schema=reader.schema)
+
+        # The batches are read inside _call: a missing data file only shows while reading.
+        return _call(read, "scan the stored state").select(columns)
 
     def _state_schema(self, columns: list[str]) -> pa.Schema:
         schema = self._table.schema
@@ -863,25 +749,7 @@ class VectorStore:
         )
 
     def _with_retries(self, what: str, action: Callable[[], _T]) -> tuple[_T, int]:
-        policy = self._retry
-        for attempt in range(1, policy.attempts + 1):
-            try:
-                return action(), attempt
-            except Exception as e:  # LanceDB surfaces conflicts as RuntimeError/OSError
-                if not _is_conflict(e):
-                    raise StoreError(f"{what} on table {self._table_name!r} failed: {e}") from e
-                if attempt == policy.attempts:
-                    raise StoreConflictError(
-                        f"{what} on table {self._table_name!r} still conflicted with concurrent "
-                        f"writers after {attempt} tries; serialise writers to this table (a "
-                        f"Dagster concurrency pool) and re-run. Last error: {e}"
-                    ) from e
-                delay = policy.delay(attempt)
-                log.warning(
-                    "%s conflicted (try %d), retrying in %.2fs: %s", what, attempt, delay, e
-                )
-                time.sleep(delay)
-        raise AssertionError("unreachable")
+        return with_retries(self._retry, f"{what} on table {self._table_name!r}", action)
 
     # ---- upkeep
 
@@ -903,22 +771,13 @@ class VectorStore:
         fragments = int(stats["fragment_stats"]["num_fragments"])
         if fragments <= max_fragments:
             return False
-        older_than = self._safe_cleanup_age(cleanup_older_than)
-        self._with_retries("optimize", lambda: self._table.optimize(cleanup_older_than=older_than))
+        optimize_table(
+            self._table,
+            cleanup_older_than=cleanup_older_than,
+            retry=partial(self._with_retries, "optimize"),
+        )
         log.info("optimized %s (%d fragments before)", self._table_name, fragments)
         return True
-
-    def _safe_cleanup_age(self, wanted: timedelta) -> timedelta:
-        tags = self._table.tags.list()
-        if not tags:
-            return wanted
-        tagged = {int(t["version"]) for t in tags.values()}
-        stamps = [v["timestamp"] for v in self._table.list_versions() if v["version"] in tagged]
-        if not stamps:
-            return wanted
-        oldest = min(stamps)
-        now = datetime.now(oldest.tzinfo)  # list_versions() gives naive local times
-        return max(wanted, now - oldest + timedelta(minutes=1))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -935,7 +794,9 @@ def _table_names(db: Any) -> set[str]:
             return names
 
 
-_CREATION_RACE_MESSAGES = ("not found", "does not match existing table schema", "already exists")
+_CREATION_RACE = re.compile(
+    r"not found|does not match existing table schema|already exists", re.IGNORECASE
+)
 
 
 def _open_or_create(
@@ -947,39 +808,122 @@ def _open_or_create(
     ("not found"), or already altered by the winner (its key declared, so ``exist_ok`` sees
     another schema). Those errors are retried with the conflict backoff.
     """
+
+    def open_or_create() -> Any:
+        if table_name in _table_names(db):
+            return db.open_table(table_name)
+        if not create:
+            raise ConfigError(
+                f"vector table {table_name!r} does not exist under {uri!r}; run a refresh "
+                "first (it creates the table) or check the table name"
+            )
+        return db.create_table(table_name, schema=schema, exist_ok=True)
+
+    table, _ = with_retries(
+        policy,
+        f"open or create table {table_name!r}",
+        open_or_create,
+        retryable=lambda e: bool(_CREATION_RACE.search(str(e))) or is_conflict(e),
+    )
+    return table
+
+
+def with_retries(
+    policy: "RetryPolicy",
+    what: str,
+    action: Callable[[], _T],
+    *,
+    retryable: Callable[[StoreError], bool] | None = None,
+    before_retry: Callable[[], Any] | None = None,
+) -> tuple[_T, int]:
+    """Run a LanceDB action, typing its errors and retrying the retryable ones with backoff.
+
+    The one retry loop of the store. Exceptions are typed by :func:`store_error`; by default
+    only commit conflicts are retried, and when the tries run out the last conflict is raised
+    as :class:`StoreConflictError` saying what to do.
+
+    Args:
+        policy: Tries and backoff.
+        what: What is being done, for messages (``"upsert 10 rows on table 'docs'"``).
+        action: The call.
+        retryable: Which typed errors to retry (default: conflicts).
+        before_retry: Called before each retry (e.g. re-read the latest table version).
+
+    Returns:
+        The action's result and the number of tries it took.
+
+    Raises:
+        StoreConflictError: Conflicts outlasted the retries.
+        StoreError: Any other store failure (typed: transient, corrupt or permanent).
+    """
+    should_retry = retryable or is_conflict
     for attempt in range(1, policy.attempts + 1):
         try:
-            if table_name in _table_names(db):
-                return _call(lambda: db.open_table(table_name), f"open table {table_name!r}")
-            if not create:
-                raise ConfigError(
-                    f"vector table {table_name!r} does not exist under {uri!r}; run a refresh "
-                    "first (it creates the table) or check the table name"
-                )
-            return _call(
-                lambda: db.create_table(table_name, schema=schema, exist_ok=True),
-                f"create table {table_name!r}",
-            )
-        except StoreError as e:
-            racing = any(m in str(e).lower() for m in _CREATION_RACE_MESSAGES)
-            if not racing or attempt == policy.attempts:
-                raise
-            time.sleep(policy.delay(attempt))
+            return action(), attempt
+        except Qwen3PipelineError as e:
+            error: Qwen3PipelineError = e
+        except Exception as e:  # LanceDB raises RuntimeError/OSError/ValueError alike
+            error = store_error(e, what)
+        if not isinstance(error, StoreError) or not should_retry(error):
+            raise error
+        if attempt == policy.attempts:
+            if is_conflict(error):
+                raise StoreConflictError(
+                    f"{what} still conflicted with concurrent writers after {attempt} tries; "
+                    "serialise writers to this table (a Dagster concurrency pool) and re-run. "
+                    f"Last error: {error}"
+                ) from error
+            raise error
+        delay = policy.delay(attempt)
+        log.warning("%s failed (try %d), retrying in %.2fs: %s", what, attempt, delay, error)
+        time.sleep(delay)
+        if before_retry is not None:
+            _call(before_retry, "reload the table")
     raise AssertionError("unreachable")
+
+
+def store_error(error: BaseException, what: str) -> StoreError:
+    """Type a LanceDB exception: conflict, missing file, transient I/O, or permanent.
+
+    Example:
+        >>> type(store_error(RuntimeError("Retryable commit conflict for version 3"), "x"))
+        <class 'qwen3_pipeline.errors.StoreConflictError'>
+        >>> type(store_error(RuntimeError("non-retryable: schema mismatch"), "x"))
+        <class 'qwen3_pipeline.errors.StoreError'>
+    """
+    message = f"LanceDB could not {what}: {error}"
+    text = str(error)
+    if _CONFLICT.search(text):
+        typed: StoreError = StoreConflictError(message)
+    elif _MISSING_FILE.search(text) and (".lance" in text or "_versions" in text):
+        typed = StoreCorruptError(
+            f"{message}. A file of the table is missing (deleted or lost by the object "
+            "store); the table cannot be read as it is. Recover by re-running the refresh "
+            "with --rebuild (rebuild=True), which re-embeds into a new table and swaps it in, "
+            "or restore the missing file from a backup"
+        )
+    elif _TRANSIENT_IO.search(text) or (
+        isinstance(error, OSError) and not isinstance(error, FileNotFoundError)
+    ):
+        typed = StoreTransientError(message)
+    else:
+        typed = StoreError(message)
+    typed.__cause__ = error
+    return typed
+
+
+def is_conflict(error: BaseException) -> bool:
+    """Whether ``error`` is a LanceDB commit conflict (a concurrent writer committed first)."""
+    return isinstance(error, StoreConflictError) or bool(_CONFLICT.search(str(error)))
 
 
 def _call(action: Callable[[], _T], what: str) -> _T:
     try:
         return action()
-    except (SpecMismatchError, InputDataError, ConfigError):
+    except Qwen3PipelineError:
         raise
     except Exception as e:  # LanceDB raises RuntimeError/OSError/ValueError for store failures
-        raise StoreError(f"LanceDB could not {what}: {e}") from e
-
-
-def _is_conflict(error: BaseException) -> bool:
-    message = str(error).lower()
-    return any(marker in message for marker in _CONFLICT_MESSAGES)
+        raise store_error(e, what) from e
 
 
 def _castable(source: pa.DataType, target: pa.DataType) -> bool:

@@ -1,0 +1,573 @@
+"""The plan pass of a refresh: read the whole scope once, validate, hash, diff; write nothing.
+
+:func:`plan_refresh` is the single place where bad input is found. It reads every row of the
+scope, renders and sanitises the documents, checks keys (null, duplicate, type against the
+table), templates and carry-along values (cast to the table's types), hashes the texts and
+diffs them against the stored state. It yields a :class:`RefreshPlan` with exact counts (rows
+to insert, update, move, carry-update and delete, rows and tokens to embed) and the work
+itself, spilled to Arrow IPC files on disk so that memory stays bounded by one read batch plus
+the stored-state index, whatever the scope's size. Nothing is written to the vector table:
+after a plan, nothing can fail for a reason the source could have told us.
+
+A dry run is the plan printed (``qwen3-pipeline refresh --dry-run``); :mod:`.apply` carries it
+out. :func:`check_mass_delete` refuses a plan that would delete too much of the table.
+"""
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qwen3_pipeline.changes import (
+    EMBED_STATUSES,
+    UPDATE_STATUSES,
+    ExistingIndex,
+    RowStatus,
+    ScopeTracker,
+    blank_mask,
+    content_hashes,
+    diff,
+)
+from qwen3_pipeline.embedder import Embedder, TokenCounter
+from qwen3_pipeline.engine.report import PLAN_COUNTERS, Tally
+from qwen3_pipeline.errors import ConfigError, InputDataError, MassDeleteError
+from qwen3_pipeline.progress import Progress
+from qwen3_pipeline.schema import (
+    MOVED_COLUMN,
+    STATUS_COLUMN,
+    TEXT_COLUMN,
+    rebuild_table_name,
+    table_schema,
+)
+from qwen3_pipeline.sources import (
+    Source,
+    SourceConfig,
+    TimeWindow,
+    carry_schema,
+    output_schema,
+    read_batches,
+    scope_partition_keys,
+    validate_keys,
+)
+from qwen3_pipeline.store import VectorStore
+
+logger = logging.getLogger("qwen3_pipeline")
+
+DEFAULT_CHUNK_ROWS = 10_000
+DEFAULT_MAX_DELETE_SHARE = 0.5
+# Without a tokenizer the plan estimates tokens from characters (about 4 per Qwen token).
+_CHARS_PER_TOKEN_ESTIMATE = 4
+_SHOWN = 10
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlannedWork:
+    """The work a plan lists, for :func:`~qwen3_pipeline.engine.apply.apply_plan`.
+
+    Attributes:
+        embed_file: Arrow IPC file of the rows to embed (None when there are none).
+        update_file: Arrow IPC file of the rows to update without re-embedding (moved or
+            carry-only), or None.
+        delete_keys: Stored keys to delete (gone from the source, or now blank).
+        delete_partitions: The stored partition of each key in ``delete_keys``.
+        tally: Read-side counters (scanned, unchanged, skipped_empty) per partition.
+    """
+
+    embed_file: Path | None
+    update_file: Path | None
+    delete_keys: pa.Array
+    delete_partitions: pa.Array
+    tally: Tally = field(repr=False)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefreshPlan:
+    """What a refresh will do, counted exactly before anything is written.
+
+    The counters are those of the refresh report (``inserted``, ``updated``, ``moved``,
+    ``carry_updated``, ``deleted``, ``unchanged``, ``scanned``, ``skipped_empty``) plus the
+    work for the model. Close the plan (or use it as a context manager) to remove its spill
+    files; :func:`~qwen3_pipeline.engine.apply.apply_plan` does so when it finishes.
+
+    Attributes:
+        table_uri: Database URI.
+        table_name: The live table.
+        target_table: The table the apply writes (the live table, or a rebuild's staging one).
+        spec_fingerprint: The configured spec's fingerprint.
+        rebuild: Whether the apply rebuilds into a staging table and swaps it in.
+        partition_keys: The scope (None: the whole table).
+        table_exists: Whether the target table existed when planned.
+        stored_rows: Stored rows in the scope when planned.
+        counts: Planned rows per counter of ``PLAN_COUNTERS``.
+        rows_to_embed: Rows the model will embed.
+        tokens_to_embed: Tokens those rows cost (after truncation).
+        tokens_estimated: True when ``tokens_to_embed`` is an estimate (no tokenizer).
+        per_partition: Planned counters per partition key.
+        seconds: Time the plan took.
+        work: The listed work (spill files, delete keys).
+    """
+
+    table_uri: str
+    table_name: str
+    target_table: str
+    spec_fingerprint: str
+    rebuild: bool
+    partition_keys: list[str] | None
+    table_exists: bool
+    stored_rows: int
+    counts: dict[str, int]
+    rows_to_embed: int
+    tokens_to_embed: int
+    tokens_estimated: bool
+    per_partition: dict[str, dict[str, int]]
+    seconds: float
+    work: PlannedWork = field(repr=False)
+    spill_dir: Path | None = field(default=None, repr=False)
+
+    @property
+    def delete_share(self) -> float:
+        """Share of the stored rows in scope that the plan deletes (0 for an empty table)."""
+        return self.counts["deleted"] / self.stored_rows if self.stored_rows else 0.0
+
+    @property
+    def has_writes(self) -> bool:
+        """Whether applying the plan changes the table (a no-op plan makes no commit)."""
+        c = self.counts
+        return self.rebuild or bool(
+            self.rows_to_embed + c["moved"] + c["carry_updated"] + c["deleted"]
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data: the report's counters plus the work for the model."""
+        return {
+            **self.counts,
+            "rows_to_embed": self.rows_to_embed,
+            "tokens_to_embed": self.tokens_to_embed,
+            "tokens_estimated": self.tokens_estimated,
+            "stored_rows": self.stored_rows,
+            "delete_share": round(self.delete_share, 6),
+            "rebuild": self.rebuild,
+            "table_uri": self.table_uri,
+            "table_name": self.table_name,
+            "target_table": self.target_table,
+            "table_exists": self.table_exists,
+            "spec_fingerprint": self.spec_fingerprint,
+            "partition_keys": self.partition_keys,
+            "per_partition": self.per_partition,
+            "plan_seconds": round(self.seconds, 6),
+        }
+
+    def summary(self) -> str:
+        """One line for logs."""
+        c = self.counts
+        tokens = f"{'~' if self.tokens_estimated else ''}{self.tokens_to_embed}"
+        return (
+            f"plan for {self.table_name}: {c['scanned']} scanned, {c['inserted']} to insert, "
+            f"{c['updated']} to update, {c['moved']} to move, {c['carry_updated']} carry "
+            f"updates, {c['deleted']} to delete, {c['unchanged']} unchanged, "
+            f"{c['skipped_empty']} blank; {self.rows_to_embed} rows / {tokens} tokens to embed"
+        )
+
+    def close(self) -> None:
+        """Remove the spill files (idempotent)."""
+        if self.spill_dir is not None:
+            shutil.rmtree(self.spill_dir, ignore_errors=True)
+
+    def __enter__(self) -> "RefreshPlan":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def plan_refresh(
+    *,
+    source: Source,
+    config: SourceConfig,
+    embedder: Embedder,
+    db_uri: str,
+    table: str,
+    storage_options: dict[str, str] | None = None,
+    rebuild: bool = False,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    spill_dir: str | Path | None = None,
+    progress: bool = True,
+) -> RefreshPlan:
+    """Read, validate, hash and diff the whole scope; return the plan. Writes nothing.
+
+    Args:
+        source: Where the rows come from.
+        config: Key, text/template, carry columns, ``updated_at`` and the partition scope.
+        embedder: The model (its spec decides the table; its tokenizer counts tokens).
+        db_uri: LanceDB directory or object-store URI.
+        table: Vector table name.
+        storage_options: Object-store options for LanceDB.
+        rebuild: Plan a rebuild into a staging table (resumes an interrupted one).
+        chunk_rows: Rows per source batch.
+        spill_dir: Where the plan's work files go (default: the system temp directory).
+        progress: Report progress while reading.
+
+    Returns:
+        The :class:`RefreshPlan` (close it, or apply it, to remove its spill files).
+
+    Raises:
+        InputDataError: Null, duplicate or ill-typed keys, missing columns, a template that
+            fails on a row, a carry value that does not fit the table's column.
+        SpecMismatchError: The table holds another spec (use ``rebuild=True``).
+        ConfigError: A partial rebuild, a bad chunk size, an unsafe name.
+        StoreError: LanceDB could not be read.
+    """
+    started = time.perf_counter()
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ConfigError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+    scope = scope_partition_keys(config.partition)
+    if rebuild and scope is not None:
+        raise ConfigError(
+            f"rebuild needs the whole source, but the refresh is scoped to {scope}; "
+            "run the rebuild over all partitions"
+        )
+    spec = embedder.spec
+    schema = output_schema(source, config)
+    validate_keys(source, config)
+    target = rebuild_table_name(table, spec) if rebuild else table
+    carry = carry_schema(schema)
+    store = VectorStore.inspect(
+        db_uri,
+        target,
+        spec,
+        key_type=schema.field("key").type,
+        carry_schema=carry,
+        source_key=config.key,
+        storage_options=storage_options,
+    )
+    # Carry values must fit the column they will be written to: the table's, or (for a new
+    # table or a new carry column) the type the table will be created with.
+    stored_schema = (
+        store.schema
+        if store is not None
+        else table_schema(spec, key_type=schema.field("key").type, carry_schema=carry)
+    )
+    carry_targets = {
+        f.name: stored_schema.field(f.name).type if f.name in stored_schema.names else f.type
+        for f in carry
+    }
+    key_type = stored_schema.field("key").type
+    # Rows can move between time windows, so index the whole table to recognise a row moving
+    # in; hash shards are stable per key, so their scope alone is enough.
+    time_windows = isinstance(config.partition, TimeWindow)
+    if store is None:
+        existing = ExistingIndex.empty(key_type, _state_carry(carry_targets))
+    else:
+        existing = ExistingIndex(store.existing_state(None if time_windows else scope))
+    stored_rows = _stored_in_scope(existing, scope)
+    directory = Path(tempfile.mkdtemp(prefix="qwen3-plan-", dir=spill_dir))
+    try:
+        scan = _Scan(
+            existing=existing,
+            fingerprint=spec.fingerprint,
+            carry_names=list(config.carry),
+            carry_targets=carry_targets,
+            token_counter=embedder if isinstance(embedder, TokenCounter) else None,
+            directory=directory,
+        )
+        estimate = max(stored_rows, 1)
+        with Progress(estimate, f"planning {table}", enabled=progress) as bar:
+            for batch in read_batches(source, config, batch_rows=chunk_rows):
+                scan.add(batch)
+                bar.update(batch.num_rows)
+        delete_keys, delete_partitions = scan.deletions(scope, source, config, chunk_rows)
+        scan.planned.add("deleted", delete_partitions)
+        work = PlannedWork(
+            embed_file=scan.embed_spill.close(),
+            update_file=scan.update_spill.close(),
+            delete_keys=delete_keys,
+            delete_partitions=delete_partitions,
+            tally=scan.tally,
+        )
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    planned = scan.planned
+    counts = {name: int(planned.total[name]) for name in PLAN_COUNTERS}
+    plan = RefreshPlan(
+        table_uri=db_uri,
+        table_name=table,
+        target_table=target,
+        spec_fingerprint=spec.fingerprint,
+        rebuild=rebuild,
+        partition_keys=scope,
+        table_exists=store is not None,
+        stored_rows=stored_rows,
+        counts=counts,
+        rows_to_embed=scan.rows_to_embed,
+        tokens_to_embed=scan.tokens_to_embed,
+        tokens_estimated=scan.token_counter is None,
+        per_partition=planned.per_partition(),
+        seconds=time.perf_counter() - started,
+        work=work,
+        spill_dir=directory,
+    )
+    logger.info("%s", plan.summary())
+    return plan
+
+
+def check_mass_delete(
+    plan: RefreshPlan,
+    *,
+    max_delete_share: float = DEFAULT_MAX_DELETE_SHARE,
+    allow_mass_delete: bool = False,
+) -> None:
+    """Refuse a plan that deletes more than ``max_delete_share`` of the stored scope.
+
+    An empty source over a non-empty table is always refused (one broken upstream job must
+    not empty a production index), whatever the share, unless ``allow_mass_delete``.
+
+    Raises:
+        ConfigError: ``max_delete_share`` is not in 0..1.
+        MassDeleteError: The plan deletes too much (nothing has been written).
+
+    Example:
+        >>> check_mass_delete(plan, max_delete_share=0.5)  # doctest: +SKIP
+    """
+    if isinstance(max_delete_share, bool) or not 0.0 <= float(max_delete_share) <= 1.0:
+        raise ConfigError(f"max_delete_share must be in 0..1, got {max_delete_share!r}")
+    if allow_mass_delete or not plan.stored_rows:
+        return
+    deleted, stored = plan.counts["deleted"], plan.stored_rows
+    where = f"table {plan.table_name!r}" + (
+        f" (partitions {plan.partition_keys})" if plan.partition_keys else ""
+    )
+    if plan.counts["scanned"] == 0:
+        raise MassDeleteError(
+            f"the source has no rows in scope but {where} holds {stored} row(s): the refresh "
+            "would delete all of them. Check the upstream job that builds the source; if the "
+            "source is really empty now, re-run with --allow-mass-delete "
+            "(allow_mass_delete=True). Nothing was written"
+        )
+    if plan.delete_share > max_delete_share:
+        raise MassDeleteError(
+            f"the refresh would delete {deleted} of the {stored} row(s) of {where} "
+            f"({plan.delete_share:.1%}, more than the allowed {max_delete_share:.0%}). Check "
+            "the source; if the deletes are intended, re-run with --allow-mass-delete "
+            "(allow_mass_delete=True) or raise max_delete_share. Nothing was written"
+        )
+
+
+# --------------------------------------------------------------------------- the scan
+
+
+class _Spill:
+    """Rows appended batch by batch to an Arrow IPC file, written only when there are rows."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = 0
+        self._writer: Any = None
+
+    def write(self, rows: pa.Table) -> None:
+        if not rows.num_rows:
+            return
+        if self._writer is None:
+            self._writer = pa.ipc.new_file(str(self.path), rows.schema)
+        self._writer.write_table(rows)
+        self.rows += rows.num_rows
+
+    def close(self) -> Path | None:
+        if self._writer is None:
+            return None
+        self._writer.close()
+        self._writer = None
+        return self.path
+
+
+class _Scan:
+    """Per-batch diff of the plan: counts, spills the work, tracks the scope's keys."""
+
+    def __init__(
+        self,
+        *,
+        existing: ExistingIndex,
+        fingerprint: str,
+        carry_names: list[str],
+        carry_targets: dict[str, pa.DataType],
+        token_counter: TokenCounter | None,
+        directory: Path,
+    ) -> None:
+        self.existing = existing
+        self.tracker = ScopeTracker(existing)
+        self.fingerprint = fingerprint
+        self.carry_names = carry_names
+        self.carry_targets = carry_targets
+        self.token_counter = token_counter
+        self.tally = Tally()
+        self.planned = Tally()
+        self.embed_spill = _Spill(directory / "embed.arrow")
+        self.update_spill = _Spill(directory / "update.arrow")
+        self.blank_keys: list[pa.Array] = []
+        self.rows_to_embed = 0
+        self.tokens_to_embed = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        batch = self._cast_carry(batch)
+        keys = batch.column("key")
+        texts = batch.column(TEXT_COLUMN)
+        partitions = batch.column("partition_key")
+        hashes = content_hashes(texts)
+        result = diff(
+            keys=keys,
+            content_hashes=hashes,
+            partition_keys=partitions,
+            existing=self.existing,
+            fingerprint=self.fingerprint,
+            carry=batch.select(self.carry_names) if self.carry_names else None,
+        )
+        self.tracker.observe(keys, result.existing_rows)
+        blank = blank_mask(texts)
+        live = ~blank
+        status = result.status
+        for tally in (self.tally, self.planned):
+            tally.add("scanned", partitions)
+            tally.add("skipped_empty", partitions, blank)
+            tally.add("unchanged", partitions, live & (status == RowStatus.UNCHANGED))
+        if blank.any():
+            # A row that became blank loses its old vector: it no longer says anything.
+            stored_blank = blank & (result.existing_rows >= 0)
+            self.blank_keys.append(keys.filter(pa.array(stored_blank)).cast(self.existing.key_type))
+        embed = live & result.mask(*EMBED_STATUSES)
+        self.planned.add("inserted", partitions, embed & (status == RowStatus.NEW))
+        self.planned.add("updated", partitions, embed & (status != RowStatus.NEW))
+        if embed.any():
+            take = pa.array(np.flatnonzero(embed))
+            rows = pa.Table.from_batches([batch]).take(take)
+            rows = rows.append_column("content_hash", hashes.take(take))
+            rows = rows.append_column(STATUS_COLUMN, pa.array(status[embed], pa.int8()))
+            self.embed_spill.write(rows)
+            self._count_tokens(rows.column(TEXT_COLUMN))
+        update = live & result.mask(*UPDATE_STATUSES)
+        moved = result.moved
+        self.planned.add("moved", partitions, update & moved)
+        self.planned.add("carry_updated", partitions, update & ~moved)
+        if update.any():
+            take = pa.array(np.flatnonzero(update))
+            columns = ["key", "partition_key", "source_updated_at", *self.carry_names]
+            rows = pa.Table.from_batches([batch.select(columns)]).take(take)
+            rows = rows.append_column(MOVED_COLUMN, pa.array(moved[update]))
+            self.update_spill.write(rows)
+
+    def _count_tokens(self, texts: pa.ChunkedArray) -> None:
+        values = texts.to_pylist()
+        self.rows_to_embed += len(values)
+        if self.token_counter is not None:
+            self.tokens_to_embed += int(np.sum(self.token_counter.count_document_tokens(values)))
+        else:
+            lengths = pc.utf8_length(texts.combine_chunks()).to_numpy(zero_copy_only=False)
+            self.tokens_to_embed += int(
+                np.sum(np.ceil(lengths / _CHARS_PER_TOKEN_ESTIMATE)) + len(values)
+            )
+
+    def _cast_carry(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        # Cast carry columns to the table's types now, so a value that does not fit is bad
+        # input found by the plan (naming the rows), not a failed write half-way through.
+        if not self.carry_names:
+            return batch
+        arrays = list(batch.columns)
+        fields = list(batch.schema)
+        for name in self.carry_names:
+            target = self.carry_targets[name]
+            index = batch.schema.get_field_index(name)
+            values = batch.column(index)
+            if values.type == target:
+                continue
+            try:
+                arrays[index] = values.cast(target)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                bad = _rows_that_do_not_cast(values, target)
+                keys = batch.column("key").take(pa.array(bad)).to_pylist()
+                raise InputDataError(
+                    f"carry column {name!r} has value(s) that do not fit the table's {target} "
+                    f"column (keys {keys}): {e}. Fix or cast them in the source, or rebuild "
+                    "the table (rebuild=True / --rebuild). Nothing was written"
+                ) from e
+            fields[index] = fields[index].with_type(target)
+        return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+    def deletions(
+        self, scope: list[str] | None, source: Source, config: SourceConfig, chunk_rows: int
+    ) -> tuple[pa.Array, pa.Array]:
+        """The stored keys to delete and their stored partitions (after the whole scan)."""
+        gone = self.tracker.unseen_keys(scope)
+        if isinstance(config.partition, TimeWindow) and len(gone):
+            gone = _not_in_source(gone, source, config, chunk_rows)
+        key_type = self.existing.key_type
+        keys = pa.concat_arrays([gone.cast(key_type), *self.blank_keys])
+        rows = self.existing.lookup(keys) if len(keys) else np.zeros(0, dtype=np.int64)
+        partitions = self.existing.column("partition_key").take(pa.array(rows, pa.int64()))
+        return keys, partitions
+
+
+def _rows_that_do_not_cast(values: pa.Array, target: pa.DataType) -> list[int]:
+    bad: list[int] = []
+    for i in range(len(values)):
+        try:
+            values.slice(i, 1).cast(target)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            bad.append(i)
+            if len(bad) == _SHOWN:
+                break
+    return bad
+
+
+def _state_carry(carry_targets: dict[str, pa.DataType]) -> pa.Schema:
+    return pa.schema([pa.field(name, t) for name, t in carry_targets.items()])
+
+
+def _stored_in_scope(existing: ExistingIndex, scope: list[str] | None) -> int:
+    if scope is None:
+        return len(existing)
+    inside = pc.is_in(existing.column("partition_key"), value_set=pa.array(scope, pa.string()))
+    return int(pc.sum(pc.fill_null(inside, False).cast(pa.int64())).as_py() or 0)
+
+
+def _not_in_source(
+    candidates: pa.Array, source: Source, config: SourceConfig, chunk_rows: int
+) -> pa.Array:
+    # A key missing from this time window may have moved to another window: only keys absent
+    # from the whole source are deleted; a moved row is moved by its new window's refresh.
+    present: list[pa.Array] = []
+    for raw in source.batches([config.key], chunk_rows):
+        column = raw.column(0)
+        hit = pc.is_in(column.cast(candidates.type), value_set=candidates)
+        present.append(column.filter(hit).cast(candidates.type))
+    if not present:
+        return candidates
+    return candidates.filter(pc.invert(pc.is_in(candidates, value_set=pa.concat_arrays(present))))
+
+
+def read_spill(path: Path | None, rows: int) -> Iterator[pa.Table]:
+    """Stream a plan's spill file in tables of at most ``rows`` rows (one batch read at a time)."""
+    if path is None:
+        return
+    with pa.OSFile(str(path)) as handle:
+        reader = pa.ipc.open_file(handle)
+        pending: list[pa.RecordBatch] = []
+        held = 0
+        for i in range(reader.num_record_batches):
+            batch = reader.get_batch(i)
+            pending.append(batch)
+            held += batch.num_rows
+            while held >= rows:
+                table = pa.Table.from_batches(pending)
+                yield table.slice(0, rows)
+                rest = table.slice(rows)
+                pending = rest.to_batches() if rest.num_rows else []
+                held = rest.num_rows
+        if held:
+            yield pa.Table.from_batches(pending)

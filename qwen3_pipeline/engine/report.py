@@ -1,0 +1,151 @@
+"""The one counter set every driver prints: per-partition tallies, the plan and the report.
+
+``ROW_COUNTERS`` names the row counts of a refresh once; the plan (:class:`RefreshPlan` in
+:mod:`qwen3_pipeline.engine.plan`), the :class:`RefreshReport`, the CLI's JSON and the Dagster
+materialisation metadata (``qwen3/rows_<name>``) are all derived from it.
+"""
+
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qwen3_pipeline.embedder import EncodeStats
+
+# Row counters of a refresh, in the order reports list them. ``embedded`` counts rows sent to
+# the model; the others say what happened to source and stored rows.
+ROW_COUNTERS = (
+    "scanned",
+    "unchanged",
+    "inserted",
+    "updated",
+    "moved",
+    "carry_updated",
+    "deleted",
+    "skipped_empty",
+    "truncated",
+    "failed",
+    "embedded",
+)
+# The counters a plan can know before anything is embedded (no truncated/failed yet).
+PLAN_COUNTERS = ROW_COUNTERS[:8]
+MAX_SHOWN_FAILURES = 100
+
+
+class Tally:
+    """Mutable row counters of a refresh in progress, per partition and in total."""
+
+    def __init__(self) -> None:
+        self.by_partition: dict[str, Counter[str]] = defaultdict(Counter)
+        self.total: Counter[str] = Counter()
+        self.encode = EncodeStats()
+        self.failures: list[tuple[str, str]] = []
+        self.commits = 0
+
+    def add(
+        self, name: str, partitions: pa.Array | pa.ChunkedArray, mask: np.ndarray | None = None
+    ) -> None:
+        """Count rows (those where ``mask`` is true) under ``name``, per partition label."""
+        if mask is not None:
+            if not mask.any():
+                return
+            partitions = partitions.filter(pa.array(mask))
+        if not len(partitions):
+            return
+        for item in pc.value_counts(partitions).to_pylist():
+            label, count = item["values"], item["counts"]
+            self.by_partition[label][name] += count
+            self.total[name] += count
+
+    def per_partition(self) -> dict[str, dict[str, int]]:
+        """Counters per partition label, sorted by label."""
+        return {k: dict(v) for k, v in sorted(self.by_partition.items())}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefreshReport:
+    """What one refresh did.
+
+    Attributes:
+        scanned: Source rows read in the scope.
+        unchanged: Rows whose stored vector was already current.
+        inserted: New keys embedded and written.
+        updated: Existing keys re-embedded (content or spec changed).
+        moved: Rows whose partition changed, updated without re-embedding.
+        carry_updated: Rows whose carry-along columns changed, updated without re-embedding.
+        deleted: Stored rows removed (gone from the source, or now blank).
+        skipped_empty: Source rows with empty or whitespace-only text (not embedded).
+        truncated: Embedded rows cut to ``max_length`` tokens.
+        failed: Rows that could not be embedded (their old vector, if any, is kept).
+        embedded_rows: Rows sent to the model.
+        tokens: Real tokens embedded.
+        padded_tokens: Positions the model computed.
+        padding_efficiency: ``tokens / padded_tokens``.
+        tokens_per_second: Embedding throughput.
+        embed_seconds: Time spent in the model.
+        plan_seconds: Time of the plan pass (read, validate, hash, diff).
+        seconds: Wall-clock time of the refresh.
+        version_before: Lance version of the live table before the refresh (0 when it did not
+            exist: the commits creating it count as the refresh's own).
+        version_after: Lance version after it.
+        committed: Whether the refresh made any commit.
+        table_uri: Database URI.
+        table_name: Table name.
+        spec_fingerprint: Fingerprint of the spec the vectors follow.
+        partition_keys: The partitions refreshed (None: the whole table).
+        per_partition: Counters per partition key.
+        failures: ``(key, reason)`` of failed rows (first 100).
+        run_id: Lineage id written on every row this refresh wrote.
+    """
+
+    scanned: int = 0
+    unchanged: int = 0
+    inserted: int = 0
+    updated: int = 0
+    moved: int = 0
+    carry_updated: int = 0
+    deleted: int = 0
+    skipped_empty: int = 0
+    truncated: int = 0
+    failed: int = 0
+    embedded_rows: int = 0
+    tokens: int = 0
+    padded_tokens: int = 0
+    padding_efficiency: float = 1.0
+    tokens_per_second: float = 0.0
+    embed_seconds: float = 0.0
+    plan_seconds: float = 0.0
+    seconds: float = 0.0
+    version_before: int = 0
+    version_after: int | None = None
+    committed: bool = False
+    table_uri: str = ""
+    table_name: str = ""
+    spec_fingerprint: str = ""
+    partition_keys: list[str] | None = None
+    per_partition: dict[str, dict[str, int]] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+    run_id: str = ""
+
+    def counters(self) -> dict[str, int]:
+        """The run's totals of :data:`ROW_COUNTERS` (``embedded`` = rows sent to the model)."""
+        values = asdict(self)
+        values["embedded"] = self.embedded_rows
+        return {name: int(values[name]) for name in ROW_COUNTERS}
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the report as a JSON-ready dict."""
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for logs: the counters that changed something, tokens, Lance versions."""
+        counts = self.counters()
+        shown = ", ".join(f"{counts[n]} {n}" for n in ROW_COUNTERS if counts[n] or n == "scanned")
+        return (
+            f"refreshed {self.table_name}: {shown}; {self.tokens} tokens at "
+            f"{self.tokens_per_second:.0f} tokens/s; lance version {self.version_before} -> "
+            f"{self.version_after}"
+        )

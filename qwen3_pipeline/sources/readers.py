@@ -1,0 +1,363 @@
+"""Source readers: DuckDB (a table, view or query, e.g. a dbt model), Parquet and Arrow.
+
+Each reader streams chosen columns as Arrow record batches and reports null and duplicate
+keys with one aggregate query. Errors from DuckDB and Arrow are typed here, at the boundary.
+"""
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from qwen3_pipeline.changes import sanitize_text
+from qwen3_pipeline.errors import ConfigError, SourceReadError, SourceUnavailableError
+
+_LOCKED = re.compile(r"could not set lock|conflicting lock|database is locked", re.IGNORECASE)
+_BARE_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*){0,2}$")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class Source(Protocol):
+    """What :func:`read_batches` needs from a source."""
+
+    @property
+    def name(self) -> str:
+        """A short description for lineage (``duckdb:PATH::TABLE``)."""
+        ...
+
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of the source rows (all columns)."""
+        ...
+
+    def batches(self, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """Stream the given columns in batches of at most ``batch_rows`` rows."""
+        ...
+
+    def key_problems(self, key: str, limit: int) -> tuple[int, list[tuple[Any, int]]]:
+        """Return (rows with a null key, up to ``limit`` duplicated keys with their counts)."""
+        ...
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _key_problem_sql(relation: str, key: str, limit: int) -> tuple[str, str]:
+    column = _quote(key)
+    nulls = f"SELECT count(*) FROM {relation} WHERE {column} IS NULL"
+    dupes = (
+        f"SELECT {column}, count(*) AS n FROM {relation} WHERE {column} IS NOT NULL "
+        f"GROUP BY {column} HAVING count(*) > 1 ORDER BY n DESC, {column} LIMIT {int(limit)}"
+    )
+    return nulls, dupes
+
+
+class DuckDBSource:
+    """Rows of a table, view or query in a DuckDB database file, read read-only.
+
+    Args:
+        path: The DuckDB file (it must exist; it is opened with ``read_only=True``).
+        table_or_query: A table or view name (``docs``, ``main.docs``), or a ``SELECT``
+            query. A bare identifier is quoted as a table name; anything else runs as SQL.
+
+    Raises:
+        ConfigError: The file does not exist, or ``table_or_query`` is empty.
+
+    Example:
+        >>> source = DuckDBSource("warehouse.duckdb", "stg_documents")  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, table_or_query: str) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.is_file():
+            raise ConfigError(
+                f"DuckDB file {str(self.path)!r} does not exist; check the path (the refresh "
+                "reads it read-only and never creates it)"
+            )
+        if not table_or_query or not table_or_query.strip():
+            raise ConfigError("DuckDBSource needs a table name or a query, got an empty string")
+        self.table_or_query = table_or_query.strip()
+
+    @property
+    def name(self) -> str:
+        """``duckdb:PATH::TABLE_OR_QUERY``."""
+        return f"duckdb:{self.path}::{self.table_or_query}"
+
+    @property
+    def relation(self) -> str:
+        """The FROM-clause the source reads."""
+        if _BARE_TABLE.match(self.table_or_query):
+            return ".".join(_quote(part) for part in self.table_or_query.split("."))
+        # The newline keeps a trailing "-- comment" in the query from eating the parenthesis.
+        return f"({self.table_or_query.rstrip().rstrip(';')}\n) AS src"
+
+    @contextmanager
+    def _connect(self) -> Iterator[Any]:
+        import duckdb
+
+        try:
+            con = duckdb.connect(str(self.path), read_only=True)
+        except duckdb.Error as e:
+            if _LOCKED.search(str(e)):
+                raise SourceUnavailableError(
+                    f"DuckDB file {str(self.path)!r} is locked by another process (a dbt run "
+                    f"writing it?); retry when it is done: {e}"
+                ) from e
+            raise ConfigError(f"could not open DuckDB file {str(self.path)!r}: {e}") from e
+        try:
+            yield con
+        finally:
+            con.close()
+
+    def _sql(self, con: Any, query: str) -> Any:
+        import duckdb
+
+        try:
+            return con.sql(query)
+        except duckdb.CatalogException as e:
+            tables = [
+                ".".join(row)
+                for row in con.sql(
+                    "SELECT table_schema, table_name FROM information_schema.tables ORDER BY 1, 2"
+                ).fetchall()
+            ]
+            raise ConfigError(
+                f"DuckDB source {self.table_or_query!r} in {str(self.path)!r} failed: {e}. "
+                f"Tables and views there: {tables}"
+            ) from e
+        except duckdb.Error as e:
+            raise ConfigError(
+                f"DuckDB source {self.table_or_query!r} in {str(self.path)!r} failed: {e}"
+            ) from e
+
+    def schema(self) -> pa.Schema:
+        """The Arrow schema of the table or query."""
+        with self._connect() as con:
+            return self._sql(con, f"SELECT * FROM {self.relation} LIMIT 0").to_arrow_table().schema
+
+    def batches(self, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """Stream ``columns`` with DuckDB's Arrow reader (bounded memory)."""
+        projection = ", ".join(_quote(c) for c in columns)
+        with self._connect() as con:
+            reader = self._sql(con, f"SELECT {projection} FROM {self.relation}").to_arrow_reader(
+                batch_rows
+            )
+            yield from _typed_read(reader, self.name)
+
+    def key_problems(self, key: str, limit: int) -> tuple[int, list[tuple[Any, int]]]:
+        """Null and duplicated keys, computed in DuckDB."""
+        nulls_sql, dupes_sql = _key_problem_sql(self.relation, key, limit)
+        with self._connect() as con:
+            nulls = self._sql(con, nulls_sql).fetchall()[0][0]
+            dupes = self._sql(con, dupes_sql).fetchall()
+        return int(nulls), [(k, int(n)) for k, n in dupes]
+
+
+def _arrow_key_problems(data: Any, key: str, limit: int) -> tuple[int, list[tuple[Any, int]]]:
+    """Null and duplicated keys of in-process Arrow data (an in-memory DuckDB scans it)."""
+    import duckdb
+
+    nulls_sql, dupes_sql = _key_problem_sql("src", key, limit)
+    con = duckdb.connect()
+    try:
+        con.register("src", data)
+        nulls = con.sql(nulls_sql).fetchall()[0][0]
+        dupes = con.sql(dupes_sql).fetchall()
+    except (duckdb.Error, pa.ArrowException, OSError) as e:
+        # A garbled Parquet page surfaces here first (InvalidInputException): bad input.
+        raise SourceReadError(f"could not read the source's key column {key!r}: {e}") from e
+    finally:
+        con.close()
+    return int(nulls), [(k, int(n)) for k, n in dupes]
+
+
+def _typed_read(batches: Iterable[pa.RecordBatch], where: str) -> Iterator[pa.RecordBatch]:
+    """Yield ``batches``, turning a read failure mid-stream into :class:`SourceReadError`."""
+    import duckdb
+
+    iterator = iter(batches)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (duckdb.Error, pa.ArrowException, OSError) as e:
+            raise SourceReadError(
+                f"could not read {where}: {e}. The file or query result is damaged or "
+                "unreadable; fix or regenerate the source and re-run (nothing was written)"
+            ) from e
+        yield batch
+
+
+class ParquetSource:
+    """Rows of a Parquet file, or of a directory of them (hive partitioning understood).
+
+    Args:
+        path: A ``.parquet`` file or a directory.
+
+    Raises:
+        ConfigError: The path does not exist or holds no readable Parquet data.
+
+    Example:
+        >>> source = ParquetSource("data/documents.parquet")  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path).expanduser()
+        if not self.path.exists():
+            raise ConfigError(f"Parquet source {str(self.path)!r} does not exist; check the path")
+        try:
+            self._dataset = ds.dataset(
+                str(self.path),
+                format="parquet",
+                partitioning="hive" if self.path.is_dir() else None,
+            )
+        except (pa.ArrowInvalid, OSError) as e:
+            raise ConfigError(f"could not read Parquet source {str(self.path)!r}: {e}") from e
+
+    @property
+    def name(self) -> str:
+        """``parquet:PATH``."""
+        return f"parquet:{self.path}"
+
+    def schema(self) -> pa.Schema:
+        """The dataset's Arrow schema."""
+        return self._dataset.schema
+
+    def batches(self, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """Stream ``columns`` file by file, page by page, so memory stays near ``batch_rows``.
+
+        ``Dataset.to_batches`` decodes whole row groups ahead of a slow consumer whatever its
+        read-ahead settings (a file written with one row group is held in memory entire), and
+        ``pre_buffer`` would load every row group's bytes at once; ``ParquetFile.iter_batches``
+        without it holds one row group's column chunks at a time.
+        """
+        yield from _typed_read(self._read_fragments(list(columns), batch_rows), self.name)
+
+    def _read_fragments(self, wanted: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        import pyarrow.parquet as pq
+
+        schema = self._dataset.schema
+        for fragment in self._dataset.get_fragments():
+            constants = ds.get_partition_keys(fragment.partition_expression) or {}
+            in_file = [c for c in wanted if c not in constants]
+            with self._dataset.filesystem.open_input_file(fragment.path) as handle:
+                for batch in pq.ParquetFile(handle, pre_buffer=False).iter_batches(
+                    batch_size=batch_rows, columns=in_file, use_threads=False
+                ):
+                    arrays = []
+                    for name in wanted:
+                        target = schema.field(name).type
+                        if name in constants:
+                            value = pa.scalar(constants[name]).cast(target)
+                            arrays.append(pa.array([value.as_py()] * batch.num_rows, target))
+                        else:
+                            column = batch.column(name)
+                            arrays.append(column if column.type == target else column.cast(target))
+                    yield pa.RecordBatch.from_arrays(arrays, names=wanted)
+
+    def key_problems(self, key: str, limit: int) -> tuple[int, list[tuple[Any, int]]]:
+        """Null and duplicated keys, computed by DuckDB over the dataset."""
+        return _arrow_key_problems(self._dataset, key, limit)
+
+
+class ArrowSource:
+    """Rows of an in-memory Arrow table or record batch, or a pandas DataFrame.
+
+    DataFrame strings holding lone surrogates (which Arrow rejects) are sanitised on the way
+    in, exactly as the rendered text would be.
+
+    Args:
+        data: A ``pa.Table``, ``pa.RecordBatch`` or ``pandas.DataFrame``.
+        name: How the source is described in lineage.
+
+    Raises:
+        ConfigError: ``data`` is of another type.
+
+    Example:
+        >>> ArrowSource(pa.table({"id": [1], "body": ["hello"]})).schema().names
+        ['id', 'body']
+    """
+
+    def __init__(
+        self, data: pa.Table | pa.RecordBatch | pd.DataFrame, *, name: str = "arrow"
+    ) -> None:
+        if isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        elif isinstance(data, pd.DataFrame):
+            data = _table_from_pandas(data)
+        if not isinstance(data, pa.Table):
+            raise ConfigError(
+                f"ArrowSource takes a pyarrow Table/RecordBatch or a pandas DataFrame, "
+                f"got {type(data).__name__}"
+            )
+        self._table = data
+        self._name = name
+
+    @property
+    def name(self) -> str:
+        """The name given at construction."""
+        return self._name
+
+    def schema(self) -> pa.Schema:
+        """The table's schema."""
+        return self._table.schema
+
+    def batches(self, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """Slices of the table (zero-copy)."""
+        yield from self._table.select(list(columns)).to_batches(max_chunksize=batch_rows)
+
+    def key_problems(self, key: str, limit: int) -> tuple[int, list[tuple[Any, int]]]:
+        """Null and duplicated keys, computed by DuckDB over the table."""
+        return _arrow_key_problems(self._table, key, limit)
+
+
+def _table_from_pandas(frame: pd.DataFrame) -> pa.Table:
+    try:
+        return pa.Table.from_pandas(frame, preserve_index=False)
+    except UnicodeEncodeError:
+        fixed = frame.copy()
+        for column in fixed.columns:
+            if fixed[column].dtype == object:
+                fixed[column] = fixed[column].map(
+                    lambda v: sanitize_text(v) if isinstance(v, str) else v
+                )
+        return pa.Table.from_pandas(fixed, preserve_index=False)
+
+
+def parse_source(spec: str) -> DuckDBSource | ParquetSource:
+    """Build a source from its command-line form.
+
+    Forms: ``duckdb:PATH::TABLE_OR_QUERY`` (e.g. ``duckdb:data/dw.duckdb::stg_documents``),
+    ``parquet:PATH`` or a plain ``PATH`` to a Parquet file or directory.
+
+    Raises:
+        ConfigError: The form is not recognised or the file does not exist.
+
+    Example:
+        >>> parse_source("duckdb:dw.duckdb::docs")  # doctest: +SKIP
+    """
+    if spec.startswith("duckdb:"):
+        body = spec[len("duckdb:") :]
+        path, sep, target = body.partition("::")
+        if not sep or not path or not target.strip():
+            raise ConfigError(
+                f"source {spec!r}: write a DuckDB source as duckdb:PATH::TABLE_OR_QUERY, "
+                "e.g. duckdb:data/warehouse.duckdb::stg_documents"
+            )
+        return DuckDBSource(path, target)
+    path = spec[len("parquet:") :] if spec.startswith("parquet:") else spec
+    if not path:
+        raise ConfigError("empty source; give a Parquet path or duckdb:PATH::TABLE_OR_QUERY")
+    if Path(path).suffix.lower() in {".duckdb", ".db", ".ddb"}:
+        raise ConfigError(
+            f"source {spec!r} looks like a DuckDB file; write duckdb:{path}::TABLE_OR_QUERY"
+        )
+    return ParquetSource(path)
