@@ -396,20 +396,6 @@ class DiffResult:
         """Return a boolean mask of the rows with any of ``statuses``."""
         return np.isin(self.status, np.array([int(s) for s in statuses], dtype=np.int8))
 
-    def indices(self, *statuses: RowStatus) -> np.ndarray:
-        """Return the row positions with any of ``statuses`` (for ``batch.take``)."""
-        return np.flatnonzero(self.mask(*statuses))
-
-    @property
-    def embed_indices(self) -> np.ndarray:
-        """Rows to embed and write in full: new, changed and respec."""
-        return self.indices(*EMBED_STATUSES)
-
-    @property
-    def update_indices(self) -> np.ndarray:
-        """Rows that need a column update only (moved or carry changed), no re-embedding."""
-        return self.indices(*UPDATE_STATUSES)
-
     @cached_property
     def counts(self) -> dict[str, int]:
         """Rows per status label, every status present (zeros included)."""
@@ -581,32 +567,6 @@ def _differs(new: pa.Array, old: pa.Array) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- scope tracking
-
-
-def deleted_keys(
-    existing_keys: pa.Array | pa.ChunkedArray, seen_keys: pa.Array | pa.ChunkedArray
-) -> pa.Array:
-    """Return the stored keys that the source scope no longer has.
-
-    Args:
-        existing_keys: Keys stored for the scope.
-        seen_keys: Every key read from the source scope.
-
-    Returns:
-        ``existing_keys`` minus ``seen_keys``, in stored order.
-
-    Example:
-        >>> deleted_keys(pa.array([1, 2, 3]), pa.array([3, 1])).to_pylist()
-        [2]
-    """
-    if isinstance(existing_keys, pa.ChunkedArray):
-        existing_keys = existing_keys.combine_chunks()
-    if isinstance(seen_keys, pa.ChunkedArray):
-        seen_keys = seen_keys.combine_chunks()
-    if seen_keys.type != existing_keys.type:
-        seen_keys = seen_keys.cast(existing_keys.type)
-    gone = pc.invert(pc.is_in(existing_keys, value_set=seen_keys))
-    return existing_keys.filter(gone)
 
 
 class ScopeTracker:

@@ -7,13 +7,14 @@ import pytest
 
 from qwen3_pipeline import changes
 from qwen3_pipeline.changes import (
+    EMBED_STATUSES,
+    UPDATE_STATUSES,
     ExistingIndex,
     RowStatus,
     ScopeTracker,
     blank_mask,
     content_hash,
     content_hashes,
-    deleted_keys,
     diff,
     is_blank,
     sanitize_text,
@@ -129,8 +130,8 @@ def test_diff_classifies_every_status():
         "carry_only": 1,
         "unchanged": 1,
     }
-    assert result.embed_indices.tolist() == [1, 2, 5, 6]
-    assert result.update_indices.tolist() == [3, 4]
+    assert np.flatnonzero(result.mask(*EMBED_STATUSES)).tolist() == [1, 2, 5, 6]
+    assert np.flatnonzero(result.mask(*UPDATE_STATUSES)).tolist() == [3, 4]
     assert result.existing_rows.tolist() == [0, 1, 2, 3, 4, 5, -1]
     reasons = result.reasons()
     assert reasons[0] == "unchanged"
@@ -334,11 +335,6 @@ def test_scope_tracker_rejects_duplicate_keys(batches):
         tracker.observe(keys, index.lookup(keys))
     with pytest.raises(InputDataError, match=r"duplicate key\(s\).*[17]"):
         tracker.observe(last, index.lookup(last))
-
-
-def test_deleted_keys():
-    assert deleted_keys(pa.array(["a", "b", "c"]), pa.array(["c", "x"])).to_pylist() == ["a", "b"]
-    assert deleted_keys(pa.array([1, 2]), pa.array([1, 2], pa.int32())).to_pylist() == []
 
 
 # ---------------------------------------------------------------- scale (speed: refresh_bench.py)
