@@ -349,11 +349,12 @@ def test_bad_input_fails_without_retry(tmp_path: Path, warehouse: Path) -> None:
 
 
 class _FlakySource:
-    """A source whose first read times out (a transient failure), then works."""
+    """A source whose first read fails with ``error`` (a timeout by default), then works."""
 
-    def __init__(self, inner: DuckDBSource) -> None:
+    def __init__(self, inner: DuckDBSource, error: Exception | None = None) -> None:
         self._inner = inner
         self.name = inner.name
+        self._error = error or TimeoutError("source read timed out")
 
     def schema(self) -> pa.Schema:
         return self._inner.schema()
@@ -364,7 +365,7 @@ class _FlakySource:
     def batches(self, columns: Sequence[str], batch_rows: int):
         if not _FLAKY_CALLS:
             _FLAKY_CALLS.append(1)
-            raise TimeoutError("source read timed out")
+            raise self._error
         yield from self._inner.batches(columns, batch_rows)
 
 
@@ -387,6 +388,27 @@ def test_transient_failure_is_retried(tmp_path: Path, warehouse: Path) -> None:
     types = [e.event_type_value for e in result.all_events]
     assert types.count("STEP_UP_FOR_RETRY") == 1
     assert _table(tmp_path).count_rows() == ROWS
+
+
+def test_a_bug_is_not_retried(tmp_path: Path, warehouse: Path) -> None:
+    _FLAKY_CALLS.clear()
+    asset = build_embedding_asset(
+        key="document_vectors",
+        source=lambda: _FlakySource(
+            DuckDBSource(warehouse, "documents"), RuntimeError("lock held (a bug, not a lock)")
+        ),
+        source_config=CONFIG,
+        spec=SPEC,
+        table=TABLE,
+        partitioning=None,
+        retry_policy=NO_RETRY,
+    )
+    result = _materialize([asset], _resources(tmp_path), dg.DagsterInstance.ephemeral())
+    assert not result.success
+    types = [e.event_type_value for e in result.all_events]
+    assert types.count("STEP_UP_FOR_RETRY") == 0
+    failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")
+    assert "internal error: RuntimeError" in str(failure.event_specific_data)
 
 
 def test_error_classification_uses_the_type_only() -> None:
