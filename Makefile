@@ -13,7 +13,12 @@ unexport PYTHONDONTWRITEBYTECODE
 
 .PHONY: setup demo dev test lint bench clean
 
-setup: $(STAMP) dbt_models/target/manifest.json
+# The code location reads the dbt manifest but never builds it: it lives under the data
+# directory, with everything else dbt writes (the dbt project itself is dbt_models/).
+DATA_DIR := $(or $(QWEN3_PIPELINE_DATA_DIR),data)
+DBT_MANIFEST := $(DATA_DIR)/dbt/target/manifest.json
+
+setup: $(STAMP) $(DBT_MANIFEST)
 
 # torch goes in first with plain pip: on these machines `torch==2.13.0` is a small CPU wheel on
 # local disk, while a resolver left to itself would pull a multi-GB CUDA build. Everything else
@@ -25,9 +30,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(VENV)/bin/uv pip install --quiet --python $(PY) -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# dagster-dbt reads target/manifest.json when the code location is imported.
-dbt_models/target/manifest.json: $(STAMP) $(wildcard dbt_models/*.yml dbt_models/models/*/*)
-	$(VENV)/bin/dbt parse --quiet --project-dir dbt_models --profiles-dir dbt_models
+$(DBT_MANIFEST): $(STAMP) $(wildcard dbt_models/*.yml dbt_models/models/*/*)
+	$(PY) -m qwen3_pipeline.dagster_defs.dbt --force
 
 demo: setup
 	$(PY) -m qwen3_pipeline.demo

@@ -9,6 +9,9 @@ the second run embeds nothing and makes no Lance commit.
 The run history goes to ``$DAGSTER_HOME`` if set, else ``<data_dir>/dagster_home``; point
 ``DAGSTER_HOME`` there and start ``dagster dev -w workspace.yaml`` to see these runs in the UI.
 
+The dbt manifest is prepared under ``<data_dir>/dbt/target`` first if it is missing or out of
+date (the code location only reads it).
+
 Model: ``QWEN3_PIPELINE_MODEL`` if set. Otherwise the default hub model is used when it can be
 loaded; when it cannot (offline, no cached copy), a random-weight demo checkpoint is built under
 ``<data_dir>/demo-model`` and a loud notice says that its vectors are not semantic.
@@ -25,7 +28,9 @@ from urllib.parse import urlparse
 
 import dagster as dg
 
+from qwen3_pipeline import demo_model
 from qwen3_pipeline.dagster_defs.automation import all_partitions_tags
+from qwen3_pipeline.dagster_defs.dbt import ensure_dbt_manifest
 from qwen3_pipeline.dagster_defs.location import MODEL_ENV, DemoSettings, build_definitions
 from qwen3_pipeline.dagster_defs.resources import DEFAULT_MODEL
 from qwen3_pipeline.dagster_defs.vectors import open_vectors
@@ -77,24 +82,13 @@ def _reachable(url: str, timeout_s: float = 3.0) -> bool:
 def build_demo_model(data_dir: Path) -> Path:
     """Build (once) the random-weight demo checkpoint under ``<data_dir>/demo-model``.
 
-    Raises:
-        Qwen3PipelineError: The builder (``tests/fixtures``, in the source checkout) is missing.
+    The builder and the Qwen tokenizer ship with the package (:mod:`qwen3_pipeline.demo_model`).
     """
     target = (data_dir / DEMO_MODEL_DIR).resolve()
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    try:
-        from tests.fixtures.tiny_qwen3 import build_tiny_qwen3_checkpoint
-    except ImportError as e:
-        raise Qwen3PipelineError(
-            "the default model cannot be loaded here and the demo-model builder "
-            "(tests/fixtures/tiny_qwen3.py) is not importable; run from the repository root, "
-            f"or set {MODEL_ENV} to a local Qwen3-Embedding checkpoint directory"
-        ) from e
-    # Big enough to exercise batching, small enough for any CPU (hidden 256, 4 layers).
-    return build_tiny_qwen3_checkpoint(
-        target, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=512
-    )
+    # Looked up on the module when called, so tests can stand in a fake builder.
+    return demo_model.build_tiny_qwen3_checkpoint(target, **demo_model.SHAPES["demo"])
 
 
 def choose_model(settings: DemoSettings, environ: dict[str, str] | os._Environ[str]) -> str:
@@ -149,6 +143,8 @@ def run_demo(*, limit: int | None, query: str, settings: DemoSettings | None = N
     if settings is None:
         settings = DemoSettings.from_env()
         settings = replace(settings, model=choose_model(settings, os.environ))
+    # First use: the code location reads the dbt manifest but never builds it.
+    ensure_dbt_manifest()
     defs = build_definitions(settings)
     embedding = defs.resolve_assets_def(EMBEDDING_ASSET)
     assert embedding.partitions_def is not None

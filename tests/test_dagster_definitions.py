@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ import dagster as dg
 import pytest
 import yaml
 
+from qwen3_pipeline.dagster_defs import dbt as dbt_defs
 from qwen3_pipeline.dagster_defs.location import DemoSettings, build_definitions
 from qwen3_pipeline.dagster_defs.resources import (
     FakeEmbedderResource,
@@ -23,13 +25,30 @@ VECTORS = dg.AssetKey("document_vectors")
 INDEX = dg.AssetKey("document_vectors_index")
 NEAR = dg.AssetKey("near_duplicate_documents")
 
+# Records every process started and every file opened for writing, from before the import on.
 LOAD_SCRIPT = """
-import json, sys
+import json, os, sys
+
+spawned, written = [], []
+WRITE = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+def audit(event, args):
+    if event in {"subprocess.Popen", "os.posix_spawn", "os.exec", "os.spawn"}:
+        spawned.append([str(a) for a in args[1]])
+    elif event in {"os.system", "os.fork", "os.forkpty"}:
+        spawned.append([event, *map(str, args)])
+    elif event == "open" and isinstance(args[2], int) and args[2] & WRITE:
+        written.append(str(args[0]))
+
+sys.addaudithook(audit)
+
 import dagster as dg
 from qwen3_pipeline.definitions import defs
 dg.Definitions.validate_loadable(defs)
 repo = defs.get_repository_def()
 print(json.dumps({
+    "spawned": spawned,
+    "written": written,
     "torch": "torch" in sys.modules,
     "transformers": "transformers" in sys.modules,
     "assets": sorted(k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()),
@@ -42,14 +61,17 @@ print(json.dumps({
 """
 
 
-def test_definitions_load_in_a_fresh_process_without_torch(tmp_path: Path) -> None:
+def _load_in_a_fresh_process(data_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
-        "QWEN3_PIPELINE_DATA_DIR": str(tmp_path / "data"),
+        "QWEN3_PIPELINE_DATA_DIR": str(data_dir),
         "QWEN3_PIPELINE_AUTOMATION": "off",
+        # Python's own bytecode cache would count as a write.
+        "PYTHONDONTWRITEBYTECODE": "1",
     }
-    env.pop("QWEN3_PIPELINE_MODEL", None)
-    done = subprocess.run(
+    for name in ("QWEN3_PIPELINE_MODEL", "DAGSTER_IS_DEV_CLI"):
+        env.pop(name, None)
+    return subprocess.run(
         [sys.executable, "-c", LOAD_SCRIPT],
         cwd=REPO,
         env=env,
@@ -58,8 +80,38 @@ def test_definitions_load_in_a_fresh_process_without_torch(tmp_path: Path) -> No
         timeout=300,
         check=False,
     )
+
+
+def _ours(loaded: dict) -> tuple[list, list]:
+    # dagster's vendored croniter runs `file -b <python>` (platform.architecture) on import.
+    spawned = [argv for argv in loaded["spawned"] if argv[0] != "file"]
+    return spawned, [path for path in loaded["written"] if path != "/dev/null"]
+
+
+def test_without_a_prepared_manifest_loading_names_the_command_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    done = _load_in_a_fresh_process(tmp_path / "data")
+    assert done.returncode != 0
+    assert "DbtManifestNotPreparedError" in done.stderr
+    assert f"`{dbt_defs.PREPARE_COMMAND}`" in done.stderr
+    assert not (tmp_path / "data").exists()
+
+
+def test_definitions_load_in_a_fresh_process_without_torch(tmp_path: Path) -> None:
+    # The manifest this process loaded (prepared by `make setup`), as the command would write it.
+    target = tmp_path / "data" / "dbt" / "target"
+    target.mkdir(parents=True)
+    shutil.copy(dbt_defs.dbt_project.manifest_path, target / "manifest.json")
+    done = _load_in_a_fresh_process(tmp_path / "data")
     assert done.returncode == 0, done.stderr
     loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert _ours(loaded) == ([], [])
+    assert sorted(p.name for p in (tmp_path / "data").rglob("*")) == [
+        "dbt",
+        "manifest.json",
+        "target",
+    ]
     assert loaded["torch"] is False
     assert loaded["transformers"] is False
     assert loaded["assets"] == sorted(

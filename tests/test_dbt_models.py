@@ -174,7 +174,6 @@ def test_dagster_materializes_raw_and_dbt_then_propagates_a_change(
 ) -> None:
     monkeypatch.setenv("QWEN3_PIPELINE_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("QWEN3_PIPELINE_DUCKDB_PATH", raising=False)
-    monkeypatch.setenv("DBT_TARGET_PATH", str(tmp_path / "dbt_target"))
     assets = [raw_docstrings, dbt_models_assets]
     resources = {"dbt": dbt_cli_resource()}
 
@@ -192,6 +191,10 @@ def test_dagster_materializes_raw_and_dbt_then_propagates_a_change(
     assert all(c.passed for c in checks)
     db = tmp_path / "data" / "warehouse.duckdb"
     assert _query(db, "SELECT count(*) FROM documents") == [(LIMIT,)]
+    # dbt's artifacts and log go under the data directory, not into the (installed) project.
+    (run_target,) = (tmp_path / "data" / "dbt" / "target" / "runs").iterdir()
+    assert (run_target / "run_results.json").is_file()
+    assert (run_target / "dbt.log").is_file()
 
     (doc_id,) = _query(db, "SELECT min(doc_id) FROM raw_docstrings")[0]
     changed_at = datetime(2030, 1, 1)

@@ -2,9 +2,9 @@
 
 ``raw_docstrings`` loads the standard-library docstring corpus into DuckDB; the dbt project in
 ``dbt_models/`` stages it and renders the ``documents`` table that the embedding asset reads.
-The raw asset takes the asset key of the dbt source (``raw.raw_docstrings``, whose dbt
-``meta.dagster.asset_key`` is ``["raw_docstrings"]``), so the lineage raw -> stg -> documents
-is one graph.
+The raw asset's key is the one the dbt source ``raw.raw_docstrings`` declares (its
+``meta.dagster.asset_key``, checked when the dbt assets are defined), so the lineage
+raw -> stg -> documents is one graph.
 
 Where the DuckDB file lives (read when an asset runs, not at import):
 
@@ -14,31 +14,40 @@ Where the DuckDB file lives (read when an asset runs, not at import):
 The path is made absolute against the Dagster process's working directory and handed to dbt
 as the ``duckdb_path`` var, because dbt runs with the dbt project as its working directory.
 
-The dbt manifest (``dbt_models/target/manifest.json``) is needed to define the dbt assets.
-It is rebuilt on import when it is missing or older than a file of the dbt project (so model
-edits are picked up, under ``dagster dev`` or not, while the code server and every run worker
-of an unchanged project skip the ~10 s parse). When building a deployment, build it ahead with
-``dbt parse --project-dir dbt_models --profiles-dir dbt_models`` (from the repository root) or
-:func:`prepare_dbt_manifest`.
+The dbt project ships inside the package (``qwen3_pipeline/resources/dbt_project``, in a source
+checkout a link to ``dbt_models/`` at the repository root); ``QWEN3_PIPELINE_DBT_PROJECT_DIR``
+points at another copy. Everything dbt writes goes under the data directory, never into the
+project: the manifest (``<data_dir>/dbt/target/manifest.json``) and each run's artifacts and log.
+
+The dbt assets are defined from that manifest, and importing this module (or the code location)
+neither builds it nor writes anything: prepare it once per data directory, and again after the
+dbt project changes, with ``python -m qwen3_pipeline.dagster_defs.dbt`` (``make setup`` and the
+demo do it too). Loading the dbt assets without a current manifest raises
+:class:`DbtManifestNotPreparedError` naming that command, except under ``dagster dev``, where
+the manifest is prepared on load when it is missing or older than a file of the dbt project
+(dagster-dbt's ``prepare_if_dev`` convention, so model edits show up on reload).
 
 Example:
     >>> import dagster as dg
     >>> from qwen3_pipeline.dagster_defs.dbt import (
     ...     dbt_cli_resource,
-    ...     dbt_models_assets,
+    ...     load_dbt_models_assets,
     ...     raw_docstrings,
     ... )
-    >>> defs = dg.Definitions(
-    ...     assets=[raw_docstrings, dbt_models_assets],
+    >>> defs = dg.Definitions(  # doctest: +SKIP
+    ...     assets=[raw_docstrings, load_dbt_models_assets()],
     ...     resources={"dbt": dbt_cli_resource()},
     ... )
 """
 
+import argparse
+import functools
 import json
 import logging
 import os
 import sys
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,6 +63,7 @@ from dagster_dbt import (
 from pydantic import Field
 
 from qwen3_pipeline.corpus import CORPUS_SCHEMA, DEFAULT_TABLE, load_corpus_into_duckdb
+from qwen3_pipeline.errors import ConfigError, Qwen3PipelineError
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +72,23 @@ DUCKDB_PATH_ENV = "QWEN3_PIPELINE_DUCKDB_PATH"
 DBT_PROJECT_DIR_ENV = "QWEN3_PIPELINE_DBT_PROJECT_DIR"
 DEFAULT_DATA_DIR = "data"
 WAREHOUSE_FILENAME = "warehouse.duckdb"
-# Names inside dbt_models/: the source that raw_docstrings feeds and the model to embed.
+# Where dbt writes (manifest, run artifacts, logs), relative to the data directory.
+DBT_TARGET_SUBDIR = Path("dbt", "target")
+PREPARE_COMMAND = "python -m qwen3_pipeline.dagster_defs.dbt"
+# The dbt project inside the package; setuptools copies the files behind this link into wheels.
+PACKAGED_DBT_PROJECT = Path(__file__).resolve().parents[1] / "resources" / "dbt_project"
+# Names inside the dbt project: the source that raw_docstrings feeds and the model to embed.
 DBT_SOURCE_NAME = "raw"
 DOCUMENTS_MODEL = "documents"
+RAW_DOCSTRINGS_KEY = dg.AssetKey(["raw_docstrings"])
+
+
+class DbtManifestNotPreparedError(Qwen3PipelineError):
+    """The dbt manifest is missing or older than the dbt project: prepare it, then reload."""
+
+
+def _data_dir() -> Path:
+    return Path(os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
 
 
 def duckdb_warehouse_path() -> Path:
@@ -78,21 +102,30 @@ def duckdb_warehouse_path() -> Path:
     explicit = os.environ.get(DUCKDB_PATH_ENV)
     if explicit:
         return Path(explicit).expanduser().resolve()
-    data_dir = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
-    return (Path(data_dir).expanduser() / WAREHOUSE_FILENAME).resolve()
+    return (_data_dir() / WAREHOUSE_FILENAME).resolve()
+
+
+def dbt_target_dir() -> Path:
+    """Return the absolute directory that dbt writes to: ``<data_dir>/dbt/target``.
+
+    Returns:
+        ``$QWEN3_PIPELINE_DATA_DIR/dbt/target`` (data directory default ``./data``), resolved
+        against the current working directory.
+    """
+    return (_data_dir() / DBT_TARGET_SUBDIR).resolve()
 
 
 def dbt_project_dir() -> Path:
     """Return the directory of the dbt project.
 
     Returns:
-        ``$QWEN3_PIPELINE_DBT_PROJECT_DIR`` if set, else ``dbt_models/`` at the repository root
-        (two levels above this package), which is where a source checkout keeps it.
+        ``$QWEN3_PIPELINE_DBT_PROJECT_DIR`` if set, else the project shipped in the package
+        (in a source checkout, ``dbt_models/`` at the repository root).
     """
     explicit = os.environ.get(DBT_PROJECT_DIR_ENV)
     if explicit:
         return Path(explicit).expanduser().resolve()
-    return Path(__file__).resolve().parents[2] / "dbt_models"
+    return PACKAGED_DBT_PROJECT.resolve()
 
 
 def dbt_executable() -> str:
@@ -105,7 +138,8 @@ def dbt_executable() -> str:
     return str(beside_python) if beside_python.is_file() else "dbt"
 
 
-dbt_project = DbtProject(project_dir=dbt_project_dir())
+# Reads dbt_project.yml and writes nothing. The data directory is the one set at import.
+dbt_project = DbtProject(project_dir=dbt_project_dir(), target_path=dbt_target_dir())
 
 
 def dbt_cli_resource() -> DbtCliResource:
@@ -114,17 +148,17 @@ def dbt_cli_resource() -> DbtCliResource:
 
 
 def prepare_dbt_manifest() -> Path:
-    """Parse the dbt project and write ``target/manifest.json``, replacing the old one atomically.
+    """Parse the dbt project and write the manifest, replacing the old one atomically.
 
-    The same as ``dbt parse --project-dir dbt_models --profiles-dir dbt_models`` (which is what
+    The same as ``dbt parse`` with the target path in the data directory (what
     :meth:`DbtProject.prepare_if_dev` runs), except that it uses :func:`dbt_executable` and
     parses into a scratch directory first, so a process loading the manifest concurrently never
     reads a half-written file.
 
     Returns:
-        The path of the manifest.
+        The path of the manifest, ``<data_dir>/dbt/target/manifest.json``.
     """
-    target = dbt_project.project_dir / dbt_project.target_path
+    target = dbt_project.target_path
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".parse-", dir=target) as scratch:
         dbt_cli_resource().cli(["parse", "--quiet"], target_path=Path(scratch)).wait()
@@ -152,25 +186,82 @@ def manifest_is_current() -> bool:
     return True
 
 
-# DbtProject.prepare_if_dev() reparses on every load under `dagster dev` (the code server and
-# every run worker, ~10 s each); reparsing only when the project changed picks up model edits
-# just the same. The first load of a fresh checkout builds the manifest, which dagster-dbt would
-# otherwise refuse as missing. The dbt used is the one beside this Python, not the first on PATH.
-if not manifest_is_current():
-    logger.info("preparing dbt manifest %s", dbt_project.manifest_path)
-    prepare_dbt_manifest()
+def ensure_dbt_manifest() -> Path:
+    """Prepare the dbt manifest unless it is current (see :func:`manifest_is_current`).
+
+    Returns:
+        The path of the manifest.
+    """
+    if not manifest_is_current():
+        logger.info("preparing dbt manifest %s", dbt_project.manifest_path)
+        prepare_dbt_manifest()
+    return dbt_project.manifest_path
 
 
-@dbt_assets(manifest=dbt_project.manifest_path, project=dbt_project)
-def dbt_models_assets(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
-    """Build the dbt models and run their tests (``dbt build``) on the DuckDB warehouse."""
-    dbt_vars = json.dumps({"duckdb_path": str(duckdb_warehouse_path())})
-    yield from dbt.cli(["build", "--vars", dbt_vars], context=context).stream()
+@functools.cache
+def load_dbt_models_assets() -> dg.AssetsDefinition:
+    """Return the dbt models as Dagster assets, defined from the prepared manifest.
+
+    Defined on first call, once per process; :data:`dbt_models_assets` is the same object.
+
+    Raises:
+        DbtManifestNotPreparedError: The manifest is missing or older than the dbt project
+            (outside ``dagster dev``, which prepares it instead).
+        ConfigError: The dbt source fed by :data:`raw_docstrings` declares another asset key.
+    """
+    if not manifest_is_current():
+        if not dbt_project.preparer.using_dagster_dev():
+            raise DbtManifestNotPreparedError(
+                f"the dbt manifest {dbt_project.manifest_path} is missing or older than the dbt "
+                f"project {dbt_project.project_dir}; prepare it with `{PREPARE_COMMAND}` "
+                f"(same {DATA_DIR_ENV}), then load the definitions again"
+            )
+        # dagster dev reloads the code location after model edits. Reparsing only when the
+        # project changed (prepare_if_dev would parse on every load: the code server and every
+        # run worker, ~10 s each) picks those edits up just the same.
+        ensure_dbt_manifest()
+    assets = _define_dbt_models_assets(dbt_project.manifest_path)
+    source_key = get_asset_key_for_source([assets], DBT_SOURCE_NAME)
+    if source_key != RAW_DOCSTRINGS_KEY:
+        raise ConfigError(
+            f"dbt source {DBT_SOURCE_NAME!r} has asset key {source_key.to_user_string()!r}, but "
+            f"raw_docstrings materialises {RAW_DOCSTRINGS_KEY.to_user_string()!r}; set the "
+            "source's meta.dagster.asset_key to match"
+        )
+    return assets
+
+
+def _define_dbt_models_assets(manifest: Path) -> dg.AssetsDefinition:
+    @dbt_assets(manifest=manifest, project=dbt_project)
+    def dbt_models_assets(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
+        """Build the dbt models and run their tests (``dbt build``) on the DuckDB warehouse."""
+        dbt_vars = json.dumps({"duckdb_path": str(duckdb_warehouse_path())})
+        target = _run_target_path(context)
+        yield from dbt.cli(
+            ["build", "--vars", dbt_vars], context=context, target_path=target
+        ).stream()
+
+    return dbt_models_assets
+
+
+def _run_target_path(context: dg.AssetExecutionContext) -> Path:
+    # dagster-dbt's default is a fresh directory under <project>/target, which is inside the
+    # installed package; the data directory (read at run time, like the warehouse) takes it.
+    unique = f"{context.run.run_id[:8]}-{uuid.uuid4().hex[:7]}"
+    return dbt_target_dir() / "runs" / unique
+
+
+def __getattr__(name: str) -> dg.AssetsDefinition:
+    # `dbt_models_assets` needs the manifest, which importing this module must not build
+    # (PEP 562: computed on first access, e.g. `from ... import dbt_models_assets`).
+    if name == "dbt_models_assets":
+        return load_dbt_models_assets()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def documents_asset_key() -> dg.AssetKey:
     """Return the asset key of the dbt model ``documents``, the table of texts to embed."""
-    return get_asset_key_for_model([dbt_models_assets], DOCUMENTS_MODEL)
+    return get_asset_key_for_model([load_dbt_models_assets()], DOCUMENTS_MODEL)
 
 
 class CorpusConfig(dg.Config):
@@ -185,7 +276,7 @@ class CorpusConfig(dg.Config):
 
 
 @dg.asset(
-    key=get_asset_key_for_source([dbt_models_assets], DBT_SOURCE_NAME),
+    key=RAW_DOCSTRINGS_KEY,
     group_name="corpus",
     kinds={"python", "duckdb"},
     description=(
@@ -214,3 +305,29 @@ def _corpus_table_schema() -> dg.TableSchema:
         columns=[dg.TableColumn(name, "varchar") for name in CORPUS_SCHEMA.names]
         + [dg.TableColumn("updated_at", "timestamp")]
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Prepare the dbt manifest: ``python -m qwen3_pipeline.dagster_defs.dbt [--force]``.
+
+    Args:
+        argv: Command-line arguments (``sys.argv[1:]`` when None).
+
+    Returns:
+        The process exit status (0 on success).
+    """
+    parser = argparse.ArgumentParser(
+        description=f"Parse the dbt project into <{DATA_DIR_ENV}>/{DBT_TARGET_SUBDIR}/."
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="parse even if the manifest is current"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    manifest = prepare_dbt_manifest() if args.force else ensure_dbt_manifest()
+    logger.info("dbt manifest ready: %s", manifest)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -10,8 +10,8 @@ Assets (lineage left to right)::
 Settings come from the environment (:meth:`DemoSettings.from_env`):
 
 - ``QWEN3_PIPELINE_MODEL``: hub id or local checkpoint (default ``Qwen/Qwen3-Embedding-0.6B``);
-- ``QWEN3_PIPELINE_DATA_DIR``: where the DuckDB warehouse and the LanceDB directory live
-  (default ``./data``);
+- ``QWEN3_PIPELINE_DATA_DIR``: where the DuckDB warehouse, the LanceDB directory and the dbt
+  manifest live (default ``./data``);
 - ``QWEN3_PIPELINE_DEVICE``: ``auto`` (default), ``cpu``, ``cuda``, ``cuda:N``;
 - ``QWEN3_PIPELINE_DIM``: output dimension (default: the model's hidden size);
 - ``QWEN3_PIPELINE_AUTOMATION``: ``on`` (default) starts the hourly schedule and the
@@ -37,9 +37,9 @@ from qwen3_pipeline.dagster_defs.dbt import (
     DATA_DIR_ENV,
     DEFAULT_DATA_DIR,
     dbt_cli_resource,
-    dbt_models_assets,
     documents_asset_key,
     duckdb_warehouse_path,
+    load_dbt_models_assets,
     raw_docstrings,
 )
 from qwen3_pipeline.dagster_defs.embedding import HashShards, build_embedding_asset
@@ -138,18 +138,19 @@ def build_definitions(
     Raises:
         ConfigError: Invalid settings (e.g. a dimension the model does not support).
         ModelLoadError: The model's config cannot be read (unknown hub id offline, bad path).
+        DbtManifestNotPreparedError: The dbt manifest was not prepared (see
+            :mod:`qwen3_pipeline.dagster_defs.dbt`).
     """
     settings = settings or DemoSettings.from_env()
     embedder = embedder or Qwen3EmbedderResource(
         model=settings.model, dim=settings.dim, device=settings.device
     )
-    spec = embedder.embedding_spec()
     eager = dg.AutomationCondition.eager()
     document_vectors = build_embedding_asset(
         key="document_vectors",
         source=documents_source,
         source_config=DOCUMENT_CONFIG,
-        spec=spec,
+        spec=embedder,
         table=settings.table,
         deps=[documents_asset_key()],
         partitioning=HashShards(settings.shards),
@@ -170,7 +171,7 @@ def build_definitions(
     )
     vector_assets = [document_vectors, vector_index, near_duplicates]
     return dg.Definitions(
-        assets=[raw_docstrings, dbt_models_assets, *vector_assets],
+        assets=[raw_docstrings, load_dbt_models_assets(), *vector_assets],
         resources={
             "dbt": dbt_cli_resource(),
             "embedder": embedder,
