@@ -317,7 +317,7 @@ class VectorStore:
         )
         if not create and table_name not in _table_names(db):
             return None
-        table = _open_or_create(db, uri, table_name, schema, create=True, policy=policy)
+        table = _open_or_create(db, table_name, schema, policy=policy)
         _check_recorded_spec(table, table_name, spec)
         _check_key_type(table, table_name, key_type)
         return cls(
@@ -799,9 +799,7 @@ _CREATION_RACE = re.compile(
 )
 
 
-def _open_or_create(
-    db: Any, uri: str, table_name: str, schema: pa.Schema, *, create: bool, policy: RetryPolicy
-) -> Any:
+def _open_or_create(db: Any, table_name: str, schema: pa.Schema, *, policy: RetryPolicy) -> Any:
     """Open ``table_name``, or create it empty with ``schema``.
 
     Writers creating one table at once can catch it half made: listed but not committed yet
@@ -812,11 +810,6 @@ def _open_or_create(
     def open_or_create() -> Any:
         if table_name in _table_names(db):
             return db.open_table(table_name)
-        if not create:
-            raise ConfigError(
-                f"vector table {table_name!r} does not exist under {uri!r}; run a refresh "
-                "first (it creates the table) or check the table name"
-            )
         return db.create_table(table_name, schema=schema, exist_ok=True)
 
     table, _ = with_retries(
