@@ -32,6 +32,12 @@ from qwen3_pipeline import demo_model
 from qwen3_pipeline.dagster_defs.automation import all_partitions_tags
 from qwen3_pipeline.dagster_defs.dbt import ensure_dbt_manifest
 from qwen3_pipeline.dagster_defs.location import MODEL_ENV, DemoSettings, build_definitions
+from qwen3_pipeline.dagster_defs.metadata import (
+    RUN_TOKENS,
+    RUN_VERSION_BEFORE,
+    TABLE_VERSION,
+    run_counters,
+)
 from qwen3_pipeline.dagster_defs.resources import DEFAULT_MODEL
 from qwen3_pipeline.dagster_defs.vectors import open_vectors
 from qwen3_pipeline.errors import Qwen3PipelineError
@@ -166,18 +172,19 @@ def run_demo(*, limit: int | None, query: str, settings: DemoSettings | None = N
         print("demo run failed:\n" + "\n".join(str(f) for f in failures), file=sys.stderr)
         return 1
     report = _latest_metadata(instance, EMBEDDING_ASSET)
-    totals = report.get("qwen3/run_totals", {})
+    totals = run_counters(report)
+
     vectors = open_vectors(EMBEDDING_ASSET, instance=instance, index_asset_key=INDEX_ASSET)
     index = _latest_metadata(instance, INDEX_ASSET)
     near = _latest_metadata(instance, NEAR_DUPLICATES_ASSET)
     print(f"LanceDB table: {vectors.uri}/{vectors.name}.lance (version {vectors.version})")
     print(
-        f"rows: {vectors.count_rows()} stored | this run: {totals.get('inserted', 0)} inserted, "
-        f"{totals.get('updated', 0)} updated, {totals.get('deleted', 0)} deleted, "
-        f"{totals.get('unchanged', 0)} unchanged, {totals.get('embedded', 0)} embedded "
-        f"({report.get('qwen3/tokens', 0)} tokens, padding efficiency "
-        f"{report.get('qwen3/padding_efficiency', 1.0):.2f}); lance version "
-        f"{report.get('qwen3/lance_version_before')} -> {report.get('qwen3/lance_version_after')}"
+        f"rows: {vectors.count_rows()} stored | this run: {totals['inserted']} inserted, "
+        f"{totals['updated']} updated, {totals['deleted']} deleted, "
+        f"{totals['unchanged']} unchanged, "
+        f"{totals['embedded']} embedded ({report.get(RUN_TOKENS, 0)} tokens, padding efficiency "
+        f"{report.get('qwen3/run/padding_efficiency', 1.0):.2f}); lance version "
+        f"{report.get(RUN_VERSION_BEFORE)} -> {report.get(TABLE_VERSION)}"
     )
     print(
         f"search: {index.get('qwen3/search_mode', 'exact')} | near-duplicate pairs: "

@@ -5,7 +5,7 @@ implementation is :class:`qwen3_pipeline.encoder.Qwen3Encoder`; a deterministic 
 tests ships as :class:`qwen3_pipeline.testing.FakeEmbedder`.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -96,6 +96,10 @@ class EncodeResult:
         return self.vectors
 
 
+BatchDone = Callable[[int, int], None]
+"""Called after each forward pass with the rows and tokens it embedded (progress reporting)."""
+
+
 @runtime_checkable
 class Embedder(Protocol):
     """Turns texts into vectors according to an :class:`EmbeddingSpec`."""
@@ -105,8 +109,14 @@ class Embedder(Protocol):
         """The spec the vectors follow (model, dim, max_length...)."""
         ...
 
-    def embed_documents(self, texts: Sequence[str]) -> EncodeResult:
-        """Embed documents (no instruction), reporting per-row failures instead of raising."""
+    def embed_documents(
+        self, texts: Sequence[str], *, on_batch: BatchDone | None = None
+    ) -> EncodeResult:
+        """Embed documents (no instruction), reporting per-row failures instead of raising.
+
+        ``on_batch(rows, tokens)`` is called after each forward pass, so a caller embedding
+        many rows in one call can report progress while the call runs.
+        """
         ...
 
     def embed_queries(self, queries: Sequence[str]) -> EncodeResult:
@@ -125,3 +135,23 @@ class TokenCounter(Protocol):
     def count_document_tokens(self, texts: Sequence[str]) -> np.ndarray:
         """Tokens per document after truncation, as ``embed_documents`` will count them."""
         ...
+
+
+def token_counter_of(embedder: Embedder) -> TokenCounter | None:
+    """Return what counts ``embedder``'s document tokens without its model, if anything does.
+
+    An embedder may count tokens itself (:class:`TokenCounter`) or hand out a counter through a
+    ``token_counter()`` method (the Dagster resources do: a tokenizer alone, so a refresh with
+    nothing to embed never loads the model).
+
+    Example:
+        >>> from qwen3_pipeline.testing import FakeEmbedder
+        >>> spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
+        >>> token_counter_of(FakeEmbedder(spec)).count_document_tokens(["two words"]).tolist()
+        [3]
+    """
+    provider = getattr(embedder, "token_counter", None)
+    if callable(provider):
+        counter = provider()
+        return counter if isinstance(counter, TokenCounter) else None
+    return embedder if isinstance(embedder, TokenCounter) else None

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from qwen3_pipeline.batching import left_pad, padded_positions, plan_batches, split_batch
-from qwen3_pipeline.embedder import EncodeResult, EncodeStats
+from qwen3_pipeline.embedder import BatchDone, EncodeResult, EncodeStats
 from qwen3_pipeline.errors import ConfigError, ModelLoadError
 from qwen3_pipeline.progress import Progress
 from qwen3_pipeline.spec import EmbeddingSpec
@@ -273,9 +273,16 @@ class Qwen3Encoder:
             (min(len(ids), keep) + 1 for ids in encoded), dtype=np.int64, count=len(texts)
         )
 
-    def embed_documents(self, texts: Sequence[str]) -> EncodeResult:
-        """Embed documents (raw text, optional document prompt); failures reported per row."""
-        return self._embed([self._spec.format_document(t) for t in texts], "documents")
+    def embed_documents(
+        self, texts: Sequence[str], *, on_batch: BatchDone | None = None
+    ) -> EncodeResult:
+        """Embed documents (raw text, optional document prompt); failures reported per row.
+
+        ``on_batch(rows, tokens)`` is called after each forward pass; when given, the caller
+        reports progress and this call draws no bar or log line of its own.
+        """
+        formatted = [self._spec.format_document(t) for t in texts]
+        return self._embed(formatted, "documents", on_batch)
 
     def embed_queries(self, queries: Sequence[str]) -> EncodeResult:
         r"""Embed queries in the ``Instruct: {task}\nQuery:{query}`` format."""
@@ -303,7 +310,9 @@ class Qwen3Encoder:
 
     # -- internals -----------------------------------------------------------------------
 
-    def _embed(self, texts: list[str], what: str) -> EncodeResult:
+    def _embed(
+        self, texts: list[str], what: str, on_batch: BatchDone | None = None
+    ) -> EncodeResult:
         if self._model is None:
             raise ModelLoadError(
                 "this encoder has no model (closed, or built with load_model=False); build a "
@@ -320,11 +329,17 @@ class Qwen3Encoder:
             lengths, max_batch_tokens=self.max_batch_tokens, max_batch_rows=self.max_batch_rows
         )
         with Progress(
-            int(lengths.sum()), f"embedding {what}", unit="tok", enabled=self._progress
+            int(lengths.sum()),
+            f"embedding {what}",
+            unit="tok",
+            enabled=self._progress and on_batch is None,
         ) as progress:
             for batch in batches:
                 self._run_batch(ids, lengths, batch, vectors, failures, counters)
-                progress.update(int(lengths[batch].sum()), rows=len(batch))
+                batch_tokens = int(lengths[batch].sum())
+                progress.update(batch_tokens, rows=len(batch))
+                if on_batch is not None:
+                    on_batch(len(batch), batch_tokens)
         self._retry_non_finite(ids, lengths, vectors, failures, counters)
         stats = EncodeStats(
             rows=len(texts),

@@ -1,12 +1,56 @@
 """Progress reporting for long calls: a bar on a terminal, periodic log lines otherwise."""
 
 import logging
+import os
 import sys
 import time
+from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
+from qwen3_pipeline.errors import ConfigError
+
 logger = logging.getLogger("qwen3_pipeline")
+
+PROGRESS_SECONDS_ENV = "QWEN3_PIPELINE_PROGRESS_SECONDS"
+DEFAULT_PROGRESS_SECONDS = 10.0
+
+
+def progress_interval(environ: Mapping[str, str] | None = None) -> float:
+    """Seconds between progress log lines: ``QWEN3_PIPELINE_PROGRESS_SECONDS``, default 10.
+
+    Raises:
+        ConfigError: The variable is not a positive number.
+
+    Example:
+        >>> progress_interval({"QWEN3_PIPELINE_PROGRESS_SECONDS": "2.5"})
+        2.5
+    """
+    raw = (os.environ if environ is None else environ).get(PROGRESS_SECONDS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_PROGRESS_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ConfigError(f"{PROGRESS_SECONDS_ENV}={raw!r}: use a positive number of seconds")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Format seconds for a log line: ``45s``, ``3m12s``, ``2h05m``.
+
+    Example:
+        >>> format_duration(45.2), format_duration(192), format_duration(7500)
+        ('45s', '3m12s', '2h05m')
+    """
+    whole = round(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
 class Progress:
@@ -24,7 +68,8 @@ class Progress:
         unit: Name of one unit.
         tokens_total: Tokens expected, when known; the ETA is then computed from tokens.
         enabled: Set ``False`` to report nothing.
-        log_every_s: Minimum seconds between log lines when not on a terminal.
+        log_every_s: Minimum seconds between log lines when not on a terminal (default:
+            :func:`progress_interval`).
 
     Example:
         >>> with Progress(3, "embedding", tokens_total=30, enabled=False) as progress:
@@ -39,7 +84,7 @@ class Progress:
         unit: str = "rows",
         tokens_total: int | None = None,
         enabled: bool = True,
-        log_every_s: float = 10.0,
+        log_every_s: float | None = None,
     ) -> None:
         self.total = total
         self.done = 0
@@ -48,7 +93,7 @@ class Progress:
         self._description = description
         self._unit = unit
         self._enabled = enabled
-        self._log_every_s = log_every_s
+        self._log_every_s = progress_interval() if log_every_s is None else log_every_s
         self._started = time.perf_counter()
         self._last_log = self._started
         self._bar: Any = None
@@ -96,7 +141,14 @@ class Progress:
         else:
             rate = f"{self.done / elapsed:.1f} {self._unit}/s"
         eta = self.eta_seconds(now)
-        tail = f", ETA {eta:.0f}s" if eta is not None and self.done < self.total else ""
+        tail = f", ETA {format_duration(eta)}" if eta is not None and self.done < self.total else ""
+        if self.total >= self.done and self.total:
+            share = (
+                self.tokens_done / self.tokens_total
+                if self.tokens_total
+                else self.done / self.total
+            )
+            parts.insert(0, f"{min(share, 1.0):.0%}")
         extra = "".join(f" {k}={v}" for k, v in postfix.items())
         logger.info("%s: %s (%s%s)%s", self._description, ", ".join(parts), rate, tail, extra)
 

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qwen3_pipeline.embedder import EncodeResult, EncodeStats
+from qwen3_pipeline.embedder import BatchDone, EncodeResult, EncodeStats
 from qwen3_pipeline.spec import EmbeddingSpec
 
 
@@ -32,6 +32,10 @@ class FakeEmbedder:
         spec: The spec to report; only ``dim`` and ``max_length`` affect the output.
         fail_texts: Texts to report as failed rows (to test failure handling).
 
+    Attributes:
+        calls: Rows per ``embed_*`` call, in order.
+        batch_rows: Rows per simulated forward pass reported to ``on_batch``.
+
     Example:
         >>> spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
         >>> FakeEmbedder(spec).embed_documents(["a", "b"]).vectors.shape
@@ -42,6 +46,7 @@ class FakeEmbedder:
         self._spec = spec
         self._fail_texts = frozenset(fail_texts)
         self.calls: list[int] = []
+        self.batch_rows = 64
 
     @property
     def spec(self) -> EmbeddingSpec:
@@ -53,9 +58,19 @@ class FakeEmbedder:
         lengths = [len(self._spec.format_document(t).split()) + 1 for t in texts]
         return np.minimum(np.array(lengths, dtype=np.int64), self._spec.max_length)
 
-    def embed_documents(self, texts: Sequence[str]) -> EncodeResult:
-        """Embed documents as deterministic pseudo-random unit vectors."""
-        return self._embed([self._spec.format_document(t) for t in texts])
+    def embed_documents(
+        self, texts: Sequence[str], *, on_batch: BatchDone | None = None
+    ) -> EncodeResult:
+        """Embed documents as deterministic pseudo-random unit vectors.
+
+        ``on_batch`` is called once per :attr:`batch_rows` rows, as a model would per batch.
+        """
+        result = self._embed([self._spec.format_document(t) for t in texts])
+        if on_batch is not None:
+            for start in range(0, len(texts), self.batch_rows):
+                batch = result.n_tokens[start : start + self.batch_rows]
+                on_batch(len(batch), int(batch.sum()))
+        return result
 
     def embed_queries(self, queries: Sequence[str]) -> EncodeResult:
         """Embed queries (instruction-formatted) as deterministic unit vectors."""

@@ -37,6 +37,7 @@ from qwen3_pipeline.dagster_defs.embedding import (
     build_embedding_asset,
     is_transient,
 )
+from qwen3_pipeline.dagster_defs.metadata import run_counters
 from qwen3_pipeline.dagster_defs.resources import (
     EmbedderLoadFailure,
     FakeEmbedderResource,
@@ -151,16 +152,17 @@ def test_direct_invocation_returns_metadata_checks_and_data_version(
 ) -> None:
     asset = _asset(warehouse, partitioning=None)
     with dg.build_asset_context(resources=_resources(tmp_path)) as context:
-        first = asset(context)
+        (first,) = asset(context)
     with dg.build_asset_context(resources=_resources(tmp_path)) as context:
-        second = asset(context)
+        (second,) = asset(context)
 
     assert first.metadata["qwen3/rows_inserted"] == ROWS
     assert first.metadata["qwen3/rows_embedded"] == ROWS
     assert first.metadata["dagster/row_count"] == ROWS
-    assert first.metadata["qwen3/table_name"] == TABLE
+    assert first.metadata["qwen3/table/name"] == TABLE
     assert (
-        first.metadata["qwen3/lance_version_after"] > first.metadata["qwen3/lance_version_before"]
+        first.metadata["qwen3/table/lance_version"]
+        > first.metadata["qwen3/run/lance_version_before"]
     )
     schema = first.metadata["dagster/column_schema"]
     assert {"key", "vector", "content_hash", "title"} <= {c.name for c in schema.columns}
@@ -168,9 +170,9 @@ def test_direct_invocation_returns_metadata_checks_and_data_version(
     assert all(r.passed for r in first.check_results)
     # Nothing changed: nothing embedded, no commit, same data version.
     assert second.metadata["qwen3/rows_embedded"] == 0
-    assert second.metadata["qwen3/committed"] is False
+    assert second.metadata["qwen3/run/committed"] is False
     assert (
-        second.metadata["qwen3/lance_version_after"] == first.metadata["qwen3/lance_version_after"]
+        second.metadata["qwen3/table/lance_version"] == first.metadata["qwen3/table/lance_version"]
     )
     assert second.data_version == first.data_version
 
@@ -213,9 +215,9 @@ def test_materialize_twice_second_run_embeds_nothing_and_commits_nothing(
     assert sum(m["qwen3/rows_inserted"] for m in events.values()) == ROWS
     assert sum(m["dagster/partition_row_count"] for m in events.values()) == ROWS
     one = next(iter(events.values()))
-    assert one["qwen3/run_totals"]["inserted"] == ROWS
+    assert one["qwen3/run/rows_inserted"] == ROWS
     assert one["dagster/row_count"] == ROWS
-    version = one["qwen3/lance_version_after"]
+    version = one["qwen3/table/lance_version"]
     assert all(e.passed for e in first.get_asset_check_evaluations())
 
     second = _materialize([asset], _resources(tmp_path), instance, tags)
@@ -223,8 +225,8 @@ def test_materialize_twice_second_run_embeds_nothing_and_commits_nothing(
     again = _by_partition(second, "document_vectors")
     assert sum(m["qwen3/rows_embedded"] for m in again.values()) == 0
     assert sum(m["qwen3/rows_unchanged"] for m in again.values()) == ROWS
-    assert {m["qwen3/lance_version_after"] for m in again.values()} == {version}
-    assert {m["qwen3/committed"] for m in again.values()} == {False}
+    assert {m["qwen3/table/lance_version"] for m in again.values()} == {version}
+    assert {m["qwen3/run/committed"] for m in again.values()} == {False}
     assert _table(tmp_path).version == version
 
 
@@ -265,7 +267,7 @@ def test_changed_and_deleted_rows_are_the_only_ones_written(
 
     result = _materialize([asset], _resources(tmp_path), instance, tags)
     assert result.success
-    totals = next(iter(_by_partition(result, "document_vectors").values()))["qwen3/run_totals"]
+    totals = run_counters(next(iter(_by_partition(result, "document_vectors").values())))
     assert totals["updated"] == 3
     assert totals["embedded"] == 3
     assert totals["carry_updated"] == 1
@@ -517,7 +519,7 @@ def test_schedule_refreshes_every_shard_in_one_run(tmp_path: Path, warehouse: Pa
 def _refreshed_table(tmp_path: Path, warehouse: Path):
     asset = _asset(warehouse, partitioning=None)
     with dg.build_asset_context(resources=_resources(tmp_path)) as context:
-        asset(context)
+        list(asset(context))
     return _table(tmp_path)
 
 
@@ -631,7 +633,7 @@ def test_open_vectors_pins_the_materialized_version_and_search_uses_its_spec(
     instance = dg.DagsterInstance.ephemeral()
     result = _materialize([asset, index, near], _resources(tmp_path), instance)
     assert result.success
-    recorded = _by_partition(result, "document_vectors")[None]["qwen3/lance_version_after"]
+    recorded = _by_partition(result, "document_vectors")[None]["qwen3/table/lance_version"]
 
     # A later write (outside the pipeline) does not move what readers of the run see.
     _table(tmp_path).delete("key = 'doc:9'")

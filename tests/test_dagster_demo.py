@@ -30,7 +30,8 @@ def test_demo_runs_twice_second_run_embeds_nothing(
 
     class CountingEncoder(encoder_module.Qwen3Encoder):
         def __init__(self, spec, **kwargs) -> None:
-            loads.append(spec.model)
+            if kwargs.get("load_model", True):  # a tokenizer alone is not a model load
+                loads.append(spec.model)
             super().__init__(spec, **kwargs)
 
     monkeypatch.setattr(encoder_module, "Qwen3Encoder", CountingEncoder)
@@ -53,8 +54,11 @@ def test_demo_runs_twice_second_run_embeds_nothing(
     version = table.version
     assert f"{documents} inserted" in first.out
 
+    loads.clear()
     assert demo.main(["--limit", str(LIMIT), "--query", "read a file"]) == 0
     second = capsys.readouterr()
+    # Nothing to embed: the run never loads the model (only the search's query encoder does).
+    assert loads == [str(tiny_model_dir)]
     assert f"0 inserted, 0 updated, 0 deleted, {documents} unchanged, 0 embedded" in second.out
     assert f"lance version {version} -> {version}" in second.out
     assert lancedb.connect(str(data_dir / "lancedb")).open_table("documents").version == version

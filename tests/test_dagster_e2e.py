@@ -28,6 +28,7 @@ from qwen3_pipeline.changes import content_hash
 from qwen3_pipeline.dagster_defs.automation import all_partitions_tags
 from qwen3_pipeline.dagster_defs.dbt import dbt_cli_resource, dbt_models_assets, raw_docstrings
 from qwen3_pipeline.dagster_defs.embedding import HashShards
+from qwen3_pipeline.dagster_defs.metadata import run_counters
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 200
@@ -315,7 +316,7 @@ def test_backfill_from_the_ui_then_incremental_refresh(
     print(f"[e2e] refresh done at {time.monotonic() - STARTED:.0f}s")
     refreshed = _materializations(instance, run_id)
     assert sorted(refreshed) == shards
-    totals = next(iter(refreshed.values()))["qwen3/run_totals"]
+    totals = run_counters(next(iter(refreshed.values())))
     assert totals["updated"] == CHANGED
     assert totals["embedded"] == CHANGED
     assert totals["inserted"] == totals["deleted"] == 0

@@ -43,9 +43,16 @@ from typing import Any, cast
 import dagster as dg
 
 from qwen3_pipeline.checks import CHECK_DESCRIPTIONS, CHECK_NAMES, CheckReport, run_checks
+from qwen3_pipeline.dagster_defs.metadata import (
+    lance_column_schema,
+    partition_metadata,
+    rows_metadata,
+    run_metadata,
+    table_metadata,
+)
 from qwen3_pipeline.dagster_defs.resources import EmbedderResource
 from qwen3_pipeline.errors import ConfigError, Qwen3PipelineError, TransientError
-from qwen3_pipeline.refresh import DEFAULT_CHUNK_ROWS, ROW_COUNTERS, RefreshReport, refresh
+from qwen3_pipeline.refresh import DEFAULT_CHUNK_ROWS, refresh
 from qwen3_pipeline.sources import (
     Grain,
     Partition,
@@ -140,16 +147,19 @@ class TimePartitioning:
 Partitioning = HashShards | TimePartitioning
 
 
-def partition_scope(
+def run_scope(
     context: dg.AssetExecutionContext, partitioning: Partitioning | None
 ) -> Partition | None:
     """Return the engine's read scope for the partitions of this run.
 
     Reads ``context.partition_keys`` (a single partition or a whole backfill range) or
     ``context.partition_time_window``; never ``context.partition_key``, which fails for ranges.
+    A run without partitions (checks launched on their own from the UI) covers every partition.
     """
     if partitioning is None:
         return None
+    if not context.op_execution_context.has_partitions:
+        return whole_scope(partitioning)
     if isinstance(partitioning, TimePartitioning):
         window = context.partition_time_window
         return TimeWindow(
@@ -159,6 +169,20 @@ def partition_scope(
             grain=partitioning.grain,
         )
     return Shards.from_labels(list(context.partition_keys))
+
+
+def whole_scope(partitioning: Partitioning) -> Partition | None:
+    """Return the scope of every partition (labels included), or None when there are none yet."""
+    if isinstance(partitioning, HashShards):
+        return Shards(partitioning.count)
+    partitions_def = partitioning.partitions_def()
+    first = partitions_def.get_first_partition_window()
+    last = partitions_def.get_last_partition_window()
+    if first is None or last is None:
+        return None
+    return TimeWindow(
+        column=partitioning.column, start=first.start, end=last.end, grain=partitioning.grain
+    )
 
 
 # --------------------------------------------------------------------------- failures
@@ -197,66 +221,7 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, TransientError | TimeoutError | ConnectionError)
 
 
-# --------------------------------------------------------------------------- metadata
-
-
-def _rows_metadata(counts: Mapping[str, int]) -> dict[str, int]:
-    return {f"qwen3/rows_{name}": int(counts.get(name, 0)) for name in ROW_COUNTERS}
-
-
-def materialization_metadata(
-    report: RefreshReport,
-    *,
-    row_count: int,
-    column_schema: dg.TableSchema | None = None,
-    model: str = "",
-    dim: int | None = None,
-) -> dict[str, Any]:
-    """Return the run-level metadata of one refresh (DESIGN §6), keys namespaced ``qwen3/``.
-
-    ``qwen3/rows_*`` are the run's totals here; a partitioned run overrides them per partition.
-    ``qwen3/tokens``, ``qwen3/padding_efficiency``, ``qwen3/tokens_per_second`` and
-    ``qwen3/seconds`` always cover the whole run.
-    """
-    totals = report.counters()
-    metadata: dict[str, Any] = {
-        **_rows_metadata(totals),
-        "qwen3/run_totals": totals,
-        "qwen3/tokens": report.tokens,
-        "qwen3/padded_tokens": report.padded_tokens,
-        "qwen3/padding_efficiency": float(report.padding_efficiency),
-        "qwen3/tokens_per_second": float(report.tokens_per_second),
-        "qwen3/seconds": float(report.seconds),
-        "qwen3/table_uri": report.table_uri,
-        "qwen3/table_name": report.table_name,
-        "qwen3/lance_version_before": report.version_before,
-        "qwen3/lance_version_after": report.version_after,
-        "qwen3/committed": report.committed,
-        "qwen3/spec_fingerprint": report.spec_fingerprint,
-        "qwen3/model": model,
-        "qwen3/dim": dim,
-        "qwen3/partitions": report.partition_keys if report.partition_keys else "all",
-        "dagster/row_count": row_count,
-        "dagster/table_name": report.table_name,
-        "dagster/uri": f"{report.table_uri.rstrip('/')}/{report.table_name}.lance",
-    }
-    if column_schema is not None:
-        metadata["dagster/column_schema"] = column_schema
-    if report.failures:
-        metadata["qwen3/failures"] = [list(f) for f in report.failures]
-    return metadata
-
-
-def partition_metadata(counts: Mapping[str, int], *, partition_rows: int) -> dict[str, Any]:
-    """Return the metadata of one partition's materialisation event (its own counts)."""
-    return {**_rows_metadata(counts), "dagster/partition_row_count": partition_rows}
-
-
-def lance_column_schema(schema: Any) -> dg.TableSchema:
-    """Describe a LanceDB table's Arrow schema as a Dagster ``TableSchema``."""
-    return dg.TableSchema(
-        columns=[dg.TableColumn(name=f.name, type=str(f.type), description=None) for f in schema]
-    )
+# --------------------------------------------------------------------------- checks
 
 
 def check_results(report: CheckReport, asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
@@ -382,109 +347,145 @@ def build_embedding_asset(
     ]
     make_source = _source_factory(source)
     fingerprint = spec.fingerprint
+    description = description or (
+        f"Qwen3 embeddings of the source rows in LanceDB table {table!r} "
+        f"(model {spec.model}, dim {spec.dim}), refreshed incrementally by content hash."
+    )
 
-    def _embedding_asset(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
-        embedder = getattr(context.resources, embedder_key)
+    def _check_resource(embedder: EmbedderResource) -> None:
+        if embedder.spec.fingerprint != fingerprint:
+            raise ConfigError(
+                f"the {embedder_key!r} resource is configured for model="
+                f"{embedder.spec.model} dim={embedder.spec.dim} (fingerprint "
+                f"{embedder.spec.fingerprint}) but asset {asset_key.to_user_string()} was "
+                f"defined for model={spec.model} dim={spec.dim} (fingerprint {fingerprint}); "
+                "configure both from the same settings"
+            )
+
+    def _refresh_and_check(
+        context: dg.AssetExecutionContext,
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         lancedb = getattr(context.resources, lancedb_key)
+        selected = context.selected_asset_check_keys
+        materialize = asset_key in context.selected_asset_keys
+        run_id = context.op_execution_context.run_id
         try:
-            if embedder.spec.fingerprint != fingerprint:
-                raise ConfigError(
-                    f"the {embedder_key!r} resource is configured for model="
-                    f"{embedder.spec.model} dim={embedder.spec.dim} (fingerprint "
-                    f"{embedder.spec.fingerprint}) but asset {asset_key.to_user_string()} was "
-                    f"defined for model={spec.model} dim={spec.dim} (fingerprint {fingerprint}); "
-                    "configure both from the same settings"
-                )
-            config = replace(source_config, partition=partition_scope(context, partitioning))
+            embedder = getattr(context.resources, embedder_key)
+            _check_resource(embedder)
+            config = replace(source_config, partition=run_scope(context, partitioning))
             rows = make_source()
-            with _engine_logs_to(context.log):
-                report = refresh(
-                    source=rows,
-                    config=config,
-                    embedder=embedder,
-                    db_uri=lancedb.resolved_uri(),
-                    table=table,
-                    storage_options=lancedb.options(),
-                    source_name=asset_key.to_user_string(),
-                    run_id=context.op_execution_context.run_id,
-                    chunk_rows=chunk_rows,
+            report = None
+            if materialize:
+                with _engine_logs_to(context.log):
+                    report = refresh(
+                        source=rows,
+                        config=config,
+                        embedder=embedder,
+                        db_uri=lancedb.resolved_uri(),
+                        table=table,
+                        storage_options=lancedb.options(),
+                        source_name=asset_key.to_user_string(),
+                        run_id=run_id,
+                        chunk_rows=chunk_rows,
+                    )
+            elif not lancedb.table_exists(table):
+                raise ConfigError(
+                    f"table {table!r} does not exist yet: materialize "
+                    f"{asset_key.to_user_string()} before running its checks alone"
                 )
-            written = lancedb.open_table(report.table_name)
+            written = lancedb.open_table(table if report is None else report.table_name)
             checked = run_checks(
                 table=written,
                 source=rows,
                 config=config,
                 fingerprint=fingerprint,
                 normalize=spec.normalize,
-                run_id=context.op_execution_context.run_id,
-                failures=report.failures,
+                # Checks run alone verify a sample of the stored vectors, not one run's.
+                run_id=run_id if report is not None else None,
+                failures=report.failures if report is not None else (),
                 sample_rows=vector_sample_rows,
             )
+        except dg.Failure:
+            raise
         except Exception as e:  # typed errors decide retries; bugs must not be retried
             if is_transient(e):
                 raise
             raise BadInputFailure(e) from e
 
-        context.log.info(
-            f"refreshed {table}: {report.inserted} inserted, {report.updated} updated, "
-            f"{report.deleted} deleted, {report.unchanged} unchanged, {report.failed} failed; "
-            f"lance version {report.version_before} -> {report.version_after}"
-        )
-        if partitions_def is not None:
-            targeted = set(context.partition_keys)
-            for partition_key in sorted(targeted):
-                counts = report.per_partition.get(partition_key, {})
+        results = [
+            r
+            for r in check_results(checked, asset_key)
+            if dg.AssetCheckKey(asset_key, r.check_name or "") in selected
+        ]
+        if report is None:
+            context.log.info(
+                f"checked {table} at lance version {written.version} without refreshing it: "
+                + ", ".join(f"{r.check_name} {'passed' if r.passed else 'FAILED'}" for r in results)
+            )
+            yield from results
+            return
+        partitions = 0 if partitions_def is None else len(context.partition_keys)
+        if partitions_def is None:
+            scope_metadata = rows_metadata(report.counters())
+        else:
+            scope_metadata = {}
+            for partition_key in sorted(context.partition_keys):
                 context.add_asset_metadata(
                     partition_metadata(
-                        counts, partition_rows=checked.rows_by_partition.get(partition_key, 0)
+                        report.per_partition.get(partition_key, {}),
+                        partition_rows=checked.rows_by_partition.get(partition_key, 0),
                     ),
                     partition_key=partition_key,
                 )
-        selected = context.selected_asset_check_keys
-        return dg.MaterializeResult(
-            metadata=materialization_metadata(
-                report,
-                row_count=int(written.count_rows()),
-                column_schema=lance_column_schema(written.schema),
-                model=spec.model,
-                dim=spec.dim,
-            ),
-            check_results=[
-                r
-                for r in check_results(checked, asset_key)
-                if dg.AssetCheckKey(asset_key, r.check_name or "") in selected
-            ],
+        row_count = int(written.count_rows())
+        yield dg.MaterializeResult(
+            asset_key=asset_key,
+            metadata={
+                **scope_metadata,
+                **run_metadata(report, partitions=partitions),
+                **table_metadata(
+                    report,
+                    row_count=row_count,
+                    column_schema=lance_column_schema(written.schema),
+                    model=spec.model,
+                    dim=spec.dim,
+                ),
+            },
+            check_results=results,
             data_version=dg.DataVersion(checked.state_digest),
         )
 
+    asset_spec = dg.AssetSpec(
+        key=asset_key,
+        deps=list(deps),
+        description=description,
+        group_name=group_name,
+        code_version=fingerprint,
+        automation_condition=automation_condition,
+        kinds={"python", "lancedb"},
+        tags=dict(tags or {}),
+        metadata={
+            "qwen3/table_name": table,
+            "qwen3/model": spec.model,
+            "qwen3/dim": spec.dim,
+            "qwen3/spec_fingerprint": fingerprint,
+            "dagster/table_name": table,
+        },
+    )
     with warnings.catch_warnings():
         # BackfillPolicy is "beta" in Dagster 1.13; the single-run policy is what makes a
         # backfill of any number of partitions one run (one model load), so it is deliberate.
         warnings.simplefilter("ignore", dg.BetaWarning)
-        return dg.asset(
-            key=asset_key,
-            deps=list(deps),
+        # A subsettable multi-asset (of one asset) so that its checks can run on their own
+        # from the UI: they read the table and the source, and the model is never loaded.
+        return dg.multi_asset(
+            name=asset_key.to_python_identifier(),
+            specs=[asset_spec],
+            check_specs=check_specs,
             partitions_def=partitions_def,
             backfill_policy=dg.BackfillPolicy.single_run() if partitions_def is not None else None,
             pool=pool,
             retry_policy=retry_policy,
-            code_version=fingerprint,
-            check_specs=check_specs,
+            can_subset=True,
             required_resource_keys={embedder_key, lancedb_key},
-            group_name=group_name,
-            description=description
-            or (
-                f"Qwen3 embeddings of the source rows in LanceDB table {table!r} "
-                f"(model {spec.model}, dim {spec.dim}), refreshed incrementally by content hash."
-            ),
-            automation_condition=automation_condition,
-            kinds={"python", "lancedb"},
-            tags=dict(tags or {}),
-            metadata={
-                "qwen3/table_name": table,
-                "qwen3/model": spec.model,
-                "qwen3/dim": spec.dim,
-                "qwen3/spec_fingerprint": fingerprint,
-                "dagster/table_name": table,
-            },
-        )(_embedding_asset)
+        )(_refresh_and_check)

@@ -1,8 +1,9 @@
 """Dagster resources: the Qwen3 embedder (real and fake) and the LanceDB database.
 
 The embedder resources *are* :class:`qwen3_pipeline.embedder.Embedder` implementations: an asset
-passes the resource straight to the refresh engine. The real one loads the model once per run
-process, in ``setup_for_execution``, and frees it in ``teardown_after_execution``; torch is
+passes the resource straight to the refresh engine. The real one loads the model at most once
+per run process, on the first embed call (a run with nothing to embed never loads it; its plan
+counts tokens with the tokenizer alone), and frees it in ``teardown_after_execution``; torch is
 imported only then, so loading the code location never imports it.
 
 Which executor loads the model how often: resources are set up once per process that runs
@@ -33,7 +34,8 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from qwen3_pipeline.embedder import Embedder, EncodeResult
+from qwen3_pipeline.embedder import BatchDone, Embedder, EncodeResult, TokenCounter
+from qwen3_pipeline.engine.apply import embed_reporting
 from qwen3_pipeline.errors import Qwen3PipelineError
 from qwen3_pipeline.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
 
@@ -97,6 +99,7 @@ class EmbedderResource(dg.ConfigurableResource):
     )
 
     _embedder: Embedder | None = PrivateAttr(default=None)
+    _token_counter: TokenCounter | None = PrivateAttr(default=None)
     _spec: EmbeddingSpec | None = PrivateAttr(default=None)
 
     def embedding_spec(self) -> EmbeddingSpec:
@@ -121,50 +124,86 @@ class EmbedderResource(dg.ConfigurableResource):
         """Build the embedder for ``spec`` (subclasses load their model here)."""
         raise NotImplementedError
 
+    def load_token_counter(self, spec: EmbeddingSpec) -> TokenCounter | None:
+        """Build a token counter for ``spec`` without the model (subclasses: the tokenizer).
+
+        None (the default) makes a refresh plan estimate its token totals instead.
+        """
+        return None
+
     def close_embedder(self, embedder: Embedder) -> None:
         """Release what :meth:`load_embedder` built (subclasses free their model here)."""
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        """Load the embedder once for this run process.
+        """Validate the settings for this run process; the model itself loads on first use.
+
+        Loading lazily means a run that has nothing to embed (a no-op refresh, checks run on
+        their own) never loads the model or takes accelerator memory.
+
+        Raises:
+            EmbedderLoadFailure: The settings are invalid or the model's config cannot be read
+                (not retried).
+        """
+        try:
+            self.embedding_spec()
+        except Qwen3PipelineError as e:
+            raise EmbedderLoadFailure(e, self.model) from e
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        """Release the model (and accelerator memory) at the end of the run process."""
+        embedder, self._embedder = self._embedder, None
+        self._token_counter = None
+        if embedder is not None:
+            self.close_embedder(embedder)
+
+    def get_embedder(self) -> Embedder:
+        """Return the embedder, loading it on first use (once per run process).
 
         Raises:
             EmbedderLoadFailure: The model cannot be found or loaded, or the settings are
                 invalid (not retried).
         """
-        started = time.perf_counter()
-        try:
-            self._embedder = self.load_embedder(self.embedding_spec())
-        except Qwen3PipelineError as e:
-            raise EmbedderLoadFailure(e, self.model) from e
-        (context.log or logger).info(
-            f"loaded embedder {type(self).__name__} model={self.model} "
-            f"dim={self.embedding_spec().dim} in {time.perf_counter() - started:.1f}s"
-        )
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        """Release the model (and accelerator memory) at the end of the run process."""
-        embedder, self._embedder = self._embedder, None
-        if embedder is not None:
-            self.close_embedder(embedder)
-
-    def get_embedder(self) -> Embedder:
-        """Return the loaded embedder (loading it now if the resource was not set up).
-
-        Outside Dagster (a notebook, a script) the resource can be used directly: the first
-        call loads the model.
-        """
         if self._embedder is None:
-            self._embedder = self.load_embedder(self.embedding_spec())
+            started = time.perf_counter()
+            try:
+                self._embedder = self.load_embedder(self.embedding_spec())
+            except Qwen3PipelineError as e:
+                raise EmbedderLoadFailure(e, self.model) from e
+            logger.info(
+                "loaded embedder %s model=%s dim=%s in %.1fs",
+                type(self).__name__,
+                self.model,
+                self.embedding_spec().dim,
+                time.perf_counter() - started,
+            )
         return self._embedder
+
+    def token_counter(self) -> TokenCounter | None:
+        """Return a document token counter that needs no model (for exact plan totals)."""
+        if isinstance(self._embedder, TokenCounter):
+            return self._embedder
+        if self._token_counter is None:
+            try:
+                self._token_counter = self.load_token_counter(self.embedding_spec())
+            except Qwen3PipelineError as e:
+                raise EmbedderLoadFailure(e, self.model) from e
+        return self._token_counter
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is loaded in this process."""
+        return self._embedder is not None
 
     @property
     def spec(self) -> EmbeddingSpec:
         """The spec the vectors follow (the :class:`Embedder` interface)."""
         return self.embedding_spec()
 
-    def embed_documents(self, texts: Sequence[str]) -> EncodeResult:
-        """Embed documents (the :class:`Embedder` interface)."""
-        return self.get_embedder().embed_documents(texts)
+    def embed_documents(
+        self, texts: Sequence[str], *, on_batch: BatchDone | None = None
+    ) -> EncodeResult:
+        """Embed documents (the :class:`Embedder` interface); loads the model on first use."""
+        return embed_reporting(self.get_embedder(), list(texts), on_batch)
 
     def embed_queries(self, queries: Sequence[str]) -> EncodeResult:
         """Embed queries in the spec's instruction format (the :class:`Embedder` interface)."""
@@ -220,6 +259,16 @@ class Qwen3EmbedderResource(EmbedderResource):
             progress=False,
         )
 
+    def load_token_counter(self, spec: EmbeddingSpec) -> TokenCounter | None:
+        """Load the tokenizer alone (a second or so; no weights, no accelerator memory).
+
+        Raises:
+            ModelLoadError: The tokenizer cannot be loaded.
+        """
+        from qwen3_pipeline.encoder import Qwen3Encoder
+
+        return Qwen3Encoder(spec, device="cpu", load_model=False, progress=False)
+
     def close_embedder(self, embedder: Embedder) -> None:
         """Free the model and the accelerator's cache."""
         close = getattr(embedder, "close", None)
@@ -249,6 +298,12 @@ class FakeEmbedderResource(EmbedderResource):
 
         _FAKE_LOADS.append(spec.fingerprint)
         return FakeEmbedder(spec, fail_texts=self.fail_texts)
+
+    def load_token_counter(self, spec: EmbeddingSpec) -> TokenCounter | None:
+        """The fake's word counter (not counted as a load)."""
+        from qwen3_pipeline.testing import FakeEmbedder
+
+        return FakeEmbedder(spec)
 
     @staticmethod
     def loads() -> int:
@@ -301,6 +356,12 @@ class LanceDBResource(dg.ConfigurableResource):
         import lancedb
 
         return lancedb.connect(self.resolved_uri(), storage_options=self.options())
+
+    def table_exists(self, name: str) -> bool:
+        """Whether table ``name`` exists in the database."""
+        from qwen3_pipeline.store import list_table_names
+
+        return name in list_table_names(self.connect())
 
     def open_table(self, name: str, *, version: int | None = None) -> Any:
         """Open table ``name``, checked out at ``version`` when given (read-only then)."""

@@ -1,7 +1,7 @@
 """Open the vectors a Dagster materialisation recorded: the helper for downstream users.
 
-Every materialisation of an embedding asset records where its table is (``qwen3/table_uri``,
-``qwen3/table_name``) and the Lance version it left (``qwen3/lance_version_after``); the
+Every materialisation of an embedding asset records where its table is (``qwen3/table/uri``,
+``qwen3/table/name``) and the Lance version it left (``qwen3/table/lance_version``); the
 index-upkeep asset records the version after folding those rows into the index
 (``qwen3/lance_version``). :func:`open_vectors` opens the table at the newest of these that
 holds the latest refresh, so a downstream asset, notebook or service reads exactly what the
@@ -9,6 +9,8 @@ pipeline last produced and checked, even while the next refresh writes.
 
 Example:
     >>> import dagster as dg
+
+from qwen3_pipeline.dagster_defs.metadata import TABLE_NAME, TABLE_URI, TABLE_VERSION
     >>> from qwen3_pipeline.consumers import search
     >>> instance = dg.DagsterInstance.get()  # doctest: +SKIP
     >>> vectors = open_vectors("document_vectors", instance=instance)  # doctest: +SKIP
@@ -29,6 +31,7 @@ from typing import Any
 import dagster as dg
 
 from qwen3_pipeline.consumers import VectorTable, open_vector_table
+from qwen3_pipeline.dagster_defs.metadata import TABLE_NAME, TABLE_URI, TABLE_VERSION
 from qwen3_pipeline.errors import ConfigError
 
 CoercibleToAssetKey = dg.AssetKey | str | Sequence[str]
@@ -82,9 +85,9 @@ def latest_materialized_vectors(
     metadata = _metadata_values(entry)
     try:
         found = MaterializedVectors(
-            uri=str(metadata["qwen3/table_uri"]),
-            table=str(metadata["qwen3/table_name"]),
-            version=int(metadata["qwen3/lance_version_after"]),
+            uri=str(metadata[TABLE_URI]),
+            table=str(metadata[TABLE_NAME]),
+            version=int(metadata[TABLE_VERSION]),
             run_id=entry.run_id,
         )
     except (KeyError, TypeError, ValueError) as e:

@@ -14,6 +14,7 @@ A plan with nothing to do makes no commit. Progress has exact totals (rows and t
 plan) and an ETA.
 """
 
+import inspect
 import logging
 import time
 import uuid
@@ -22,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from qwen3_pipeline.changes import RowStatus
-from qwen3_pipeline.embedder import Embedder
+from qwen3_pipeline.embedder import BatchDone, Embedder, EncodeResult
 from qwen3_pipeline.engine.plan import RefreshPlan, read_spill
 from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES, RefreshReport, Tally
 from qwen3_pipeline.errors import ConfigError
@@ -127,8 +128,9 @@ def _apply(
         enabled=progress and plan.rows_to_embed > 0,
     ) as bar:
         for chunk in read_spill(work.embed_file, chunk_rows):
-            tokens = writer.embed_and_write(chunk)
-            bar.update(chunk.num_rows, tokens=tokens)
+            writer.embed_and_write(
+                chunk, on_batch=lambda rows, tokens: bar.update(rows, tokens=tokens)
+            )
     for chunk in read_spill(work.update_file, chunk_rows):
         writer.write_updates(chunk)
     if len(work.delete_keys) and store.delete_keys(work.delete_keys) is not None:
@@ -180,10 +182,10 @@ class _Writer:
         tally.add("moved", partitions, moved)
         tally.add("carry_updated", partitions, ~moved)
 
-    def embed_and_write(self, chunk: pa.Table) -> int:
-        """Embed one chunk and upsert it; returns the tokens embedded."""
+    def embed_and_write(self, chunk: pa.Table, *, on_batch: BatchDone) -> None:
+        """Embed one chunk and upsert it; ``on_batch`` hears of each forward pass."""
         tally, store = self.tally, self.store
-        encoded = self.embedder.embed_documents(chunk.column(TEXT_COLUMN).to_pylist())
+        encoded = embed_reporting(self.embedder, chunk.column(TEXT_COLUMN).to_pylist(), on_batch)
         tally.encode = tally.encode + encoded.stats
         partitions = chunk.column("partition_key").combine_chunks()
         tally.add("embedded", partitions)
@@ -217,7 +219,23 @@ class _Writer:
             carry=carry,
         )
         tally.commits += store.upsert(rows_to_write) is not None
-        return int(encoded.stats.real_tokens)
+
+
+def embed_reporting(
+    embedder: Embedder, texts: list[str], on_batch: BatchDone | None
+) -> EncodeResult:
+    """Embed ``texts``, reporting each forward pass to ``on_batch`` (when given).
+
+    An embedder written before ``on_batch`` existed (its ``embed_documents`` takes only the
+    texts) still works: progress is then reported once, when the call returns.
+    """
+    if on_batch is None:
+        return embedder.embed_documents(texts)
+    if "on_batch" in inspect.signature(embedder.embed_documents).parameters:
+        return embedder.embed_documents(texts, on_batch=on_batch)
+    result = embedder.embed_documents(texts)
+    on_batch(len(texts), int(result.stats.real_tokens))
+    return result
 
 
 def _report(

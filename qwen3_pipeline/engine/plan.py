@@ -36,7 +36,7 @@ from qwen3_pipeline.changes import (
     content_hashes,
     diff,
 )
-from qwen3_pipeline.embedder import Embedder, TokenCounter
+from qwen3_pipeline.embedder import Embedder, TokenCounter, token_counter_of
 from qwen3_pipeline.engine.report import PLAN_COUNTERS, Tally
 from qwen3_pipeline.errors import ConfigError, InputDataError, MassDeleteError
 from qwen3_pipeline.progress import Progress
@@ -275,7 +275,7 @@ def plan_refresh(
             fingerprint=spec.fingerprint,
             carry_names=list(config.carry),
             carry_targets=carry_targets,
-            token_counter=embedder if isinstance(embedder, TokenCounter) else None,
+            token_counter=token_counter_of(embedder),
             directory=directory,
         )
         estimate = max(stored_rows, 1)

@@ -12,6 +12,7 @@ from qwen3_pipeline.store.table import (
     VectorStore,
     WriteResult,
     is_conflict,
+    list_table_names,
     store_error,
     with_retries,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "begin_rebuild",
     "commit_rebuild",
     "is_conflict",
+    "list_table_names",
     "store_error",
     "with_retries",
 ]

@@ -315,7 +315,7 @@ class VectorStore:
         schema = table_schema(
             spec, key_type=key_type, carry_schema=carry_schema, source_key=source_key
         )
-        if not create and table_name not in _table_names(db):
+        if not create and table_name not in list_table_names(db):
             return None
         table = _open_or_create(db, table_name, schema, policy=policy)
         _check_recorded_spec(table, table_name, spec)
@@ -783,7 +783,8 @@ class VectorStore:
 # --------------------------------------------------------------------------- helpers
 
 
-def _table_names(db: Any) -> set[str]:
+def list_table_names(db: Any) -> set[str]:
+    """Return every table name of a LanceDB connection (all pages of ``list_tables``)."""
     names: set[str] = set()
     token: str | None = None
     while True:
@@ -808,7 +809,7 @@ def _open_or_create(db: Any, table_name: str, schema: pa.Schema, *, policy: Retr
     """
 
     def open_or_create() -> Any:
-        if table_name in _table_names(db):
+        if table_name in list_table_names(db):
             return db.open_table(table_name)
         return db.create_table(table_name, schema=schema, exist_ok=True)
 

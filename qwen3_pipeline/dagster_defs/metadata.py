@@ -1,0 +1,157 @@
+"""What an embedding asset's materialisations say, in three plainly named scopes.
+
+A single-run backfill of eight shards records eight materialisation events, one per partition,
+and the Dagster UI shows whichever came last. So every event carries three groups of figures,
+each named for what it covers:
+
+- ``qwen3/rows_<counter>`` and ``dagster/partition_row_count``: *this partition's* own counts
+  (in an unpartitioned asset, the whole table's);
+- ``qwen3/run/...``: the whole run (every partition it refreshed): row totals, tokens, tokens/s,
+  seconds, the Lance versions before and after, and a per-partition table in Markdown;
+- ``qwen3/table/...``: the vector table after the run: its total rows, Lance version, URI, name
+  and spec, so the asset page shows the table's state whichever shard ran last.
+
+Example:
+    >>> rows_key("inserted"), run_rows_key("inserted")
+    ('qwen3/rows_inserted', 'qwen3/run/rows_inserted')
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dagster as dg
+
+from qwen3_pipeline.engine.report import ROW_COUNTERS, RefreshReport
+
+TABLE_NAME = "qwen3/table/name"
+TABLE_URI = "qwen3/table/uri"
+TABLE_ROWS = "qwen3/table/rows"
+TABLE_VERSION = "qwen3/table/lance_version"
+TABLE_FINGERPRINT = "qwen3/table/spec_fingerprint"
+TABLE_MODEL = "qwen3/table/model"
+TABLE_DIM = "qwen3/table/dim"
+RUN_PREFIX = "qwen3/run/"
+RUN_VERSION_BEFORE = "qwen3/run/lance_version_before"
+RUN_COMMITTED = "qwen3/run/committed"
+RUN_TOKENS = "qwen3/run/tokens"
+RUN_BY_PARTITION = "qwen3/run/by_partition"
+FAILURES = "qwen3/run/failures"
+
+# The per-partition table shows these columns (the others are rarely non-zero).
+_TABLE_COUNTERS = ("embedded", "inserted", "updated", "deleted", "unchanged", "failed")
+
+
+def rows_key(counter: str) -> str:
+    """The key of one scope's row counter, e.g. ``qwen3/rows_inserted``."""
+    return f"qwen3/rows_{counter}"
+
+
+def run_rows_key(counter: str) -> str:
+    """The key of a run-wide row counter, e.g. ``qwen3/run/rows_inserted``."""
+    return f"{RUN_PREFIX}rows_{counter}"
+
+
+def run_counters(metadata: Mapping[str, Any]) -> dict[str, int]:
+    """Read a run's row totals back from one of its events' metadata (values or raw numbers).
+
+    Example:
+        >>> run_counters({"qwen3/run/rows_inserted": 3})["inserted"]
+        3
+    """
+    counts = {}
+    for name in ROW_COUNTERS:
+        value = metadata.get(run_rows_key(name), 0)
+        counts[name] = int(getattr(value, "value", value) or 0)
+    return counts
+
+
+def rows_metadata(counts: Mapping[str, int]) -> dict[str, int]:
+    """One scope's row counters (every name in ``ROW_COUNTERS``; missing ones are 0)."""
+    return {rows_key(name): int(counts.get(name, 0)) for name in ROW_COUNTERS}
+
+
+def partition_metadata(counts: Mapping[str, int], *, partition_rows: int) -> dict[str, Any]:
+    """Return one partition's own figures: its row counters and its stored rows."""
+    return {**rows_metadata(counts), "dagster/partition_row_count": partition_rows}
+
+
+def by_partition_markdown(report: RefreshReport) -> str:
+    """A Markdown table of the run's counts per partition, with a total row."""
+    header = "| partition | " + " | ".join(_TABLE_COUNTERS) + " |"
+    rule = "|---" * (len(_TABLE_COUNTERS) + 1) + "|"
+    lines = [header, rule]
+    for partition in sorted(report.per_partition):
+        counts = report.per_partition[partition]
+        cells = " | ".join(str(int(counts.get(name, 0))) for name in _TABLE_COUNTERS)
+        lines.append(f"| {partition} | {cells} |")
+    totals = report.counters()
+    cells = " | ".join(f"**{totals[name]}**" for name in _TABLE_COUNTERS)
+    lines.append(f"| **run total** | {cells} |")
+    return "\n".join(lines)
+
+
+def run_metadata(report: RefreshReport, *, partitions: int = 0) -> dict[str, Any]:
+    """Return the run-wide figures, each under ``qwen3/run/``.
+
+    They are the same on every partition's event of a run, and say so by their names.
+
+    Args:
+        report: The run's refresh report.
+        partitions: How many partitions the run refreshed (0: an unpartitioned asset).
+    """
+    totals = report.counters()
+    metadata: dict[str, Any] = {run_rows_key(name): totals[name] for name in ROW_COUNTERS}
+    metadata.update(
+        {
+            "qwen3/run/partitions": partitions,
+            RUN_TOKENS: report.tokens,
+            "qwen3/run/padded_tokens": report.padded_tokens,
+            "qwen3/run/padding_efficiency": float(report.padding_efficiency),
+            "qwen3/run/tokens_per_second": float(report.tokens_per_second),
+            "qwen3/run/seconds": float(report.seconds),
+            RUN_VERSION_BEFORE: report.version_before,
+            RUN_COMMITTED: report.committed,
+            RUN_BY_PARTITION: dg.MetadataValue.md(by_partition_markdown(report)),
+        }
+    )
+    if report.failures:
+        metadata[FAILURES] = dg.MetadataValue.md(failures_markdown(report.failures))
+    return metadata
+
+
+def failures_markdown(failures: Sequence[tuple[str, str]]) -> str:
+    """A Markdown list of the rows that could not be embedded (key: reason)."""
+    return "\n".join(f"- `{key}`: {reason}" for key, reason in failures)
+
+
+def table_metadata(
+    report: RefreshReport,
+    *,
+    row_count: int,
+    column_schema: dg.TableSchema | None = None,
+    model: str = "",
+    dim: int | None = None,
+) -> dict[str, Any]:
+    """Return the vector table's state after the run (``qwen3/table/...`` and ``dagster/*``)."""
+    metadata: dict[str, Any] = {
+        TABLE_NAME: report.table_name,
+        TABLE_URI: report.table_uri,
+        TABLE_ROWS: row_count,
+        TABLE_VERSION: report.version_after,
+        TABLE_FINGERPRINT: report.spec_fingerprint,
+        TABLE_MODEL: model,
+        TABLE_DIM: dim,
+        "dagster/row_count": row_count,
+        "dagster/table_name": report.table_name,
+        "dagster/uri": f"{report.table_uri.rstrip('/')}/{report.table_name}.lance",
+    }
+    if column_schema is not None:
+        metadata["dagster/column_schema"] = column_schema
+    return metadata
+
+
+def lance_column_schema(schema: Any) -> dg.TableSchema:
+    """Describe a LanceDB table's Arrow schema as a Dagster ``TableSchema``."""
+    return dg.TableSchema(
+        columns=[dg.TableColumn(name=f.name, type=str(f.type), description=None) for f in schema]
+    )
