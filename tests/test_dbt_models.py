@@ -11,6 +11,7 @@ import pytest
 
 from qwen3_pipeline.corpus import load_corpus_into_duckdb
 from qwen3_pipeline.dagster_defs.dbt import (
+    LAST_RUN_DIR,
     dbt_cli_resource,
     dbt_models_assets,
     documents_asset_key,
@@ -191,8 +192,10 @@ def test_dagster_materializes_raw_and_dbt_then_propagates_a_change(
     assert all(c.passed for c in checks)
     db = tmp_path / "data" / "warehouse.duckdb"
     assert _query(db, "SELECT count(*) FROM documents") == [(LIMIT,)]
-    # dbt's artifacts and log go under the data directory, not into the (installed) project.
-    (run_target,) = (tmp_path / "data" / "dbt" / "target" / "runs").iterdir()
+    # dbt's artifacts and log go under the data directory, not into the (installed) project;
+    # only the latest run's are kept.
+    (run_target,) = (tmp_path / "data" / "dbt" / "target").iterdir()
+    assert run_target.name == LAST_RUN_DIR
     assert (run_target / "run_results.json").is_file()
     assert (run_target / "dbt.log").is_file()
 

@@ -17,7 +17,16 @@ as the ``duckdb_path`` var, because dbt runs with the dbt project as its working
 The dbt project ships inside the package (``qwen3_pipeline/resources/dbt_project``, in a source
 checkout a link to ``dbt_models/`` at the repository root); ``QWEN3_PIPELINE_DBT_PROJECT_DIR``
 points at another copy. Everything dbt writes goes under the data directory, never into the
-project: the manifest (``<data_dir>/dbt/target/manifest.json``) and each run's artifacts and log.
+project: the manifest (``<data_dir>/dbt/target/manifest.json``) and the artifacts and log of the
+latest dbt run (``<data_dir>/dbt/target/last_run/``; each run works in a scratch directory of its
+own, which replaces that one when the run ends, so runs leave nothing else behind).
+
+The paths a dbt run uses (project, profiles, executable, artifacts, warehouse) are found when it
+starts, on the machine that runs it: the ``dbt`` resource (:class:`WarehouseDbtCliResource`) has
+no path fields, so the Dagster launchpad shows no path of the machine that loaded the code
+location. The raw table and the dbt models form the
+``warehouse`` asset group, and the dbt tests of the source ``raw.raw_docstrings`` are asset
+checks of ``raw_docstrings``.
 
 The dbt assets are defined from that manifest, and importing this module (or the code location)
 neither builds it nor writes anything: prepare it once per data directory, and again after the
@@ -41,19 +50,23 @@ Example:
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 from dagster_dbt import (
+    DagsterDbtTranslator,
+    DagsterDbtTranslatorSettings,
     DbtCliResource,
     DbtProject,
     dbt_assets,
@@ -74,6 +87,10 @@ DEFAULT_DATA_DIR = "data"
 WAREHOUSE_FILENAME = "warehouse.duckdb"
 # Where dbt writes (manifest, run artifacts, logs), relative to the data directory.
 DBT_TARGET_SUBDIR = Path("dbt", "target")
+# Inside the target directory: the artifacts and log of the latest dbt run.
+LAST_RUN_DIR = "last_run"
+# The asset group of the warehouse tables: raw_docstrings and the dbt models above it.
+WAREHOUSE_GROUP = "warehouse"
 PREPARE_COMMAND = "python -m qwen3_pipeline.dagster_defs.dbt"
 # The dbt project inside the package; setuptools copies the files behind this link into wheels.
 PACKAGED_DBT_PROJECT = Path(__file__).resolve().parents[1] / "resources" / "dbt_project"
@@ -142,9 +159,77 @@ def dbt_executable() -> str:
 dbt_project = DbtProject(project_dir=dbt_project_dir(), target_path=dbt_target_dir())
 
 
-def dbt_cli_resource() -> DbtCliResource:
-    """Return the ``dbt`` resource for :data:`dbt_models_assets`, bound to :data:`dbt_project`."""
-    return DbtCliResource(project_dir=dbt_project, dbt_executable=dbt_executable())
+def resolve_dbt_cli() -> DbtCliResource:
+    """Return a dbt CLI for the dbt project and executable of this process's environment.
+
+    Returns:
+        A :class:`DbtCliResource` on :func:`dbt_project_dir`, whose ``profiles.yml`` it uses,
+        running :func:`dbt_executable`: absolute paths of this machine.
+    """
+    project_dir = dbt_project_dir()
+    return DbtCliResource(
+        project_dir=project_dir, profiles_dir=project_dir, dbt_executable=dbt_executable()
+    )
+
+
+class WarehouseDbtCliResource(dg.ConfigurableResource[DbtCliResource]):
+    """The ``dbt`` resource of :data:`dbt_models_assets`: a dbt CLI found when a run starts.
+
+    A :class:`DbtCliResource` bound in the definitions would carry the absolute project,
+    profiles and executable paths of the machine that loaded the code location as its config,
+    which the launchpad pre-fills into every run's config. This resource has no config: it
+    hands the assets :func:`resolve_dbt_cli`'s resource, built in the process that runs them.
+    """
+
+    def create_resource(self, context: dg.InitResourceContext) -> DbtCliResource:
+        """Build the dbt CLI for this run (see :func:`resolve_dbt_cli`).
+
+        Args:
+            context: The resource's init context (unused).
+
+        Returns:
+            The dbt CLI resource that the dbt assets receive as ``dbt``.
+        """
+        return resolve_dbt_cli()
+
+
+def dbt_cli_resource() -> WarehouseDbtCliResource:
+    """Return the ``dbt`` resource to bind for :data:`dbt_models_assets`."""
+    return WarehouseDbtCliResource()
+
+
+class WarehouseDbtTranslator(DagsterDbtTranslator):
+    """How the dbt project appears in Dagster: groups and asset checks.
+
+    - dbt nodes without a dbt ``group`` are in :data:`WAREHOUSE_GROUP`, beside
+      :data:`raw_docstrings` (dagster-dbt's default leaves them in ``default``);
+    - the tests of dbt sources are asset checks of the source's asset (``raw_docstrings``), run
+      by ``dbt build`` in the dbt step. Without that setting dagster-dbt defines no check for
+      them but dbt still runs them, and each run logged "Logging an `AssetObservation` instead of
+      an `AssetCheckResult`" for each of them.
+    """
+
+    def __init__(self) -> None:
+        """Create the translator with source tests loaded as asset checks."""
+        super().__init__(DagsterDbtTranslatorSettings(enable_source_tests_as_checks=True))
+
+    def get_asset_spec(
+        self, manifest: Mapping[str, Any], unique_id: str, project: DbtProject | None
+    ) -> dg.AssetSpec:
+        """Return dagster-dbt's spec of a dbt node, in :data:`WAREHOUSE_GROUP` unless dbt names one.
+
+        Args:
+            manifest: The parsed dbt manifest.
+            unique_id: The dbt node's unique id.
+            project: The dbt project.
+
+        Returns:
+            The node's asset spec.
+        """
+        spec = super().get_asset_spec(manifest, unique_id, project)
+        if spec.group_name is None:
+            return spec.replace_attributes(group_name=WAREHOUSE_GROUP)
+        return spec
 
 
 def prepare_dbt_manifest() -> Path:
@@ -161,7 +246,7 @@ def prepare_dbt_manifest() -> Path:
     target = dbt_project.target_path
     target.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".parse-", dir=target) as scratch:
-        dbt_cli_resource().cli(["parse", "--quiet"], target_path=Path(scratch)).wait()
+        resolve_dbt_cli().cli(["parse", "--quiet"], target_path=Path(scratch)).wait()
         # The manifest last: its presence is what says the preparation is complete.
         for name in ("partial_parse.msgpack", "manifest.json"):
             os.replace(Path(scratch, name), target / name)
@@ -232,23 +317,49 @@ def load_dbt_models_assets() -> dg.AssetsDefinition:
 
 
 def _define_dbt_models_assets(manifest: Path) -> dg.AssetsDefinition:
-    @dbt_assets(manifest=manifest, project=dbt_project)
-    def dbt_models_assets(context: dg.AssetExecutionContext, dbt: DbtCliResource) -> Iterator[Any]:
+    @dbt_assets(
+        manifest=manifest, project=dbt_project, dagster_dbt_translator=WarehouseDbtTranslator()
+    )
+    def dbt_models_assets(
+        context: dg.AssetExecutionContext, dbt: dg.ResourceParam[DbtCliResource]
+    ) -> Iterator[Any]:
         """Build the dbt models and run their tests (``dbt build``) on the DuckDB warehouse."""
         dbt_vars = json.dumps({"duckdb_path": str(duckdb_warehouse_path())})
-        target = _run_target_path(context)
-        yield from dbt.cli(
-            ["build", "--vars", dbt_vars], context=context, target_path=target
-        ).stream()
+        with _run_target_path(context) as target:
+            yield from dbt.cli(
+                ["build", "--vars", dbt_vars], context=context, target_path=target
+            ).stream()
 
     return dbt_models_assets
 
 
-def _run_target_path(context: dg.AssetExecutionContext) -> Path:
+@contextlib.contextmanager
+def _run_target_path(context: dg.AssetExecutionContext) -> Iterator[Path]:
     # dagster-dbt's default is a fresh directory under <project>/target, which is inside the
     # installed package; the data directory (read at run time, like the warehouse) takes it.
-    unique = f"{context.run.run_id[:8]}-{uuid.uuid4().hex[:7]}"
-    return dbt_target_dir() / "runs" / unique
+    # Each run gets a directory of its own, so concurrent runs never mix their artifacts; when
+    # it ends, pass or fail, it becomes last_run/ and the previous one is deleted.
+    target = dbt_target_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".run-{context.run.run_id[:8]}-", dir=target))
+    try:
+        yield scratch
+    finally:
+        _keep_as_last_run(scratch)
+
+
+def _keep_as_last_run(scratch: Path) -> None:
+    last_run = scratch.parent / LAST_RUN_DIR
+    # A directory cannot be renamed onto a non-empty one: move the previous run's aside first.
+    previous = scratch.parent / f".previous-{uuid.uuid4().hex[:8]}"
+    with contextlib.suppress(FileNotFoundError):
+        last_run.rename(previous)
+    try:
+        scratch.rename(last_run)
+    except OSError:
+        # Another run ended in between and took the name; its artifacts are as recent.
+        shutil.rmtree(scratch, ignore_errors=True)
+    shutil.rmtree(previous, ignore_errors=True)
 
 
 def __getattr__(name: str) -> dg.AssetsDefinition:
@@ -277,7 +388,7 @@ class CorpusConfig(dg.Config):
 
 @dg.asset(
     key=RAW_DOCSTRINGS_KEY,
-    group_name="corpus",
+    group_name=WAREHOUSE_GROUP,
     kinds={"python", "duckdb"},
     description=(
         "Docstrings of the Python standard library (parsed, not imported), loaded into the "
