@@ -23,11 +23,15 @@ setup: $(STAMP) $(DBT_MANIFEST)
 # torch goes in first with plain pip: on these machines `torch==2.13.0` is a small CPU wheel on
 # local disk, while a resolver left to itself would pull a multi-GB CUDA build. Everything else
 # is resolved by uv (pip's resolver backtracks for many minutes on this stack) under the
-# versions pinned in constraints.txt.
+# versions pinned in constraints.txt. uv writes no bytecode unless asked: a process started
+# with PYTHONDONTWRITEBYTECODE=1 (each run worker of a `dagster dev` started by hand on such a
+# machine) would then recompile transformers, torch and lancedb from source on every start.
+# --compile-bytecode compiles the whole site-packages once here (a minute or two of CPU).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)" uv
-	$(VENV)/bin/uv pip install --quiet --python $(PY) -c constraints.txt -e '.[dev]'
+	$(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY) -c constraints.txt \
+		-e '.[dev]'
 	touch $(STAMP)
 
 $(DBT_MANIFEST): $(STAMP) $(wildcard dbt_models/*.yml dbt_models/models/*/*)
@@ -36,10 +40,17 @@ $(DBT_MANIFEST): $(STAMP) $(wildcard dbt_models/*.yml dbt_models/models/*/*)
 demo: setup
 	$(PY) -m qwen3_pipeline.demo
 
-# The Dagster UI on the demo code location (runs are kept under data/dagster_home).
+# The Dagster UI on the demo code location (runs are kept under data/dagster_home). The
+# instance is prepared first: the `gpu` concurrency pool gets a limit, enforced per run, so runs
+# that load the model queue instead of sharing the GPU. GPU_POOL_LIMIT=N (or
+# QWEN3_PIPELINE_GPU_POOL_LIMIT) sets it; unset, a limit set earlier (in the UI) is kept, else 1.
+DAGSTER_HOME_DIR := $(abspath data/dagster_home)
+GPU_POOL_LIMIT ?=
+
 dev: setup
-	mkdir -p data/dagster_home
-	DAGSTER_HOME=$(abspath data/dagster_home) $(VENV)/bin/dagster dev -w workspace.yaml
+	DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m qwen3_pipeline.dagster_defs.instance \
+		$(if $(GPU_POOL_LIMIT),--gpu-pool-limit $(GPU_POOL_LIMIT))
+	DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(VENV)/bin/dagster dev -w workspace.yaml
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

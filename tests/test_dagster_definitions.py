@@ -1,5 +1,6 @@
 """The demo code location loads (without torch), with its resources, lineage and automation."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -65,11 +66,11 @@ def _load_in_a_fresh_process(data_dir: Path) -> subprocess.CompletedProcess[str]
     env = {
         **os.environ,
         "QWEN3_PIPELINE_DATA_DIR": str(data_dir),
-        "QWEN3_PIPELINE_AUTOMATION": "off",
         # Python's own bytecode cache would count as a write.
         "PYTHONDONTWRITEBYTECODE": "1",
     }
-    for name in ("QWEN3_PIPELINE_MODEL", "DAGSTER_IS_DEV_CLI"):
+    # Unset automation: the schedule and sensor must load stopped by default.
+    for name in ("QWEN3_PIPELINE_MODEL", "QWEN3_PIPELINE_AUTOMATION", "DAGSTER_IS_DEV_CLI"):
         env.pop(name, None)
     return subprocess.run(
         [sys.executable, "-c", LOAD_SCRIPT],
@@ -125,7 +126,7 @@ def test_definitions_load_in_a_fresh_process_without_torch(tmp_path: Path) -> No
         ]
     )
     assert loaded["resources"] == {
-        "dbt": "DbtCliResource",
+        "dbt": "WarehouseDbtCliResource",
         "embedder": "Qwen3EmbedderResource",
         "lancedb": "LanceDBResource",
     }
@@ -208,6 +209,51 @@ def test_settings_from_environment() -> None:
         DemoSettings.from_env({"QWEN3_PIPELINE_DIM": "big"})
     with pytest.raises(ConfigError, match="QWEN3_PIPELINE_AUTOMATION"):
         DemoSettings.from_env({"QWEN3_PIPELINE_AUTOMATION": "sometimes"})
+
+
+def test_automation_is_stopped_unless_switched_on(tmp_path: Path) -> None:
+    def statuses(environ: dict[str, str]) -> tuple[str, str]:
+        settings = DemoSettings.from_env({"QWEN3_PIPELINE_DATA_DIR": str(tmp_path), **environ})
+        defs = build_definitions(settings, embedder=FakeEmbedderResource(dim=64))
+        schedule = defs.resolve_schedule_def("document_vectors_hourly")
+        sensor = defs.resolve_sensor_def("document_vectors_automation")
+        return schedule.default_status.value, sensor.default_status.value
+
+    assert DemoSettings().automation is False
+    assert statuses({}) == ("STOPPED", "STOPPED")
+    for off in ("off", "0", "false", "OFF", " False ", ""):
+        assert statuses({"QWEN3_PIPELINE_AUTOMATION": off}) == ("STOPPED", "STOPPED")
+    for on in ("on", "1", "true", "ON", " True "):
+        assert statuses({"QWEN3_PIPELINE_AUTOMATION": on}) == ("RUNNING", "RUNNING")
+    for bad in ("yes", "2", "running"):
+        with pytest.raises(ConfigError, match=f"QWEN3_PIPELINE_AUTOMATION={bad!r}: use on or off"):
+            DemoSettings.from_env({"QWEN3_PIPELINE_AUTOMATION": bad})
+
+
+def test_loading_warns_when_runs_would_recompile_transformers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from qwen3_pipeline.definitions import warn_if_runs_recompile_transformers
+
+    # An empty bytecode prefix stands for an install that wrote no .pyc files (the shared
+    # environment's own caches are neither read nor touched).
+    monkeypatch.setattr(sys, "pycache_prefix", str(tmp_path / "no_pyc"))
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    assert not warn_if_runs_recompile_transformers()  # the first run writes them for the next
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    caplog.set_level("WARNING", logger="qwen3_pipeline.definitions")
+    assert warn_if_runs_recompile_transformers()
+    assert "-m compileall -q" in caplog.text
+    assert "uv pip install --compile-bytecode" in caplog.text
+
+    spec = importlib.util.find_spec("transformers")
+    assert spec is not None
+    assert spec.origin is not None
+    source = Path(spec.origin).with_name("modeling_utils.py")
+    pyc = Path(importlib.util.cache_from_source(str(source)))
+    pyc.parent.mkdir(parents=True)
+    pyc.touch()
+    assert not warn_if_runs_recompile_transformers()  # compiled: nothing to say
 
 
 def test_a_dbt_model_update_requests_every_shard_of_the_vectors(defs: dg.Definitions) -> None:

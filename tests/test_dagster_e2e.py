@@ -79,6 +79,16 @@ query ($id: ID!) {
   runOrError(runId: $id) { __typename ... on Run { status } ... on Error { message } }
 }
 """
+AUTOMATION_STATUS = """
+query ($selector: RepositorySelector!) {
+  schedulesOrError(repositorySelector: $selector) {
+    __typename ... on Schedules { results { name scheduleState { status } } }
+  }
+  sensorsOrError(repositorySelector: $selector) {
+    __typename ... on Sensors { results { name sensorState { status } } }
+  }
+}
+"""
 REPOSITORIES = """
 { repositoriesOrError { __typename ... on RepositoryConnection { nodes { name location { name } } }
   ... on Error { message } } }
@@ -141,8 +151,9 @@ def dagster_dev(tmp_path: Path, tiny_model_dir: Path) -> Iterator[tuple[_Server,
         "DAGSTER_HOME": str(home),
         "QWEN3_PIPELINE_DATA_DIR": str(tmp_path / "data"),
         "QWEN3_PIPELINE_MODEL": str(tiny_model_dir),
-        "QWEN3_PIPELINE_AUTOMATION": "off",
         "HF_HUB_OFFLINE": "1",
+        # A progress line per forward pass (the demo corpus takes seconds, not minutes).
+        "QWEN3_PIPELINE_PROGRESS_SECONDS": "0.000001",
     }
     port = _free_port()
     log = tmp_path / "dagster_dev.log"
@@ -221,6 +232,26 @@ def _wait_for_backfill_runs(
     raise AssertionError(f"backfill {backfill_id} runs did not finish in {timeout}s")
 
 
+def _assert_progress_while_embedding(logs: list[Any]) -> None:
+    """Progress lines with exact totals appear between the step's start and its result."""
+    messages = [(e.user_message or "", e.dagster_event) for e in logs]
+    start = next(
+        i
+        for i, (_, event) in enumerate(messages)
+        if event is not None and event.is_step_start and event.step_key == "document_vectors"
+    )
+    done = next(
+        i
+        for i, (_, event) in enumerate(messages)
+        if event is not None and event.is_step_materialization
+    )
+    progress = [m for m, _ in messages[start:done] if m.startswith("embedding into documents: ")]
+    assert len(progress) >= 2, [m for m, _ in messages]
+    assert all(" rows, " in m and " tokens (" in m and "tokens/s" in m for m in progress)
+    assert any("ETA" in m for m in progress)
+    assert any(m.startswith("refreshed documents: ") for m, _ in messages[start:done])
+
+
 @pytest.mark.slow
 def test_backfill_from_the_ui_then_incremental_refresh(
     dagster_dev: tuple[_Server, dict[str, str]], monkeypatch: pytest.MonkeyPatch
@@ -247,6 +278,17 @@ def test_backfill_from_the_ui_then_incremental_refresh(
     print(f"[e2e] upstream done at {time.monotonic() - STARTED:.0f}s")
     location, repository = server.wait_until_loaded(timeout=240)
     print(f"[e2e] server loaded at {time.monotonic() - STARTED:.0f}s")
+    # Automation starts stopped (QWEN3_PIPELINE_AUTOMATION is not set): nothing runs by itself.
+    selector = {"repositoryLocationName": location, "repositoryName": repository}
+    automation = server.graphql(AUTOMATION_STATUS, {"selector": selector})
+    schedules = automation["schedulesOrError"]["results"]
+    sensors = automation["sensorsOrError"]["results"]
+    assert {s["name"]: s["scheduleState"]["status"] for s in schedules} == {
+        "document_vectors_hourly": "STOPPED"
+    }
+    assert {s["name"]: s["sensorState"]["status"] for s in sensors} == {
+        "document_vectors_automation": "STOPPED"
+    }
     shards = HashShards().partitions_def().get_partition_keys()
     launched = server.graphql(
         LAUNCH_BACKFILL,
@@ -270,6 +312,7 @@ def test_backfill_from_the_ui_then_incremental_refresh(
     assert sum("loaded embedder" in (e.user_message or "") for e in logs) == 1
     step_pids = {e.dagster_event.pid for e in logs if e.dagster_event and e.step_key} - {None}
     assert len(step_pids) == 1  # in-process executor: every step in the run's one process
+    _assert_progress_while_embedding(logs)
     print(f"[e2e] backfill run done at {time.monotonic() - STARTED:.0f}s")
     backfill_events = _materializations(instance, runs[0].run_id)
     assert sorted(backfill_events) == shards

@@ -14,8 +14,11 @@ Settings come from the environment (:meth:`DemoSettings.from_env`):
   manifest live (default ``./data``);
 - ``QWEN3_PIPELINE_DEVICE``: ``auto`` (default), ``cpu``, ``cuda``, ``cuda:N``;
 - ``QWEN3_PIPELINE_DIM``: output dimension (default: the model's hidden size);
-- ``QWEN3_PIPELINE_AUTOMATION``: ``on`` (default) starts the hourly schedule and the
-  automation sensor with the daemon (``dagster dev``); ``off`` leaves them stopped.
+- ``QWEN3_PIPELINE_AUTOMATION``: ``off`` (default; also ``0``/``false``) leaves the hourly
+  schedule and the automation sensor stopped, Dagster's own default, so opening the UI never
+  launches a run that loads the model; ``on`` (``1``/``true``) starts both with the daemon
+  (``dagster dev``). It sets their *default* status only: a schedule or sensor toggled in the
+  UI keeps that state in the instance, whatever the variable says.
 
 The executor is in-process: a run is one process, so the model is loaded once per run whatever
 steps it holds (Dagster's default multiprocess executor would start a process per step).
@@ -56,6 +59,7 @@ MODEL_ENV = "QWEN3_PIPELINE_MODEL"
 DEVICE_ENV = "QWEN3_PIPELINE_DEVICE"
 DIM_ENV = "QWEN3_PIPELINE_DIM"
 AUTOMATION_ENV = "QWEN3_PIPELINE_AUTOMATION"
+_SWITCH_VALUES = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
 EMBEDDING_GROUP = "embeddings"
 DOCUMENTS_TABLE = "main.documents"
@@ -76,7 +80,8 @@ class DemoSettings:
         data_dir: Directory of the LanceDB database (``<data_dir>/lancedb``).
         device: Torch device of the embedder.
         dim: Output dimension (None: the model's hidden size).
-        automation: Start the schedule and the automation sensor by default.
+        automation: Start the schedule and the automation sensor by default (off: both
+            start stopped, Dagster's default).
         shards: Hash shards of the vector table.
         table: LanceDB table name.
     """
@@ -85,7 +90,7 @@ class DemoSettings:
     data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
     device: str = "auto"
     dim: int | None = None
-    automation: bool = True
+    automation: bool = False
     shards: int = 8
     table: str = "documents"
 
@@ -95,7 +100,7 @@ class DemoSettings:
 
         Raises:
             ConfigError: ``QWEN3_PIPELINE_DIM`` is not an integer, or the automation switch
-                is not on/off.
+                is not one of on/off/1/0/true/false.
         """
         env = os.environ if environ is None else environ
         raw_dim = env.get(DIM_ENV, "").strip()
@@ -103,15 +108,20 @@ class DemoSettings:
             dim = int(raw_dim) if raw_dim else None
         except ValueError as e:
             raise ConfigError(f"{DIM_ENV}={raw_dim!r} is not an integer") from e
-        switch = env.get(AUTOMATION_ENV, "on").strip().lower()
-        if switch not in {"on", "off", "1", "0", "true", "false"}:
-            raise ConfigError(f"{AUTOMATION_ENV}={switch!r}: use on or off")
+        # Off unless asked: a running schedule or sensor launches model-loading runs as soon as
+        # the daemon starts, which a first look at the UI should not do.
+        raw_switch = env.get(AUTOMATION_ENV, "").strip()
+        switch = raw_switch.lower() or "off"
+        if switch not in _SWITCH_VALUES:
+            raise ConfigError(
+                f"{AUTOMATION_ENV}={raw_switch!r}: use on or off (also 1/0, true/false)"
+            )
         return cls(
             model=env.get(MODEL_ENV) or DEFAULT_MODEL,
             data_dir=Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
             device=env.get(DEVICE_ENV) or "auto",
             dim=dim,
-            automation=switch in {"on", "1", "true"},
+            automation=_SWITCH_VALUES[switch],
         )
 
     @property
