@@ -30,7 +30,9 @@ import numpy as np
 import pyarrow as pa
 
 from qwen3_pipeline.changes import is_blank, sanitize_text, sanitize_texts
+from qwen3_pipeline.engines import ENGINES, EngineOptions, open_embedder
 from qwen3_pipeline.errors import (
+    ConfigError,
     EmbeddingFailedError,
     InputDataError,
     Qwen3PipelineError,
@@ -217,6 +219,63 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="local",
+        help="local: one model in this process (default); ray: a pool of Ray actors",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, metavar="N", help="Ray actors, one model each"
+    )
+    parser.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="join a Ray cluster (ray://head:10001, auto); default: a local Ray for this run",
+    )
+    parser.add_argument(
+        "--gpus-per-worker",
+        type=float,
+        default=None,
+        metavar="G",
+        help="GPUs per Ray actor (default 1 when this machine has CUDA, else 0)",
+    )
+
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    """Return the engine settings of ``embed``/``refresh`` arguments.
+
+    Raises:
+        ConfigError: Ray flags without ``--engine ray``, or an invalid value.
+    """
+    ray_flags = args.workers is not None or args.ray_address or args.gpus_per_worker is not None
+    if args.engine == "local" and ray_flags:
+        raise ConfigError(
+            "--workers, --ray-address and --gpus-per-worker need --engine ray "
+            "(the local engine is one model in this process)"
+        )
+    gpus = args.gpus_per_worker
+    if args.engine == "ray" and gpus is None:
+        gpus = 1.0 if args.device != "cpu" and _cuda_available() else 0.0
+    return EngineOptions(
+        engine=args.engine,
+        workers=args.workers or 1,
+        ray_address=args.ray_address,
+        gpus_per_worker=gpus or 0.0,
+        device=args.device,
+        dtype=args.dtype,
+        max_batch_tokens=args.max_batch_tokens,
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``qwen3-pipeline`` command."""
     parser = argparse.ArgumentParser(
@@ -241,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_model_arguments(embed)
+    _add_engine_arguments(embed)
     embed.add_argument("--query", action="store_true", help="embed as queries (instruction)")
     embed.add_argument("--task", default=DEFAULT_QUERY_TASK, help="query instruction")
     embed.add_argument(
@@ -289,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest share of the stored scope a refresh may delete (default 0.5)",
     )
     _add_model_arguments(sync)
+    _add_engine_arguments(sync)
 
     find = commands.add_parser(
         "search", parents=[debug_after], help="search a vector table with a query"
@@ -323,10 +384,10 @@ def parse_shard(value: str) -> "tuple[int, int]":
 
 def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``qwen3-pipeline refresh``: returns the report printed on stdout."""
-    from qwen3_pipeline.encoder import Qwen3Encoder
     from qwen3_pipeline.refresh import refresh
     from qwen3_pipeline.sources import Shard, Shards, SourceConfig, parse_source
 
+    options = engine_options(args)
     partition: Shard | Shards | None = None
     if args.shard:
         partition = Shard(*parse_shard(args.shard))
@@ -346,20 +407,18 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.dry_run:
         return _dry_run(args, source, config, spec)
-    encoder = Qwen3Encoder(
-        spec, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
-    )
-    report = refresh(
-        source=source,
-        config=config,
-        embedder=encoder,
-        db_uri=args.db,
-        table=args.table,
-        rebuild=args.rebuild,
-        chunk_rows=args.chunk_rows,
-        allow_mass_delete=args.allow_mass_delete,
-        max_delete_share=args.max_delete_share,
-    )
+    with open_embedder(spec, options) as embedder:
+        report = refresh(
+            source=source,
+            config=config,
+            embedder=embedder,
+            db_uri=args.db,
+            table=args.table,
+            rebuild=args.rebuild,
+            chunk_rows=args.chunk_rows,
+            allow_mass_delete=args.allow_mass_delete,
+            max_delete_share=args.max_delete_share,
+        )
     return report.as_dict()
 
 
@@ -437,8 +496,7 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
         InputDataError: Bad ``--input`` or ``--output`` (checked before the model loads).
         EmbeddingFailedError: Some rows could not be embedded; nothing is written.
     """
-    from qwen3_pipeline.encoder import Qwen3Encoder
-
+    options = engine_options(args)
     check_output_path(args.output)
     numbered = _read_numbered_texts(args.input)
     texts = [text for _, text in numbered]
@@ -449,10 +507,8 @@ def run_embed(args: argparse.Namespace) -> dict[str, Any]:
         max_length=args.max_length,
         query_task=args.task,
     )
-    encoder = Qwen3Encoder(
-        spec, device=args.device, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens
-    )
-    result = encoder.embed_queries(texts) if args.query else encoder.embed_documents(texts)
+    with open_embedder(spec, options) as embedder:
+        result = embedder.embed_queries(texts) if args.query else embedder.embed_documents(texts)
     if result.failures:
         shown = "; ".join(
             f"line {numbered[row][0]}: {why}" for row, why in list(result.failures.items())[:_SHOWN]

@@ -155,3 +155,21 @@ def token_counter_of(embedder: Embedder) -> TokenCounter | None:
         counter = provider()
         return counter if isinstance(counter, TokenCounter) else None
     return embedder if isinstance(embedder, TokenCounter) else None
+
+
+def engine_info(embedder: Embedder) -> dict[str, Any]:
+    """Return ``engine``, ``workers`` and ``model_loads`` of an embedder, for the report.
+
+    Embedders that run elsewhere (:class:`~qwen3_pipeline.ray_engine.RayEmbedder`) or load
+    lazily (the Dagster resources) say so through an ``engine_info()`` method; any other
+    embedder is one model in this process, loaded once.
+
+    Example:
+        >>> from qwen3_pipeline.testing import FakeEmbedder
+        >>> engine_info(FakeEmbedder(EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)))
+        {'engine': 'local', 'workers': 1, 'model_loads': 1}
+    """
+    provider = getattr(embedder, "engine_info", None)
+    if callable(provider):
+        return dict(provider())
+    return {"engine": "local", "workers": 1, "model_loads": 1}

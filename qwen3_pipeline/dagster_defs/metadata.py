@@ -111,6 +111,9 @@ def run_metadata(report: RefreshReport, *, partitions: int = 0) -> dict[str, Any
             "qwen3/run/seconds": float(report.seconds),
             RUN_VERSION_BEFORE: report.version_before,
             RUN_COMMITTED: report.committed,
+            "qwen3/run/engine": report.engine,
+            "qwen3/run/workers": report.workers,
+            "qwen3/run/model_loads": report.model_loads,
             RUN_BY_PARTITION: dg.MetadataValue.md(by_partition_markdown(report)),
         }
     )

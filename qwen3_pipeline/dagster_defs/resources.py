@@ -34,8 +34,15 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from qwen3_pipeline.embedder import BatchDone, Embedder, EncodeResult, TokenCounter
+from qwen3_pipeline.embedder import (
+    BatchDone,
+    Embedder,
+    EncodeResult,
+    TokenCounter,
+    engine_info,
+)
 from qwen3_pipeline.engine.apply import embed_reporting
+from qwen3_pipeline.engines import EngineOptions, build_embedder
 from qwen3_pipeline.errors import Qwen3PipelineError
 from qwen3_pipeline.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
 
@@ -189,6 +196,12 @@ class EmbedderResource(dg.ConfigurableResource):
                 raise EmbedderLoadFailure(e, self.model) from e
         return self._token_counter
 
+    def engine_info(self) -> dict[str, Any]:
+        """The loaded embedder's engine facts; ``model_loads`` is 0 while nothing was loaded."""
+        if self._embedder is None:
+            return {"engine": "local", "workers": 1, "model_loads": 0}
+        return engine_info(self._embedder)
+
     @property
     def loaded(self) -> bool:
         """Whether the model is loaded in this process."""
@@ -240,6 +253,16 @@ class Qwen3EmbedderResource(EmbedderResource):
     )
     max_batch_rows: int = Field(default=256, description="Most rows per forward pass.")
 
+    def engine_options(self) -> EngineOptions:
+        """The engine settings of this resource (one model in the run's process)."""
+        return EngineOptions(
+            device=self.device,
+            dtype=self.dtype,
+            attention=self.attention,
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_rows=self.max_batch_rows,
+        )
+
     def load_embedder(self, spec: EmbeddingSpec) -> Embedder:
         """Load the Qwen3 encoder (imports torch).
 
@@ -247,17 +270,7 @@ class Qwen3EmbedderResource(EmbedderResource):
             ModelLoadError: The checkpoint or tokenizer cannot be loaded.
             ConfigError: An unavailable device or attention kernel.
         """
-        from qwen3_pipeline.encoder import Qwen3Encoder
-
-        return Qwen3Encoder(
-            spec,
-            device=self.device,
-            dtype=self.dtype,
-            attention=self.attention,
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_rows=self.max_batch_rows,
-            progress=False,
-        )
+        return build_embedder(spec, self.engine_options(), progress=False)
 
     def load_token_counter(self, spec: EmbeddingSpec) -> TokenCounter | None:
         """Load the tokenizer alone (a second or so; no weights, no accelerator memory).

@@ -18,12 +18,13 @@ import inspect
 import logging
 import time
 import uuid
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from qwen3_pipeline.changes import RowStatus
-from qwen3_pipeline.embedder import BatchDone, Embedder, EncodeResult
+from qwen3_pipeline.embedder import BatchDone, Embedder, EncodeResult, engine_info
 from qwen3_pipeline.engine.plan import RefreshPlan, read_spill
 from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES, RefreshReport, Tally
 from qwen3_pipeline.errors import ConfigError
@@ -143,6 +144,7 @@ def _apply(
         store.maybe_optimize()
     report = _report(
         tally,
+        engine=engine_info(embedder),
         store=store,
         plan=plan,
         run_id=run_id,
@@ -241,6 +243,7 @@ def embed_reporting(
 def _report(
     tally: Tally,
     *,
+    engine: dict[str, Any],
     store: VectorStore,
     plan: RefreshPlan,
     run_id: str,
@@ -277,4 +280,7 @@ def _report(
         per_partition=tally.per_partition(),
         failures=list(tally.failures),
         run_id=run_id,
+        engine=str(engine["engine"]),
+        workers=int(engine["workers"]),
+        model_loads=int(engine["model_loads"]),
     )

@@ -6,6 +6,7 @@ materialisation metadata (``qwen3/rows_<name>``) are all derived from it.
 """
 
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -14,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qwen3_pipeline.embedder import EncodeStats
+from qwen3_pipeline.errors import ConfigError
 
 # Row counters of a refresh, in the order reports list them. ``embedded`` counts rows sent to
 # the model; the others say what happened to source and stored rows.
@@ -99,6 +101,10 @@ class RefreshReport:
         per_partition: Counters per partition key.
         failures: ``(key, reason)`` of failed rows (first 100).
         run_id: Lineage id written on every row this refresh wrote.
+        engine: ``local`` or ``ray``.
+        workers: Model replicas the embedding ran on.
+        model_loads: Model loads during the refresh (0 when nothing was embedded by a lazily
+            loaded model; a Ray actor restarted after a crash counts again).
     """
 
     scanned: int = 0
@@ -129,6 +135,9 @@ class RefreshReport:
     per_partition: dict[str, dict[str, int]] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
     run_id: str = ""
+    engine: str = "local"
+    workers: int = 1
+    model_loads: int = 0
 
     def counters(self) -> dict[str, int]:
         """The run's totals of :data:`ROW_COUNTERS` (``embedded`` = rows sent to the model)."""
@@ -149,3 +158,90 @@ class RefreshReport:
             f"{self.tokens_per_second:.0f} tokens/s; lance version {self.version_before} -> "
             f"{self.version_after}"
         )
+
+
+# Counters and times of consecutive refreshes that add up in a merged report.
+_SUMMED = (
+    *(name for name in ROW_COUNTERS if name != "embedded"),
+    "embedded_rows",
+    "tokens",
+    "padded_tokens",
+)
+_SUMMED_SECONDS = ("embed_seconds", "plan_seconds", "seconds")
+
+
+def merge_reports(reports: Sequence[RefreshReport]) -> RefreshReport:
+    """Combine the reports of consecutive refreshes of disjoint scopes of one table into one.
+
+    A run over many shards refreshes them one after another; its report is theirs merged:
+    row counters, tokens and times are summed, ``per_partition`` merged, ``failures``
+    concatenated (the first :data:`MAX_SHOWN_FAILURES`), ``padding_efficiency`` and
+    ``tokens_per_second`` recomputed from the sums. The Lance versions span the run
+    (``version_before`` of the first report, ``version_after`` of the last), ``committed`` is
+    true if any report committed, and ``partition_keys`` lists every report's (None if any
+    report covered the whole table). ``run_id`` is the first report's. ``model_loads`` and
+    ``workers`` are the largest reported: an embedder counts its loads over its lifetime, so
+    the last report of a run already includes the earlier ones.
+
+    Args:
+        reports: The reports, in the order the refreshes ran.
+
+    Returns:
+        The merged :class:`RefreshReport`.
+
+    Raises:
+        ConfigError: ``reports`` is empty, or the reports are of different tables or specs.
+
+    Example:
+        >>> a = RefreshReport(scanned=2, inserted=2, table_name="docs", version_after=3)
+        >>> b = RefreshReport(scanned=1, unchanged=1, table_name="docs", version_before=3,
+        ...                   version_after=3)
+        >>> merged = merge_reports([a, b])
+        >>> merged.scanned, merged.inserted, merged.version_before, merged.version_after
+        (3, 2, 0, 3)
+    """
+    if not reports:
+        raise ConfigError("merge_reports needs at least one report")
+    first, last = reports[0], reports[-1]
+    for report in reports[1:]:
+        theirs = (report.table_uri, report.table_name, report.spec_fingerprint)
+        ours = (first.table_uri, first.table_name, first.spec_fingerprint)
+        if theirs != ours:
+            raise ConfigError(
+                f"cannot merge reports of different tables or specs: {ours} and {theirs}"
+            )
+    summed: dict[str, Any] = {name: sum(int(getattr(r, name)) for r in reports) for name in _SUMMED}
+    summed.update(
+        {name: round(sum(getattr(r, name) for r in reports), 6) for name in _SUMMED_SECONDS}
+    )
+    tokens, padded, embed_seconds = (
+        summed["tokens"],
+        summed["padded_tokens"],
+        summed["embed_seconds"],
+    )
+    per_partition: dict[str, Counter[str]] = defaultdict(Counter)
+    for report in reports:
+        for label, counters in report.per_partition.items():
+            per_partition[label].update(counters)
+    partition_keys: list[str] | None = None
+    if all(r.partition_keys is not None for r in reports):
+        partition_keys = list(dict.fromkeys(k for r in reports for k in r.partition_keys or ()))
+    failures = [failure for r in reports for failure in r.failures][:MAX_SHOWN_FAILURES]
+    return RefreshReport(
+        **summed,
+        padding_efficiency=round(tokens / padded, 6) if padded else 1.0,
+        tokens_per_second=round(tokens / embed_seconds, 3) if embed_seconds > 0 else 0.0,
+        version_before=first.version_before,
+        version_after=last.version_after,
+        committed=any(r.committed for r in reports),
+        table_uri=first.table_uri,
+        table_name=first.table_name,
+        spec_fingerprint=first.spec_fingerprint,
+        partition_keys=partition_keys,
+        per_partition={k: dict(v) for k, v in sorted(per_partition.items())},
+        failures=failures,
+        run_id=first.run_id,
+        engine=last.engine,
+        workers=max(r.workers for r in reports),
+        model_loads=max(r.model_loads for r in reports),
+    )

@@ -1,0 +1,348 @@
+"""The Ray engine on a real local Ray instance: 2 CPU actors holding the tiny Qwen3 model.
+
+One Ray instance serves the module (started once, ~10 s here); every test builds its own pool
+of actors on it. The Dagster test runs last: its ``LocalRay`` resource shuts Ray down.
+"""
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import dagster as dg
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from qwen3_pipeline import cli  # noqa: E402
+from qwen3_pipeline.dagster_defs.automation import all_partitions_tags  # noqa: E402
+from qwen3_pipeline.dagster_defs.embedding import HashShards, build_embedding_asset  # noqa: E402
+from qwen3_pipeline.dagster_defs.metadata import run_counters  # noqa: E402
+from qwen3_pipeline.dagster_defs.resources import LanceDBResource  # noqa: E402
+from qwen3_pipeline.encoder import Qwen3Encoder  # noqa: E402
+from qwen3_pipeline.engines import EngineOptions  # noqa: E402
+from qwen3_pipeline.errors import ConfigError, InputDataError  # noqa: E402
+from qwen3_pipeline.ray_engine import EncoderOptions, RayEmbedder, plan_blocks  # noqa: E402
+from qwen3_pipeline.refresh import refresh  # noqa: E402
+from qwen3_pipeline.sources import ArrowSource, SourceConfig  # noqa: E402
+from qwen3_pipeline.spec import EmbeddingSpec  # noqa: E402
+
+CPU = EncoderOptions(device="cpu")
+CONFIG = SourceConfig(key="id", text_columns=("text",))
+# Small blocks so that a few hundred rows make many blocks across the two actors.
+BLOCK_TOKENS = 1_500
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    # Ray pickles this module's classes by value, so actors need not import `tests`.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def spec(tiny_model_dir: Path) -> EmbeddingSpec:
+    return EmbeddingSpec(model=str(tiny_model_dir), dim=64)
+
+
+def _texts(n: int, *, edited: frozenset[int] = frozenset()) -> list[str]:
+    return [
+        f"document {i} about topic {i % 7}: "
+        + "word " * (i % 40)
+        + (" edited" if i in edited else "")
+        for i in range(n)
+    ]
+
+
+def _source(texts: list[str]) -> ArrowSource:
+    return ArrowSource(pa.table({"id": np.arange(len(texts)), "text": texts}), name="docs")
+
+
+def _pool(spec: EmbeddingSpec, **kwargs) -> RayEmbedder:
+    return RayEmbedder(spec, workers=2, options=CPU, block_tokens=BLOCK_TOKENS, **kwargs)
+
+
+def test_blocks_cover_every_row_once_longest_first() -> None:
+    lengths = np.array([3, 50, 7, 50, 1, 20, 900])
+    blocks = plan_blocks(lengths, 60)
+    assert sorted(np.concatenate(blocks).tolist()) == list(range(len(lengths)))
+    assert blocks[0].tolist() == [6]  # longer than a block: alone, and first
+    assert all(lengths[b].sum() <= 60 for b in blocks[1:])
+    with pytest.raises(ConfigError, match="block_tokens"):
+        plan_blocks(lengths, 0)
+
+
+def test_ray_vectors_equal_the_local_engine_in_the_same_order(spec: EmbeddingSpec) -> None:
+    texts = _texts(240)
+    local = Qwen3Encoder(spec, device="cpu", progress=False).embed_documents(texts)
+    progress: list[tuple[int, int]] = []
+    with _pool(spec) as pool:
+        remote = pool.embed_documents(
+            texts, on_batch=lambda rows, tokens: progress.append((rows, tokens))
+        )
+        queries = pool.embed_queries(["where is topic 3?"]).vectors
+        info = pool.engine_info()
+    cos = (remote.vectors * local.vectors).sum(axis=1)
+    assert cos.min() >= 0.99999
+    assert np.array_equal(remote.n_tokens, local.n_tokens)
+    assert remote.stats.real_tokens == local.stats.real_tokens
+    assert len(progress) > 2  # one report per block, while the call runs
+    assert sum(r for r, _ in progress) == len(texts)
+    assert sum(t for _, t in progress) == local.stats.real_tokens
+    local_query = Qwen3Encoder(spec, device="cpu", progress=False).embed_queries(
+        ["where is topic 3?"]
+    )
+    assert float((queries * local_query.vectors).sum()) >= 0.99999
+    assert info == {"engine": "ray", "workers": 2, "model_loads": 2}
+
+
+def test_refresh_on_ray_gives_exact_counts_fill_noop_and_edits(
+    spec: EmbeddingSpec, tmp_path: Path
+) -> None:
+    db = str(tmp_path / "lancedb")
+    with _pool(spec) as pool:
+        first = refresh(
+            source=_source(_texts(300)), config=CONFIG, embedder=pool, db_uri=db, table="docs"
+        )
+        assert (first.inserted, first.embedded_rows, first.failed) == (300, 300, 0)
+        assert (first.engine, first.workers, first.model_loads) == ("ray", 2, 2)
+        version = first.version_after
+
+        again = refresh(
+            source=_source(_texts(300)), config=CONFIG, embedder=pool, db_uri=db, table="docs"
+        )
+        assert (again.unchanged, again.embedded_rows, again.committed) == (300, 0, False)
+        assert again.version_after == version
+
+        edited = _texts(290, edited=frozenset({1, 2, 3, 150}))  # 4 edits, 10 deletes
+        mixed = refresh(
+            source=_source(edited), config=CONFIG, embedder=pool, db_uri=db, table="docs"
+        )
+    assert (mixed.updated, mixed.deleted, mixed.inserted, mixed.embedded_rows) == (4, 10, 0, 4)
+    stored = lancedb.connect(db).open_table("docs").to_arrow()
+    assert stored.num_rows == 290
+    local = Qwen3Encoder(spec, device="cpu", progress=False).embed_documents(edited)
+    order = np.argsort(stored.column("key").to_numpy())
+    vectors = np.stack(stored.column("vector").to_numpy(zero_copy_only=False))[order]
+    assert ((vectors * local.vectors).sum(axis=1)).min() >= 0.99999
+
+
+class KillOnce:
+    """Builds the real encoder; the first actor process to embed SIGKILLs itself, once."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __call__(self, spec: EmbeddingSpec) -> "KillOnce._Encoder":
+        return KillOnce._Encoder(Qwen3Encoder(spec, device="cpu", progress=False), self.marker)
+
+    class _Encoder:
+        def __init__(self, encoder: Qwen3Encoder, marker: Path) -> None:
+            self.encoder, self.marker = encoder, marker
+            self.spec = encoder.spec
+
+        def embed_documents(self, texts, **kwargs):
+            try:
+                self.marker.touch(exist_ok=False)
+            except FileExistsError:
+                return self.encoder.embed_documents(texts, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)  # mid-refresh, with blocks in flight
+
+        def embed_queries(self, queries):
+            return self.encoder.embed_queries(queries)
+
+
+def test_an_actor_killed_mid_refresh_is_restarted_and_the_refresh_completes(
+    spec: EmbeddingSpec, tmp_path: Path
+) -> None:
+    marker = tmp_path / "killed"
+    db = str(tmp_path / "lancedb")
+    with _pool(spec, encoder_factory=KillOnce(marker)) as pool:
+        report = refresh(
+            source=_source(_texts(300)), config=CONFIG, embedder=pool, db_uri=db, table="docs"
+        )
+    assert marker.exists()  # an actor really died
+    assert (report.inserted, report.embedded_rows, report.failed) == (300, 300, 0)
+    assert report.model_loads == 3  # two actors, plus the restarted one
+    stored = lancedb.connect(db).open_table("docs").to_arrow()
+    assert sorted(stored.column("key").to_pylist()) == list(range(300))
+
+
+class AlwaysDieOn:
+    """An encoder whose process dies whenever its block holds ``poison`` (never recovers)."""
+
+    def __init__(self, poison: str) -> None:
+        self.poison = poison
+
+    def __call__(self, spec: EmbeddingSpec) -> "AlwaysDieOn._Encoder":
+        return AlwaysDieOn._Encoder(Qwen3Encoder(spec, device="cpu", progress=False), self.poison)
+
+    class _Encoder:
+        def __init__(self, encoder: Qwen3Encoder, poison: str) -> None:
+            self.encoder, self.poison = encoder, poison
+            self.spec = encoder.spec
+
+        def embed_documents(self, texts, **kwargs):
+            if self.poison in texts:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return self.encoder.embed_documents(texts, **kwargs)
+
+        def embed_queries(self, queries):
+            return self.encoder.embed_queries(queries)
+
+
+def test_a_block_failing_after_the_retries_is_reported_per_row_not_dropped(
+    spec: EmbeddingSpec, tmp_path: Path
+) -> None:
+    texts = _texts(200)
+    poison = texts[17]
+    db = str(tmp_path / "lancedb")
+    with _pool(
+        spec, encoder_factory=AlwaysDieOn(poison), max_restarts=1, max_task_retries=1
+    ) as pool:
+        report = refresh(
+            source=_source(texts), config=CONFIG, embedder=pool, db_uri=db, table="docs"
+        )
+    failed_keys = {key for key, _ in report.failures}
+    assert "17" in failed_keys
+    assert all("Ray worker failed after 1 retries" in why for _, why in report.failures)
+    assert report.failed == len(failed_keys) >= 1
+    assert report.inserted + report.failed == 200
+    stored = lancedb.connect(db).open_table("docs").to_arrow()
+    assert stored.num_rows == report.inserted
+    assert not failed_keys & {str(k) for k in stored.column("key").to_pylist()}
+
+
+def test_bad_input_fails_as_locally_before_any_actor_starts(
+    spec: EmbeddingSpec, tmp_path: Path
+) -> None:
+    texts = _texts(50)
+    rows = pa.table({"id": [*range(49), 3], "text": texts})  # key 3 twice
+    with _pool(spec) as pool:
+        with pytest.raises(InputDataError, match="duplicate"):
+            refresh(
+                source=ArrowSource(rows),
+                config=CONFIG,
+                embedder=pool,
+                db_uri=str(tmp_path),
+                table="docs",
+            )
+        assert pool.engine_info()["model_loads"] == 0
+    assert "docs" not in lancedb.connect(str(tmp_path)).list_tables().tables
+
+
+def test_cli_refresh_and_embed_with_the_ray_engine(
+    spec: EmbeddingSpec, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = _texts(120)
+    source = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"id": np.arange(120), "text": texts}), source)
+    common = [
+        "--model",
+        spec.model,
+        "--dim",
+        "64",
+        "--device",
+        "cpu",
+        "--engine",
+        "ray",
+        "--workers",
+        "2",
+    ]
+    args = ["refresh", "--source", str(source), "--key", "id", "--text", "text"]
+    assert cli.main([*args, "--db", str(tmp_path / "db"), "--table", "docs", *common]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["inserted"], report["engine"], report["workers"], report["model_loads"]) == (
+        120,
+        "ray",
+        2,
+        2,
+    )
+    lines = tmp_path / "texts.txt"
+    lines.write_text("\n".join(texts[:10]) + "\n")
+    out = tmp_path / "vectors.npy"
+    assert cli.main(["embed", "--input", str(lines), "--output", str(out), *common]) == 0
+    local = Qwen3Encoder(spec, device="cpu", progress=False).embed_documents(texts[:10]).vectors
+    assert (np.load(out) * local).sum(axis=1).min() >= 0.99999
+
+
+def test_ray_flags_need_the_ray_engine(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = [
+        "embed",
+        "--model",
+        "m",
+        "--input",
+        str(tmp_path / "x"),
+        "--output",
+        str(tmp_path / "y.npy"),
+    ]
+    assert cli.main([*argv, "--workers", "2"]) == 2
+    assert (
+        "--workers, --ray-address and --gpus-per-worker need --engine ray"
+        in capsys.readouterr().err
+    )
+    with pytest.raises(ConfigError, match="need engine='ray'"):
+        EngineOptions(engine="local", workers=4)
+
+
+def test_dagster_asset_on_local_ray_refreshes_a_range_of_shards_in_one_run(
+    spec: EmbeddingSpec, tmp_path: Path
+) -> None:
+    from dagster_ray import LocalRay
+
+    from qwen3_pipeline.dagster_defs.ray import RayEmbedderResource
+
+    embedder = RayEmbedderResource(
+        model=spec.model,
+        dim=64,
+        device="cpu",
+        workers=2,
+        # Joins the module's Ray instance (a fresh run would start its own).
+        ray_cluster=LocalRay(
+            ray_init_options={"ignore_reinit_error": True, "include_dashboard": False}
+        ),
+    )
+    asset = build_embedding_asset(
+        key="vectors",
+        source=_source(_texts(200)),
+        source_config=CONFIG,
+        spec=embedder,
+        table="docs",
+        partitioning=HashShards(4),
+        retry_policy=None,
+    )
+    assert asset.partitions_def is not None
+    instance = dg.DagsterInstance.ephemeral()
+    result = dg.materialize(
+        [asset],
+        resources={"embedder": embedder, "lancedb": LanceDBResource(uri=str(tmp_path / "db"))},
+        instance=instance,
+        tags=all_partitions_tags(asset.partitions_def),
+    )
+    assert result.success
+    assert len(instance.get_runs()) == 1
+    events = {
+        e.materialization.partition: {
+            k: getattr(v, "value", v) for k, v in e.materialization.metadata.items()
+        }
+        for e in result.get_asset_materialization_events()
+    }
+    assert sorted(events) == asset.partitions_def.get_partition_keys()
+    one = next(iter(events.values()))
+    assert run_counters(one)["inserted"] == 200
+    assert (one["qwen3/run/engine"], one["qwen3/run/workers"], one["qwen3/run/model_loads"]) == (
+        "ray",
+        2,
+        2,
+    )
+    assert all(e.passed for e in result.get_asset_check_evaluations())
+    assert lancedb.connect(str(tmp_path / "db")).open_table("docs").count_rows() == 200
