@@ -22,6 +22,7 @@ from qwen3_pipeline.dagster_defs.metadata import (
     run_counters,
 )
 from qwen3_pipeline.dagster_defs.resources import FakeEmbedderResource, LanceDBResource
+from qwen3_pipeline.errors import ConfigError
 from qwen3_pipeline.progress import PROGRESS_SECONDS_ENV
 from qwen3_pipeline.sources import DuckDBSource, SourceConfig
 
@@ -208,3 +209,22 @@ def test_checks_alone_before_the_first_materialization_say_what_to_do(
     message = str(failure.step_failure_data.error)  # type: ignore[union-attr]
     assert "does not exist yet" in message
     assert "materialize document_vectors" in message
+
+
+def test_the_backfill_shape_is_one_run_or_one_run_per_k_partitions(warehouse: Path) -> None:
+    def build(**kwargs: object) -> dg.AssetsDefinition:
+        return build_embedding_asset(
+            key="document_vectors",
+            source=lambda: DuckDBSource(warehouse, "documents"),
+            source_config=CONFIG,
+            spec=FakeEmbedderResource(dim=32),
+            table=TABLE,
+            partitioning=HashShards(SHARDS),
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+    assert build().backfill_policy == dg.BackfillPolicy.single_run()
+    per_two = build(partitions_per_run=2).backfill_policy
+    assert per_two == dg.BackfillPolicy.multi_run(max_partitions_per_run=2)
+    with pytest.raises(ConfigError, match="partitions_per_run must be at least 1"):
+        build(partitions_per_run=0)

@@ -346,3 +346,30 @@ def test_dagster_asset_on_local_ray_refreshes_a_range_of_shards_in_one_run(
     )
     assert all(e.passed for e in result.get_asset_check_evaluations())
     assert lancedb.connect(str(tmp_path / "db")).open_table("docs").count_rows() == 200
+
+
+def test_demo_location_selects_the_ray_engine_by_environment() -> None:
+    from dagster_ray import LocalRay
+
+    from qwen3_pipeline.dagster_defs.location import DemoSettings, demo_embedder
+    from qwen3_pipeline.dagster_defs.ray import RayEmbedderResource
+
+    settings = DemoSettings.from_env(
+        {
+            "QWEN3_PIPELINE_ENGINE": "ray",
+            "QWEN3_PIPELINE_WORKERS": "4",
+            "QWEN3_PIPELINE_GPUS_PER_WORKER": "1",
+        }
+    )
+    embedder = demo_embedder(settings)
+    assert isinstance(embedder, RayEmbedderResource)
+    assert (embedder.workers, embedder.gpus_per_worker) == (4, 1.0)
+    assert isinstance(embedder.ray_cluster, LocalRay)
+    joined = demo_embedder(
+        DemoSettings.from_env(
+            {"QWEN3_PIPELINE_ENGINE": "ray", "QWEN3_PIPELINE_RAY_ADDRESS": "ray://head:10001"}
+        )
+    )
+    assert joined.engine_options().ray_address == "ray://head:10001"
+    with pytest.raises(ConfigError, match="QWEN3_PIPELINE_ENGINE='spark'"):
+        DemoSettings.from_env({"QWEN3_PIPELINE_ENGINE": "spark"})

@@ -185,6 +185,23 @@ def whole_scope(partitioning: Partitioning) -> Partition | None:
     )
 
 
+def backfill_policy(partitions_per_run: int | None) -> dg.BackfillPolicy:
+    """One run for a whole backfill (None), or one run per ``partitions_per_run`` partitions.
+
+    Raises:
+        ConfigError: ``partitions_per_run`` is below 1.
+
+    Example:
+        >>> backfill_policy(None) == dg.BackfillPolicy.single_run()
+        True
+    """
+    if partitions_per_run is None:
+        return dg.BackfillPolicy.single_run()
+    if partitions_per_run < 1:
+        raise ConfigError(f"partitions_per_run must be at least 1, got {partitions_per_run}")
+    return dg.BackfillPolicy.multi_run(max_partitions_per_run=partitions_per_run)
+
+
 # --------------------------------------------------------------------------- failures
 
 
@@ -294,6 +311,7 @@ def build_embedding_asset(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     vector_sample_rows: int = 1_000,
     tags: Mapping[str, str] | None = None,
+    partitions_per_run: int | None = None,
 ) -> dg.AssetsDefinition:
     """Build the asset that keeps LanceDB table ``table`` in sync with ``source``.
 
@@ -323,6 +341,10 @@ def build_embedding_asset(
         chunk_rows: Rows per read/embed/write chunk of the engine.
         vector_sample_rows: Stored vectors of the scope checked besides the run's own.
         tags: Asset tags.
+        partitions_per_run: The shape of a backfill. None (default): the whole range is one
+            run, so the model is loaded once (``BackfillPolicy.single_run()``). ``k``: one run
+            per ``k`` partitions (``BackfillPolicy.multi_run(k)``), so that a run launcher
+            that starts each run in its own pod (dagster-k8s) spreads the shards over GPU pods.
 
     Returns:
         The asset, with its checks.
@@ -483,7 +505,9 @@ def build_embedding_asset(
             specs=[asset_spec],
             check_specs=check_specs,
             partitions_def=partitions_def,
-            backfill_policy=dg.BackfillPolicy.single_run() if partitions_def is not None else None,
+            backfill_policy=(
+                backfill_policy(partitions_per_run) if partitions_def is not None else None
+            ),
             pool=pool,
             retry_policy=retry_policy,
             can_subset=True,

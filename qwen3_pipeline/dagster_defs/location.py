@@ -18,7 +18,11 @@ Settings come from the environment (:meth:`DemoSettings.from_env`):
   schedule and the automation sensor stopped, Dagster's own default, so opening the UI never
   launches a run that loads the model; ``on`` (``1``/``true``) starts both with the daemon
   (``dagster dev``). It sets their *default* status only: a schedule or sensor toggled in the
-  UI keeps that state in the instance, whatever the variable says.
+  UI keeps that state in the instance, whatever the variable says;
+- ``QWEN3_PIPELINE_ENGINE``: ``local`` (default) or ``ray``: the embedder becomes a
+  :class:`~.ray.RayEmbedderResource` with ``QWEN3_PIPELINE_WORKERS`` actors (default 1) of
+  ``QWEN3_PIPELINE_GPUS_PER_WORKER`` GPUs (default 0), on a local Ray instance per run
+  (dagster-ray's ``LocalRay``) or on the cluster at ``QWEN3_PIPELINE_RAY_ADDRESS``.
 
 The executor is in-process: a run is one process, so the model is loaded once per run whatever
 steps it holds (Dagster's default multiprocess executor would start a process per step).
@@ -28,6 +32,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
@@ -52,6 +57,7 @@ from qwen3_pipeline.dagster_defs.resources import (
     LanceDBResource,
     Qwen3EmbedderResource,
 )
+from qwen3_pipeline.engines import ENGINES
 from qwen3_pipeline.errors import ConfigError
 from qwen3_pipeline.sources import DuckDBSource, Source, SourceConfig
 
@@ -59,6 +65,10 @@ MODEL_ENV = "QWEN3_PIPELINE_MODEL"
 DEVICE_ENV = "QWEN3_PIPELINE_DEVICE"
 DIM_ENV = "QWEN3_PIPELINE_DIM"
 AUTOMATION_ENV = "QWEN3_PIPELINE_AUTOMATION"
+ENGINE_ENV = "QWEN3_PIPELINE_ENGINE"
+WORKERS_ENV = "QWEN3_PIPELINE_WORKERS"
+GPUS_PER_WORKER_ENV = "QWEN3_PIPELINE_GPUS_PER_WORKER"
+RAY_ADDRESS_ENV = "QWEN3_PIPELINE_RAY_ADDRESS"
 _SWITCH_VALUES = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
 EMBEDDING_GROUP = "embeddings"
@@ -84,6 +94,11 @@ class DemoSettings:
             start stopped, Dagster's default).
         shards: Hash shards of the vector table.
         table: LanceDB table name.
+        engine: ``local`` (one model in the run's process) or ``ray`` (``workers`` Ray actors
+            on a local Ray instance, or on the cluster at ``ray_address``).
+        workers: Ray actors, one model each.
+        gpus_per_worker: GPUs per Ray actor.
+        ray_address: A running Ray cluster to join (None: a local Ray instance per run).
     """
 
     model: str = DEFAULT_MODEL
@@ -93,6 +108,10 @@ class DemoSettings:
     automation: bool = False
     shards: int = 8
     table: str = "documents"
+    engine: str = "local"
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    ray_address: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "DemoSettings":
@@ -116,18 +135,62 @@ class DemoSettings:
             raise ConfigError(
                 f"{AUTOMATION_ENV}={raw_switch!r}: use on or off (also 1/0, true/false)"
             )
+        engine = (env.get(ENGINE_ENV) or "local").strip().lower()
+        if engine not in ENGINES:
+            raise ConfigError(f"{ENGINE_ENV}={engine!r}: use {' or '.join(ENGINES)}")
         return cls(
             model=env.get(MODEL_ENV) or DEFAULT_MODEL,
             data_dir=Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
             device=env.get(DEVICE_ENV) or "auto",
             dim=dim,
             automation=_SWITCH_VALUES[switch],
+            engine=engine,
+            workers=_number(env, WORKERS_ENV, int, 1),
+            gpus_per_worker=_number(env, GPUS_PER_WORKER_ENV, float, 0.0),
+            ray_address=env.get(RAY_ADDRESS_ENV) or None,
         )
 
     @property
     def lancedb_uri(self) -> str:
         """The LanceDB directory, absolute."""
         return str((self.data_dir.expanduser() / "lancedb").resolve())
+
+
+def _number(env: Mapping[str, str], name: str, kind: type, default: float) -> Any:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return kind(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name}={raw!r} is not a number") from e
+
+
+def demo_embedder(settings: DemoSettings) -> EmbedderResource:
+    """The embedder resource the settings select: local, or Ray through dagster-ray.
+
+    Raises:
+        ConfigError: ``engine=ray`` without the ``ray`` extra installed.
+    """
+    if settings.engine == "local":
+        return Qwen3EmbedderResource(model=settings.model, dim=settings.dim, device=settings.device)
+    try:
+        from dagster_ray import LocalRay
+
+        from qwen3_pipeline.dagster_defs.ray import RayEmbedderResource
+    except ImportError as e:
+        raise ConfigError(
+            f"{ENGINE_ENV}=ray needs the ray extra: pip install 'qwen3-pipeline[ray]'"
+        ) from e
+    return RayEmbedderResource(
+        model=settings.model,
+        dim=settings.dim,
+        device=settings.device,
+        workers=settings.workers,
+        gpus_per_worker=settings.gpus_per_worker,
+        ray_address=settings.ray_address,
+        ray_cluster=None if settings.ray_address else LocalRay(),
+    )
 
 
 def documents_source() -> Source:
@@ -152,9 +215,7 @@ def build_definitions(
             :mod:`qwen3_pipeline.dagster_defs.dbt`).
     """
     settings = settings or DemoSettings.from_env()
-    embedder = embedder or Qwen3EmbedderResource(
-        model=settings.model, dim=settings.dim, device=settings.device
-    )
+    embedder = embedder or demo_embedder(settings)
     eager = dg.AutomationCondition.eager()
     document_vectors = build_embedding_asset(
         key="document_vectors",
