@@ -373,3 +373,60 @@ def test_demo_location_selects_the_ray_engine_by_environment() -> None:
     assert joined.engine_options().ray_address == "ray://head:10001"
     with pytest.raises(ConfigError, match="QWEN3_PIPELINE_ENGINE='spark'"):
         DemoSettings.from_env({"QWEN3_PIPELINE_ENGINE": "spark"})
+
+
+def _raylets() -> set[int]:
+    import psutil
+
+    return {p.pid for p in psutil.process_iter(["name"]) if p.info["name"] == "raylet"}
+
+
+@pytest.mark.slow
+def test_a_driver_killed_mid_refresh_leaves_a_consistent_table_and_rerun_converges(
+    spec: EmbeddingSpec, tmp_path: Path
+) -> None:
+    import subprocess
+    import time
+
+    rows = 600
+    texts = _texts(rows)
+    source = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"id": np.arange(rows), "text": texts}), source)
+    db = tmp_path / "db"
+    argv = [
+        sys.executable, "-m", "qwen3_pipeline.cli", "refresh", "--source", str(source),
+        "--key", "id", "--text", "text", "--db", str(db), "--table", "docs",
+        "--model", spec.model, "--dim", "64", "--device", "cpu", "--engine", "ray",
+        "--workers", "2", "--chunk-rows", "60",
+    ]  # fmt: skip
+    before = _raylets()
+    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    committed = 0
+    while time.monotonic() < deadline and driver.poll() is None:
+        try:
+            committed = lancedb.connect(str(db)).open_table("docs").count_rows()
+        except (ValueError, OSError, RuntimeError):
+            committed = 0
+        if committed >= 120:  # at least two chunks landed: kill the driver mid-run
+            break
+        time.sleep(0.2)
+    assert driver.poll() is None, driver.stderr.read().decode()[-3000:] if driver.stderr else ""
+    driver.kill()
+    driver.wait(timeout=30)
+    # The local Ray instance the driver started dies with it (no orphaned raylet).
+    deadline = time.monotonic() + 60
+    while _raylets() - before and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not _raylets() - before
+    table = lancedb.connect(str(db)).open_table("docs").to_arrow()
+    assert 120 <= table.num_rows < rows
+    assert len(set(table.column("key").to_pylist())) == table.num_rows  # no duplicates
+
+    rerun = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    report = json.loads(rerun.stdout)
+    assert report["inserted"] == rows - table.num_rows
+    assert report["unchanged"] == table.num_rows
+    final = lancedb.connect(str(db)).open_table("docs").to_arrow()
+    assert sorted(final.column("key").to_pylist()) == list(range(rows))
