@@ -8,7 +8,8 @@ reads, hashes and diffs the source as always; only the texts to embed travel to 
   :class:`~qwen3_pipeline.encoder.Qwen3Encoder` (the model is loaded once per actor, with
   ``gpus_per_worker`` GPUs each, or none for CPU actors).
 - **Blocks.** The driver counts each text's tokens with the tokenizer alone, sorts the rows by
-  length and cuts them into blocks of about ``block_tokens`` tokens, so every block is made of
+  length and cuts them into blocks of about ``block_tokens`` tokens (smaller when a call is too
+  small to give each worker four blocks), so every block is made of
   rows of similar length and each actor still forms length-bucketed, token-budgeted batches
   inside it. Long blocks go first (the slowest work starts earliest). Each actor has at most
   two blocks in flight, so a fast actor takes more blocks than a slow one.
@@ -50,6 +51,7 @@ DEFAULT_BLOCK_TOKENS = 65_536
 DEFAULT_MAX_RESTARTS = 3
 DEFAULT_MAX_TASK_RETRIES = 3
 _IN_FLIGHT_PER_WORKER = 2
+_BLOCKS_PER_WORKER = 4
 
 EncoderFactory = Callable[[EmbeddingSpec], Embedder]
 """Builds the embedder inside an actor (default: a :class:`Qwen3Encoder` with the options)."""
@@ -239,8 +241,8 @@ class RayEmbedder:
         failures: dict[int, str] = {}
         stats = EncodeStats()
         if texts:
-            lengths = self.token_counter().count_document_tokens(texts)
-            blocks = plan_blocks(np.asarray(lengths), self.block_tokens)
+            lengths = np.asarray(self.token_counter().count_document_tokens(texts))
+            blocks = plan_blocks(lengths, self.block_size(int(lengths.sum())))
             for block, outcome in self._run_blocks(texts, blocks):
                 if isinstance(outcome, EncodeResult):
                     vectors[block] = outcome.vectors
@@ -285,6 +287,16 @@ class RayEmbedder:
             return self.ray.get(actor.embed_queries.remote(list(queries)))
         except self.ray.exceptions.RayError as e:
             raise EmbeddingFailedError(f"the Ray worker failed to embed queries: {e}") from e
+
+    def block_size(self, total_tokens: int) -> int:
+        """Tokens per block for a call of ``total_tokens``: ``block_tokens``, or smaller.
+
+        A call too small to give every worker several blocks is cut finer (at least
+        :data:`_BLOCKS_PER_WORKER` per worker), so no worker sits idle while another holds
+        the only block.
+        """
+        balanced = -(-total_tokens // (self.workers * _BLOCKS_PER_WORKER))
+        return max(1, min(self.block_tokens, balanced))
 
     # -- engine facts --------------------------------------------------------------------
 
