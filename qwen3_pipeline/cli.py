@@ -314,7 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--source",
         required=True,
-        help="a Parquet file or directory, or duckdb:PATH::TABLE_OR_QUERY",
+        help="a Parquet file or directory, duckdb:PATH::TABLE_OR_QUERY, "
+        "postgresql://USER@HOST:PORT/DB::TABLE_OR_QUERY, or env:VAR::TABLE_OR_QUERY "
+        "(PostgreSQL, the URL read from environment variable VAR)",
     )
     sync.add_argument("--key", required=True, help="unique, non-null key column")
     text = sync.add_mutually_exclusive_group(required=True)

@@ -2,7 +2,10 @@
 
 - :mod:`qwen3_pipeline.sources.readers`: :class:`DuckDBSource` (a table or query of a DuckDB
   file, e.g. a dbt model), :class:`ParquetSource` (a file or directory), :class:`ArrowSource`
-  (an Arrow table or DataFrame) and :func:`parse_source` (the CLI form);
+  (an Arrow table or DataFrame), :class:`ArrowIPCSource` (Arrow IPC files, e.g. one shard of a
+  source split to disk) and :func:`parse_source` (the CLI form);
+- :mod:`qwen3_pipeline.sources.postgres`: :class:`PostgresSource` (a PostgreSQL table or query,
+  streamed from one snapshot; needs the ``postgres`` extra);
 - :mod:`qwen3_pipeline.sources.partitions`: stable hash shards and time windows;
 - :mod:`qwen3_pipeline.sources.documents`: :class:`SourceConfig` and :func:`read_batches`,
   which renders, sanitises and labels rows into the engine's normalised batches.
@@ -29,7 +32,9 @@ from qwen3_pipeline.sources.partitions import (
     shard_label,
     shard_of,
 )
+from qwen3_pipeline.sources.postgres import PostgresSource
 from qwen3_pipeline.sources.readers import (
+    ArrowIPCSource,
     ArrowSource,
     DuckDBSource,
     ParquetSource,
@@ -40,11 +45,13 @@ from qwen3_pipeline.sources.readers import (
 __all__ = [
     "DEFAULT_BATCH_ROWS",
     "UNPARTITIONED",
+    "ArrowIPCSource",
     "ArrowSource",
     "DuckDBSource",
     "Grain",
     "ParquetSource",
     "Partition",
+    "PostgresSource",
     "Shard",
     "Shards",
     "Source",

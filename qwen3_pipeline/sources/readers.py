@@ -16,9 +16,12 @@ import pyarrow.dataset as ds
 
 from qwen3_pipeline.changes import sanitize_text
 from qwen3_pipeline.errors import ConfigError, SourceReadError, SourceUnavailableError
+from qwen3_pipeline.sources.postgres import PostgresSource, split_postgres_spec
 
 _LOCKED = re.compile(r"could not set lock|conflicting lock|database is locked", re.IGNORECASE)
 _BARE_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*){0,2}$")
+_POSTGRES_PREFIXES = ("postgresql:", "postgres:")
+_ENV_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 # --------------------------------------------------------------------------- sources
@@ -319,6 +322,103 @@ class ArrowSource:
         return _arrow_key_problems(self._table, key, limit)
 
 
+class ArrowIPCSource:
+    """Rows of Arrow IPC files (e.g. one shard of a source, split to local disk), read in order.
+
+    It stands in for the source it was split from: it reports that source's ``name`` (so the
+    lineage written on each row is unchanged) and the schema given at construction (the
+    original source's types, so key and carry casts are validated exactly as they would be
+    on the original). The files are read one record batch at a time and re-chunked to
+    ``batch_rows``, so memory stays near one batch whatever the files hold.
+
+    Args:
+        paths: The IPC (Feather v2) files, in read order; none for an empty source.
+        schema: The schema of the rows; every file holds exactly these columns.
+        name: How the source is described in lineage (the original source's name).
+        checked_key: A key column already known to be unique and non-null over these rows
+            (they are part of a source whose keys were checked): :meth:`key_problems` then
+            answers for it without reading the files.
+
+    Raises:
+        ConfigError: ``name`` is empty.
+
+    Example:
+        >>> source = ArrowIPCSource([], schema=pa.schema([("id", pa.int64())]), name="arrow")
+        >>> list(source.batches(["id"], 10))
+        []
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        *,
+        schema: pa.Schema,
+        name: str,
+        checked_key: str | None = None,
+    ) -> None:
+        if not name:
+            raise ConfigError("ArrowIPCSource needs the name of the source it stands for")
+        self.paths = [Path(p) for p in paths]
+        self._schema = schema
+        self._name = name
+        self._checked_key = checked_key
+
+    @property
+    def name(self) -> str:
+        """The name given at construction."""
+        return self._name
+
+    def schema(self) -> pa.Schema:
+        """The schema given at construction."""
+        return self._schema
+
+    def batches(self, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
+        """Stream ``columns`` file by file in batches of ``batch_rows`` rows (the last shorter)."""
+        wanted = list(columns)
+        schema = pa.schema([self._schema.field(c) for c in wanted])
+        yield from _typed_read(_rebatch(self._read(wanted), schema, batch_rows), self._name)
+
+    def _read(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        for path in self.paths:
+            with pa.OSFile(str(path)) as handle:
+                reader = pa.ipc.open_file(handle)
+                for i in range(reader.num_record_batches):
+                    yield reader.get_batch(i).select(columns)
+
+    def key_problems(self, key: str, limit: int) -> tuple[int, list[tuple[Any, int]]]:
+        """Null and duplicated keys, computed by DuckDB over the files (unless known)."""
+        if not self.paths or key == self._checked_key:
+            return 0, []
+        data = ds.dataset([str(p) for p in self.paths], format="ipc", schema=self._schema)
+        return _arrow_key_problems(data, key, limit)
+
+
+def _rebatch(
+    batches: Iterable[pa.RecordBatch], schema: pa.Schema, rows: int
+) -> Iterator[pa.RecordBatch]:
+    """Re-chunk ``batches`` into batches of exactly ``rows`` rows (the last one shorter)."""
+    pending: list[pa.RecordBatch] = []
+    held = 0
+    for batch in batches:
+        if not batch.num_rows:
+            continue
+        pending.append(batch)
+        held += batch.num_rows
+        while held >= rows:
+            table = pa.Table.from_batches(pending, schema=schema)
+            yield _single_batch(table.slice(0, rows))
+            rest = table.slice(rows)
+            pending = [b for b in rest.to_batches() if b.num_rows]
+            held = rest.num_rows
+    if held:
+        yield _single_batch(pa.Table.from_batches(pending, schema=schema))
+
+
+def _single_batch(table: pa.Table) -> pa.RecordBatch:
+    # combine_chunks leaves one chunk per column, so the table is exactly one batch.
+    return table.combine_chunks().to_batches()[0]
+
+
 def _table_from_pandas(frame: pd.DataFrame) -> pa.Table:
     try:
         return pa.Table.from_pandas(frame, preserve_index=False)
@@ -332,18 +432,43 @@ def _table_from_pandas(frame: pd.DataFrame) -> pa.Table:
         return pa.Table.from_pandas(fixed, preserve_index=False)
 
 
-def parse_source(spec: str) -> DuckDBSource | ParquetSource:
+def parse_source(spec: str) -> DuckDBSource | ParquetSource | PostgresSource:
     """Build a source from its command-line form.
 
-    Forms: ``duckdb:PATH::TABLE_OR_QUERY`` (e.g. ``duckdb:data/dw.duckdb::stg_documents``),
-    ``parquet:PATH`` or a plain ``PATH`` to a Parquet file or directory.
+    Forms:
+
+    - ``duckdb:PATH::TABLE_OR_QUERY`` (e.g. ``duckdb:data/dw.duckdb::stg_documents``);
+    - ``postgresql://USER[:PASSWORD]@HOST[:PORT]/DB::TABLE_OR_QUERY`` (``postgres://`` too; a
+      table such as ``public.docs``, or a ``SELECT`` query);
+    - ``env:VAR::TABLE_OR_QUERY``: PostgreSQL, with the connection URL read from environment
+      variable ``VAR`` (keeps the password off the command line and out of configuration);
+    - ``parquet:PATH`` or a plain ``PATH`` to a Parquet file or directory.
 
     Raises:
-        ConfigError: The form is not recognised or the file does not exist.
+        ConfigError: The form is not recognised or the file does not exist. Messages about
+            a PostgreSQL form never repeat its password.
 
     Example:
         >>> parse_source("duckdb:dw.duckdb::docs")  # doctest: +SKIP
+        >>> parse_source("env:QWEN3_PIPELINE_PG_URL::public.docs")  # doctest: +SKIP
     """
+    if spec.lower().startswith(_POSTGRES_PREFIXES):
+        url, target = split_postgres_spec(spec)
+        if not target:
+            # The spec is not repeated: it may hold a password.
+            raise ConfigError(
+                "a PostgreSQL source needs ::TABLE_OR_QUERY after the URL, e.g. "
+                "postgresql://user@host:5432/dbname::public.docs (or a SELECT query)"
+            )
+        return PostgresSource(url, target)
+    if spec.startswith("env:"):
+        variable, sep, target = spec[len("env:") :].partition("::")
+        if not sep or not _ENV_VARIABLE.match(variable) or not target.strip():
+            raise ConfigError(
+                f"source {spec!r}: write a PostgreSQL source whose URL is in an environment "
+                "variable as env:VAR::TABLE_OR_QUERY, e.g. env:QWEN3_PIPELINE_PG_URL::public.docs"
+            )
+        return PostgresSource.from_env(variable, target)
     if spec.startswith("duckdb:"):
         body = spec[len("duckdb:") :]
         path, sep, target = body.partition("::")
