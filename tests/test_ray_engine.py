@@ -67,6 +67,13 @@ def _source(texts: list[str]) -> ArrowSource:
     return ArrowSource(pa.table({"id": np.arange(len(texts)), "text": texts}), name="docs")
 
 
+@pytest.fixture(scope="module")
+def shared_pool(spec: EmbeddingSpec) -> Iterator[RayEmbedder]:
+    # One pool (two actors, two model loads) for the tests that need no special encoder.
+    with _pool(spec) as pool:
+        yield pool
+
+
 def _pool(spec: EmbeddingSpec, **kwargs) -> RayEmbedder:
     return RayEmbedder(spec, workers=2, options=CPU, block_tokens=BLOCK_TOKENS, **kwargs)
 
@@ -81,16 +88,18 @@ def test_blocks_cover_every_row_once_longest_first() -> None:
         plan_blocks(lengths, 0)
 
 
-def test_ray_vectors_equal_the_local_engine_in_the_same_order(spec: EmbeddingSpec) -> None:
+def test_ray_vectors_equal_the_local_engine_in_the_same_order(
+    spec: EmbeddingSpec, shared_pool: RayEmbedder
+) -> None:
     texts = _texts(240)
     local = Qwen3Encoder(spec, device="cpu", progress=False).embed_documents(texts)
     progress: list[tuple[int, int]] = []
-    with _pool(spec) as pool:
-        remote = pool.embed_documents(
-            texts, on_batch=lambda rows, tokens: progress.append((rows, tokens))
-        )
-        queries = pool.embed_queries(["where is topic 3?"]).vectors
-        info = pool.engine_info()
+    pool = shared_pool
+    remote = pool.embed_documents(
+        texts, on_batch=lambda rows, tokens: progress.append((rows, tokens))
+    )
+    queries = pool.embed_queries(["where is topic 3?"]).vectors
+    info = pool.engine_info()
     cos = (remote.vectors * local.vectors).sum(axis=1)
     assert cos.min() >= 0.99999
     assert np.array_equal(remote.n_tokens, local.n_tokens)
@@ -106,27 +115,25 @@ def test_ray_vectors_equal_the_local_engine_in_the_same_order(spec: EmbeddingSpe
 
 
 def test_refresh_on_ray_gives_exact_counts_fill_noop_and_edits(
-    spec: EmbeddingSpec, tmp_path: Path
+    spec: EmbeddingSpec, shared_pool: RayEmbedder, tmp_path: Path
 ) -> None:
     db = str(tmp_path / "lancedb")
-    with _pool(spec) as pool:
-        first = refresh(
-            source=_source(_texts(300)), config=CONFIG, embedder=pool, db_uri=db, table="docs"
-        )
-        assert (first.inserted, first.embedded_rows, first.failed) == (300, 300, 0)
-        assert (first.engine, first.workers, first.model_loads) == ("ray", 2, 2)
-        version = first.version_after
+    pool = shared_pool
+    first = refresh(
+        source=_source(_texts(300)), config=CONFIG, embedder=pool, db_uri=db, table="docs"
+    )
+    assert (first.inserted, first.embedded_rows, first.failed) == (300, 300, 0)
+    assert (first.engine, first.workers, first.model_loads) == ("ray", 2, 2)
+    version = first.version_after
 
-        again = refresh(
-            source=_source(_texts(300)), config=CONFIG, embedder=pool, db_uri=db, table="docs"
-        )
-        assert (again.unchanged, again.embedded_rows, again.committed) == (300, 0, False)
-        assert again.version_after == version
+    again = refresh(
+        source=_source(_texts(300)), config=CONFIG, embedder=pool, db_uri=db, table="docs"
+    )
+    assert (again.unchanged, again.embedded_rows, again.committed) == (300, 0, False)
+    assert again.version_after == version
 
-        edited = _texts(290, edited=frozenset({1, 2, 3, 150}))  # 4 edits, 10 deletes
-        mixed = refresh(
-            source=_source(edited), config=CONFIG, embedder=pool, db_uri=db, table="docs"
-        )
+    edited = _texts(290, edited=frozenset({1, 2, 3, 150}))  # 4 edits, 10 deletes
+    mixed = refresh(source=_source(edited), config=CONFIG, embedder=pool, db_uri=db, table="docs")
     assert (mixed.updated, mixed.deleted, mixed.inserted, mixed.embedded_rows) == (4, 10, 0, 4)
     stored = lancedb.connect(db).open_table("docs").to_arrow()
     assert stored.num_rows == 290
