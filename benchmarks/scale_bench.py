@@ -103,13 +103,15 @@ def main() -> None:
         local_tps = tokens / local_s
         print(f"{'engine':<8} {'workers':>7} {'seconds':>8} {'tokens/s':>10} {'efficiency':>10}")
         print(f"{'local':<8} {1:>7} {local_s:>8.2f} {local_tps:>10.0f} {'':>10}")
-        one_worker_tps = None
+        measured = {}
         for workers in args.workers:
             seconds, ray_tokens, startup = _ray(spec, texts, workers, args)
             assert ray_tokens == tokens
+            measured[workers] = (seconds, startup)
+        one_worker = measured.get(1)
+        one_worker_tps = tokens / one_worker[0] if one_worker else None
+        for workers, (seconds, startup) in sorted(measured.items()):
             tps = tokens / seconds
-            if workers == 1:
-                one_worker_tps = tps
             efficiency = tps / (workers * one_worker_tps) if one_worker_tps else float("nan")
             print(
                 f"{'ray':<8} {workers:>7} {seconds:>8.2f} {tps:>10.0f} {efficiency:>10.2f}"
@@ -117,6 +119,7 @@ def main() -> None:
             )
         if one_worker_tps:
             print(f"Ray overhead (1 worker / local): {local_tps / one_worker_tps - 1:+.1%} time")
+        print(f"load average during the run: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} cores)")
         ray.shutdown()
 
 
