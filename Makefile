@@ -40,6 +40,14 @@ $(DBT_MANIFEST): $(STAMP) $(wildcard dbt_models/*.yml dbt_models/models/*/*)
 demo: setup
 	$(PY) -m qwen3_pipeline.demo
 
+# The Airflow twin of `make demo`: the example DAG airflow_dags/qwen3_demo.py, run once in-process
+# with dag.test() (no scheduler, no API server), then its downstream DAG for the sample search;
+# it prints the same summary. Airflow's SQLite metadata DB lives in $(DATA_DIR)/airflow_home
+# unless AIRFLOW_HOME is set. (`python -m qwen3_pipeline.airflow.demo --limit N` loads a sample.)
+.PHONY: airflow-demo
+airflow-demo: $(STAMP)
+	$(PY) -m qwen3_pipeline.airflow.demo
+
 # The Dagster UI on the demo code location (runs are kept under data/dagster_home). The
 # instance is prepared first: the `gpu` concurrency pool gets a limit, enforced per run, so runs
 # that load the model queue instead of sharing the GPU. GPU_POOL_LIMIT=N (or

@@ -41,6 +41,7 @@ from qwen3_pipeline.dagster_defs.metadata import (
 from qwen3_pipeline.dagster_defs.resources import DEFAULT_MODEL
 from qwen3_pipeline.dagster_defs.vectors import open_vectors
 from qwen3_pipeline.errors import Qwen3PipelineError
+from qwen3_pipeline.summary import DemoSummary, search_lines
 
 EMBEDDING_ASSET = dg.AssetKey("document_vectors")
 INDEX_ASSET = dg.AssetKey("document_vectors_index")
@@ -172,30 +173,27 @@ def run_demo(*, limit: int | None, query: str, settings: DemoSettings | None = N
         print("demo run failed:\n" + "\n".join(str(f) for f in failures), file=sys.stderr)
         return 1
     report = _latest_metadata(instance, EMBEDDING_ASSET)
-    totals = run_counters(report)
-
     vectors = open_vectors(EMBEDDING_ASSET, instance=instance, index_asset_key=INDEX_ASSET)
     index = _latest_metadata(instance, INDEX_ASSET)
     near = _latest_metadata(instance, NEAR_DUPLICATES_ASSET)
-    print(f"LanceDB table: {vectors.uri}/{vectors.name}.lance (version {vectors.version})")
-    print(
-        f"rows: {vectors.count_rows()} stored | this run: {totals['inserted']} inserted, "
-        f"{totals['updated']} updated, {totals['deleted']} deleted, "
-        f"{totals['unchanged']} unchanged, "
-        f"{totals['embedded']} embedded ({report.get(RUN_TOKENS, 0)} tokens, padding efficiency "
-        f"{report.get('qwen3/run/padding_efficiency', 1.0):.2f}); lance version "
-        f"{report.get(RUN_VERSION_BEFORE)} -> {report.get(TABLE_VERSION)}"
-    )
-    print(
-        f"search: {index.get('qwen3/search_mode', 'exact')} | near-duplicate pairs: "
-        f"{near.get('dagster/row_count', 0)} in {near.get('dagster/table_name', '?')}"
+    summary = DemoSummary(
+        table_uri=vectors.uri,
+        table_name=vectors.name,
+        table_version=vectors.version,
+        stored_rows=vectors.count_rows(),
+        counters=run_counters(report),
+        tokens=int(report.get(RUN_TOKENS, 0)),
+        padding_efficiency=float(report.get("qwen3/run/padding_efficiency", 1.0)),
+        version_before=report.get(RUN_VERSION_BEFORE),
+        version_after=report.get(TABLE_VERSION),
+        search_mode=str(index.get("qwen3/search_mode", "exact")),
+        near_duplicate_pairs=int(near.get("dagster/row_count", 0)),
+        near_duplicate_table=str(near.get("dagster/table_name", "?")),
     )
     from qwen3_pipeline.consumers import search
 
-    hits = search(vectors, query, k=5)
-    print(f"search {query!r}:")
-    for row in hits.to_pylist():
-        print(f"  {row['similarity']:.3f}  {row['key']}")
+    hits = search(vectors, query, k=5).to_pylist()
+    print("\n".join([*summary.lines(), *search_lines(query, hits)]))
     return 0
 
 

@@ -75,3 +75,35 @@ class StoreTransientError(StoreError, TransientError):
 
 class StoreConflictError(StoreTransientError):
     """A concurrent writer committed first and the bounded retries were used up."""
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether a retry may succeed, decided by the error's type alone.
+
+    :class:`TransientError` (commit conflicts, object-store I/O, a DuckDB file locked by a
+    writer) and Python's own ``TimeoutError``/``ConnectionError`` (from a user's source) are
+    worth retrying; everything else, unknown exceptions (bugs) included, is not. Every
+    orchestrator layer (the Dagster assets, the Airflow operator) decides retries with this one
+    function, so they never disagree about an error.
+
+    Example:
+        >>> is_transient(StoreConflictError("busy")), is_transient(InputDataError("dup keys"))
+        (True, False)
+    """
+    return isinstance(error, TransientError | TimeoutError | ConnectionError)
+
+
+def failure_message(error: BaseException) -> str:
+    """The one-line description an orchestrator shows for a failure that is not retried.
+
+    A package error's own message says what is wrong and what to do; any other exception is
+    a bug or an environment problem, labelled as such with its type so it is not mistaken
+    for bad input.
+
+    Example:
+        >>> failure_message(KeyError("x"))
+        "internal error: KeyError: 'x'"
+    """
+    if isinstance(error, Qwen3PipelineError):
+        return str(error)
+    return f"internal error: {type(error).__name__}: {error}"

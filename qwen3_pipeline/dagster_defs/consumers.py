@@ -30,7 +30,6 @@ import json
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +41,10 @@ from qwen3_pipeline.consumers import (
     IndexPolicy,
     VectorTable,
     maintain_vector_index,
-    near_duplicate_pairs,
-    read_vectors,
-    vector_matrix,
-    with_labels,
 )
 from qwen3_pipeline.dagster_defs.vectors import open_vectors
 from qwen3_pipeline.errors import ConfigError, UnsafeNameError
+from qwen3_pipeline.near_duplicates import near_duplicate_report
 
 DEFAULT_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=10)
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -465,29 +461,16 @@ def build_near_duplicates_asset(
         context: dg.AssetExecutionContext, vectors: VectorTable, path: Path
     ) -> dict[str, Any]:
         rows = vectors.count_rows()
-        if rows > max_rows:
-            raise dg.Failure(
-                description=(
-                    f"{rows} rows exceed max_rows={max_rows} of the exact near-duplicate "
-                    "report (O(n^2)); raise max_rows if the time is acceptable"
-                ),
-                allow_retries=False,
+        try:
+            report = near_duplicate_report(
+                vectors,
+                label_columns=label_columns,
+                threshold=threshold,
+                neighbors=neighbors,
+                max_rows=max_rows,
             )
-        labels = [c for c in label_columns if c in vectors.carry_columns]
-        data = read_vectors(vectors, labels)
-        pairs = near_duplicate_pairs(
-            data.column("key"),
-            vector_matrix(data.column("vector")),
-            threshold=threshold,
-            neighbors=neighbors,
-        )
-        report = with_labels(pairs, data.select(["key", *labels])) if labels else pairs
-        stamp = datetime.now(UTC)
-        report = report.append_column(
-            "lance_version", pa.array([vectors.version] * report.num_rows, pa.int64())
-        ).append_column(
-            "computed_at", pa.array([stamp] * report.num_rows, pa.timestamp("us", tz="UTC"))
-        )
+        except ConfigError as e:  # too many rows: the same settings fail the same way
+            raise dg.Failure(description=str(e), allow_retries=False) from e
         written = replace_duckdb_table(path, duckdb_table, report)
         context.log.info(f"{written} near-duplicate pairs among {rows} rows -> {path}")
         return {

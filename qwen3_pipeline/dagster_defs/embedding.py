@@ -51,7 +51,7 @@ from qwen3_pipeline.dagster_defs.metadata import (
     table_metadata,
 )
 from qwen3_pipeline.dagster_defs.resources import EmbedderResource
-from qwen3_pipeline.errors import ConfigError, Qwen3PipelineError, TransientError
+from qwen3_pipeline.errors import ConfigError, failure_message, is_transient
 from qwen3_pipeline.refresh import DEFAULT_CHUNK_ROWS, refresh
 from qwen3_pipeline.sources import (
     Grain,
@@ -214,28 +214,11 @@ class BadInputFailure(dg.Failure):
     """
 
     def __init__(self, error: BaseException) -> None:
-        known = isinstance(error, Qwen3PipelineError)
         super().__init__(
-            description=str(error) if known else f"internal error: {type(error).__name__}: {error}",
+            description=failure_message(error),
             metadata={"error": type(error).__name__},
             allow_retries=False,
         )
-
-
-def is_transient(error: BaseException) -> bool:
-    """Whether a retry may succeed, decided by the error's type alone.
-
-    :class:`~qwen3_pipeline.errors.TransientError` (commit conflicts, object-store I/O, a
-    DuckDB file locked by a writer) and Python's own ``TimeoutError``/``ConnectionError`` (from
-    a user's source) are retried by the asset's retry policy; everything else, unknown
-    exceptions included, is not.
-
-    Example:
-        >>> from qwen3_pipeline.errors import InputDataError, StoreConflictError
-        >>> is_transient(StoreConflictError("busy")), is_transient(InputDataError("dup keys"))
-        (True, False)
-    """
-    return isinstance(error, TransientError | TimeoutError | ConnectionError)
 
 
 # --------------------------------------------------------------------------- checks

@@ -1,0 +1,435 @@
+"""The refresh operator: one :func:`qwen3_pipeline.refresh.refresh` per Airflow task.
+
+:class:`Qwen3EmbeddingRefreshOperator` maps Airflow's idioms onto the engine the CLI and the
+Dagster assets run, adding no logic of its own:
+
+- a task refreshes one hash shard (``shard="3/8"``, mapped over all shards with ``.expand()``),
+  several shards' labels (``shards=8``, in one task), or the whole source;
+- the model is loaded at most once per task, and only when there is something to embed
+  (:class:`~qwen3_pipeline.lazy_embedder.LazyEmbedder`): a no-op refresh loads no weights;
+- the refresh report (a small JSON dict) is the task's XCom ``return_value``, a one-line summary
+  and the engine's progress lines go to the task log;
+- the vector table's Asset (:func:`~qwen3_pipeline.airflow.assets.lancedb_asset`) is an outlet,
+  and the asset event's ``extra`` is the report, so downstream DAGs scheduled on the table know
+  what changed and which Lance version to read;
+- bad input fails the task without retry (``AirflowFailException``), transient errors use the
+  task's ``retries`` (:func:`~qwen3_pipeline.airflow.errors.retry_only_transient`);
+- the destination is a LanceDB connection (:class:`~qwen3_pipeline.airflow.hooks.LanceDBHook`)
+  and/or a URI stated in the DAG; credentials never appear in the DAG, its XComs or its logs.
+
+Example:
+    >>> refresh = Qwen3EmbeddingRefreshOperator.partial(  # doctest: +SKIP
+    ...     task_id="refresh",
+    ...     source="duckdb:/data/warehouse.duckdb::main.documents",
+    ...     key="doc_id",
+    ...     text=["title", "body"],
+    ...     table="documents",
+    ...     db_uri="s3://my-bucket/vectors",
+    ...     lancedb_conn_id="lancedb_s3",
+    ...     model="Qwen/Qwen3-Embedding-0.6B",
+    ...     dim=256,
+    ...     pool="gpu",
+    ... ).expand(shard=[f"{i}/8" for i in range(8)])
+"""
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+from airflow.sdk import Asset, BaseOperator
+
+from qwen3_pipeline.airflow.assets import lancedb_asset
+from qwen3_pipeline.airflow.errors import retry_only_transient
+from qwen3_pipeline.airflow.hooks import LanceDBDestination, LanceDBHook
+from qwen3_pipeline.airflow.provider_info import DEFAULT_CONNECTION_ID
+from qwen3_pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from airflow.sdk import Context
+
+    from qwen3_pipeline.engine.report import RefreshReport
+    from qwen3_pipeline.engines import EngineOptions
+    from qwen3_pipeline.sources import Shard, Shards, Source, SourceConfig
+    from qwen3_pipeline.spec import EmbeddingSpec
+
+# Airflow re-parses a DAG file often: the engine (torch, lancedb, duckdb) is imported in
+# execute(), never at module import.
+
+
+class Qwen3EmbeddingRefreshOperator(BaseOperator):
+    """Bring a LanceDB vector table to the state of a source (scope), embedding what changed.
+
+    Args:
+        source: The rows: ``duckdb:PATH::TABLE_OR_QUERY``, a Parquet file or directory (the
+            CLI's ``--source``), or a :class:`~qwen3_pipeline.sources.Source`. Templated.
+        key: The unique, non-null key column. Templated.
+        text: Text column(s), joined with blank lines (exactly one of ``text``/``template``).
+            Templated.
+        template: A ``str.format`` template over columns, e.g. ``"{title}: {body}"``.
+        carry: Columns stored beside each vector (title, url...). Templated.
+        updated_at: The rows' last-modified column. Templated.
+        table: The vector table. Not templated: with the destination it names the Asset, which
+            Airflow must know when it parses the DAG.
+        model: Hub id or local checkpoint directory. Templated.
+        revision: Pinned hub revision. Templated.
+        dim: Matryoshka output dimension (None: the model's hidden size). Templated.
+        max_length: Token limit per document (None: the spec's default).
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``. Templated.
+        dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
+        attention: ``auto``, ``sdpa``, ``eager`` or ``flash_attention_2``.
+        max_batch_tokens: Token budget per forward pass (None: 16384 on CUDA, 4096 on CPU).
+        max_batch_rows: Most rows per forward pass.
+        engine: ``local`` (the model in the task's process) or ``ray``. Templated.
+        workers: Ray actors (``ray``). Templated.
+        gpus_per_worker: GPUs per Ray actor (``ray``). Templated.
+        ray_address: Ray cluster to join (``ray``; None starts a local one). Templated.
+        shard: One hash shard, ``"K/N"`` (``"3/8"``) or its label (``"shard-03-of-08"``);
+            map over ``[f"{i}/{n}" for i in range(n)]`` with ``.expand(shard=...)``.
+            Templated.
+        shards: Label rows by ``N`` hash shards and refresh them all in this task (exclusive
+            with ``shard``). Neither: the whole source, unpartitioned.
+        db_uri: The LanceDB directory or object-store URI (no secrets); default: the
+            connection's. Not templated (it names the Asset).
+        lancedb_conn_id: LanceDB connection (credentials, and the URI when ``db_uri`` is
+            None); default ``lancedb_default`` without ``db_uri``, none with it.
+        asset: ``True`` (default): the table's Asset by
+            :func:`~qwen3_pipeline.airflow.assets.lancedb_asset` (``db_uri`` if given, else the
+            connection id) is an outlet; an ``Asset``: that one; ``False``: none.
+        chunk_rows: Rows per read/embed/commit chunk (None: the engine's default).
+        allow_mass_delete: Let the refresh delete more than ``max_delete_share`` of the scope.
+        max_delete_share: Largest share of the stored scope a refresh may delete (None: 0.5).
+        rebuild: Re-embed everything into a new table and swap it in (for a spec change).
+        source_name: Lineage label written on each row (default: the source's name).
+        spill_dir: Scratch directory of the refresh (default: the system temp directory).
+        **kwargs: :class:`~airflow.sdk.BaseOperator` arguments (``pool="gpu"``, ``retries``...).
+
+    Raises:
+        ConfigError: Both or neither of ``text``/``template``, both ``shard`` and ``shards``,
+            or an Asset that cannot be named (when the DAG is parsed).
+    """
+
+    template_fields: Sequence[str] = (
+        "source",
+        "key",
+        "text",
+        "carry",
+        "updated_at",
+        "model",
+        "revision",
+        "dim",
+        "device",
+        "engine",
+        "workers",
+        "gpus_per_worker",
+        "ray_address",
+        "shard",
+        "source_name",
+    )
+    ui_color = "#e8f0fe"
+
+    def __init__(
+        self,
+        *,
+        source: "str | Source",
+        key: str,
+        table: str,
+        model: str,
+        text: str | Sequence[str] | None = None,
+        template: str | None = None,
+        carry: Sequence[str] = (),
+        updated_at: str | None = None,
+        revision: str | None = None,
+        dim: int | str | None = None,
+        max_length: int | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        attention: str = "auto",
+        max_batch_tokens: int | None = None,
+        max_batch_rows: int = 256,
+        engine: str = "local",
+        workers: int | str = 1,
+        gpus_per_worker: float | str = 0.0,
+        ray_address: str | None = None,
+        shard: str | None = None,
+        shards: int | None = None,
+        db_uri: str | None = None,
+        lancedb_conn_id: str | None = None,
+        asset: Asset | bool = True,
+        chunk_rows: int | None = None,
+        allow_mass_delete: bool = False,
+        max_delete_share: float | None = None,
+        rebuild: bool = False,
+        source_name: str | None = None,
+        spill_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if (text is None or text == [] or text == ()) == (template is None):
+            raise ConfigError(
+                "give exactly one of text (column(s), e.g. ['title', 'body']) and template "
+                "(e.g. '{title}\\n\\n{body}')"
+            )
+        if shard is not None and shards is not None:
+            raise ConfigError("give shard (one shard, 'K/N') or shards (N, all of them), not both")
+        outlet = _outlet(table=table, db_uri=db_uri, lancedb_conn_id=lancedb_conn_id, asset=asset)
+        outlets = list(kwargs.pop("outlets", None) or ())
+        if outlet is not None and all(_uri(o) != outlet.uri for o in outlets):
+            outlets.append(outlet)
+        super().__init__(outlets=outlets, **kwargs)
+        self.source = source
+        self.key = key
+        self.text = [text] if isinstance(text, str) else text
+        self.template = template
+        self.carry = carry
+        self.updated_at = updated_at
+        self.table = table
+        self.model = model
+        self.revision = revision
+        self.dim = dim
+        self.max_length = max_length
+        self.device = device
+        self.dtype = dtype
+        self.attention = attention
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_rows = max_batch_rows
+        self.engine = engine
+        self.workers = workers
+        self.gpus_per_worker = gpus_per_worker
+        self.ray_address = ray_address
+        self.shard = shard
+        self.shards = shards
+        self.db_uri = db_uri
+        self.lancedb_conn_id = lancedb_conn_id
+        self.asset = outlet
+        self.chunk_rows = chunk_rows
+        self.allow_mass_delete = allow_mass_delete
+        self.max_delete_share = max_delete_share
+        self.rebuild = rebuild
+        self.source_name = source_name
+        self.spill_dir = spill_dir
+
+    @classmethod
+    def partial(cls, **kwargs: Any) -> Any:
+        """Airflow's ``partial()``, declaring the table's Asset as the mapped task's outlet.
+
+        A mapped task's outlets are read from ``partial()`` when the DAG is parsed (its
+        ``__init__`` runs only when a mapped instance executes), so the default outlet is
+        added here too.
+
+        Raises:
+            ConfigError: ``table`` is mapped (``expand(table=...)``) while an Asset is asked
+                for: one mapped task declares one set of outlets.
+        """
+        asset = kwargs.get("asset", True)
+        if asset is not False:
+            if "table" not in kwargs:
+                raise ConfigError(
+                    "table must be given to partial(), not expand(): the outlet Asset is "
+                    "named by it (or pass asset=False)"
+                )
+            outlet = _outlet(
+                table=kwargs["table"],
+                db_uri=kwargs.get("db_uri"),
+                lancedb_conn_id=kwargs.get("lancedb_conn_id"),
+                asset=asset,
+            )
+            outlets = list(kwargs.get("outlets") or ())
+            if outlet is not None and all(_uri(o) != outlet.uri for o in outlets):
+                kwargs["outlets"] = [*outlets, outlet]
+        return super().partial(**kwargs)
+
+    def execute(self, context: "Context") -> dict[str, Any]:
+        """Run the refresh; return its report (also the outlet's asset event extra).
+
+        Raises:
+            AirflowFailException: Bad input or configuration (not retried).
+            TransientError: A failure a retry may fix (the task's retries apply).
+        """
+        with retry_only_transient(), _engine_logs_at_info():
+            report = self._refresh(context)
+        values: dict[str, Any] = json.loads(json.dumps(report.as_dict()))
+        scope = f"shard {self.shard}" if self.shard else "all rows"
+        self.log.info("%s (%s, %d model load(s))", report.summary(), scope, int(report.model_loads))
+        outlet_events = context.get("outlet_events")
+        if self.asset is not None and outlet_events is not None:
+            outlet_events[self.asset].extra = values
+        return values
+
+    # ------------------------------------------------------------------------- the refresh
+
+    def destination(self) -> LanceDBDestination:
+        """The LanceDB database and storage options this task writes to."""
+        if self.db_uri is not None and self.lancedb_conn_id is None:
+            return LanceDBHook(None, uri=self.db_uri).destination()
+        return LanceDBHook(
+            self.lancedb_conn_id or DEFAULT_CONNECTION_ID, uri=self.db_uri
+        ).destination()
+
+    def source_config(self) -> "SourceConfig":
+        """The engine's source config for this task's (rendered) settings."""
+        from qwen3_pipeline.sources import SourceConfig
+
+        return SourceConfig(
+            key=self.key,
+            text_columns=tuple(self.text or ()),
+            template=self.template,
+            carry=tuple(self.carry or ()),
+            updated_at=_optional_text(self.updated_at),
+            partition=self.partition(),
+        )
+
+    def partition(self) -> "Shard | Shards | None":
+        """The scope: one shard (``shard``), all of ``shards``, or None (everything).
+
+        Raises:
+            InputDataError: ``shard`` is neither ``K/N`` nor a shard label.
+        """
+        from qwen3_pipeline.sources import Shard, Shards, parse_shard_label
+
+        if self.shard:
+            text = str(self.shard).strip()
+            if text.startswith("shard-"):
+                return Shard(*parse_shard_label(text))
+            from qwen3_pipeline.cli import parse_shard
+
+            return Shard(*parse_shard(text))
+        if self.shards is not None:
+            return Shards(_integer(self.shards, "shards"))
+        return None
+
+    def embedding_spec(self) -> "EmbeddingSpec":
+        """The spec the vectors follow (reads the model's config; no weights)."""
+        from qwen3_pipeline.spec import DEFAULT_MAX_LENGTH, EmbeddingSpec
+
+        return EmbeddingSpec(
+            model=str(self.model),
+            revision=_optional_text(self.revision),
+            dim=_optional_integer(self.dim, "dim"),
+            max_length=DEFAULT_MAX_LENGTH if self.max_length is None else self.max_length,
+        )
+
+    def engine_options(self) -> "EngineOptions":
+        """Where and how to run the model (the engine settings the CLI and Dagster take)."""
+        from qwen3_pipeline.engines import EngineOptions
+
+        engine = str(self.engine or "local").strip().lower()
+        return EngineOptions(
+            engine=engine,  # type: ignore[arg-type]  # checked by EngineOptions
+            workers=_integer(self.workers, "workers"),
+            ray_address=_optional_text(self.ray_address),
+            gpus_per_worker=_number(self.gpus_per_worker, "gpus_per_worker"),
+            device=str(self.device or "auto"),
+            dtype=self.dtype,
+            attention=self.attention,
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_rows=self.max_batch_rows,
+        )
+
+    def _refresh(self, context: "Context") -> "RefreshReport":
+        from qwen3_pipeline.lazy_embedder import LazyEmbedder
+        from qwen3_pipeline.refresh import refresh
+        from qwen3_pipeline.sources import parse_source
+
+        config = self.source_config()
+        options = self.engine_options()
+        spec = self.embedding_spec()
+        found = self.destination()
+        source = parse_source(self.source) if isinstance(self.source, str) else self.source
+        tuning: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("chunk_rows", self.chunk_rows),
+                ("max_delete_share", self.max_delete_share),
+            )
+            if value is not None
+        }
+        run_id = context.get("run_id")
+        self.log.info(
+            "refreshing %s/%s from %s (%s), model %s dim %s on %s",
+            found.uri,
+            self.table,
+            getattr(source, "name", source),
+            f"shard {self.shard}" if self.shard else "all rows",
+            spec.model,
+            spec.dim,
+            options.engine,
+        )
+        with LazyEmbedder(spec, options) as embedder:
+            return refresh(
+                source=source,
+                config=config,
+                embedder=embedder,
+                db_uri=found.uri,
+                table=self.table,
+                storage_options=found.storage_options,
+                source_name=_optional_text(self.source_name),
+                run_id=f"{self.dag_id}/{run_id}" if run_id else None,
+                rebuild=self.rebuild,
+                allow_mass_delete=self.allow_mass_delete,
+                spill_dir=self.spill_dir,
+                **tuning,
+            )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _outlet(
+    *, table: str, db_uri: str | None, lancedb_conn_id: str | None, asset: Asset | bool
+) -> Asset | None:
+    if asset is False:
+        return None
+    if isinstance(asset, Asset):
+        return asset
+    if db_uri is not None:
+        return lancedb_asset(table, uri=db_uri)
+    return lancedb_asset(table, conn_id=lancedb_conn_id or DEFAULT_CONNECTION_ID)
+
+
+def _uri(outlet: Any) -> Any:
+    return getattr(outlet, "uri", None)
+
+
+def _integer(value: Any, name: str) -> int:
+    # A templated field renders to a string ("8"); an XComArg or a literal stays an int.
+    if isinstance(value, bool):
+        raise ConfigError(f"{name} must be an integer, got {value!r}")
+    try:
+        return int(str(value).strip()) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+
+
+def _is_unset(value: Any) -> bool:
+    # Jinja renders an unset value as the string "None" (Airflow renders strings, not objects).
+    return value is None or (isinstance(value, str) and value.strip() in ("", "None", "null"))
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if _is_unset(value) else str(value)
+
+
+def _optional_integer(value: Any, name: str) -> int | None:
+    return None if _is_unset(value) else _integer(value, name)
+
+
+def _number(value: Any, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a number, got {value!r}") from None
+
+
+@contextmanager
+def _engine_logs_at_info() -> Iterator[None]:
+    # The engine reports progress on the "qwen3_pipeline" logger at INFO; the task log shows
+    # it whatever level the worker's logging gives that logger.
+    engine = logging.getLogger("qwen3_pipeline")
+    previous = engine.level
+    if engine.getEffectiveLevel() > logging.INFO:
+        engine.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        engine.setLevel(previous)

@@ -1,0 +1,683 @@
+"""The Airflow provider: the operator alone, the retry rule, the Asset, secrets, the demo DAG.
+
+Airflow reads its configuration when first imported, so this module points it at a private
+home (SQLite metadata database, DAGs folder) in a temporary directory before importing it, and
+removes that directory when the session ends; nothing is written to the repository or to
+``~/airflow``. ``dag.test()`` runs DAGs in-process, without a scheduler: the DAG files it runs
+must be in the DAGs folder, so the tests copy ``airflow_dags/qwen3_demo.py`` and write their
+own DAG file there.
+"""
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import pytest
+
+if "airflow" in sys.modules:  # pragma: no cover - another module configured Airflow first
+    pytest.skip("Airflow was imported before its test home was set up", allow_module_level=True)
+
+_ROOT = Path(tempfile.mkdtemp(prefix="qwen3-airflow-tests-"))
+atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
+_DAGS = _ROOT / "dags"
+_DAGS.mkdir()
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_ROOT / "airflow_home"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(_DAGS),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        # Unpaused, a DAG scheduled on an Asset gets queued runs (a scheduler would start them).
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+    }
+)
+
+import duckdb  # noqa: E402
+import lancedb  # noqa: E402
+from airflow.sdk import Asset  # noqa: E402
+from airflow.sdk.exceptions import AirflowFailException  # noqa: E402
+
+import qwen3_pipeline.encoder as encoder_module  # noqa: E402
+from qwen3_pipeline.airflow import (  # noqa: E402
+    LanceDBDestination,
+    LanceDBHook,
+    Qwen3EmbeddingRefreshOperator,
+    get_provider_info,
+    lancedb_asset,
+    lancedb_asset_uri,
+)
+from qwen3_pipeline.airflow import demo as airflow_demo  # noqa: E402
+from qwen3_pipeline.airflow.hooks import (  # noqa: E402
+    destination_from_connection,
+    is_credential_option,
+)
+from qwen3_pipeline.errors import (  # noqa: E402
+    ConfigError,
+    InputDataError,
+    SourceUnavailableError,
+    StoreConflictError,
+    is_transient,
+)
+from qwen3_pipeline.sources import shard_of  # noqa: E402
+from qwen3_pipeline.store import list_table_names  # noqa: E402
+from qwen3_pipeline.summary import DemoSummary, combine_reports, search_lines  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET_PASSWORD = "pw-Secret-4f9a1c"
+SECRET_OPTION = "az-Secret-7b2e9d"
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def _write_docs(path: Path, rows: list[tuple[int, str, str, str]]) -> None:
+    con = duckdb.connect(str(path))
+    try:
+        con.execute(
+            "CREATE OR REPLACE TABLE docs (id INTEGER, title VARCHAR, body VARCHAR, "
+            "url VARCHAR, updated_at TIMESTAMP)"
+        )
+        con.executemany(
+            "INSERT INTO docs VALUES (?, ?, ?, ?, TIMESTAMP '2024-01-01')", [list(r) for r in rows]
+        )
+    finally:
+        con.close()
+
+
+DOCS = [
+    (1, "Open", "Open a file and return a stream.", "u1"),
+    (2, "Loads", "Deserialize a JSON document to a Python object.", "u2"),
+    (3, "Sleep", "Suspend execution for the given number of seconds.", "u3"),
+    (4, "Join", "Join path components intelligently.", "u4"),
+    (5, "Sort", "Return a new sorted list from the items in iterable.", "u5"),
+    (6, "Hash", "Return the hash value of the object.", "u6"),
+]
+
+
+class _OutletEvents(dict):
+    """What ``context["outlet_events"]`` is to an operator: an accessor per Asset."""
+
+    def __missing__(self, asset: Asset) -> SimpleNamespace:
+        self[asset] = SimpleNamespace(extra=None)
+        return self[asset]
+
+
+def _operator(
+    db: Path, lance: Path, model: Path, **overrides: Any
+) -> Qwen3EmbeddingRefreshOperator:
+    settings: dict[str, Any] = {
+        "task_id": "refresh",
+        "source": f"duckdb:{db}::main.docs",
+        "key": "id",
+        "template": "{title}\n\n{body}",
+        "carry": ["url"],
+        "updated_at": "updated_at",
+        "table": "docs",
+        "db_uri": str(lance),
+        "model": str(model),
+        "device": "cpu",
+    }
+    settings.update(overrides)
+    return Qwen3EmbeddingRefreshOperator(**settings)
+
+
+def _execute(operator: Qwen3EmbeddingRefreshOperator) -> tuple[dict[str, Any], _OutletEvents]:
+    events = _OutletEvents()
+    values = operator.execute({"run_id": "manual__test", "outlet_events": events})  # type: ignore[arg-type]
+    return values, events
+
+
+@pytest.fixture
+def model_loads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count model loads (a tokenizer alone is not one) of every Qwen3Encoder built."""
+    loads: list[str] = []
+
+    class CountingEncoder(encoder_module.Qwen3Encoder):
+        def __init__(self, spec: Any, **kwargs: Any) -> None:
+            if kwargs.get("load_model", True):
+                loads.append(spec.model)
+            super().__init__(spec, **kwargs)
+
+    monkeypatch.setattr(encoder_module, "Qwen3Encoder", CountingEncoder)
+    return loads
+
+
+@pytest.fixture(scope="session")
+def airflow_db() -> Path:
+    """Airflow's metadata database migrated once, the demo DAG in the DAGs folder, a gpu pool."""
+    airflow_demo.migrate_metadata_db()
+    shutil.copy(REPO / "airflow_dags" / "qwen3_demo.py", _DAGS / "qwen3_demo.py")
+    (_DAGS / "qwen3_test_dags.py").write_text(TEST_DAGS)
+    airflow_demo.ensure_pool("gpu", 1)
+    return _DAGS
+
+
+def _load_dags(name: str) -> ModuleType:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"loaded_{name}", _DAGS / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _task_instances(run: Any) -> dict[str, Any]:
+    return {ti.task_id: ti for ti in run.get_task_instances()}
+
+
+# --------------------------------------------------------------------------- no Airflow
+
+
+def test_the_package_imports_without_airflow_and_names_the_extra() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["airflow"] = None  # as if Apache Airflow were not installed
+        import qwen3_pipeline.airflow as provider
+        assert provider.get_provider_info()["package-name"] == "qwen3-pipeline"
+        try:
+            provider.Qwen3EmbeddingRefreshOperator
+        except provider.AirflowNotInstalledError as e:
+            assert isinstance(e, ImportError)
+            print(e)
+        else:
+            raise SystemExit("no error")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=REPO
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pip install 'qwen3-pipeline[airflow]'" in done.stdout
+
+
+def test_provider_info_is_valid_for_airflows_providers_manager() -> None:
+    import jsonschema
+    from airflow import providers_manager
+
+    schema_path = Path(providers_manager.__file__).with_name("provider_info.schema.json")
+    info = get_provider_info()
+    jsonschema.validate(info, json.loads(schema_path.read_text()))
+    (connection,) = info["connection-types"]
+    assert connection["connection-type"] == "lancedb"
+    assert connection["hook-class-name"] == "qwen3_pipeline.airflow.hooks.LanceDBHook"
+
+
+# --------------------------------------------------------------------------- assets, hook
+
+
+def test_the_lancedb_connection_type_is_registered_with_airflow() -> None:
+    from airflow.providers_manager import ProvidersManager
+
+    hook = ProvidersManager().hooks["lancedb"]
+    assert hook is not None
+    assert hook.hook_class_name == "qwen3_pipeline.airflow.hooks.LanceDBHook"
+    assert hook.connection_testable
+
+
+def test_asset_uris_name_the_table_where_it_lives() -> None:
+    assert lancedb_asset_uri("docs", uri="/data/lancedb/") == "lancedb:///data/lancedb/docs"
+    assert (
+        lancedb_asset_uri("docs", uri="s3://Bucket/vectors") == "lancedb+s3://Bucket/vectors/docs"
+    )
+    assert lancedb_asset_uri("docs", conn_id="lancedb_s3") == "lancedb://lancedb_s3/docs"
+    # Airflow normalises the empty authority away; producer and consumer get the same Asset.
+    assert lancedb_asset("docs", uri="/data/lancedb").uri == "lancedb:/data/lancedb/docs"
+    assert lancedb_asset("docs", uri="/data/lancedb") == lancedb_asset("docs", uri="/data/lancedb/")
+    with pytest.raises(ConfigError, match="exactly one"):
+        lancedb_asset_uri("docs")
+    with pytest.raises(ConfigError, match="credentials"):
+        lancedb_asset_uri("docs", uri="s3://key:secret@bucket/vectors")
+    with pytest.raises(ConfigError):
+        lancedb_asset_uri("../docs", uri="/data")
+
+
+def test_connection_fields_map_to_storage_options_by_scheme(tmp_path: Path) -> None:
+    s3 = destination_from_connection(
+        host="s3://bucket/vectors",
+        login="AKIAEXAMPLE",
+        password="secret-key",
+        extra={"storage_options": '{"region": "eu-west-1"}'},
+    )
+    assert s3.uri == "s3://bucket/vectors"
+    assert s3.storage_options == {
+        "region": "eu-west-1",
+        "aws_access_key_id": "AKIAEXAMPLE",
+        "aws_secret_access_key": "secret-key",
+    }
+    assert "secret-key" not in repr(s3)
+    assert "aws_secret_access_key" in repr(s3)
+    gs = destination_from_connection(
+        host=None, login=None, password='{"key": 1}', extra={"uri": "gs://b/v"}
+    )
+    assert gs.storage_options == {"google_service_account_key": '{"key": 1}'}
+    local = destination_from_connection(host="/tmp/vectors", login=None, password=None, extra={})
+    assert local == LanceDBDestination(uri="/tmp/vectors")
+    ok, message = LanceDBHook(None, uri=str(tmp_path)).test_connection()
+    assert ok
+    assert message == f"connected to {tmp_path}: 0 table(s)"
+    with pytest.raises(ConfigError, match="password_option"):
+        destination_from_connection(host="/tmp/v", login=None, password="x", extra={})
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        destination_from_connection(
+            host="/tmp/v", login=None, password=None, extra={"storage_options": "{"}
+        )
+    with pytest.raises(ConfigError, match="no URI"):
+        destination_from_connection(host=None, login=None, password=None, extra={}, conn_id="c")
+    assert is_credential_option("azure_storage_account_key")
+    assert is_credential_option("aws_session_token")
+    assert not is_credential_option("region")
+
+
+# --------------------------------------------------------------------------- the operator alone
+
+
+def test_operator_fills_then_does_nothing_then_applies_edits_with_exact_counts(
+    tmp_path: Path, tiny_model_dir: Path, model_loads: list[str]
+) -> None:
+    db, lance = tmp_path / "src.duckdb", tmp_path / "lancedb"
+    _write_docs(db, DOCS)
+
+    fill, events = _execute(_operator(db, lance, tiny_model_dir))
+    assert (fill["scanned"], fill["inserted"], fill["embedded_rows"]) == (6, 6, 6)
+    assert fill["committed"]
+    assert fill["version_before"] == 0
+    assert fill["model_loads"] == 1
+    assert len(model_loads) == 1
+    asset = lancedb_asset("docs", uri=str(lance))
+    assert events[asset].extra == fill  # the asset event carries the report
+    assert json.loads(json.dumps(fill)) == fill  # a JSON XCom
+    assert fill["run_id"] == "adhoc_airflow/manual__test"
+
+    noop, _ = _execute(_operator(db, lance, tiny_model_dir))
+    assert (noop["unchanged"], noop["embedded_rows"], noop["committed"]) == (6, 0, False)
+    assert noop["version_before"] == noop["version_after"] == fill["version_after"]
+    assert noop["model_loads"] == 0
+    assert len(model_loads) == 1
+
+    edited = [
+        (1, "Open", "Open a file for reading or writing.", "u1"),
+        (2, "Loads", "Parse JSON text into Python values.", "u2"),
+        (4, "Join", "Join path components intelligently.", "u4-moved"),
+        (5, "Sort", "Return a new sorted list from the items in iterable.", "u5"),
+        (6, "Hash", "Return the hash value of the object.", "u6"),
+        (7, "Walk", "Generate the file names in a directory tree.", "u7"),
+    ]
+    _write_docs(db, edited)
+    edits, _ = _execute(_operator(db, lance, tiny_model_dir))
+    counts = {k: edits[k] for k in ("scanned", "inserted", "updated", "deleted", "unchanged")}
+    assert counts == {"scanned": 6, "inserted": 1, "updated": 2, "deleted": 1, "unchanged": 2}
+    assert (edits["carry_updated"], edits["embedded_rows"], edits["model_loads"]) == (1, 3, 1)
+    table = lancedb.connect(str(lance)).open_table("docs")
+    assert table.version == edits["version_after"]
+    assert table.count_rows() == 6
+
+
+def test_operator_refreshes_one_shard_given_as_k_of_n_or_as_its_label(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    db, lance = tmp_path / "src.duckdb", tmp_path / "lancedb"
+    _write_docs(db, DOCS)
+    in_shard_1 = sum(1 for row in DOCS if shard_of(row[0], 2) == 1)
+    first, _ = _execute(_operator(db, lance, tiny_model_dir, shard="1/2"))
+    assert first["inserted"] == in_shard_1
+    assert first["partition_keys"] == ["shard-01-of-02"]
+    again, _ = _execute(_operator(db, lance, tiny_model_dir, shard="shard-01-of-02"))
+    assert again["unchanged"] == in_shard_1
+    assert not again["committed"]
+    with pytest.raises(AirflowFailException, match="K/N"):
+        _execute(_operator(db, lance, tiny_model_dir, shard="1-of-2"))
+
+
+def test_bad_input_fails_without_retry_and_transient_errors_are_raised_for_retries(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    db, lance = tmp_path / "src.duckdb", tmp_path / "lancedb"
+    _write_docs(db, [*DOCS, (3, "Again", "A duplicate key.", "u")])
+    with pytest.raises(AirflowFailException, match="duplicate") as failed:
+        _execute(_operator(db, lance, tiny_model_dir))
+    assert isinstance(failed.value.__cause__, InputDataError)
+    assert not lance.exists() or not list_table_names(lancedb.connect(str(lance)))
+
+    _write_docs(db, DOCS)
+    _execute(_operator(db, lance, tiny_model_dir))
+    with pytest.raises(AirflowFailException, match="rebuild"):  # a spec mismatch
+        _execute(_operator(db, lance, tiny_model_dir, dim=32))
+
+    class LockedSource:
+        name = "locked"
+
+        def schema(self) -> Any:
+            raise SourceUnavailableError("the DuckDB file is locked by a writer")
+
+    with pytest.raises(SourceUnavailableError):  # raised as is: the task's retries apply
+        _execute(_operator(db, lance, tiny_model_dir, source=LockedSource()))
+    assert is_transient(StoreConflictError("busy"))
+    assert not is_transient(ValueError("bug"))
+
+
+def test_operator_arguments_are_checked_when_the_dag_is_parsed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="exactly one of text"):
+        _operator(tmp_path, tmp_path, tmp_path, text=["body"])
+    with pytest.raises(ConfigError, match="not both"):
+        _operator(tmp_path, tmp_path, tmp_path, shard="0/2", shards=2)
+    no_asset = _operator(tmp_path, tmp_path, tmp_path, asset=False)
+    assert no_asset.outlets == []
+    assert no_asset.asset is None
+    by_connection = _operator(tmp_path, tmp_path, tmp_path, db_uri=None, lancedb_conn_id="lake")
+    assert [o.uri for o in by_connection.outlets] == ["lancedb://lake/docs"]
+
+
+def test_rendered_template_strings_become_the_engines_types(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    # Jinja renders every templated value to a string ("None" for an unset one).
+    op = _operator(
+        tmp_path,
+        tmp_path,
+        tiny_model_dir,
+        dim="32",
+        revision="None",
+        engine="RAY",
+        workers="2",
+        gpus_per_worker="0.5",
+        ray_address="None",
+    )
+    spec, options = op.embedding_spec(), op.engine_options()
+    assert (spec.dim, spec.revision) == (32, None)
+    assert (options.engine, options.workers, options.gpus_per_worker) == ("ray", 2, 0.5)
+    assert options.ray_address is None
+    with pytest.raises(ConfigError, match="workers must be an integer"):
+        _operator(tmp_path, tmp_path, tiny_model_dir, workers="two").engine_options()
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def test_reports_of_concurrent_shard_tasks_add_up_to_the_runs_summary() -> None:
+    a = {
+        "scanned": 3,
+        "inserted": 3,
+        "embedded_rows": 3,
+        "tokens": 30,
+        "padded_tokens": 40,
+        "table_name": "docs",
+        "version_before": 0,
+        "version_after": 6,
+        "embed_seconds": 1.0,
+    }
+    b = {
+        "scanned": 2,
+        "unchanged": 2,
+        "table_name": "docs",
+        "version_before": 2,
+        "version_after": 4,
+        "unknown_future_field": 1,
+        "failures": [["k", "why"]],
+    }
+    total = combine_reports([a, b])
+    assert (total.scanned, total.inserted, total.unchanged) == (5, 3, 2)
+    assert (total.version_before, total.version_after) == (0, 6)
+    assert total.failures == [("k", "why")]
+    summary = DemoSummary.from_report(
+        total,
+        table_uri="/d/lancedb",
+        table_name="docs",
+        table_version=7,
+        stored_rows=5,
+        near_duplicate_pairs=1,
+        near_duplicate_table="warehouse.main.near_duplicates",
+    )
+    assert summary.lines() == [
+        "LanceDB table: /d/lancedb/docs.lance (version 7)",
+        "rows: 5 stored | this run: 3 inserted, 0 updated, 0 deleted, 2 unchanged, 3 embedded "
+        "(30 tokens, padding efficiency 0.75); lance version 0 -> 6",
+        "search: exact | near-duplicate pairs: 1 in warehouse.main.near_duplicates",
+    ]
+    assert DemoSummary.from_dict(json.loads(json.dumps(summary.as_dict()))) == summary
+    assert search_lines("q", [{"key": "a", "similarity": 0.5}]) == ["search 'q':", "  0.500  a"]
+
+
+# --------------------------------------------------------------------------- DAG runs
+
+
+TEST_DAGS = '''
+"""DAGs of tests/test_airflow.py (written into the test DAGs folder)."""
+import logging
+import os
+
+import pendulum
+from airflow.sdk import DAG, task
+
+from qwen3_pipeline.airflow import LanceDBHook, Qwen3EmbeddingRefreshOperator, lancedb_asset
+from qwen3_pipeline.errors import SourceUnavailableError
+
+SOURCE = os.environ.get("QWEN3_TEST_SOURCE", "duckdb:/nowhere.duckdb::main.docs")
+MODEL = os.environ.get("QWEN3_TEST_MODEL", "/nowhere")
+START = pendulum.datetime(2024, 1, 1, tz="UTC")
+COMMON = dict(key="id", template="{title}\\n\\n{body}", carry=["url"], model=MODEL, device="cpu")
+VECTORS = lancedb_asset("docs", conn_id="lancedb_test")
+
+
+class LockedSource:
+    name = "locked"
+
+    def schema(self):
+        raise SourceUnavailableError("the DuckDB file is locked by a writer")
+
+
+with DAG("qwen3_test_refresh", schedule=None, start_date=START) as qwen3_test_refresh:
+    Qwen3EmbeddingRefreshOperator(
+        task_id="refresh", source=SOURCE, table="docs", lancedb_conn_id="lancedb_test",
+        retries=3, **COMMON,
+    )
+
+with DAG("qwen3_test_careless", schedule=None, start_date=START) as qwen3_test_careless:
+
+    @task
+    def careless():
+        # What a careless task might log: the storage options and the connection itself.
+        hook = LanceDBHook("lancedb_test")
+        options = hook.destination().storage_options
+        logging.getLogger("airflow.task").info("options: %s", options)
+        logging.getLogger("airflow.task").info(
+            "password: %s", hook.get_connection("lancedb_test").password
+        )
+
+    careless()
+
+with DAG("qwen3_test_consumer", schedule=[VECTORS], start_date=START) as qwen3_test_consumer:
+
+    @task
+    def consume():
+        return None
+
+    consume()
+
+with DAG("qwen3_test_retries", schedule=None, start_date=START) as qwen3_test_retries:
+    Qwen3EmbeddingRefreshOperator(
+        task_id="bad_input", source=SOURCE, table="dups", db_uri=os.environ.get(
+            "QWEN3_TEST_LANCE", "/nowhere"), retries=3, retry_delay=0, **COMMON,
+    )
+    Qwen3EmbeddingRefreshOperator(
+        task_id="transient", source=LockedSource(), table="locked", db_uri=os.environ.get(
+            "QWEN3_TEST_LANCE", "/nowhere"), retries=1, retry_delay=0, **COMMON,
+    )
+'''
+
+
+@pytest.fixture
+def test_dag_env(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> dict[str, Path]:
+    db, lance = tmp_path / "src.duckdb", tmp_path / "lancedb"
+    monkeypatch.setenv("QWEN3_TEST_SOURCE", f"duckdb:{db}::main.docs")
+    monkeypatch.setenv("QWEN3_TEST_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("QWEN3_TEST_LANCE", str(lance))
+    connection = {
+        "conn_type": "lancedb",
+        "host": str(lance),
+        "password": SECRET_PASSWORD,
+        "extra": {
+            "password_option": "aws_secret_access_key",
+            "storage_options": {"azure_storage_account_key": SECRET_OPTION, "region": "eu-west-1"},
+        },
+    }
+    monkeypatch.setenv("AIRFLOW_CONN_LANCEDB_TEST", json.dumps(connection))
+    return {"db": db, "lance": lance}
+
+
+def test_refresh_task_emits_the_table_asset_with_its_report_and_logs_no_secret(
+    airflow_db: Path,
+    test_dag_env: dict[str, Path],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from airflow.models.asset import AssetDagRunQueue, AssetEvent, AssetModel
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+    from airflow.sdk._shared.secrets_masker import redact
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    _write_docs(test_dag_env["db"], DOCS)
+    dags = _load_dags("qwen3_test_dags")
+    assert redact(SECRET_OPTION) == SECRET_OPTION  # not known to Airflow's masker yet
+    caplog.set_level("INFO")
+    capfd.readouterr()
+    run = dags.qwen3_test_refresh.test()
+    output = capfd.readouterr()
+    # dag.test() writes task logs to stdout or through the logging module (pytest's handler)
+    logs = output.out + output.err + caplog.text
+
+    assert str(run.state) == "success"
+    report = airflow_demo.task_result(run, "refresh")
+    assert report["inserted"] == 6
+    assert report["table_uri"] == str(test_dag_env["lance"])
+    assert "refreshed docs: 6 scanned, 6 inserted, 6 embedded" in logs  # the summary line
+    with create_session() as session:
+        asset = session.scalars(
+            select(AssetModel).where(AssetModel.uri == "lancedb://lancedb_test/docs")
+        ).one()
+        events = session.scalars(select(AssetEvent).where(AssetEvent.asset_id == asset.id)).all()
+        assert [e.extra for e in events] == [report]
+        assert events[0].source_task_id == "refresh"
+        # A DAG scheduled on the table's Asset is queued to run.
+        queued = session.scalars(
+            select(AssetDagRunQueue.target_dag_id).where(AssetDagRunQueue.asset_id == asset.id)
+        ).all()
+        assert queued == ["qwen3_test_consumer"]
+        rendered = session.scalars(
+            select(RenderedTaskInstanceFields.rendered_fields).where(
+                RenderedTaskInstanceFields.dag_id == "qwen3_test_refresh"
+            )
+        ).all()
+    stored = json.dumps([report, rendered], default=str)
+    for secret in (SECRET_PASSWORD, SECRET_OPTION):
+        # The task never logs, returns or renders a credential...
+        assert secret not in logs
+        assert secret not in stored
+        # ...and reading the connection registered each with the masker that Airflow's task
+        # log writer applies to every line (the azure key only by the hook: Airflow's list
+        # of sensitive names does not cover it).
+        assert redact(f"key={secret}") == "key=***"
+
+    # A task of one's own that logs the connection's secrets: its log lines are masked.
+    capfd.readouterr()
+    caplog.clear()
+    careless = dags.qwen3_test_careless.test()
+    output = capfd.readouterr()
+    assert str(careless.state) == "success"
+    lines = [redact(line) for line in (output.out + output.err + caplog.text).splitlines()]
+    assert any("options:" in line and "***" in line for line in lines)
+    assert not any(s in line for line in lines for s in (SECRET_PASSWORD, SECRET_OPTION))
+
+
+def test_bad_input_task_fails_at_once_and_a_transient_failure_is_retried(
+    airflow_db: Path, test_dag_env: dict[str, Path]
+) -> None:
+    _write_docs(test_dag_env["db"], [*DOCS, (3, "Again", "A duplicate key.", "u")])
+    dags = _load_dags("qwen3_test_dags")
+    run = dags.qwen3_test_retries.test()
+    assert str(run.state) == "failed"
+    tis = _task_instances(run)
+    bad, transient = tis["bad_input"], tis["transient"]
+    assert (str(bad.state), bad.try_number, bad.max_tries) == ("failed", 1, 3)
+    assert (str(transient.state), transient.try_number) == ("failed", 2)
+
+
+@pytest.mark.slow
+def test_demo_dag_runs_twice_second_run_embeds_nothing_and_commits_nothing(
+    airflow_db: Path,
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    model_loads: list[str],
+) -> None:
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    data_dir = tmp_path / "data"
+    monkeypatch.setenv("QWEN3_PIPELINE_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("QWEN3_PIPELINE_MODEL", str(tiny_model_dir))
+    monkeypatch.delenv("QWEN3_PIPELINE_DUCKDB_PATH", raising=False)
+    lance = data_dir.resolve() / "lancedb"
+
+    first = airflow_demo.run_demo(limit=120, query="read a file")
+    # One load per shard task (each has rows to embed), one for the search's query encoder.
+    assert len(model_loads) == 8 + 1
+    con = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
+    (documents,) = con.execute("SELECT count(*) FROM documents").fetchone()
+    (pairs,) = con.execute("SELECT count(*) FROM near_duplicates").fetchone()
+    con.close()
+    version = lancedb.connect(str(lance)).open_table("documents").version
+    assert first[1] == f"LanceDB table: {lance}/documents.lance (version {version})"
+    assert first[2].startswith(f"rows: {documents} stored | this run: {documents} inserted, ")
+    assert f"{documents} embedded" in first[2]
+    assert first[3] == (
+        f"search: exact | near-duplicate pairs: {pairs} in warehouse.main.near_duplicates"
+    )
+    assert first[4] == "search 'read a file':"
+    assert len(first) == 5 + 5
+
+    model_loads.clear()
+    second = airflow_demo.run_demo(limit=120, query="read a file")
+    assert model_loads == [str(tiny_model_dir)]  # only the search's query encoder
+    assert f"0 inserted, 0 updated, 0 deleted, {documents} unchanged, 0 embedded" in second[2]
+    assert f"lance version {version} -> {version}" in second[2]
+    assert lancedb.connect(str(lance)).open_table("documents").version == version
+
+    with create_session() as session:
+        asset = session.scalars(
+            select(AssetModel).where(AssetModel.uri == f"lancedb:{lance}/documents")
+        ).one()
+        extras = [
+            e.extra
+            for e in session.scalars(select(AssetEvent).where(AssetEvent.asset_id == asset.id))
+        ]
+    assert len(extras) == 2 * 8  # one event per shard task and run
+    assert sum(e["inserted"] for e in extras[:8]) == documents
+    assert not any(e["committed"] for e in extras[8:])
+
+
+def test_demo_settings_refuse_a_dag_that_names_another_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> None:
+    monkeypatch.setenv("QWEN3_PIPELINE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("QWEN3_PIPELINE_MODEL", str(tiny_model_dir))
+    settings = airflow_demo.demo_settings(
+        lancedb_uri=str((tmp_path / "lancedb").resolve()), table="documents", shards=8
+    )
+    assert settings["model"] == str(tiny_model_dir)
+    assert settings["source"] == f"duckdb:{tmp_path.resolve() / 'warehouse.duckdb'}::main.documents"
+    with pytest.raises(ConfigError, match="QWEN3_PIPELINE_DATA_DIR"):
+        airflow_demo.demo_settings(lancedb_uri="/elsewhere", table="documents", shards=8)
