@@ -21,9 +21,19 @@ then runs the same phases on ``--tiny-rows`` rows to report real embedding throu
     python benchmarks/refresh_bench.py                          # 1M rows
     python benchmarks/refresh_bench.py --rows 250000,1000000    # is peak RSS flat in N?
     python benchmarks/refresh_bench.py --rows 20000 --embedder tiny
+
+``--shard-memory`` measures instead what a single run over many hash shards costs in memory:
+for each N, an initial (backfill) refresh and a no-op refresh of N rows in ``--shards`` shards
+(``Shards(16)``: processed shard by shard), with the fake embedder, each in a fresh process,
+printing rows, seconds and peak RSS; and, for the sizes in ``--whole-rows``, the same two runs
+through the old whole-scope path (one plan over every shard, one apply) for comparison.
+
+    python benchmarks/refresh_bench.py --shard-memory --rows 1000000,5000000 \
+        --whole-rows 1000000
 """
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import queue as queue_module
@@ -42,7 +52,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen3_pipeline.sources import ParquetSource, SourceConfig  # noqa: E402
+from qwen3_pipeline.sources import ParquetSource, Shards, SourceConfig  # noqa: E402
 from qwen3_pipeline.spec import EmbeddingSpec  # noqa: E402
 
 TABLE = "bench_docs"
@@ -159,6 +169,9 @@ def run_phase(job: dict[str, Any], queue: Any) -> None:
     plan_pass.validate_keys = timed("validate", plan_pass.validate_keys)  # type: ignore[attr-defined]
 
     spec = EmbeddingSpec(model=job["model"], dim=DIM)
+    config = CONFIG
+    if job.get("shards"):
+        config = dataclasses.replace(CONFIG, partition=Shards(job["shards"]))
     if job["embedder"] == "tiny":
         from qwen3_pipeline.encoder import Qwen3Encoder
 
@@ -168,15 +181,18 @@ def run_phase(job: dict[str, Any], queue: Any) -> None:
     embedder.embed_documents = timed("embed", embedder.embed_documents)
 
     started = time.perf_counter()
-    report = engine.refresh(
-        source=ParquetSource(job["source"]),
-        config=CONFIG,
-        embedder=embedder,
-        db_uri=job["db"],
-        table=TABLE,
-        chunk_rows=job["chunk_rows"],
-        progress=False,
-    )
+    if job.get("path") == "whole":
+        report = whole_scope_refresh(job, config, embedder)
+    else:
+        report = engine.refresh(
+            source=ParquetSource(job["source"]),
+            config=config,
+            embedder=embedder,
+            db_uri=job["db"],
+            table=TABLE,
+            chunk_rows=job["chunk_rows"],
+            progress=False,
+        )
     wall = time.perf_counter() - started
     queue.put(
         {
@@ -195,6 +211,23 @@ def run_phase(job: dict[str, Any], queue: Any) -> None:
             "report": report.as_dict(),
         }
     )
+
+
+def whole_scope_refresh(job: dict[str, Any], config: SourceConfig, embedder: Any) -> Any:
+    """The whole scope in one plan and one apply: what a refresh over all shards did before it
+    went shard by shard (and still does for a table labelled with another shard count)."""
+    import qwen3_pipeline.refresh as engine
+    from qwen3_pipeline.engine.apply import apply_plan
+
+    source = ParquetSource(job["source"])
+    version = engine.live_version(job["db"], TABLE, None)
+    plan = engine.plan_refresh(source=source, config=config, embedder=embedder,
+                               db_uri=job["db"], table=TABLE, chunk_rows=job["chunk_rows"],
+                               progress=False)  # fmt: skip
+    engine.check_mass_delete(plan)
+    return apply_plan(plan, source=source, config=config, embedder=embedder,
+                      chunk_rows=job["chunk_rows"], version_before=version,
+                      progress=False)  # fmt: skip
 
 
 def _peak_rss_mb() -> float:
@@ -324,6 +357,79 @@ def verdicts(rows: int, results: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+# --------------------------------------------------------------------------- shard memory
+
+
+SHARD_MEMORY_MODEL = "Qwen/Qwen3-Embedding-0.6B"  # only its spec: the fake embedder embeds
+
+
+def shard_memory(sizes: list[int], args: argparse.Namespace, words: np.ndarray,
+                 workdir: Path) -> list[str]:  # fmt: skip
+    """Peak RSS of single-run refreshes over ``args.shards`` shards, by source size."""
+    whole_sizes = {int(n) for n in args.whole_rows.split(",") if n}
+    print(
+        f"single-run refresh of N rows in {args.shards} shards, FakeEmbedder (dim {DIM}); "
+        "each run in a fresh process"
+    )
+    print(
+        f"  {'path':<12} {'phase':<8} {'rows':>10} {'seconds':>8} {'rows/s':>8} "
+        f"{'embedded':>9} {'commits':>7} {'peak RSS':>10} {'(base)':>8}",
+        flush=True,
+    )
+    peaks: dict[str, list[str]] = {}
+    by_shard: dict[int, list[float]] = {}
+    for rows in sizes:
+        folder = workdir / f"shards-{rows}"
+        folder.mkdir(parents=True, exist_ok=True)
+        source = folder / "source.parquet"
+        write_source(source, rows, words, changed=False)
+        paths = ["by-shard", *(["whole-scope"] if rows in whole_sizes else [])]
+        for path in paths:
+            db = folder / f"lancedb-{path}"
+            job = {
+                "db": str(db),
+                "model": SHARD_MEMORY_MODEL,
+                "embedder": "fake",
+                "chunk_rows": args.chunk_rows,
+                "shards": args.shards,
+                "path": "whole" if path == "whole-scope" else "shards",
+                "source": str(source),
+            }
+            for name in ("initial", "noop"):
+                r = phase(job)
+                rep = r["report"]
+                print(
+                    f"  {path:<12} {name:<8} {rep['scanned']:>10,} {r['wall_s']:>8.1f} "
+                    f"{rep['scanned'] / r['wall_s']:>8,.0f} {rep['embedded_rows']:>9,} "
+                    f"{r['versions']:>7} {r['peak_rss_mb']:>6.0f} MiB {r['baseline_rss_mb']:>4.0f}"
+                    " MiB",
+                    flush=True,
+                )
+                peaks.setdefault(f"{path} {name}", []).append(
+                    f"{rows:,} rows: {r['peak_rss_mb']:.0f} MiB"
+                )
+                if path == "by-shard":
+                    by_shard.setdefault(rows, []).append(r["peak_rss_mb"])
+            shutil.rmtree(db, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    lines = [f"{key} peak RSS by source size: {', '.join(v)}" for key, v in peaks.items()]
+    largest = max(sizes)
+    worst = max(by_shard[largest])
+    verdict = "PASS" if worst <= 1536 else "MISS"
+    lines.append(
+        f"by-shard peak RSS at {largest:,} rows: {worst:.0f} MiB (target <= 1536 MiB): {verdict}"
+    )
+    if len(sizes) > 1:
+        smallest = min(sizes)
+        growth = worst / max(by_shard[smallest])
+        lines.append(
+            f"by-shard peak RSS {smallest:,} -> {largest:,} rows: x{growth:.2f} "
+            f"(source x{largest / smallest:.0f})"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1000000", help="comma-separated source sizes")
@@ -345,12 +451,31 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep sources and tables")
     parser.add_argument("--json", type=Path, default=None, help="also write results here")
+    parser.add_argument(
+        "--shard-memory",
+        action="store_true",
+        help="measure peak RSS of single-run refreshes over --shards shards instead",
+    )
+    parser.add_argument("--shards", type=int, default=16)
+    parser.add_argument(
+        "--whole-rows",
+        default="1000000",
+        help="sizes (comma-separated) also run through the whole-scope path (--shard-memory)",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.rows.split(",")]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="refresh_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"workdir {workdir}; chunk_rows {args.chunk_rows}; {multiprocessing.cpu_count()} CPUs")
     words = np.array(vocabulary())
+    if args.shard_memory:
+        lines = shard_memory(sizes, args, words, workdir)
+        print("\nsummary")
+        for line in lines:
+            print("  " + line)
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return
     model_dir = tiny_checkpoint(workdir)
     embedder = args.embedder
     tiny_rate = None

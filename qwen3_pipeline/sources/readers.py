@@ -1,7 +1,8 @@
-"""Source readers: DuckDB (a table, view or query, e.g. a dbt model), Parquet and Arrow.
+"""Source readers: DuckDB (a table, view or query, e.g. a dbt model), Parquet, Arrow, Arrow IPC.
 
 Each reader streams chosen columns as Arrow record batches and reports null and duplicate
-keys with one aggregate query. Errors from DuckDB and Arrow are typed here, at the boundary.
+keys with one aggregate query (Arrow IPC files: a count over their key column). Errors from
+DuckDB and Arrow are typed here, at the boundary.
 """
 
 import re
@@ -12,6 +13,7 @@ from typing import Any, Protocol
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from qwen3_pipeline.changes import sanitize_text
@@ -335,9 +337,6 @@ class ArrowIPCSource:
         paths: The IPC (Feather v2) files, in read order; none for an empty source.
         schema: The schema of the rows; every file holds exactly these columns.
         name: How the source is described in lineage (the original source's name).
-        checked_key: A key column already known to be unique and non-null over these rows
-            (they are part of a source whose keys were checked): :meth:`key_problems` then
-            answers for it without reading the files.
 
     Raises:
         ConfigError: ``name`` is empty.
@@ -354,14 +353,12 @@ class ArrowIPCSource:
         *,
         schema: pa.Schema,
         name: str,
-        checked_key: str | None = None,
     ) -> None:
         if not name:
             raise ConfigError("ArrowIPCSource needs the name of the source it stands for")
         self.paths = [Path(p) for p in paths]
         self._schema = schema
         self._name = name
-        self._checked_key = checked_key
 
     @property
     def name(self) -> str:
@@ -386,11 +383,38 @@ class ArrowIPCSource:
                     yield reader.get_batch(i).select(columns)
 
     def key_problems(self, key: str, limit: int) -> tuple[int, list[tuple[Any, int]]]:
-        """Null and duplicated keys, computed by DuckDB over the files (unless known)."""
-        if not self.paths or key == self._checked_key:
-            return 0, []
-        data = ds.dataset([str(p) for p in self.paths], format="ipc", schema=self._schema)
-        return _arrow_key_problems(data, key, limit)
+        """Null and duplicated keys, counted in Arrow over the key column alone.
+
+        The files are memory-mapped, so only the key column's pages are read (a query engine
+        scanning IPC files reads whole record batches, texts included).
+        """
+        nulls = 0
+        chunks: list[pa.Array] = []
+        for path in self.paths:
+            try:
+                with pa.memory_map(str(path)) as mapped:
+                    reader = pa.ipc.open_file(mapped)
+                    for i in range(reader.num_record_batches):
+                        column = reader.get_batch(i).column(key)
+                        nulls += column.null_count
+                        if pa.types.is_dictionary(column.type):
+                            column = column.dictionary_decode()
+                        # Copied out of the mapping, so that it is released with the file.
+                        chunks.append(pa.concat_arrays([column.drop_null()]))
+            except (pa.ArrowException, OSError) as e:
+                raise SourceReadError(
+                    f"could not read the key column {key!r} of {self._name} from {path}: {e}"
+                ) from e
+        if not chunks:
+            return nulls, []
+        values, repeats = pa.chunked_array(chunks).value_counts().flatten()
+        repeated = pc.greater(repeats, 1)
+        if not pc.any(repeated).as_py():
+            return nulls, []
+        dupes = pa.table({"key": values.filter(repeated), "n": repeats.filter(repeated)})
+        # The order of the SQL of the other sources: most repeated first, then by key.
+        dupes = dupes.sort_by([("n", "descending"), ("key", "ascending")]).slice(0, limit)
+        return nulls, [(k, int(n)) for k, n in zip(*dupes.to_pydict().values(), strict=True)]
 
 
 def _rebatch(
