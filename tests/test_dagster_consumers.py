@@ -152,7 +152,7 @@ def _data_version(instance: dg.DagsterInstance, key: dg.AssetKey) -> str | None:
 def work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Records each call of the index upkeep and the O(n^2) pair search."""
     calls: list[str] = []
-    upkeep, pairs = consumers.maintain_vector_index, consumers.near_duplicate_pairs
+    upkeep, pairs = consumers.maintain_vector_index, consumers.near_duplicate_report
 
     def counted_upkeep(*args: Any, **kwargs: Any) -> Any:
         calls.append("index")
@@ -163,7 +163,7 @@ def work(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         return pairs(*args, **kwargs)
 
     monkeypatch.setattr(consumers, "maintain_vector_index", counted_upkeep)
-    monkeypatch.setattr(consumers, "near_duplicate_pairs", counted_pairs)
+    monkeypatch.setattr(consumers, "near_duplicate_report", counted_pairs)
     return calls
 
 
