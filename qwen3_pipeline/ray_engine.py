@@ -310,7 +310,8 @@ class RayEmbedder:
     def close(self) -> None:
         """Stop the actors, and the local Ray instance if this embedder started it."""
         pool, self._pool = self._pool, None
-        if pool is not None:
+        # Ray may already be down (e.g. a dagster-ray resource shut it down): nothing to kill.
+        if pool is not None and self.ray.is_initialized():
             for actor in pool.actors:
                 self.ray.kill(actor)
         if self._started_ray and self.ray.is_initialized():

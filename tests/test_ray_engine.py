@@ -43,7 +43,9 @@ BLOCK_TOKENS = 1_500
 def local_ray() -> Iterator[None]:
     # Ray pickles this module's classes by value, so actors need not import `tests`.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # Logical CPUs: the shared pool keeps two actors for the whole module while other tests
+    # start pools of their own (each actor runs one torch thread).
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     yield
     if ray.is_initialized():
         ray.shutdown()
