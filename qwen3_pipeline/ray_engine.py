@@ -77,17 +77,16 @@ class EncoderOptions:
 
     def build(self, spec: EmbeddingSpec) -> Embedder:
         """Load the encoder (in the actor's process; imports torch)."""
-        from qwen3_pipeline.encoder import Qwen3Encoder
+        from qwen3_pipeline.engines import EngineOptions, build_embedder
 
-        return Qwen3Encoder(
-            spec,
+        local = EngineOptions(
             device=self.device,
             dtype=self.dtype,
             attention=self.attention,
             max_batch_tokens=self.max_batch_tokens,
             max_batch_rows=self.max_batch_rows,
-            progress=False,
         )
+        return build_embedder(spec, local, progress=False)
 
 
 def plan_blocks(lengths: np.ndarray, block_tokens: int) -> list[np.ndarray]:
