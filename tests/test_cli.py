@@ -543,8 +543,10 @@ def test_a_transient_failure_exits_1_saying_a_rerun_may_succeed(monkeypatch, cap
     def conflicted(args):
         raise StoreConflictError("upsert still conflicted after 6 tries")
 
+    # setattr alone: main() looks run_refresh up in the module at call time. (A setitem on
+    # main.__globals__ as well used to leak the fake into later tests: monkeypatch undoes
+    # every setattr before any setitem, so the setitem restored the fake.)
     monkeypatch.setattr(cli, "run_refresh", conflicted)
-    monkeypatch.setitem(cli.main.__globals__, "run_refresh", conflicted)
     status = main(_refresh_args("m", "s.parquet", "db"))
     assert status == 1
     (line,) = _error_lines(capsys.readouterr().err)

@@ -420,6 +420,11 @@ def test_error_classification_uses_the_type_only() -> None:
     assert is_transient(StoreConflictError("conflict"))
     assert is_transient(SourceUnavailableError("DuckDB file is locked"))
     assert is_transient(store_error(RuntimeError("Retryable commit conflict for version 7"), "x"))
+    incompatible = (
+        "lance error: Incompatible transaction: This Merge transaction is incompatible with "
+        "concurrent transaction UpdateConfig at version 2."
+    )
+    assert is_transient(store_error(RuntimeError(incompatible), "x"))
     assert is_transient(store_error(OSError("connection reset by peer"), "x"))
     # A message that merely contains a marker word is not transient: the type decides.
     assert not is_transient(ConfigError("could not set lock; non-retryable"))

@@ -1,5 +1,6 @@
 """`make dev`'s instance: the `gpu` pool gets a limit, enforced per run, and user settings stay."""
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -169,8 +170,13 @@ def test_a_second_gpu_run_stays_queued_while_the_first_is_in_progress(tmp_path: 
 def test_make_dev_prepares_the_instance_with_the_requested_limit() -> None:
     def dry_run(*args: str) -> str:
         done = subprocess.run(
-            ["make", "-n", "dev", *args],
+            # --no-print-directory and a clean MAKELEVEL: under `make test` this runs as a
+            # sub-make, which would otherwise add "Entering/Leaving directory" lines.
+            ["make", "--no-print-directory", "-n", "dev", *args],
             cwd=REPO,
+            env={
+                k: v for k, v in os.environ.items() if k not in {"MAKELEVEL", "MAKEFLAGS", "MFLAGS"}
+            },
             capture_output=True,
             text=True,
             check=True,

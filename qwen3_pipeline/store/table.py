@@ -81,9 +81,17 @@ log = logging.getLogger(__name__)
 
 _PRIMARY_KEY_METADATA = b"unenforced-primary-key"
 # LanceDB's conflict messages: "Retryable commit conflict for version N", "Commit conflict for
-# version N", "Too many concurrent writers/writes". Matched as phrases, never the bare word
-# "retryable" (which "non-retryable" contains).
-_CONFLICT = re.compile(r"commit conflict|too many concurrent|concurrent write", re.IGNORECASE)
+# version N", "Too many concurrent writers/writes", "Incompatible transaction: This Merge
+# transaction is incompatible with concurrent transaction UpdateConfig at version N" (a writer
+# that declared the key or built an index in between: nothing was committed, and the operation
+# redone on the latest version succeeds), "... still conflicting after N retries" (LanceDB's own
+# merge_insert retries ran out). Matched as phrases, never the bare word "retryable" (which
+# "non-retryable" contains).
+_CONFLICT = re.compile(
+    r"commit conflict|too many concurrent|concurrent write|incompatible with concurrent|"
+    r"still conflicting",
+    re.IGNORECASE,
+)
 # A data or manifest file that the table's manifest names but the store no longer has.
 _MISSING_FILE = re.compile(r"not found|no such file|does not exist", re.IGNORECASE)
 _TRANSIENT_IO = re.compile(
