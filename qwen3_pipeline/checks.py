@@ -11,10 +11,17 @@ passed or not, a one-line description, and JSON-ready metadata naming the offend
 - :func:`check_single_spec`: every row, and the table metadata, carry one spec fingerprint.
 - :func:`check_unit_vectors`: the rows a refresh wrote (plus a sample of the scope) are finite
   and unit-norm.
+- :func:`check_chunks_consistent` (tables of document chunks only): each document's chunks
+  are one cut of one version of it.
 
-:func:`run_checks` runs all five over one read of the source scope and of the stored state; the
-Dagster embedding asset calls it in the same step as the refresh, and other orchestrators can
-call it the same way.
+On a table of document chunks (one row per chunk) coverage and staleness are judged per
+document (``doc_key``): coverage compares the stored documents with the source's non-blank
+documents (each must have at least one chunk), and every chunk must carry its document's
+current content hash and partition. The other checks apply to each chunk row as to any row.
+
+:func:`run_checks` runs them all (:func:`check_names` says which apply to a table) over one
+read of the source scope and of the stored state; the Dagster embedding asset calls it in the
+same step as the refresh, and other orchestrators can call it the same way.
 
 Example:
     >>> import lancedb  # doctest: +SKIP
@@ -35,7 +42,7 @@ import pyarrow.compute as pc
 import xxhash
 
 from qwen3_pipeline.changes import blank_mask, content_hashes
-from qwen3_pipeline.schema import META_FINGERPRINT, TEXT_COLUMN
+from qwen3_pipeline.schema import DOC_KEY_COLUMN, META_FINGERPRINT, TEXT_COLUMN, is_chunk_schema
 from qwen3_pipeline.sources import (
     Source,
     SourceConfig,
@@ -48,21 +55,28 @@ COVERS_SOURCE = "covers_source"
 NOT_STALE = "not_stale"
 SINGLE_SPEC = "single_spec"
 UNIT_VECTORS = "unit_vectors"
+CHUNKS_CONSISTENT = "chunks_consistent"
+# The checks of a table of whole documents; a table of document chunks has one more.
 CHECK_NAMES = (UNIQUE_KEYS, COVERS_SOURCE, NOT_STALE, SINGLE_SPEC, UNIT_VECTORS)
+CHUNK_CHECK_NAMES = (*CHECK_NAMES, CHUNKS_CONSISTENT)
 CHECK_DESCRIPTIONS = {
     UNIQUE_KEYS: "No key is stored twice in the vector table.",
     COVERS_SOURCE: (
-        "The stored keys of the refreshed partitions are exactly the source's keys with "
-        "non-blank text (nothing missing, nothing extra)."
+        "The stored keys (documents, in a table of chunks) of the refreshed partitions are "
+        "exactly the source's keys with non-blank text (nothing missing, nothing extra)."
     ),
     NOT_STALE: (
-        "Every stored row of the refreshed partitions has the content hash and partition of "
-        "its source row."
+        "Every stored row (chunk) of the refreshed partitions has the content hash and "
+        "partition of its source row."
     ),
     SINGLE_SPEC: "Every row and the table metadata carry the configured spec fingerprint.",
     UNIT_VECTORS: (
         "The vectors written by the run (plus a sample of the refreshed partitions) are "
         "finite and unit-norm."
+    ),
+    CHUNKS_CONSISTENT: (
+        "Each stored document's chunks carry one content hash, are numbered 0..n-1 without "
+        "gaps or repeats, and have the keys '<doc_key>#<chunk_seq>'."
     ),
 }
 DEFAULT_SAMPLE_ROWS = 1_000
@@ -76,7 +90,7 @@ class CheckOutcome:
     """The result of one check.
 
     Attributes:
-        name: One of :data:`CHECK_NAMES`.
+        name: One of :data:`CHUNK_CHECK_NAMES`.
         passed: Whether the table passed.
         description: One line saying what was found.
         metadata: JSON-ready counts and up to ten offending keys.
@@ -93,11 +107,13 @@ class CheckReport:
     """All outcomes of :func:`run_checks`, plus a digest of the checked stored state.
 
     Attributes:
-        outcomes: One per check, in :data:`CHECK_NAMES` order.
+        outcomes: One per check of :func:`check_names` for the table, in that order.
         state_digest: :func:`state_digest` of the stored rows of the scope (a data version).
-        stored_rows: Stored rows in the scope.
-        source_rows: Source rows in the scope with non-blank text.
+        stored_rows: Stored rows (chunks, in a table of chunks) in the scope.
+        source_rows: Source rows (documents) in the scope with non-blank text.
         rows_by_partition: Stored rows per partition key of the scope.
+        stored_documents: Distinct documents stored in the scope (``stored_rows`` in a table
+            of whole documents).
     """
 
     outcomes: list[CheckOutcome]
@@ -105,6 +121,7 @@ class CheckReport:
     stored_rows: int
     source_rows: int
     rows_by_partition: dict[str, int] = field(default_factory=dict)
+    stored_documents: int = 0
 
     @property
     def passed(self) -> bool:
@@ -140,14 +157,32 @@ def _scan_table(table: Any, columns: list[str], where: Any = None) -> pa.Table:
     return pa.Table.from_batches(batches, schema=schema)
 
 
+def check_names(*, chunked: bool) -> tuple[str, ...]:
+    """The checks :func:`run_checks` reports for a table, in order.
+
+    Args:
+        chunked: Whether the table holds document chunks (its spec has ``chunking``).
+
+    Example:
+        >>> check_names(chunked=True)[-1]
+        'chunks_consistent'
+    """
+    return CHUNK_CHECK_NAMES if chunked else CHECK_NAMES
+
+
 def stored_scope(table: Any, partition_keys: Sequence[str] | None) -> pa.Table:
     """Return ``key, content_hash, spec_fingerprint, partition_key`` of the stored scope.
+
+    A table of document chunks adds ``doc_key`` and ``chunk_seq``, which is how the checks
+    below tell its rows from whole documents.
 
     Args:
         table: A ``lancedb`` table written by the refresh engine.
         partition_keys: The partitions to read (``None``: the whole table).
     """
     columns = ["key", "content_hash", "spec_fingerprint", "partition_key"]
+    if is_chunk_schema(table.schema):
+        columns += [DOC_KEY_COLUMN, "chunk_seq"]
     if partition_keys is not None and not partition_keys:
         return pa.schema([table.schema.field(c) for c in columns]).empty_table()
     return _scan_table(table, columns, _partition_filter(partition_keys))
@@ -244,7 +279,17 @@ def check_unique_keys(table: Any) -> CheckOutcome:
     )
 
 
+def _is_chunks(stored_rows: pa.Table) -> bool:
+    return DOC_KEY_COLUMN in stored_rows.column_names
+
+
 def _joined(source_rows: pa.Table, stored_rows: pa.Table) -> pa.Table:
+    """Source rows full-outer-joined with the stored rows (chunks) by (document) key."""
+    if _is_chunks(stored_rows):
+        # One joined row per chunk, matched to its document's source row.
+        stored_rows = stored_rows.set_column(
+            stored_rows.schema.get_field_index("key"), "key", stored_rows.column(DOC_KEY_COLUMN)
+        )
     left = source_rows.select(["key", "content_hash", "partition_key"]).rename_columns(
         ["key", "source_hash", "source_partition"]
     )
@@ -266,15 +311,22 @@ def check_coverage(
 ) -> CheckOutcome:
     """Check that the stored keys of a scope are exactly the source's non-blank keys.
 
+    On a table of document chunks the stored documents (``doc_key``) are compared instead:
+    every non-blank source document has at least one chunk, and no chunk belongs to a
+    document the source does not have; the counts and keys in the outcome are documents.
+
     Args:
         source_rows: :func:`source_scope` of the scope.
         stored_rows: :func:`stored_scope` of the same scope.
         failures: ``(key, reason)`` of rows the refresh could not embed, quoted in the
             description when they explain missing keys.
     """
+    chunked = _is_chunks(stored_rows)
     joined = _joined(source_rows, stored_rows)
     missing = joined.filter(pc.is_null(joined.column("stored"))).column("key")
     extra = joined.filter(pc.is_null(joined.column("in_source"))).column("key")
+    if chunked:
+        extra = pc.unique(extra)  # one per document, not per chunk
     metadata: dict[str, Any] = {
         "source_rows": source_rows.num_rows,
         "stored_rows": stored_rows.num_rows,
@@ -283,11 +335,18 @@ def check_coverage(
         "missing_keys": _shown(missing),
         "extra_keys": _shown(extra),
     }
+    if chunked:
+        metadata["stored_documents"] = _document_count(stored_rows)
     if not len(missing) and not len(extra):
+        found = (
+            f"documents have chunks ({stored_rows.num_rows} chunks)"
+            if chunked
+            else "rows are stored"
+        )
         return CheckOutcome(
             name=COVERS_SOURCE,
             passed=True,
-            description=f"all {source_rows.num_rows} source rows are stored, nothing extra",
+            description=f"all {source_rows.num_rows} source {found}, nothing extra",
             metadata=metadata,
         )
     why = ""
@@ -300,15 +359,23 @@ def check_coverage(
         name=COVERS_SOURCE,
         passed=False,
         description=(
-            f"{len(missing)} source row(s) have no vector and {len(extra)} stored row(s) are "
-            f"not in the source{why}"
+            f"{len(missing)} source document(s) have no chunk and {len(extra)} stored "
+            f"document(s) are not in the source{why}"
+            if chunked
+            else f"{len(missing)} source row(s) have no vector and {len(extra)} stored row(s) "
+            f"are not in the source{why}"
         ),
         metadata=metadata,
     )
 
 
 def check_not_stale(source_rows: pa.Table, stored_rows: pa.Table) -> CheckOutcome:
-    """Check that every stored row of a scope matches its source row's hash and partition."""
+    """Check that every stored row of a scope matches its source row's hash and partition.
+
+    On a table of document chunks every chunk is compared with its document's source row;
+    the counts are chunks and the keys shown are documents (``doc_key``).
+    """
+    chunked = _is_chunks(stored_rows)
     joined = _joined(source_rows, stored_rows)
     both = joined.filter(
         pc.and_(pc.is_valid(joined.column("stored")), pc.is_valid(joined.column("in_source")))
@@ -317,12 +384,15 @@ def check_not_stale(source_rows: pa.Table, stored_rows: pa.Table) -> CheckOutcom
     misplaced = both.filter(
         pc.not_equal(both.column("source_partition"), both.column("stored_partition"))
     )
+    stale_keys, misplaced_keys = stale.column("key"), misplaced.column("key")
+    if chunked:
+        stale_keys, misplaced_keys = pc.unique(stale_keys), pc.unique(misplaced_keys)
     metadata = {
         "compared_rows": both.num_rows,
         "stale": stale.num_rows,
         "misplaced": misplaced.num_rows,
-        "stale_keys": _shown(stale.column("key")),
-        "misplaced_keys": _shown(misplaced.column("key")),
+        "stale_keys": _shown(stale_keys),
+        "misplaced_keys": _shown(misplaced_keys),
     }
     if not stale.num_rows and not misplaced.num_rows:
         return CheckOutcome(
@@ -337,6 +407,83 @@ def check_not_stale(source_rows: pa.Table, stored_rows: pa.Table) -> CheckOutcom
         description=(
             f"{stale.num_rows} stored row(s) have an outdated content hash and "
             f"{misplaced.num_rows} sit in the wrong partition; refresh those partitions"
+        ),
+        metadata=metadata,
+    )
+
+
+def _document_count(stored_rows: pa.Table) -> int:
+    if not stored_rows.num_rows:
+        return 0
+    return int(pc.count_distinct(stored_rows.column(DOC_KEY_COLUMN)).as_py())
+
+
+def check_chunks_consistent(stored_rows: pa.Table) -> CheckOutcome:
+    """Check that each stored document's chunks are one cut of one version of the document.
+
+    Per ``doc_key``: one ``content_hash`` on all its chunks, ``chunk_seq`` ``0..n-1`` each
+    exactly once, and every chunk's key is ``chunk_key(doc_key, chunk_seq)``. The engine
+    writes all chunks of a document in one commit, so a failure means a write outside the
+    pipeline or a bug: chunks of two versions side by side would both be found by a search.
+
+    Args:
+        stored_rows: :func:`stored_scope` of a table of chunks (``key``, ``content_hash``,
+            ``doc_key``, ``chunk_seq``).
+    """
+    docs = stored_rows.group_by(DOC_KEY_COLUMN, use_threads=False).aggregate(
+        [
+            ("content_hash", "count_distinct", pc.CountOptions(mode="all")),
+            ("chunk_seq", "count"),
+            ("chunk_seq", "count_distinct"),
+            ("chunk_seq", "min"),
+            ("chunk_seq", "max"),
+        ]
+    )
+    n = docs.column("chunk_seq_count")
+    mixed = docs.filter(pc.greater(docs.column("content_hash_count_distinct"), 1))
+    contiguous = pc.and_(
+        pc.and_(
+            pc.equal(docs.column("chunk_seq_min"), 0),
+            pc.equal(docs.column("chunk_seq_max"), pc.subtract(n, 1)),
+        ),
+        pc.equal(docs.column("chunk_seq_count_distinct"), n),
+    )
+    gaps = docs.filter(pc.invert(contiguous))
+    expected = pc.binary_join_element_wise(
+        stored_rows.column(DOC_KEY_COLUMN).cast(pa.string()),
+        stored_rows.column("chunk_seq").cast(pa.string()),
+        "#",
+    )
+    wrong = stored_rows.filter(pc.not_equal(stored_rows.column("key"), expected))
+    metadata = {
+        "documents": docs.num_rows,
+        "chunks": stored_rows.num_rows,
+        "mixed_versions": mixed.num_rows,
+        "broken_sequences": gaps.num_rows,
+        "wrong_keys": wrong.num_rows,
+        "mixed_version_documents": _shown(mixed.column(DOC_KEY_COLUMN)),
+        "broken_sequence_documents": _shown(gaps.column(DOC_KEY_COLUMN)),
+        "wrong_chunk_keys": _shown(wrong.column("key")),
+    }
+    if not mixed.num_rows and not gaps.num_rows and not wrong.num_rows:
+        return CheckOutcome(
+            name=CHUNKS_CONSISTENT,
+            passed=True,
+            description=(
+                f"{stored_rows.num_rows} chunks of {docs.num_rows} documents, each document "
+                "one version numbered 0..n-1"
+            ),
+            metadata=metadata,
+        )
+    return CheckOutcome(
+        name=CHUNKS_CONSISTENT,
+        passed=False,
+        description=(
+            f"{mixed.num_rows} document(s) mix chunks of different versions (e.g. "
+            f"{metadata['mixed_version_documents'][:3]}), {gaps.num_rows} have missing or "
+            f"repeated chunk numbers (e.g. {metadata['broken_sequence_documents'][:3]}) and "
+            f"{wrong.num_rows} chunk key(s) are not '<doc_key>#<chunk_seq>'; refresh the "
+            "affected partitions, or rebuild the table (rebuild=True / --rebuild)"
         ),
         metadata=metadata,
     )
@@ -467,7 +614,9 @@ def run_checks(
     """Run every check over the scope of ``config.partition``.
 
     The source scope and the stored scope are each read once and shared by the checks that
-    compare them.
+    compare them. A table of document chunks (told by its schema metadata) is checked per
+    document where that is what matters, and gets :func:`check_chunks_consistent` too: the
+    outcomes are those of :func:`check_names` for the table, in order.
 
     Args:
         table: The ``lancedb`` table (at the version to check).
@@ -485,6 +634,7 @@ def run_checks(
     partition_keys = scope_partition_keys(config.partition)
     source_rows, _ = source_scope(source, config)
     stored_rows = stored_scope(table, partition_keys)
+    chunked = _is_chunks(stored_rows)
     outcomes = [
         check_unique_keys(table),
         check_coverage(source_rows, stored_rows, failures=failures),
@@ -498,6 +648,8 @@ def run_checks(
             sample_rows=sample_rows,
         ),
     ]
+    if chunked:
+        outcomes.append(check_chunks_consistent(stored_rows))
     partitions = stored_rows.column("partition_key")
     return CheckReport(
         outcomes=outcomes,
@@ -508,4 +660,5 @@ def run_checks(
             str(v["values"]): int(v["counts"])
             for v in (pc.value_counts(partitions).to_pylist() if len(partitions) else [])
         },
+        stored_documents=_document_count(stored_rows) if chunked else stored_rows.num_rows,
     )

@@ -67,6 +67,7 @@ import xxhash
 
 from qwen3_pipeline.changes import content_hash, sanitize_text
 from qwen3_pipeline.errors import ConfigError, InputDataError, ModelLoadError, Qwen3PipelineError
+from qwen3_pipeline.schema import CHUNK_FIELDS
 
 SplitterKind = Literal["text", "markdown", "code"]
 SPLITTERS: tuple[str, ...] = get_args(SplitterKind)
@@ -204,6 +205,25 @@ class ChunkingConfig:
             "code_language": self.code_language,
         }
 
+    def as_json(self) -> str:
+        """:meth:`as_dict` as canonical JSON (what ``EmbeddingSpec.chunking`` holds)."""
+        return json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, payload: str) -> "ChunkingConfig":
+        """Rebuild a config from :meth:`as_json` output.
+
+        Raises:
+            ConfigError: Not a JSON object of chunking settings.
+        """
+        try:
+            values = json.loads(payload)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"chunking settings {payload!r} are not JSON: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"chunking settings {payload!r} are not a JSON object")
+        return cls.from_dict(values)
+
     @classmethod
     def from_dict(cls, payload: dict[str, Any]) -> "ChunkingConfig":
         """Rebuild a config from :meth:`as_dict` output (``algorithm`` is ignored).
@@ -225,7 +245,7 @@ class ChunkingConfig:
             >>> a.fingerprint() == b.fingerprint() != ChunkingConfig(tokens=512).fingerprint()
             True
         """
-        return content_hash(json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":")))
+        return content_hash(self.as_json())
 
     def check_fits(self, max_length: int, reserved_tokens: int = 1) -> None:
         """Check that a full chunk fits the encoder's ``max_length`` (so none is truncated).
@@ -292,13 +312,9 @@ class Unit:
     tokens: int
 
 
+# The chunk columns of a chunk table (schema.CHUNK_FIELDS), then the document hash and tokens.
 CHUNK_SCHEMA_FIELDS = (
-    pa.field("chunk_seq", pa.int32(), nullable=False),
-    pa.field("chunk_start", pa.int64(), nullable=False),
-    pa.field("chunk_core_start", pa.int64(), nullable=False),
-    pa.field("chunk_end", pa.int64(), nullable=False),
-    pa.field("chunk_text", pa.string(), nullable=False),
-    pa.field("chunk_hash", pa.string(), nullable=False),
+    *CHUNK_FIELDS,
     pa.field("content_hash", pa.string(), nullable=False),
     pa.field("n_tokens", pa.int32(), nullable=False),
 )

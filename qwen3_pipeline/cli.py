@@ -24,7 +24,7 @@ import tempfile
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +40,9 @@ from qwen3_pipeline.errors import (
     TransientError,
 )
 from qwen3_pipeline.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
+
+if TYPE_CHECKING:
+    from qwen3_pipeline.chunking import ChunkingConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED_ROWS = 1
@@ -333,6 +336,27 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--table", required=True, help="vector table name")
     sync.add_argument("--rebuild", action="store_true", help="re-embed all into a new table, swap")
     sync.add_argument("--chunk-rows", type=int, default=10_000, help="rows per commit")
+    chunks = sync.add_argument_group(
+        "chunking", "cut long documents into chunks, one vector each (a table of chunks)"
+    )
+    chunks.add_argument(
+        "--chunk-tokens", type=int, default=None, metavar="N", help="largest chunk, in Qwen tokens"
+    )
+    chunks.add_argument(
+        "--chunk-overlap", type=int, default=None, metavar="M", help="tokens repeated (default 0)"
+    )
+    chunks.add_argument(
+        "--chunk-splitter",
+        choices=("text", "markdown", "code"),
+        default=None,
+        help="structure chunk boundaries follow (default text)",
+    )
+    chunks.add_argument(
+        "--chunk-language",
+        default=None,
+        metavar="LANG",
+        help="tree-sitter grammar for --chunk-splitter code (e.g. python)",
+    )
     sync.add_argument(
         "--dry-run",
         action="store_true",
@@ -365,6 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     find.add_argument("--version", type=int, default=None, help="pinned Lance version")
     find.add_argument("-k", type=int, default=10, help="results to return")
+    find.add_argument(
+        "--chunks",
+        action="store_true",
+        help="on a table of document chunks, return the nearest chunks rather than documents",
+    )
     find.add_argument("query", help="query text")
     return parser
 
@@ -382,6 +411,32 @@ def parse_shard(value: str) -> "tuple[int, int]":
     if not 0 <= index < count:
         raise InputDataError(f"--shard {value!r}: K must be in 0..N-1")
     return index, count
+
+
+def chunking_config(args: argparse.Namespace) -> "ChunkingConfig | None":
+    """The ``--chunk-*`` options as a ``ChunkingConfig``, or None without ``--chunk-tokens``.
+
+    Raises:
+        ConfigError: A chunk option without ``--chunk-tokens``, or an invalid value.
+    """
+    others = {
+        "--chunk-overlap": args.chunk_overlap,
+        "--chunk-splitter": args.chunk_splitter,
+        "--chunk-language": args.chunk_language,
+    }
+    if args.chunk_tokens is None:
+        given = [name for name, value in others.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)} need(s) --chunk-tokens N (the chunk size)")
+        return None
+    from qwen3_pipeline.chunking import ChunkingConfig
+
+    return ChunkingConfig(
+        tokens=args.chunk_tokens,
+        overlap=args.chunk_overlap or 0,
+        splitter=args.chunk_splitter or "text",
+        code_language=args.chunk_language,
+    )
 
 
 def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
@@ -402,6 +457,7 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
         carry=tuple(args.carry),
         updated_at=args.updated_at,
         partition=partition,
+        chunking=chunking_config(args),
     )
     source = parse_source(args.source)
     spec = EmbeddingSpec(
@@ -464,6 +520,12 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     from qwen3_pipeline.encoder import Qwen3Encoder
 
     vectors = open_vector_table(args.db, args.table, version=args.version)
+    if args.chunks and not vectors.chunked:
+        # Refused before the model loads (search() would refuse it too, after).
+        raise ConfigError(
+            f"--chunks needs a table of document chunks, but {args.table!r} holds one row per "
+            "document; search it without --chunks"
+        )
     recorded = vectors.spec
     asked = EmbeddingSpec(
         model=args.model,
@@ -472,6 +534,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         max_length=recorded.max_length,
         document_prompt=recorded.document_prompt,
         normalize=recorded.normalize,
+        chunking=recorded.chunking,
     )
     if asked.fingerprint != recorded.fingerprint:
         raise SpecMismatchError(
@@ -482,7 +545,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         )
     query_spec = recorded if args.task is None else replace(recorded, query_task=args.task)
     encoder = Qwen3Encoder(query_spec, device=args.device, progress=False)
-    found = search(vectors, args.query, k=args.k, embedder=encoder)
+    found = search(vectors, args.query, k=args.k, embedder=encoder, chunks=args.chunks)
     return {
         "table": args.table,
         "version": vectors.version,

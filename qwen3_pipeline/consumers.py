@@ -7,7 +7,9 @@ to pin from the latest Dagster materialisation.
 - :func:`open_vector_table` opens a vector table at a given Lance version (what a materialisation
   recorded), with the :class:`~qwen3_pipeline.spec.EmbeddingSpec` its vectors were made with.
 - :func:`search` embeds a query with the matching query encoder (same model, dim and
-  fingerprint; the query instruction of the recorded spec) and returns the nearest rows.
+  fingerprint; the query instruction of the recorded spec) and returns the nearest rows; on a
+  table of document chunks, the nearest documents (each with its best chunk), or with
+  ``chunks=True`` the nearest chunks.
 - :func:`maintain_vector_index` keeps an ANN index on the vectors: none below a row threshold
   (exact search is fast there), created once the table passes it, then
   :func:`~qwen3_pipeline.upkeep.optimize_table` to fold new rows into it after refreshes
@@ -27,12 +29,14 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qwen3_pipeline.embedder import Embedder
 from qwen3_pipeline.errors import ConfigError, SpecMismatchError
 from qwen3_pipeline.schema import (
-    LINEAGE_COLUMNS,
+    DOC_KEY_COLUMN,
     META_SPEC,
+    RESERVED_COLUMNS,
     validate_table_name,
     validate_uri,
 )
@@ -47,6 +51,11 @@ DistanceType = Literal["cosine", "dot", "l2"]
 IndexAction = Literal["brute_force", "compacted", "created", "optimized", "up_to_date"]
 # Result columns of search(): the key, the carry-along columns and these lineage columns.
 _SEARCH_LINEAGE = ("partition_key", "source_updated_at", "embedded_at")
+# On a chunk table, also which chunk matched: where it sits in the document, and its text.
+_SEARCH_CHUNK = ("chunk_seq", "chunk_start", "chunk_end", "chunk_text")
+# A document search first fetches this many nearest chunks per wanted document, and doubles
+# the fetch while fewer than k distinct documents come back (long documents crowd the top).
+_CHUNK_OVERFETCH = 4
 
 
 # --------------------------------------------------------------------------- pinned tables
@@ -64,6 +73,8 @@ class VectorTable:
         name: Table name.
         version: The Lance version read.
         spec: The embedding spec recorded in the table's metadata.
+        chunked: Whether the table holds document chunks (one row per chunk, ``spec.chunking``
+            set) rather than one row per document.
     """
 
     def __init__(self, *, table: Any, uri: str, name: str, version: int, spec: EmbeddingSpec):
@@ -72,6 +83,7 @@ class VectorTable:
         self.name = name
         self.version = version
         self.spec = spec
+        self.chunked = spec.chunking is not None
         self._query_embedder: Embedder | None = None
 
     def __repr__(self) -> str:
@@ -83,7 +95,7 @@ class VectorTable:
     @property
     def carry_columns(self) -> list[str]:
         """The carry-along columns stored beside the vectors (title, url...)."""
-        return [f.name for f in self.table.schema if f.name not in LINEAGE_COLUMNS]
+        return [f.name for f in self.table.schema if f.name not in RESERVED_COLUMNS]
 
     def query_embedder(self, **encoder_options: Any) -> Embedder:
         """Return (building once) a Qwen3 encoder for this table's spec, for queries.
@@ -169,33 +181,80 @@ def search(
     embedder: Embedder | None = None,
     where: Any = None,
     columns: list[str] | None = None,
+    chunks: bool = False,
 ) -> pa.Table:
-    """Return the ``k`` rows nearest to ``query`` (cosine), best first.
+    """Return the ``k`` rows (or documents) nearest to ``query`` (cosine), best first.
 
     The query is embedded in the instruction format of the table's recorded spec, by
-    ``embedder`` if given (its spec fingerprint must match the table's), else by
-    :meth:`VectorTable.query_embedder` (loads the model once per table object).
+    ``embedder`` if given (its spec must match the table's, chunking aside: how documents were
+    cut does not change how a text is embedded), else by :meth:`VectorTable.query_embedder`
+    (loads the model once per table object).
+
+    On a table of document chunks the result is ``k`` documents: each document's nearest chunk
+    (``doc_key``, which chunk and its text), never two chunks of one document. The nearest
+    ``4 * k`` chunks are fetched, and the fetch doubles until they span ``k`` documents or the
+    table (after ``where``) has no more chunks. ``chunks=True`` returns the ``k`` nearest chunk
+    rows instead, several of one document included.
 
     Args:
         vectors: The pinned table.
         query: The query text.
-        k: Rows to return.
+        k: Rows (documents, on a chunk table) to return.
         embedder: The query embedder; None builds the matching Qwen3 encoder.
-        where: An optional ``lancedb.expr`` filter (never a pasted SQL string).
-        columns: Columns to return besides ``similarity`` (default: key, carry-along and
-            time lineage columns; never the vector).
+        where: An optional ``lancedb.expr`` filter (never a pasted SQL string), applied to the
+            rows (chunks) before the nearest are chosen.
+        columns: Columns to return besides ``similarity`` (never the vector). Default: key,
+            carry-along and time lineage columns; on a chunk table ``doc_key``, ``chunk_seq``,
+            ``chunk_start``, ``chunk_end``, ``chunk_text`` instead of the key (with it too when
+            ``chunks=True``). A document search always returns ``doc_key``.
+        chunks: On a chunk table, return the nearest chunks rather than documents.
 
     Returns:
         An Arrow table with the requested columns and ``similarity`` (1 - cosine distance).
 
     Raises:
         SpecMismatchError: ``embedder`` follows another spec than the table.
-        ConfigError: ``k`` is not positive.
+        ConfigError: ``k`` is not positive, or ``chunks=True`` on a table of whole documents
+            (its rows are already documents; asking for chunks there is a mistake worth
+            hearing about, e.g. a table built without chunking).
+
+    Example:
+        >>> hits = search(vectors, "retry with backoff", k=5)  # doctest: +SKIP
+        >>> hits.column_names  # a chunk table with carry column "title"  # doctest: +SKIP
+        ['doc_key', 'chunk_seq', 'chunk_start', 'chunk_end', 'chunk_text', 'title',
+         'partition_key', 'source_updated_at', 'embedded_at', 'similarity']
     """
-    if k < 1:
-        raise ConfigError(f"k must be a positive integer, got {k}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"k must be a positive integer, got {k!r}")
+    if chunks and not vectors.chunked:
+        raise ConfigError(
+            f"chunks=True needs a table of document chunks, but {vectors.name!r} holds one row "
+            "per document (its spec has no chunking); search it without chunks=True"
+        )
+    vector = _query_vector(vectors, query, embedder)
+    if not vectors.chunked or chunks:
+        hit = [DOC_KEY_COLUMN, *_SEARCH_CHUNK] if vectors.chunked else []
+        wanted = columns or ["key", *hit, *vectors.carry_columns, *_SEARCH_LINEAGE]
+        return _with_similarity(_nearest(vectors, vector, wanted, where, k), wanted)
+    wanted = columns or [DOC_KEY_COLUMN, *_SEARCH_CHUNK, *vectors.carry_columns, *_SEARCH_LINEAGE]
+    if DOC_KEY_COLUMN not in wanted:
+        wanted = [DOC_KEY_COLUMN, *wanted]
+    limit = _CHUNK_OVERFETCH * k
+    while True:
+        found = _nearest(vectors, vector, wanted, where, limit)
+        best = _best_chunk_per_document(found)
+        if best.num_rows >= k or found.num_rows < limit:
+            return _with_similarity(best.slice(0, k), wanted)
+        limit *= 2
+
+
+def _query_vector(vectors: VectorTable, query: str, embedder: Embedder | None) -> np.ndarray:
     model = embedder or vectors.query_embedder()
-    if model.spec.fingerprint != vectors.spec.fingerprint:
+    # Chunking decides which texts became rows, not how a text is embedded: an embedder made
+    # for whole documents embeds queries for a chunk table of the same model and dim alike.
+    asked = model.spec.with_chunking(None).fingerprint
+    held = vectors.spec.with_chunking(None).fingerprint
+    if asked != held:
         raise SpecMismatchError(
             f"the query embedder follows spec {model.spec.fingerprint} (model "
             f"{model.spec.model}, dim {model.spec.dim}) but table {vectors.name!r} holds "
@@ -203,13 +262,17 @@ def search(
             "search with the table's own spec (omit embedder=) or rebuild the table"
         )
     encoded = model.embed_queries([query])
-    vector = encoded.raise_on_failure()[0]
-    wanted = columns or ["key", *vectors.carry_columns, *_SEARCH_LINEAGE]
+    return encoded.raise_on_failure()[0]
+
+
+def _nearest(
+    vectors: VectorTable, vector: np.ndarray, wanted: list[str], where: Any, limit: int
+) -> pa.Table:
     builder = (
         vectors.table.search(vector, vector_column_name=VECTOR_COLUMN)
         .distance_type("cosine")
         .select([*wanted, "_distance"])
-        .limit(k)
+        .limit(limit)
     )
     if where is not None:
         builder = builder.where(where)
@@ -217,6 +280,23 @@ def search(
         found = builder.to_arrow()
     except Exception as e:  # a missing data file, I/O: typed at the LanceDB boundary
         raise store_error(e, f"search table {vectors.name!r}") from e
+    return found
+
+
+def _best_chunk_per_document(found: pa.Table) -> pa.Table:
+    if not found.num_rows:
+        return found
+    # Nearest first (a stable sort, so ties keep LanceDB's order): then each document's first
+    # row is its best chunk, and the documents come out best first.
+    found = found.take(pc.sort_indices(found, sort_keys=[("_distance", "ascending")]))
+    rows = pa.table(
+        {"doc": found.column(DOC_KEY_COLUMN), "row": pa.array(np.arange(found.num_rows))}
+    )
+    firsts = rows.group_by("doc", use_threads=False).aggregate([("row", "min")])
+    return found.take(np.sort(firsts.column("row_min").to_numpy()))
+
+
+def _with_similarity(found: pa.Table, wanted: list[str]) -> pa.Table:
     similarity = pa.array(1.0 - found.column("_distance").to_numpy(), pa.float32())
     return found.select(wanted).append_column("similarity", similarity)
 

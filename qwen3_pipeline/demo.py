@@ -35,6 +35,8 @@ from qwen3_pipeline.dagster_defs.location import MODEL_ENV, DemoSettings, build_
 from qwen3_pipeline.dagster_defs.metadata import (
     RUN_TOKENS,
     RUN_VERSION_BEFORE,
+    TABLE_NAME,
+    TABLE_ROWS,
     TABLE_VERSION,
     run_counters,
 )
@@ -45,6 +47,7 @@ from qwen3_pipeline.summary import DemoSummary, search_lines
 
 EMBEDDING_ASSET = dg.AssetKey("document_vectors")
 INDEX_ASSET = dg.AssetKey("document_vectors_index")
+CHUNKS_ASSET = dg.AssetKey("document_chunks")
 NEAR_DUPLICATES_ASSET = dg.AssetKey("near_duplicate_documents")
 DEMO_MODEL_DIR = "demo-model"
 DEFAULT_QUERY = "parse a JSON document into Python objects"
@@ -193,8 +196,21 @@ def run_demo(*, limit: int | None, query: str, settings: DemoSettings | None = N
     from qwen3_pipeline.consumers import search
 
     hits = search(vectors, query, k=5).to_pylist()
-    print("\n".join([*summary.lines(), *search_lines(query, hits)]))
+    chunks = _latest_metadata(instance, CHUNKS_ASSET)
+    print("\n".join([*summary.lines(), chunks_line(chunks), *search_lines(query, hits)]))
     return 0
+
+
+def chunks_line(metadata: dict[str, Any]) -> str:
+    """One summary line for the chunk table, from its latest materialization's metadata."""
+    counters = run_counters(metadata)
+    return (
+        f"chunks: {metadata.get(TABLE_ROWS, 0)} rows in {metadata.get(TABLE_NAME, '?')} "
+        f"({counters['scanned']} long documents; this run "
+        f"{metadata.get('qwen3/run/chunks_embedded', 0)} chunks embedded, "
+        f"{metadata.get('qwen3/run/chunks_reused', 0)} reused, "
+        f"{metadata.get('qwen3/run/chunks_deleted', 0)} deleted)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

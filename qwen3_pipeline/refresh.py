@@ -34,6 +34,7 @@ from qwen3_pipeline.engine.plan import (
     RefreshPlan,
     check_mass_delete,
     plan_refresh,
+    table_spec_for,
 )
 from qwen3_pipeline.engine.report import PLAN_COUNTERS, ROW_COUNTERS, RefreshReport, merge_reports
 from qwen3_pipeline.errors import ConfigError, StoreError
@@ -62,6 +63,7 @@ __all__ = [
     "check_mass_delete",
     "plan_refresh",
     "refresh",
+    "table_spec_for",
 ]
 
 
@@ -243,7 +245,7 @@ def _refresh_by_shard(
     store = VectorStore.inspect(
         db_uri,
         table,
-        embedder.spec,
+        table_spec_for(embedder.spec, config),
         key_type=schema.field("key").type,
         carry_schema=carry_schema(schema),
         source_key=config.key,

@@ -40,7 +40,29 @@ LINEAGE_COLUMNS = (
     "embedded_at",
     "run_id",
 )
-RESERVED_COLUMNS = frozenset(LINEAGE_COLUMNS)
+# A table of document chunks (``EmbeddingSpec.chunking`` set) has one row per chunk: ``key``
+# is the chunk's id (``chunk_key``: document key, '#', chunk_seq), and these columns follow the
+# lineage columns. ``content_hash`` is then the whole document's hash, ``n_tokens`` the chunk's.
+DOC_KEY_COLUMN = "doc_key"
+CHUNK_COLUMNS = (
+    DOC_KEY_COLUMN,
+    "chunk_seq",
+    "chunk_start",
+    "chunk_core_start",
+    "chunk_end",
+    "chunk_text",
+    "chunk_hash",
+)
+# The chunk's own columns (after doc_key), as the chunker makes them (chunking.chunk_rows).
+CHUNK_FIELDS = (
+    pa.field("chunk_seq", pa.int32(), nullable=False),
+    pa.field("chunk_start", pa.int64(), nullable=False),
+    pa.field("chunk_core_start", pa.int64(), nullable=False),
+    pa.field("chunk_end", pa.int64(), nullable=False),
+    pa.field("chunk_text", pa.string(), nullable=False),
+    pa.field("chunk_hash", pa.string(), nullable=False),
+)
+RESERVED_COLUMNS = frozenset(LINEAGE_COLUMNS) | frozenset(CHUNK_COLUMNS)
 # Working columns of the engine (never stored, never a user's name).
 INTERNAL_PREFIX = "__qwen3_"
 TEXT_COLUMN = f"{INTERNAL_PREFIX}text"
@@ -50,6 +72,7 @@ META_SPEC = "qwen3_pipeline.spec"
 META_FINGERPRINT = "qwen3_pipeline.fingerprint"
 META_PACKAGE_VERSION = "qwen3_pipeline.package_version"
 META_SOURCE_KEY = "qwen3_pipeline.source_key"
+META_CHUNKING = "qwen3_pipeline.chunking"
 REBUILD_MARKER = "__rebuild_"
 # The columns VectorStore.existing_state always returns (carry-along columns follow).
 STATE_COLUMNS = ("key", "content_hash", "spec_fingerprint", "partition_key", "source_updated_at")
@@ -147,6 +170,18 @@ def normalize_key_type(key_type: pa.DataType | str) -> pa.DataType:
     raise InputDataError(f"key type {key_type} is not supported; keys are integers or strings")
 
 
+def chunk_key(doc_key: object, seq: int) -> str:
+    """The primary key of chunk ``seq`` of document ``doc_key``: ``"<doc_key>#<seq>"``.
+
+    Unique even when document keys contain ``#``: the sequence number follows the last one.
+
+    Example:
+        >>> chunk_key(42, 0), chunk_key("a#b", 3)
+        ('42#0', 'a#b#3')
+    """
+    return f"{doc_key}#{seq}"
+
+
 def table_schema(
     spec: EmbeddingSpec,
     *,
@@ -155,6 +190,10 @@ def table_schema(
     source_key: str = "key",
 ) -> pa.Schema:
     """Return the Arrow schema of a vector table for ``spec`` (lineage columns, then carry).
+
+    With ``spec.chunking`` set the table holds one row per chunk: ``key`` is a string chunk id,
+    the document key (of ``key_type``) is ``doc_key``, and the chunk columns
+    (:data:`CHUNK_COLUMNS`) come before the carry columns.
 
     Raises:
         ConfigError: A carry column takes a lineage column's name.
@@ -167,8 +206,10 @@ def table_schema(
     """
     carry = list(carry_schema or [])
     check_carry_names([f.name for f in carry])
+    chunked = spec.chunking is not None
+    doc_key_type = normalize_key_type(key_type)
     fields = [
-        pa.field("key", normalize_key_type(key_type), nullable=False),
+        pa.field("key", pa.string() if chunked else doc_key_type, nullable=False),
         pa.field("vector", pa.list_(pa.float32(), spec.output_dim)),
         pa.field("content_hash", pa.string()),
         pa.field("spec_fingerprint", pa.string()),
@@ -182,6 +223,7 @@ def table_schema(
         pa.field("source_updated_at", TIMESTAMP_TYPE),
         pa.field("embedded_at", TIMESTAMP_TYPE),
         pa.field("run_id", pa.string()),
+        *(_chunk_fields(doc_key_type) if chunked else []),
         *(f.with_nullable(True) for f in carry),
     ]
     meta = {
@@ -189,8 +231,26 @@ def table_schema(
         META_FINGERPRINT: spec.fingerprint,
         META_PACKAGE_VERSION: package_version(),
         META_SOURCE_KEY: source_key,
+        **({META_CHUNKING: spec.chunking} if chunked and spec.chunking else {}),
     }
     return pa.schema(fields, metadata=meta)
+
+
+def _chunk_fields(doc_key_type: pa.DataType) -> list[pa.Field]:
+    return [pa.field(DOC_KEY_COLUMN, doc_key_type, nullable=False), *CHUNK_FIELDS]
+
+
+def is_chunk_schema(schema: pa.Schema) -> bool:
+    """Whether ``schema`` is a table of document chunks (its metadata records the chunking).
+
+    Example:
+        >>> spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
+        >>> is_chunk_schema(table_schema(spec, key_type="int64"))
+        False
+        >>> is_chunk_schema(table_schema(spec.with_chunking('{"tokens":256}'), key_type="int64"))
+        True
+    """
+    return META_CHUNKING.encode() in (schema.metadata or {})
 
 
 def check_carry_names(names: "tuple[str, ...] | list[str]") -> None:
@@ -205,8 +265,9 @@ def check_carry_names(names: "tuple[str, ...] | list[str]") -> None:
     reserved = sorted(set(names) & RESERVED_COLUMNS)
     if reserved:
         raise ConfigError(
-            f"carry column(s) {reserved} clash with the vector table's lineage columns "
-            f"{list(LINEAGE_COLUMNS)}; rename them in the source (e.g. in the dbt model)"
+            f"carry column(s) {reserved} clash with the vector table's lineage or chunk "
+            f"columns {sorted(RESERVED_COLUMNS)}; rename them in the source (e.g. in the dbt "
+            "model)"
         )
     internal = sorted(n for n in names if n.startswith(INTERNAL_PREFIX))
     if internal:

@@ -11,7 +11,7 @@ instruction needs no re-embedding of documents.
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +115,9 @@ class EmbeddingSpec:
             part of the fingerprint.
         normalize: L2-normalise the output vectors (after the Matryoshka truncation).
         hidden_size: Filled in from the model's config when ``None``.
+        chunking: For a table of document chunks, the chunking settings as canonical JSON
+            (``ChunkingConfig.as_json()``; see :meth:`with_chunking`). Part of the
+            fingerprint when set: other chunking settings make other vectors.
 
     Example:
         >>> spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=256)
@@ -130,6 +133,7 @@ class EmbeddingSpec:
     query_task: str = DEFAULT_QUERY_TASK
     normalize: bool = True
     hidden_size: int | None = field(default=None, compare=False)
+    chunking: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model.strip():
@@ -170,6 +174,8 @@ class EmbeddingSpec:
             "document_prompt": self.document_prompt,
             "normalize": self.normalize,
             "pooling": POOLING,
+            # Only when set, so the fingerprints of row tables stay what they were.
+            **({"chunking": self.chunking} if self.chunking is not None else {}),
         }
 
     @property
@@ -177,6 +183,17 @@ class EmbeddingSpec:
         """A stable 16-hex-digit hash of the document side of the spec."""
         payload = json.dumps(self.document_side(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+    def with_chunking(self, chunking: str | None) -> "EmbeddingSpec":
+        """This spec for a table whose rows are chunks cut with ``chunking`` (JSON), or rows.
+
+        Example:
+            >>> spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
+            >>> chunked = spec.with_chunking('{"tokens":256}')
+            >>> chunked.fingerprint != spec.fingerprint, chunked.with_chunking(None) == spec
+            (True, True)
+        """
+        return replace(self, chunking=chunking)
 
     def format_query(self, query: str) -> str:
         """Return ``query`` in the model card's instruction format."""

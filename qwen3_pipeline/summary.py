@@ -154,8 +154,25 @@ class DemoSummary:
 def search_lines(query: str, hits: Sequence[Mapping[str, Any]]) -> list[str]:
     """The sample search's lines: the query, then ``similarity  key`` per hit, best first.
 
+    A hit from a table of document chunks (it has ``doc_key``) names the document and the
+    matching chunk's number and character span instead.
+
     Example:
         >>> search_lines("read a file", [{"key": "io:open", "similarity": 0.5}])
         ["search 'read a file':", '  0.500  io:open']
+        >>> search_lines("q", [{"doc_key": 7, "chunk_seq": 2, "chunk_start": 80,
+        ...                     "chunk_end": 200, "similarity": 0.5}])
+        ["search 'q':", '  0.500  7  (chunk 2, characters 80-200)']
     """
-    return [f"search {query!r}:"] + [f"  {hit['similarity']:.3f}  {hit['key']}" for hit in hits]
+    return [f"search {query!r}:"] + [
+        f"  {hit['similarity']:.3f}  {_hit_label(hit)}" for hit in hits
+    ]
+
+
+def _hit_label(hit: Mapping[str, Any]) -> str:
+    if "doc_key" not in hit:
+        return str(hit["key"])
+    where = [f"chunk {hit['chunk_seq']}"] if "chunk_seq" in hit else []
+    if "chunk_start" in hit and "chunk_end" in hit:
+        where.append(f"characters {hit['chunk_start']}-{hit['chunk_end']}")
+    return f"{hit['doc_key']}  ({', '.join(where)})" if where else str(hit["doc_key"])

@@ -54,7 +54,8 @@ from qwen3_pipeline.errors import (
 )
 from qwen3_pipeline.sources import ArrowSource, DuckDBSource, Shards, SourceConfig
 from qwen3_pipeline.spec import EmbeddingSpec
-from qwen3_pipeline.testing import FakeEmbedder
+from qwen3_pipeline.testing import FakeEmbedder, fake_vector
+from tests import chunk_tables
 
 ROWS = 120
 SHARDS = 4
@@ -568,6 +569,84 @@ def test_state_digest_is_order_independent_and_content_sensitive() -> None:
     assert checks.state_digest(rows) == checks.state_digest(rows.take([1, 0]))
     changed = rows.set_column(1, "content_hash", pa.array(["1", "3"]))
     assert checks.state_digest(changed) != checks.state_digest(rows)
+
+
+# Tables of document chunks, built by hand (tests/chunk_tables.py): document key -> its chunks.
+CHUNK_DOCS = {1: [0.9, 0.8, 0.7], 2: [0.6, 0.5], 3: [0.4]}
+
+
+def _chunk_table(tmp_path: Path):
+    return chunk_tables.write_chunk_table(tmp_path, "chunks", fake_vector("q", 32), CHUNK_DOCS)
+
+
+def _chunk_checks(table, source=None) -> tuple[checks.CheckReport, dict[str, checks.CheckOutcome]]:
+    report = checks.run_checks(
+        table=table,
+        source=source or chunk_tables.source_of(CHUNK_DOCS),
+        config=chunk_tables.SOURCE_CONFIG,
+        fingerprint=chunk_tables.CHUNK_SPEC.fingerprint,
+    )
+    return report, {o.name: o for o in report.outcomes}
+
+
+def test_checks_of_a_chunk_table_count_documents(tmp_path: Path) -> None:
+    assert checks.check_names(chunked=False) == checks.CHECK_NAMES
+    # A blank source document has no chunks and is not expected to.
+    keys = [*CHUNK_DOCS, 9]
+    source = pa.table(
+        {
+            "id": keys,
+            "body": [chunk_tables.document_text(k, len(CHUNK_DOCS.get(k, []))) for k in keys],
+            "title": [chunk_tables.title(k) for k in keys],
+        }
+    )
+    report, outcomes = _chunk_checks(_chunk_table(tmp_path), ArrowSource(source))
+    assert [o.name for o in report.outcomes] == list(checks.check_names(chunked=True))
+    assert report.passed, [o.description for o in report.outcomes if not o.passed]
+    assert (report.stored_rows, report.stored_documents, report.source_rows) == (6, 3, 3)
+    assert outcomes[checks.COVERS_SOURCE].metadata["stored_documents"] == 3
+    assert outcomes[checks.CHUNKS_CONSISTENT].metadata["documents"] == 3
+
+
+def test_chunk_checks_catch_a_mixed_version_document_and_a_missing_one(tmp_path: Path) -> None:
+    table = _chunk_table(tmp_path)
+    # Chunk 1 of document 2 left over from an older version of it; document 3 lost.
+    table.update(where="key = '2#1'", values={"content_hash": "0" * 32})
+    table.delete("doc_key = 3")
+    _, outcomes = _chunk_checks(table)
+    consistent = outcomes[checks.CHUNKS_CONSISTENT]
+    assert not consistent.passed
+    assert consistent.metadata["mixed_version_documents"] == [2]
+    assert consistent.metadata["broken_sequences"] == 0
+    assert not outcomes[checks.NOT_STALE].passed
+    assert outcomes[checks.NOT_STALE].metadata["stale"] == 1
+    assert outcomes[checks.NOT_STALE].metadata["stale_keys"] == [2]
+    coverage = outcomes[checks.COVERS_SOURCE]
+    assert not coverage.passed
+    assert coverage.metadata["missing_keys"] == [3]
+    assert coverage.metadata["extra"] == 0
+    assert "1 source document(s) have no chunk" in coverage.description
+    for name in (checks.UNIQUE_KEYS, checks.SINGLE_SPEC, checks.UNIT_VECTORS):
+        assert outcomes[name].passed, outcomes[name].description
+
+
+def test_chunk_checks_catch_gaps_wrong_keys_and_foreign_documents(tmp_path: Path) -> None:
+    table = _chunk_table(tmp_path)
+    table.delete("key = '1#1'")
+    table.update(where="key = '3#0'", values={"key": "3-0"})
+    foreign = chunk_tables.chunk_rows(
+        chunk_tables.CHUNK_SPEC, fake_vector("q", 32), {7: [0.1, 0.2]}
+    )
+    table.add(foreign)
+    _, outcomes = _chunk_checks(table)
+    consistent = outcomes[checks.CHUNKS_CONSISTENT].metadata
+    assert consistent["broken_sequence_documents"] == [1]
+    assert consistent["wrong_chunk_keys"] == ["3-0"]
+    assert consistent["mixed_versions"] == 0
+    coverage = outcomes[checks.COVERS_SOURCE]
+    assert coverage.metadata["extra_keys"] == [7]
+    assert coverage.metadata["missing"] == 0
+    assert outcomes[checks.NOT_STALE].passed
 
 
 # --------------------------------------------------------------------------- consumers

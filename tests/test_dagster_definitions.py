@@ -123,6 +123,8 @@ def test_definitions_load_in_a_fresh_process_without_torch(tmp_path: Path) -> No
             "document_vectors",
             "document_vectors_index",
             "near_duplicate_documents",
+            "long_documents",
+            "document_chunks",
         ]
     )
     assert loaded["resources"] == {

@@ -97,6 +97,7 @@ PACKAGED_DBT_PROJECT = Path(__file__).resolve().parents[1] / "resources" / "dbt_
 # Names inside the dbt project: the source that raw_docstrings feeds and the model to embed.
 DBT_SOURCE_NAME = "raw"
 DOCUMENTS_MODEL = "documents"
+LONG_DOCUMENTS_MODEL = "long_documents"
 RAW_DOCSTRINGS_KEY = dg.AssetKey(["raw_docstrings"])
 
 
@@ -373,6 +374,11 @@ def __getattr__(name: str) -> dg.AssetsDefinition:
 def documents_asset_key() -> dg.AssetKey:
     """Return the asset key of the dbt model ``documents``, the table of texts to embed."""
     return get_asset_key_for_model([load_dbt_models_assets()], DOCUMENTS_MODEL)
+
+
+def long_documents_asset_key() -> dg.AssetKey:
+    """Return the asset key of the dbt model ``long_documents``, the documents to chunk."""
+    return get_asset_key_for_model([load_dbt_models_assets()], LONG_DOCUMENTS_MODEL)
 
 
 class CorpusConfig(dg.Config):

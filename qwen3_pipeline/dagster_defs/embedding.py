@@ -42,7 +42,7 @@ from typing import Any, cast
 
 import dagster as dg
 
-from qwen3_pipeline.checks import CHECK_DESCRIPTIONS, CHECK_NAMES, CheckReport, run_checks
+from qwen3_pipeline.checks import CHECK_DESCRIPTIONS, CheckReport, check_names, run_checks
 from qwen3_pipeline.dagster_defs.metadata import (
     lance_column_schema,
     partition_metadata,
@@ -52,7 +52,7 @@ from qwen3_pipeline.dagster_defs.metadata import (
 )
 from qwen3_pipeline.dagster_defs.resources import EmbedderResource
 from qwen3_pipeline.errors import ConfigError, failure_message, is_transient
-from qwen3_pipeline.refresh import DEFAULT_CHUNK_ROWS, refresh
+from qwen3_pipeline.refresh import DEFAULT_CHUNK_ROWS, refresh, table_spec_for
 from qwen3_pipeline.sources import (
     Grain,
     Partition,
@@ -348,10 +348,12 @@ def build_embedding_asset(
         dg.AssetCheckSpec(
             name, asset=asset_key, description=CHECK_DESCRIPTIONS[name], blocking=blocking_checks
         )
-        for name in CHECK_NAMES
+        for name in check_names(chunked=source_config.chunking is not None)
     ]
     make_source = _source_factory(source)
     fingerprint = spec.fingerprint
+    # What the table records: the embedder's spec, plus the chunking settings for a chunk table.
+    table_fingerprint = table_spec_for(spec, source_config).fingerprint
     description = description or (
         f"Qwen3 embeddings of the source rows in LanceDB table {table!r} "
         f"(model {spec.model}, dim {spec.dim}), refreshed incrementally by content hash."
@@ -403,7 +405,7 @@ def build_embedding_asset(
                 table=written,
                 source=rows,
                 config=config,
-                fingerprint=fingerprint,
+                fingerprint=table_fingerprint,
                 normalize=spec.normalize,
                 # Checks run alone verify a sample of the stored vectors, not one run's.
                 run_id=run_id if report is not None else None,
@@ -455,6 +457,11 @@ def build_embedding_asset(
                     model=spec.model,
                     dim=spec.dim,
                 ),
+                **(
+                    {"qwen3/table/documents": checked.stored_documents}
+                    if source_config.chunking is not None
+                    else {}
+                ),
             },
             check_results=results,
             data_version=dg.DataVersion(checked.state_digest),
@@ -465,7 +472,7 @@ def build_embedding_asset(
         deps=list(deps),
         description=description,
         group_name=group_name,
-        code_version=fingerprint,
+        code_version=table_fingerprint,
         automation_condition=automation_condition,
         kinds={"python", "lancedb"},
         tags=dict(tags or {}),

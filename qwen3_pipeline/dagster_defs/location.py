@@ -6,6 +6,8 @@ Assets (lineage left to right)::
         (DuckDB)        (dbt view)      (dbt table)   (LanceDB, 8 shards)   (ANN upkeep)
                                                                        \\-> near_duplicate_documents
                                                                              (DuckDB table)
+                                    documents -> long_documents -> document_chunks
+                                                 (dbt table)       (LanceDB, one row per chunk)
 
 Settings come from the environment (:meth:`DemoSettings.from_env`):
 
@@ -30,12 +32,13 @@ steps it holds (Dagster's default multiprocess executor would start a process pe
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
+from qwen3_pipeline.chunking import ChunkingConfig
 from qwen3_pipeline.dagster_defs.automation import build_automation_sensor, build_refresh_schedule
 from qwen3_pipeline.dagster_defs.consumers import (
     build_near_duplicates_asset,
@@ -48,6 +51,7 @@ from qwen3_pipeline.dagster_defs.dbt import (
     documents_asset_key,
     duckdb_warehouse_path,
     load_dbt_models_assets,
+    long_documents_asset_key,
     raw_docstrings,
 )
 from qwen3_pipeline.dagster_defs.embedding import HashShards, build_embedding_asset
@@ -79,6 +83,9 @@ DOCUMENT_CONFIG = SourceConfig(
     updated_at="updated_at",
     carry=("title", "module", "kind", "source_path"),
 )
+LONG_DOCUMENTS_TABLE = "main.long_documents"
+# The long documents again, one vector per chunk of at most 256 Qwen tokens.
+CHUNK_CONFIG = replace(DOCUMENT_CONFIG, chunking=ChunkingConfig(tokens=256))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +101,7 @@ class DemoSettings:
             start stopped, Dagster's default).
         shards: Hash shards of the vector table.
         table: LanceDB table name.
+        chunk_table: LanceDB table of the long documents' chunks.
         engine: ``local`` (one model in the run's process) or ``ray`` (``workers`` Ray actors
             on a local Ray instance, or on the cluster at ``ray_address``).
         workers: Ray actors, one model each.
@@ -108,6 +116,7 @@ class DemoSettings:
     automation: bool = False
     shards: int = 8
     table: str = "documents"
+    chunk_table: str = "document_chunks"
     engine: str = "local"
     workers: int = 1
     gpus_per_worker: float = 0.0
@@ -198,6 +207,11 @@ def documents_source() -> Source:
     return DuckDBSource(duckdb_warehouse_path(), DOCUMENTS_TABLE)
 
 
+def long_documents_source() -> Source:
+    """The dbt model ``long_documents`` in the warehouse (the documents the demo chunks)."""
+    return DuckDBSource(duckdb_warehouse_path(), LONG_DOCUMENTS_TABLE)
+
+
 def build_definitions(
     settings: DemoSettings | None = None, *, embedder: EmbedderResource | None = None
 ) -> dg.Definitions:
@@ -240,7 +254,18 @@ def build_definitions(
         group_name=EMBEDDING_GROUP,
         automation_condition=eager,
     )
-    vector_assets = [document_vectors, vector_index, near_duplicates]
+    document_chunks = build_embedding_asset(
+        key="document_chunks",
+        source=long_documents_source,
+        source_config=CHUNK_CONFIG,
+        spec=embedder,
+        table=settings.chunk_table,
+        deps=[long_documents_asset_key()],
+        partitioning=HashShards(settings.shards),
+        group_name=EMBEDDING_GROUP,
+        automation_condition=eager,
+    )
+    vector_assets = [document_vectors, vector_index, near_duplicates, document_chunks]
     return dg.Definitions(
         assets=[raw_docstrings, load_dbt_models_assets(), *vector_assets],
         resources={

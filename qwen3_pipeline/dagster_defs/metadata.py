@@ -117,6 +117,16 @@ def run_metadata(report: RefreshReport, *, partitions: int = 0) -> dict[str, Any
             RUN_BY_PARTITION: dg.MetadataValue.md(by_partition_markdown(report)),
         }
     )
+    if report.chunked:
+        # A chunk table's row counters count documents; these count its chunks.
+        metadata.update(
+            {
+                "qwen3/run/chunks_embedded": report.embedded_rows,
+                "qwen3/run/chunks_reused": report.chunks_reused,
+                "qwen3/run/chunks_deleted": report.chunks_deleted,
+                "qwen3/run/chunks_written": report.chunks_written,
+            }
+        )
     if report.failures:
         metadata[FAILURES] = dg.MetadataValue.md(failures_markdown(report.failures))
     return metadata

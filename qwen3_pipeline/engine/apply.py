@@ -18,21 +18,36 @@ import inspect
 import logging
 import time
 import uuid
-from typing import Any
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from qwen3_pipeline.changes import RowStatus
 from qwen3_pipeline.embedder import BatchDone, Embedder, EncodeResult, engine_info
-from qwen3_pipeline.engine.plan import RefreshPlan, read_spill
+from qwen3_pipeline.engine.plan import RefreshPlan, read_spill, table_spec_for
 from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES, RefreshReport, Tally
 from qwen3_pipeline.errors import ConfigError
 from qwen3_pipeline.progress import Progress
-from qwen3_pipeline.schema import MOVED_COLUMN, STATUS_COLUMN, TEXT_COLUMN
+from qwen3_pipeline.schema import (
+    CHUNK_COLUMNS,
+    DOC_KEY_COLUMN,
+    MOVED_COLUMN,
+    STATUS_COLUMN,
+    TEXT_COLUMN,
+    TIMESTAMP_TYPE,
+    chunk_key,
+)
 from qwen3_pipeline.sources import SourceConfig, carry_schema, output_schema
 from qwen3_pipeline.sources.readers import Source
+from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.store import VectorStore, begin_rebuild, commit_rebuild
+
+if TYPE_CHECKING:  # the chunking module (pandas, the splitter) loads only for chunk tables
+    from qwen3_pipeline.chunking import Chunker
 
 logger = logging.getLogger("qwen3_pipeline")
 
@@ -72,16 +87,18 @@ def apply_plan(
         StoreError: LanceDB failed (the table stays at its last committed version).
     """
     try:
-        if embedder.spec.fingerprint != plan.spec_fingerprint:
+        spec = table_spec_for(embedder.spec, config)
+        if spec.fingerprint != plan.spec_fingerprint:
             raise ConfigError(
-                f"the plan was made for spec {plan.spec_fingerprint}, the embedder has "
-                f"{embedder.spec.fingerprint}; plan again with this embedder"
+                f"the plan was made for spec {plan.spec_fingerprint}, the embedder and source "
+                f"configuration make {spec.fingerprint}; plan again with them"
             )
         return _apply(
             plan,
             source=source,
             config=config,
             embedder=embedder,
+            spec=spec,
             storage_options=storage_options,
             label=source_name or source.name,
             run_id=run_id or uuid.uuid4().hex,
@@ -99,6 +116,7 @@ def _apply(
     source: Source,
     config: SourceConfig,
     embedder: Embedder,
+    spec: EmbeddingSpec,
     storage_options: dict[str, str] | None,
     label: str,
     run_id: str,
@@ -115,28 +133,37 @@ def _apply(
         "storage_options": storage_options,
     }
     if plan.rebuild:
-        store = begin_rebuild(plan.table_uri, plan.table_name, embedder.spec, **open_args)
+        store = begin_rebuild(plan.table_uri, plan.table_name, spec, **open_args)
     else:
-        store = VectorStore.open(plan.table_uri, plan.table_name, embedder.spec, **open_args)
+        store = VectorStore.open(plan.table_uri, plan.table_name, spec, **open_args)
     work = plan.work
     tally = work.tally
-    writer = _Writer(store, embedder, tally, carry_names=list(config.carry), label=label,
-                     run_id=run_id)  # fmt: skip
+    writer_type = _DocumentWriter if config.chunking is not None else _Writer
+    writer = writer_type(store, embedder, tally, carry_names=list(config.carry), label=label,
+                         run_id=run_id)  # fmt: skip
+    if isinstance(writer, _DocumentWriter) and config.chunking is not None:
+        from qwen3_pipeline.chunking import Chunker
+
+        writer.chunker = Chunker(config.chunking)
     with Progress(
         plan.rows_to_embed,
         f"embedding into {plan.target_table}",
-        tokens_total=plan.tokens_to_embed,
+        # A chunk table's documents are counted as they are written; the plan's token
+        # figure (whole documents, estimated) is not what the model will see.
+        tokens_total=None if config.chunking is not None else plan.tokens_to_embed,
         enabled=progress and plan.rows_to_embed > 0,
     ) as bar:
         for chunk in read_spill(work.embed_file, chunk_rows):
-            writer.embed_and_write(
-                chunk, on_batch=lambda rows, tokens: bar.update(rows, tokens=tokens)
-            )
+            writer.embed_and_write(chunk, bar)
     for chunk in read_spill(work.update_file, chunk_rows):
         writer.write_updates(chunk)
-    if len(work.delete_keys) and store.delete_keys(work.delete_keys) is not None:
-        tally.commits += 1
-        tally.add("deleted", work.delete_partitions)
+    if len(work.delete_keys):
+        deleted = store.delete_keys(work.delete_keys)
+        if deleted is not None:
+            tally.commits += 1
+            tally.add("deleted", work.delete_partitions)
+            if store.chunked:
+                tally.total["chunks_deleted"] += deleted.deleted
     if plan.rebuild:
         store = commit_rebuild(store)
         tally.commits += 1
@@ -184,9 +211,13 @@ class _Writer:
         tally.add("moved", partitions, moved)
         tally.add("carry_updated", partitions, ~moved)
 
-    def embed_and_write(self, chunk: pa.Table, *, on_batch: BatchDone) -> None:
-        """Embed one chunk and upsert it; ``on_batch`` hears of each forward pass."""
+    def embed_and_write(self, chunk: pa.Table, bar: Progress) -> None:
+        """Embed one chunk of rows and upsert it; ``bar`` hears of each forward pass."""
         tally, store = self.tally, self.store
+
+        def on_batch(rows: int, tokens: int) -> None:
+            bar.update(rows, tokens=tokens)
+
         encoded = embed_reporting(self.embedder, chunk.column(TEXT_COLUMN).to_pylist(), on_batch)
         tally.encode = tally.encode + encoded.stats
         partitions = chunk.column("partition_key").combine_chunks()
@@ -221,6 +252,127 @@ class _Writer:
             carry=carry,
         )
         tally.commits += store.upsert(rows_to_write) is not None
+
+
+class _DocumentWriter(_Writer):
+    """Writes documents of a chunk table: chunk, reuse stored chunks, one commit per batch.
+
+    Each changed document is cut again; a chunk whose text is already stored for that
+    document keeps its stored vector (no model call), the others are embedded, and the batch's
+    documents are replaced in one commit (their chunks that are no longer cut are deleted in
+    the same commit), so every document is wholly old or wholly new at every version. A
+    document with a chunk the model could not embed keeps all its old chunks.
+    """
+
+    chunker: "Chunker"
+
+    def embed_and_write(self, docs: pa.Table, bar: Progress) -> None:
+        """Chunk, embed what is new and replace one batch of documents; ``bar`` counts them."""
+        from qwen3_pipeline.chunking import chunk_rows, diff_chunks
+
+        tally, store = self.tally, self.store
+        doc_keys = docs.column("key").combine_chunks()
+        chunks = chunk_rows(self.chunker, doc_keys, docs.column(TEXT_COLUMN))
+        owner = np.asarray(pc.index_in(chunks.column("key"), value_set=doc_keys), dtype=np.int64)
+        statuses = np.asarray(docs.column(STATUS_COLUMN).to_numpy(), dtype=np.int8)
+        stored = store.stored_chunks(doc_keys.filter(pa.array(statuses != RowStatus.NEW)))
+        matched = diff_chunks(chunks, stored)
+        embed = matched.embed
+        embed_rows = np.flatnonzero(embed)
+        n, dim = chunks.num_rows, store.spec.output_dim
+        vectors = np.zeros((n, dim), dtype=np.float32)
+        n_tokens = np.zeros(n, dtype=np.int32)
+        truncated = np.zeros(n, dtype=bool)
+        stamps = np.full(n, np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us"))
+        reused = np.flatnonzero(~embed)
+        if len(reused):
+            source_rows = matched.vector_row[reused]
+            stored_vectors = stored.column("vector").combine_chunks()
+            flat = stored_vectors.flatten().to_numpy(zero_copy_only=False)
+            vectors[reused] = flat.reshape(-1, dim)[source_rows]
+            n_tokens[reused] = stored.column("n_tokens").to_numpy()[source_rows]
+            truncated[reused] = stored.column("truncated").to_numpy()[source_rows]
+            stamps[reused] = stored.column("embedded_at").to_numpy()[source_rows]
+        doc_ok = np.ones(docs.num_rows, dtype=bool)
+        if len(embed_rows):
+            texts = chunks.column("chunk_text").take(pa.array(embed_rows)).to_pylist()
+            encoded = embed_reporting(
+                self.embedder, texts, lambda rows, tokens: bar.update(0, tokens=tokens)
+            )
+            tally.encode = tally.encode + encoded.stats
+            vectors[embed_rows] = encoded.vectors
+            n_tokens[embed_rows] = encoded.n_tokens
+            truncated[embed_rows] = encoded.truncated
+            self._record_failures(encoded.failures, embed_rows, owner, chunks, doc_keys, doc_ok)
+        chunk_partitions = docs.column("partition_key").combine_chunks().take(pa.array(owner))
+        tally.add("embedded", chunk_partitions, embed)
+        partitions = docs.column("partition_key").combine_chunks()
+        tally.add("failed", partitions, ~doc_ok)
+        tally.add("inserted", partitions, doc_ok & (statuses == RowStatus.NEW))
+        tally.add("updated", partitions, doc_ok & (statuses != RowStatus.NEW))
+        row_ok = doc_ok[owner]
+        tally.add("truncated", chunk_partitions, truncated & row_ok)
+        kept = chunks.filter(pa.array(row_ok))
+        kept_owner = pa.array(owner[row_ok])
+        chunk_ids = pa.array(
+            [
+                chunk_key(k, seq)
+                for k, seq in zip(
+                    kept.column("key").to_pylist(),
+                    kept.column("chunk_seq").to_pylist(),
+                    strict=True,
+                )
+            ],
+            pa.string(),
+        )
+        chunk_columns = kept.rename_columns(
+            [DOC_KEY_COLUMN if c == "key" else c for c in kept.column_names]
+        )
+        rows = store.build_rows(
+            keys=chunk_ids,
+            vectors=vectors[row_ok],
+            content_hashes=docs.column("content_hash").combine_chunks().take(kept_owner),
+            n_tokens=n_tokens[row_ok],
+            truncated=truncated[row_ok],
+            partition_keys=partitions.take(kept_owner),
+            source=self.label,
+            run_id=self.run_id,
+            source_updated_at=docs.column("source_updated_at").combine_chunks().take(kept_owner),
+            carry=docs.select(self.carry_names).take(kept_owner) if self.carry_names else None,
+            embedded_at=pa.array(stamps[row_ok]).cast(TIMESTAMP_TYPE),
+            chunks=chunk_columns.select(list(CHUNK_COLUMNS)),
+        )
+        written = store.replace_documents(rows, doc_keys.filter(pa.array(doc_ok)))
+        if written is not None:
+            tally.commits += 1
+            tally.total["chunks_deleted"] += written.deleted
+        tally.total["chunks_written"] += rows.num_rows
+        tally.total["chunks_reused"] += int((~embed & row_ok).sum())
+        bar.update(docs.num_rows)
+
+    def _record_failures(
+        self,
+        failures: Mapping[int, str],
+        embed_rows: np.ndarray,
+        owner: np.ndarray,
+        chunks: pa.Table,
+        doc_keys: pa.Array,
+        doc_ok: np.ndarray,
+    ) -> None:
+        if not failures:
+            return
+        seqs = chunks.column("chunk_seq")
+        for index, reason in failures.items():
+            row = int(embed_rows[index])
+            doc = int(owner[row])
+            doc_ok[doc] = False
+            if len(self.tally.failures) < MAX_SHOWN_FAILURES:
+                key = doc_keys[doc].as_py()
+                self.tally.failures.append((str(key), f"chunk {seqs[row].as_py()}: {reason}"))
+        logger.error(
+            "%d document(s) have chunks that could not be embedded; they keep their old chunks",
+            int((~doc_ok).sum()),
+        )
 
 
 def embed_reporting(
@@ -283,4 +435,8 @@ def _report(
         engine=str(engine["engine"]),
         workers=int(engine["workers"]),
         model_loads=int(engine["model_loads"]),
+        chunked=store.chunked,
+        chunks_written=total["chunks_written"],
+        chunks_reused=total["chunks_reused"],
+        chunks_deleted=total["chunks_deleted"],
     )

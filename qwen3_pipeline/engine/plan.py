@@ -41,6 +41,7 @@ from qwen3_pipeline.engine.report import PLAN_COUNTERS, Tally
 from qwen3_pipeline.errors import ConfigError, InputDataError, MassDeleteError
 from qwen3_pipeline.progress import Progress
 from qwen3_pipeline.schema import (
+    DOC_KEY_COLUMN,
     MOVED_COLUMN,
     STATUS_COLUMN,
     TEXT_COLUMN,
@@ -57,6 +58,7 @@ from qwen3_pipeline.sources import (
     scope_partition_keys,
     validate_keys,
 )
+from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.store import VectorStore
 
 logger = logging.getLogger("qwen3_pipeline")
@@ -66,6 +68,26 @@ DEFAULT_MAX_DELETE_SHARE = 0.5
 # Without a tokenizer the plan estimates tokens from characters (about 4 per Qwen token).
 _CHARS_PER_TOKEN_ESTIMATE = 4
 _SHOWN = 10
+# Tokens the encoder adds to a chunk besides its text: ``<|endoftext|>``, plus a margin for a
+# BPE merge across the chunk's boundary with the document prompt.
+_CHUNK_RESERVED_TOKENS = 2
+
+
+def table_spec_for(spec: EmbeddingSpec, config: SourceConfig) -> EmbeddingSpec:
+    """The spec of the vector table that ``config``'s documents embedded by ``spec`` go into.
+
+    Without chunking it is ``spec``. With it, the chunking settings join the spec (and its
+    fingerprint: other settings make other vectors, so a change is a rebuild), after checking
+    that a full chunk fits the model's ``max_length``.
+
+    Raises:
+        ConfigError: Chunks of ``config.chunking.tokens`` would be truncated.
+    """
+    if config.chunking is None:
+        return spec
+    prompt_tokens = len(spec.document_prompt or "")  # an upper bound: >= 1 character per token
+    config.chunking.check_fits(spec.max_length, _CHUNK_RESERVED_TOKENS + prompt_tokens)
+    return spec.with_chunking(config.chunking.as_json())
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,7 +129,8 @@ class RefreshPlan:
         table_exists: Whether the target table existed when planned.
         stored_rows: Stored rows in the scope when planned.
         counts: Planned rows per counter of ``PLAN_COUNTERS``.
-        rows_to_embed: Rows the model will embed.
+        rows_to_embed: Rows the model will embed (for a chunk table: documents to chunk,
+            whose chunks not already stored are embedded).
         tokens_to_embed: Tokens those rows cost (after truncation).
         tokens_estimated: True when ``tokens_to_embed`` is an estimate (no tokenizer).
         per_partition: Planned counters per partition key.
@@ -234,7 +257,7 @@ def plan_refresh(
             f"rebuild needs the whole source, but the refresh is scoped to {scope}; "
             "run the rebuild over all partitions"
         )
-    spec = embedder.spec
+    spec = table_spec_for(embedder.spec, config)
     schema = output_schema(source, config)
     validate_keys(source, config)
     target = rebuild_table_name(table, spec) if rebuild else table
@@ -259,7 +282,7 @@ def plan_refresh(
         f.name: stored_schema.field(f.name).type if f.name in stored_schema.names else f.type
         for f in carry
     }
-    key_type = stored_schema.field("key").type
+    key_type = stored_schema.field(DOC_KEY_COLUMN if spec.chunking else "key").type
     # Rows can move between time windows, so index the whole table to recognise a row moving
     # in; hash shards are stable per key, so their scope alone is enough.
     time_windows = isinstance(config.partition, TimeWindow)
@@ -275,7 +298,10 @@ def plan_refresh(
             fingerprint=spec.fingerprint,
             carry_names=list(config.carry),
             carry_targets=carry_targets,
-            token_counter=token_counter_of(embedder),
+            # A document to chunk is not embedded as one text: its token count (the estimate
+            # from characters) only sizes the work, and tokenising whole long documents
+            # here would cost as much as chunking them.
+            token_counter=None if spec.chunking else token_counter_of(embedder),
             directory=directory,
         )
         estimate = max(stored_rows, 1)

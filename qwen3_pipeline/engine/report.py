@@ -105,6 +105,14 @@ class RefreshReport:
         workers: Model replicas the embedding ran on.
         model_loads: Model loads during the refresh (0 when nothing was embedded by a lazily
             loaded model; a Ray actor restarted after a crash counts again).
+        chunked: The table holds chunks of documents. The row counters (``scanned``,
+            ``inserted``, ``updated``, ``deleted``...) then count *documents*, and
+            ``embedded_rows``, ``tokens`` and ``failed`` count chunks sent to the model.
+        chunks_written: Chunk rows written (embedded or reused), for chunk tables.
+        chunks_reused: Chunks of changed documents whose text was already stored for that
+            document: they kept their vector, no model call.
+        chunks_deleted: Stored chunks removed (cut differently, gone from a changed document,
+            or of a deleted document).
     """
 
     scanned: int = 0
@@ -138,6 +146,10 @@ class RefreshReport:
     engine: str = "local"
     workers: int = 1
     model_loads: int = 0
+    chunked: bool = False
+    chunks_written: int = 0
+    chunks_reused: int = 0
+    chunks_deleted: int = 0
 
     def counters(self) -> dict[str, int]:
         """The run's totals of :data:`ROW_COUNTERS` (``embedded`` = rows sent to the model)."""
@@ -153,6 +165,11 @@ class RefreshReport:
         """One line for logs: the counters that changed something, tokens, Lance versions."""
         counts = self.counters()
         shown = ", ".join(f"{counts[n]} {n}" for n in ROW_COUNTERS if counts[n] or n == "scanned")
+        if self.chunked:
+            shown = (
+                f"documents: {shown}; chunks: {self.embedded_rows} embedded, "
+                f"{self.chunks_reused} reused, {self.chunks_deleted} deleted"
+            )
         return (
             f"refreshed {self.table_name}: {shown}; {self.tokens} tokens at "
             f"{self.tokens_per_second:.0f} tokens/s; lance version {self.version_before} -> "
@@ -166,6 +183,9 @@ _SUMMED = (
     "embedded_rows",
     "tokens",
     "padded_tokens",
+    "chunks_written",
+    "chunks_reused",
+    "chunks_deleted",
 )
 _SUMMED_SECONDS = ("embed_seconds", "plan_seconds", "seconds")
 
@@ -244,4 +264,5 @@ def merge_reports(reports: Sequence[RefreshReport]) -> RefreshReport:
         engine=last.engine,
         workers=max(r.workers for r in reports),
         model_loads=max(r.model_loads for r in reports),
+        chunked=first.chunked,
     )

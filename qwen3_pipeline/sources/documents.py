@@ -15,7 +15,7 @@ partition is read. :func:`read_batches` turns any source into batches of at most
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,9 @@ from qwen3_pipeline.sources.readers import Source
 
 DEFAULT_BATCH_ROWS = 50_000
 # The fixed columns of every batch read_batches yields (carry-along columns follow).
+if TYPE_CHECKING:
+    from qwen3_pipeline.chunking import ChunkingConfig
+
 OUTPUT_COLUMNS = ("key", TEXT_COLUMN, "partition_key", "source_updated_at")
 _SHOWN = 10
 
@@ -63,6 +66,8 @@ class SourceConfig:
         updated_at: Optional column with the row's last-modified time.
         carry: Columns stored beside each vector (title, url...), under their own names.
         partition: Which rows to read and how to label them; ``None`` reads everything.
+        chunking: Cut each document into chunks (a ``ChunkingConfig``), one vector per chunk;
+            ``None`` (the default) embeds each row as one vector, truncated at ``max_length``.
 
     Raises:
         ConfigError: Both or neither of ``text_columns``/``template``, a malformed template,
@@ -81,6 +86,7 @@ class SourceConfig:
     updated_at: str | None = None
     carry: tuple[str, ...] = ()
     partition: Partition | None = None
+    chunking: "ChunkingConfig | None" = None
     template_fields: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -105,6 +111,15 @@ class SourceConfig:
             raise ConfigError(
                 f"partition must be a Shard, Shards or TimeWindow, got {self.partition!r}"
             )
+        if self.chunking is not None:
+            # Imported here: the chunking module pulls in pandas and the splitter library.
+            from qwen3_pipeline.chunking import ChunkingConfig
+
+            if not isinstance(self.chunking, ChunkingConfig):
+                raise ConfigError(
+                    f"chunking must be a ChunkingConfig (e.g. ChunkingConfig(tokens=512)), "
+                    f"got {self.chunking!r}"
+                )
 
     @property
     def columns(self) -> tuple[str, ...]:

@@ -64,6 +64,8 @@ from qwen3_pipeline.errors import (
     StoreTransientError,
 )
 from qwen3_pipeline.schema import (
+    CHUNK_COLUMNS,
+    DOC_KEY_COLUMN,
     LINEAGE_COLUMNS,
     META_FINGERPRINT,
     META_SPEC,
@@ -147,6 +149,17 @@ class WriteResult:
 # --------------------------------------------------------------------------- the store
 
 
+def _merge_result(result: Any, tries: int) -> "WriteResult":
+    return WriteResult(
+        version=int(result.version),
+        inserted=int(result.num_inserted_rows),
+        updated=int(result.num_updated_rows),
+        deleted=int(result.num_deleted_rows),
+        # LanceDB retries conflicts inside merge_insert too; count its attempts with ours.
+        attempts=tries - 1 + int(getattr(result, "num_attempts", 1)),
+    )
+
+
 class VectorStore:
     """A LanceDB vector table with lineage, bound to one :class:`EmbeddingSpec`.
 
@@ -181,6 +194,9 @@ class VectorStore:
         self._retry = retry
         self._open_args = open_args
         self._rebuild_target = rebuild_target
+        # A table of document chunks: ``key`` is the chunk id, ``doc_key`` the document key.
+        self._chunked = spec.chunking is not None
+        self._doc_key = DOC_KEY_COLUMN if self._chunked else "key"
 
     # ---- opening
 
@@ -327,7 +343,9 @@ class VectorStore:
             return None
         table = _open_or_create(db, table_name, schema, policy=policy)
         _check_recorded_spec(table, table_name, spec)
-        _check_key_type(table, table_name, key_type)
+        _check_key_type(
+            table, table_name, key_type, DOC_KEY_COLUMN if spec.chunking is not None else "key"
+        )
         return cls(
             db=db,
             table=table,
@@ -449,8 +467,13 @@ class VectorStore:
 
     @property
     def key_type(self) -> pa.DataType:
-        """``int64`` or ``string``."""
-        return self._table.schema.field("key").type
+        """The source key's type, ``int64`` or ``string`` (a chunk table's ``doc_key``)."""
+        return self._table.schema.field(self._doc_key).type
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the table holds one row per chunk of a document (``spec.chunking``)."""
+        return self._chunked
 
     @property
     def carry_columns(self) -> tuple[str, ...]:
@@ -485,7 +508,9 @@ class VectorStore:
         """Return the stored state of a scope: everything a diff needs, never the vectors.
 
         Columns: ``key, content_hash, spec_fingerprint, partition_key, source_updated_at``
-        and the configured carry columns.
+        and the configured carry columns. In a chunk table this is the state of each
+        *document* (read from its chunk 0, which every stored document has; ``key`` is the
+        document key), so the diff works on documents exactly as on rows.
 
         Args:
             partition_keys: Only rows in these partitions (``None``: the whole table).
@@ -499,22 +524,58 @@ class VectorStore:
         """
         from lancedb.expr import col
 
-        columns = [*STATE_COLUMNS, *self._carry_names]
-        where = None
+        columns = [self._doc_key, *STATE_COLUMNS[1:], *self._carry_names]
+        where = col("chunk_seq") == 0 if self._chunked else None
+
+        def both(a: Any, b: Any) -> Any:
+            return b if a is None else a & b
+
         if partition_keys is not None:
             if not partition_keys:
-                return self._state_schema(columns).empty_table()
-            where = col("partition_key").isin(list(partition_keys))
+                return self._as_state(self._state_schema(columns).empty_table())
+            where = both(where, col("partition_key").isin(list(partition_keys)))
         if keys is None:
-            return self._scan(columns, where)
+            return self._as_state(self._scan(columns, where))
         values = self._key_values(keys)
         if not values:
-            return self._state_schema(columns).empty_table()
+            return self._as_state(self._state_schema(columns).empty_table())
         parts = []
         for start in range(0, len(values), batch_keys):
-            match = col("key").isin(values[start : start + batch_keys])
-            parts.append(self._scan(columns, match if where is None else where & match))
-        return pa.concat_tables(parts)
+            match = col(self._doc_key).isin(values[start : start + batch_keys])
+            parts.append(self._scan(columns, both(where, match)))
+        return self._as_state(pa.concat_tables(parts))
+
+    def _as_state(self, table: pa.Table) -> pa.Table:
+        if not self._chunked:
+            return table
+        return table.rename_columns(["key", *table.column_names[1:]])
+
+    def stored_chunks(
+        self, doc_keys: pa.Array | Sequence[Any], *, batch_keys: int = 2_000
+    ) -> pa.Table:
+        """Return the stored chunks of these documents, vectors included (chunk tables only).
+
+        Columns: ``key`` (the *document* key, as :func:`~qwen3_pipeline.chunking.diff_chunks`
+        expects), ``chunk_hash``, ``vector``, ``n_tokens``, ``truncated``, ``embedded_at``.
+        """
+        from lancedb.expr import col
+
+        self._require_chunked("stored_chunks")
+        columns = [DOC_KEY_COLUMN, "chunk_hash", "vector", "n_tokens", "truncated", "embedded_at"]
+        values = self._key_values(doc_keys)
+        parts = [self._state_schema(columns).empty_table()]
+        for start in range(0, len(values), batch_keys):
+            match = col(DOC_KEY_COLUMN).isin(values[start : start + batch_keys])
+            parts.append(self._scan(columns, match))
+        table = pa.concat_tables(parts)
+        return table.rename_columns(["key", *columns[1:]])
+
+    def _require_chunked(self, what: str) -> None:
+        if not self._chunked:
+            raise ConfigError(
+                f"{what} needs a table of document chunks; {self._table_name!r} "
+                "holds one row per source row"
+            )
 
     def _scan(self, columns: list[str], where: Any) -> pa.Table:
         query = self._table.search().select(columns)
@@ -547,7 +608,8 @@ class VectorStore:
         run_id: str,
         source_updated_at: pa.Array | None = None,
         carry: pa.Table | pa.RecordBatch | None = None,
-        embedded_at: datetime | None = None,
+        embedded_at: datetime | pa.Array | None = None,
+        chunks: pa.Table | None = None,
     ) -> pa.Table:
         """Assemble full rows in the table's schema from one embedded chunk.
 
@@ -562,7 +624,10 @@ class VectorStore:
             run_id: The run that embedded the rows.
             source_updated_at: Per-row source timestamps (nulls when absent).
             carry: Carry-along columns, aligned with ``keys``.
-            embedded_at: When the rows were embedded (default: now, UTC).
+            embedded_at: When the rows were embedded (default: now, UTC), one time or one per
+                row (a reused chunk vector keeps the time it was embedded).
+            chunks: For a chunk table, the chunk columns (``doc_key`` and the ``chunk_*``
+                columns), aligned with ``keys`` (the chunk ids).
 
         Returns:
             A table ready for :meth:`upsert`.
@@ -585,7 +650,11 @@ class VectorStore:
                 f"{len(bad)} vector(s) are not finite (keys {shown}); leave failed rows out"
             )
         schema = self._table.schema
-        stamp = (embedded_at or datetime.now(UTC)).astimezone(UTC)
+        if isinstance(embedded_at, pa.Array | pa.ChunkedArray):
+            stamps = embedded_at.cast(TIMESTAMP_TYPE)
+        else:
+            stamp = (embedded_at or datetime.now(UTC)).astimezone(UTC)
+            stamps = pa.array([stamp] * n, TIMESTAMP_TYPE)
         columns: dict[str, pa.Array] = {
             "key": pa.array(keys).cast(schema.field("key").type),
             "vector": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), dim),
@@ -603,9 +672,17 @@ class VectorStore:
                 if source_updated_at is None
                 else pa.array(source_updated_at).cast(TIMESTAMP_TYPE)
             ),
-            "embedded_at": pa.array([stamp] * n, TIMESTAMP_TYPE),
+            "embedded_at": stamps,
             "run_id": pa.array([run_id] * n, pa.string()),
         }
+        if self._chunked != (chunks is not None):
+            raise InputDataError(
+                f"build_rows: table {self._table_name!r} "
+                + ("holds chunks: pass chunks=" if self._chunked else "holds rows, not chunks")
+            )
+        if chunks is not None:
+            for name in CHUNK_COLUMNS:
+                columns[name] = chunks.column(name)
         for name, values in columns.items():
             if len(values) != n:
                 raise InputDataError(f"build_rows: {name} has {len(values)} rows, keys has {n}")
@@ -658,8 +735,74 @@ class VectorStore:
         """
         if rows.num_rows == 0:
             return None
+        if self._chunked:
+            return self._update_documents(rows)
         data = self._conform(rows, full=False)
         return self._merge(data, insert=False, what=f"update {data.num_rows} rows")
+
+    def _update_documents(self, rows: pa.Table) -> WriteResult | None:
+        # In a chunk table ``rows`` are keyed by document: every chunk of each document gets
+        # its document's new values, all in one commit (no reader sees half a document moved).
+        from lancedb.expr import col
+
+        if "key" not in rows.column_names:
+            raise InputDataError(f"rows need a 'key' column; they have {rows.column_names}")
+        values = self._key_values(rows.column("key"))
+        stored = self._scan(["key", DOC_KEY_COLUMN], col(DOC_KEY_COLUMN).isin(values))
+        if not stored.num_rows:
+            return None
+        doc_keys = rows.column("key").cast(self.key_type)
+        owner = pc.index_in(stored.column(DOC_KEY_COLUMN), value_set=doc_keys)
+        updates = rows.drop_columns(["key"]).take(owner)
+        data = self._conform(updates.add_column(0, "key", stored.column("key")), full=False)
+        return self._merge(data, insert=False, what=f"update {data.num_rows} chunks")
+
+    def replace_documents(
+        self, rows: pa.Table, doc_keys: pa.Array | pa.ChunkedArray | Sequence[Any]
+    ) -> WriteResult | None:
+        """Replace every chunk of the documents ``doc_keys`` by ``rows``, as one commit.
+
+        Chunk tables only. One ``merge_insert`` upserts ``rows`` by chunk id and deletes the
+        stored chunks of ``doc_keys`` that ``rows`` does not have, so a reader at any version
+        sees each document wholly old or wholly new, never a mix.
+
+        Args:
+            rows: Full chunk rows (:meth:`build_rows` with ``chunks=``) of some of ``doc_keys``.
+            doc_keys: The documents replaced; one without rows in ``rows`` loses its chunks.
+
+        Returns:
+            What was written (counts are chunks), or None (and no commit) without documents.
+
+        Raises:
+            ConfigError: The table holds rows, not chunks.
+            InputDataError: A row of ``rows`` belongs to a document not in ``doc_keys``, or
+                the rows do not fit the table.
+            StoreConflictError: Concurrent commits kept conflicting.
+        """
+        from lancedb.expr import col
+
+        self._require_chunked("replace_documents")
+        values = self._key_values(doc_keys)
+        if not values:
+            return None
+        data = self._conform(rows, full=True)
+        if data.num_rows:
+            outside = pc.invert(pc.is_in(data.column(DOC_KEY_COLUMN), pa.array(values)))
+            if pc.any(outside).as_py():
+                raise InputDataError("replace_documents: rows hold documents not in doc_keys")
+        scope = col(DOC_KEY_COLUMN).isin(values)
+
+        def run() -> Any:
+            return (
+                self._table.merge_insert("key")
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .when_not_matched_by_source_delete(scope)
+                .execute(data)
+            )
+
+        result, tries = self._with_retries(f"replace {len(values)} documents", run)
+        return _merge_result(result, tries)
 
     def delete_keys(
         self, keys: pa.Array | pa.ChunkedArray | Sequence[Any], *, batch_size: int = 2_000
@@ -682,10 +825,11 @@ class VectorStore:
         deleted, version, attempts = 0, None, 0
         for start in range(0, len(values), batch_size):
             chunk = values[start : start + batch_size]
-            present = self._scan(["key"], col("key").isin(chunk))
+            # A chunk table deletes whole documents: every chunk of these document keys.
+            present = self._scan([self._doc_key], col(self._doc_key).isin(chunk))
             if not present.num_rows:
                 continue
-            matching = col("key").isin(present.column("key").to_pylist())
+            matching = col(self._doc_key).isin(pc.unique(present.column(self._doc_key)).to_pylist())
             result, tries = self._with_retries(
                 f"delete {present.num_rows} keys", partial(self._table.delete, matching)
             )
@@ -748,13 +892,7 @@ class VectorStore:
             return builder.execute(data)
 
         result, tries = self._with_retries(what, run)
-        return WriteResult(
-            version=int(result.version),
-            inserted=int(result.num_inserted_rows),
-            updated=int(result.num_updated_rows),
-            deleted=int(result.num_deleted_rows),
-            attempts=tries - 1 + int(getattr(result, "num_attempts", 1)),
-        )
+        return _merge_result(result, tries)
 
     def _with_retries(self, what: str, action: Callable[[], _T]) -> tuple[_T, int]:
         return with_retries(self._retry, f"{what} on table {self._table_name!r}", action)
@@ -966,8 +1104,8 @@ def _check_recorded_spec(table: Any, table_name: str, spec: EmbeddingSpec) -> No
     )
 
 
-def _check_key_type(table: Any, table_name: str, key_type: pa.DataType) -> None:
-    have = table.schema.field("key").type
+def _check_key_type(table: Any, table_name: str, key_type: pa.DataType, column: str) -> None:
+    have = table.schema.field(column).type
     if have != key_type:
         raise InputDataError(
             f"the source key is {key_type} but table {table_name!r} stores {have} keys; keep "
