@@ -19,8 +19,10 @@ added. After each edit three pipelines sync and the embedder counts the texts it
 (a fake that returns constant vectors: the figures are chunk counts and pipeline overhead,
 not model time):
 
-* ours: changed documents (by content hash) are re-chunked with :class:`Chunker` and
-  :func:`diff_chunks` keeps every stored chunk whose text is unchanged;
+* ours: the real engine, ``refresh()`` of a chunk table in LanceDB (``SourceConfig(chunking=...)``):
+  changed documents (by content hash) are re-chunked, every stored chunk whose text is
+  unchanged keeps its vector, and each batch of documents is replaced in one commit (the
+  times include LanceDB's reads and commits);
 * LangChain: ``langchain_core.indexing.index()`` with an ``InMemoryRecordManager``,
   ``cleanup="incremental"``, over the same units packed greedily (what LangChain's text
   splitters do), all documents passed on every sync as its docs describe;
@@ -33,13 +35,14 @@ not model time):
 import argparse
 import re
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import lancedb
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -48,11 +51,13 @@ from qwen3_pipeline.changes import content_hash  # noqa: E402
 from qwen3_pipeline.chunking import (  # noqa: E402
     Chunker,
     ChunkingConfig,
-    chunk_rows,
-    diff_chunks,
     packaged_tokenizer,
 )
 from qwen3_pipeline.corpus import stdlib_docstrings, stdlib_root  # noqa: E402
+from qwen3_pipeline.refresh import refresh  # noqa: E402
+from qwen3_pipeline.sources import ArrowSource, SourceConfig  # noqa: E402
+from qwen3_pipeline.spec import EmbeddingSpec  # noqa: E402
+from qwen3_pipeline.testing import FakeEmbedder  # noqa: E402
 
 MODULES = (
     "argparse.py",
@@ -68,7 +73,7 @@ MODULES = (
     "enum.py",
     "textwrap.py",
 )
-_STORED = pa.schema([pa.field("key", pa.string()), pa.field("chunk_hash", pa.string())])
+_SPEC = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)
 _SENTENCE_END = re.compile(r"[.!?][\"')\]]*$")
 
 
@@ -165,38 +170,59 @@ def part_splitters(tokens: int) -> None:
 
 
 class Ours:
-    """Document-level change detection, then chunk-level reuse with diff_chunks."""
+    """The real engine: ``refresh()`` of a chunk table in LanceDB, with a counting fake model.
+
+    Document-level change detection, chunk-level reuse of stored vectors, one commit per
+    batch of documents: exactly what a user's refresh does, minus the model's arithmetic.
+    """
 
     def __init__(self, chunker: Chunker) -> None:
-        self.chunker = chunker
-        self.doc_hash: dict[str, str] = {}
-        self.stored = _STORED.empty_table()
+        self.directory = tempfile.mkdtemp(prefix="chunk-bench-")
+        self.config = SourceConfig(key="key", text_columns=("text",), chunking=chunker.config)
+        self.embedder = _RecordingEmbedder(_SPEC)
+        self.tokenizer = packaged_tokenizer()
 
     def sync(self, docs: dict[str, str]) -> tuple[int, int]:
-        hashes = {k: content_hash(v) for k, v in docs.items()}
-        changed = [k for k, h in hashes.items() if self.doc_hash.get(k) != h]
-        gone = [k for k in self.doc_hash if k not in docs]
-        embedded = 0
-        keep = pa.array(sorted(set(self.doc_hash) - set(gone)), pa.string())
-        stored = self.stored.filter(pc.is_in(self.stored["key"], keep))
-        tokens = 0
-        if changed:
-            new = chunk_rows(self.chunker, changed, [docs[k] for k in changed])
-            diff = diff_chunks(new, stored)
-            embedded = diff.n_embed
-            tokens = int(np.asarray(new["n_tokens"])[diff.embed].sum())
-            fresh = new.select(["key", "chunk_hash"]).cast(_STORED)
-            mask = np.ones(stored.num_rows, dtype=bool)
-            in_changed = pc.is_in(stored["key"], pa.array(changed, pa.string()))
-            mask[np.asarray(in_changed.to_numpy(zero_copy_only=False), dtype=bool)] = False
-            stored = pa.concat_tables([stored.filter(pa.array(mask)), fresh])
-        self.stored = stored
-        self.doc_hash = hashes
-        return embedded, tokens
+        source = ArrowSource(pa.table({"key": list(docs), "text": list(docs.values())}))
+        self.embedder.texts.clear()
+        report = refresh(
+            source=source,
+            config=self.config,
+            embedder=self.embedder,
+            db_uri=self.directory,
+            table="chunks",
+            allow_mass_delete=True,
+            progress=False,
+        )
+        texts = self.embedder.texts
+        tokens = sum(
+            len(e.ids) for e in self.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        )
+        assert report.embedded_rows == len(texts)
+        return report.embedded_rows, tokens
 
-    def chunks_of(self, key: str) -> list[str]:
-        rows = self.stored.filter(pc.equal(self.stored["key"], key))
-        return rows["chunk_hash"].to_pylist()
+    def chunks_by_doc(self) -> dict[str, list[str]]:
+        """The stored chunk hashes of every document, in chunk order."""
+        db = lancedb.connect(self.directory)
+        if "chunks" not in db.list_tables().tables:
+            return {}
+        rows = db.open_table("chunks").to_arrow().select(["doc_key", "chunk_seq", "chunk_hash"])
+        by_doc: dict[str, list[str]] = {}
+        for row in rows.sort_by([("doc_key", "ascending"), ("chunk_seq", "ascending")]).to_pylist():
+            by_doc.setdefault(row["doc_key"], []).append(row["chunk_hash"])
+        return by_doc
+
+
+class _RecordingEmbedder(FakeEmbedder):
+    """The fake embedder, remembering the texts of the last refresh (to count their tokens)."""
+
+    def __init__(self, spec: EmbeddingSpec) -> None:
+        super().__init__(spec)
+        self.texts: list[str] = []
+
+    def embed_documents(self, texts, *, on_batch=None):  # type: ignore[no-untyped-def]
+        self.texts.extend(texts)
+        return super().embed_documents(texts, on_batch=on_batch)
 
 
 class CountingEmbeddings:
@@ -327,7 +353,7 @@ def part_sweep(tokens: int, overlap: int) -> None:
         for (d, text), chunks in zip(edited, after, strict=True):
             stored = {c.hash for c in base[d]}
             new = sum(c.hash not in stored for c in chunks)
-            ours.append(new)  # what diff_chunks embeds (checked by the scenario above)
+            ours.append(new)  # what the engine embeds (checked by the scenario above)
             exact += new == len({c.hash for c in chunks} - stored)
             greedy_after = greedy_chunks(chunker, text)
             lc.append(len(set(greedy_after) - base_greedy[d]))
@@ -358,7 +384,8 @@ def part_edits(tokens: int, overlap: int) -> None:
         f"<= {tokens} tokens, overlap {overlap}. doc: chunks of the edited document; new: "
         "chunks whose text was not stored before"
     )
-    pipelines = {"ours": Ours(chunker), "langchain": LangChain(chunker), "pgai": Pgai(chunker)}
+    ours = Ours(chunker)
+    pipelines = {"ours": ours, "langchain": LangChain(chunker), "pgai": Pgai(chunker)}
     original_typo = docs[typo_doc].replace(" teh ", " the ", 1)
     steps: list[tuple[str, Callable[[dict[str, str]], None]]] = [
         ("initial load", lambda d: None),
@@ -387,7 +414,7 @@ def part_edits(tokens: int, overlap: int) -> None:
     goals: list[str] = []
     lc_stale = 0
     for name, edit in steps:
-        before = {k: list(pipelines["ours"].chunks_of(k)) for k in docs}
+        before = ours.chunks_by_doc()
         edit(docs)
         times = {}
         for label, pipeline in pipelines.items():
@@ -404,7 +431,8 @@ def part_edits(tokens: int, overlap: int) -> None:
             sum(len(e.ids) for e in tok.encode_batch_fast(texts, add_special_tokens=False))
             for texts in (lc_texts, pgai_texts)
         )
-        after = {k: pipelines["ours"].chunks_of(k) for k in docs}
+        stored = ours.chunks_by_doc()
+        after = {k: stored.get(k, []) for k in docs}
         new = sum(len([h for h in after[k] if h not in set(before.get(k, []))]) for k in after)
         touched = [k for k in after if after[k] != before.get(k)]
         doc_chunks = max((len(after[k]) for k in touched), default=0)
