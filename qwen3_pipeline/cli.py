@@ -465,7 +465,10 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.dry_run:
         return _dry_run(args, source, config, spec)
-    with open_embedder(spec, options) as embedder:
+    from qwen3_pipeline.lazy_embedder import LazyEmbedder
+
+    # Loaded on the first embed: a refresh with nothing to embed never loads the model.
+    with LazyEmbedder(spec, options) as embedder:
         report = refresh(
             source=source,
             config=config,

@@ -83,6 +83,7 @@ def refresh(
     max_delete_share: float = DEFAULT_MAX_DELETE_SHARE,
     spill_dir: str | None = None,
     progress: bool = True,
+    reproject: bool = True,
 ) -> RefreshReport:
     """Bring ``table`` to the state of the source scope, embedding only what changed.
 
@@ -111,6 +112,10 @@ def refresh(
         spill_dir: Where the plan spills its work, and a run over several shards its split
             of the source (default: the system temp directory).
         progress: Report progress (bar on a terminal, log lines otherwise).
+        reproject: Derive vectors from a table of the same database that holds the same
+            model at a larger or equal dim (the live table itself during a rebuild to a
+            smaller dim), for rows whose text it holds unchanged, instead of embedding them:
+            Matryoshka re-projection, no model call (see :mod:`.engine.reproject`).
 
     Returns:
         The :class:`RefreshReport`.
@@ -138,6 +143,7 @@ def refresh(
             max_delete_share=max_delete_share,
             spill_dir=spill_dir,
             progress=progress,
+            reproject=reproject,
         )
         if report is not None:
             return report
@@ -172,6 +178,7 @@ def refresh(
         chunk_rows=chunk_rows,
         version_before=version_before,
         progress=progress,
+        reproject=reproject,
     )
 
 
@@ -223,6 +230,7 @@ def _refresh_by_shard(
     allow_mass_delete: bool,
     max_delete_share: float,
     spill_dir: str | None,
+    reproject: bool,
     progress: bool,
 ) -> RefreshReport | None:
     """Refresh several shards one at a time; None when the whole scope must be refreshed at once.
@@ -336,6 +344,7 @@ def _refresh_by_shard(
                     chunk_rows=chunk_rows,
                     version_before=version,
                     progress=False,
+                    reproject=reproject,
                 )
                 version = report.version_after if report.version_after is not None else version
                 reports.append(report)

@@ -19,6 +19,7 @@ import logging
 import time
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,9 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qwen3_pipeline.changes import RowStatus
-from qwen3_pipeline.embedder import BatchDone, Embedder, EncodeResult, engine_info
+from qwen3_pipeline.embedder import BatchDone, Embedder, EncodeResult, EncodeStats, engine_info
 from qwen3_pipeline.engine.plan import RefreshPlan, read_spill, table_spec_for
 from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES, RefreshReport, Tally
+from qwen3_pipeline.engine.reproject import Donor, Reprojected, find_donor
 from qwen3_pipeline.errors import ConfigError
 from qwen3_pipeline.progress import Progress
 from qwen3_pipeline.schema import (
@@ -64,6 +66,7 @@ def apply_plan(
     chunk_rows: int,
     version_before: int = 0,
     progress: bool = True,
+    reproject: bool = True,
 ) -> RefreshReport:
     """Carry out ``plan`` and return the refresh report; the plan's spill files are removed.
 
@@ -78,6 +81,8 @@ def apply_plan(
         chunk_rows: The most rows per embed call and per commit.
         version_before: The live table's version before the refresh (for the report).
         progress: Report progress (bar on a terminal, log lines otherwise).
+        reproject: Re-project rows from a donor table when one qualifies (see
+            :func:`~qwen3_pipeline.engine.reproject.find_donor`).
 
     Returns:
         The :class:`RefreshReport`.
@@ -105,6 +110,7 @@ def apply_plan(
             chunk_rows=chunk_rows,
             version_before=version_before,
             progress=progress,
+            reproject=reproject,
         )
     finally:
         plan.close()
@@ -123,6 +129,7 @@ def _apply(
     chunk_rows: int,
     version_before: int,
     progress: bool,
+    reproject: bool,
 ) -> RefreshReport:
     started = time.perf_counter()
     schema = output_schema(source, config)
@@ -141,6 +148,8 @@ def _apply(
     writer_type = _DocumentWriter if config.chunking is not None else _Writer
     writer = writer_type(store, embedder, tally, carry_names=list(config.carry), label=label,
                          run_id=run_id)  # fmt: skip
+    if reproject and plan.rows_to_embed and config.chunking is None:
+        writer.donor = _donor_for(plan, spec, storage_options)
     if isinstance(writer, _DocumentWriter) and config.chunking is not None:
         from qwen3_pipeline.chunking import Chunker
 
@@ -182,6 +191,28 @@ def _apply(
     return report
 
 
+def _donor_for(
+    plan: RefreshPlan, spec: EmbeddingSpec, storage_options: dict[str, str] | None
+) -> Donor | None:
+    """The table the plan's rows can be re-projected from: the live table of a rebuild first."""
+    import lancedb
+
+    from qwen3_pipeline.store import list_table_names
+
+    db = lancedb.connect(plan.table_uri, storage_options=storage_options)
+    # The table being written is no donor of itself (its rows to embed are new or changed).
+    names = list_table_names(db) - {plan.target_table}
+    donor = find_donor(db, sorted(names), spec, prefer=plan.table_name if plan.rebuild else None)
+    if donor is not None:
+        logger.info(
+            "re-projecting unchanged rows from table %s (dim %d -> %d) instead of embedding",
+            donor.name,
+            donor.spec.output_dim,
+            spec.output_dim,
+        )
+    return donor
+
+
 class _Writer:
     """Embeds and writes the plan's rows chunk by chunk, counting what landed."""
 
@@ -201,6 +232,7 @@ class _Writer:
         self.carry_names = carry_names
         self.label = label
         self.run_id = run_id
+        self.donor: Donor | None = None
 
     def write_updates(self, rows: pa.Table) -> None:
         tally = self.tally
@@ -218,10 +250,25 @@ class _Writer:
         def on_batch(rows: int, tokens: int) -> None:
             bar.update(rows, tokens=tokens)
 
-        encoded = embed_reporting(self.embedder, chunk.column(TEXT_COLUMN).to_pylist(), on_batch)
-        tally.encode = tally.encode + encoded.stats
         partitions = chunk.column("partition_key").combine_chunks()
-        tally.add("embedded", partitions)
+        reprojected = None
+        if self.donor is not None:
+            reprojected = self.donor.lookup(chunk.column("key"), chunk.column("content_hash"))
+            tally.add("reprojected", partitions, reprojected.found)
+            bar.update(int(reprojected.found.sum()))
+        to_embed = (
+            np.ones(chunk.num_rows, dtype=bool) if reprojected is None else ~reprojected.found
+        )
+        texts = chunk.column(TEXT_COLUMN).filter(pa.array(to_embed)).to_pylist()
+        encoded = _merge_reprojected(
+            embed_reporting(self.embedder, texts, on_batch) if texts else None,
+            reprojected,
+            to_embed,
+            store.spec.output_dim,
+        )
+        if texts:
+            tally.encode = tally.encode + encoded.stats
+        tally.add("embedded", partitions, to_embed)
         ok = np.ones(chunk.num_rows, dtype=bool)
         if encoded.failures:
             failed_keys = chunk.column("key").to_pylist()
@@ -250,8 +297,64 @@ class _Writer:
             run_id=self.run_id,
             source_updated_at=written.column("source_updated_at").combine_chunks(),
             carry=carry,
+            embedded_at=(
+                None if encoded.embedded_at is None else encoded.embedded_at.filter(pa.array(ok))
+            ),
         )
         tally.commits += store.upsert(rows_to_write) is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Vectors:
+    """One chunk's vectors, embedded or re-projected, in row order."""
+
+    vectors: np.ndarray
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+    failures: dict[int, str]
+    stats: EncodeStats
+    embedded_at: pa.Array | None
+
+
+def _merge_reprojected(
+    encoded: EncodeResult | None,
+    reprojected: "Reprojected | None",
+    embedded: np.ndarray,
+    dim: int,
+) -> _Vectors:
+    """Put the model's rows (where ``embedded``) and the re-projected ones back in row order."""
+    n = len(embedded)
+    vectors = np.zeros((n, dim), dtype=np.float32)
+    n_tokens = np.zeros(n, dtype=np.int32)
+    truncated = np.zeros(n, dtype=bool)
+    rows = np.flatnonzero(embedded)
+    failures: dict[int, str] = {}
+    if encoded is not None:
+        vectors[rows] = encoded.vectors
+        n_tokens[rows] = encoded.n_tokens
+        truncated[rows] = encoded.truncated
+        failures = {int(rows[i]): reason for i, reason in encoded.failures.items()}
+    embedded_at = None
+    if reprojected is not None:
+        found = reprojected.found
+        vectors[found] = reprojected.vectors
+        n_tokens[found] = reprojected.n_tokens
+        truncated[found] = reprojected.truncated
+        # A re-projected vector keeps the time the model computed it; embedded rows: now.
+        stamps = np.full(n, np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us"))
+        stamps[found] = reprojected.embedded_at.cast(pa.timestamp("us")).to_numpy(
+            zero_copy_only=False
+        )
+        embedded_at = pa.array(stamps).cast(TIMESTAMP_TYPE)
+    stats = encoded.stats if encoded is not None else EncodeStats()
+    return _Vectors(
+        vectors=vectors,
+        n_tokens=n_tokens,
+        truncated=truncated,
+        failures=failures,
+        stats=stats,
+        embedded_at=embedded_at,
+    )
 
 
 class _DocumentWriter(_Writer):
@@ -414,6 +517,7 @@ def _report(
         skipped_empty=total["skipped_empty"],
         truncated=total["truncated"],
         failed=total["failed"],
+        reprojected=total["reprojected"],
         embedded_rows=encode.rows,
         tokens=encode.real_tokens,
         padded_tokens=encode.padded_tokens,
@@ -435,6 +539,7 @@ def _report(
         engine=str(engine["engine"]),
         workers=int(engine["workers"]),
         model_loads=int(engine["model_loads"]),
+        model_loaded=int(engine["model_loads"]) > 0,
         chunked=store.chunked,
         chunks_written=total["chunks_written"],
         chunks_reused=total["chunks_reused"],

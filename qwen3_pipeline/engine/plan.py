@@ -453,7 +453,9 @@ class _Scan:
             partition_keys=partitions,
             existing=self.existing,
             fingerprint=self.fingerprint,
-            carry=batch.select(self.carry_names) if self.carry_names else None,
+            # source_updated_at is compared like a carry column: a row whose updated_at alone
+            # changed gets a column update (no model call), so lineage never goes stale.
+            carry=batch.select([*self.carry_names, "source_updated_at"]),
         )
         self.tracker.observe(keys, result.existing_rows)
         blank = blank_mask(texts)

@@ -31,6 +31,7 @@ ROW_COUNTERS = (
     "truncated",
     "failed",
     "embedded",
+    "reprojected",
 )
 # The counters a plan can know before anything is embedded (no truncated/failed yet).
 PLAN_COUNTERS = ROW_COUNTERS[:8]
@@ -77,11 +78,14 @@ class RefreshReport:
         inserted: New keys embedded and written.
         updated: Existing keys re-embedded (content or spec changed).
         moved: Rows whose partition changed, updated without re-embedding.
-        carry_updated: Rows whose carry-along columns changed, updated without re-embedding.
+        carry_updated: Rows whose carry-along columns or ``updated_at`` alone changed, updated
+            without re-embedding.
         deleted: Stored rows removed (gone from the source, or now blank).
         skipped_empty: Source rows with empty or whitespace-only text (not embedded).
         truncated: Embedded rows cut to ``max_length`` tokens.
         failed: Rows that could not be embedded (their old vector, if any, is kept).
+        reprojected: Rows whose vector was derived from a stored one at a larger dim
+            (Matryoshka re-projection, no model call); not counted in ``embedded_rows``.
         embedded_rows: Rows sent to the model.
         tokens: Real tokens embedded.
         padded_tokens: Positions the model computed.
@@ -105,6 +109,8 @@ class RefreshReport:
         workers: Model replicas the embedding ran on.
         model_loads: Model loads during the refresh (0 when nothing was embedded by a lazily
             loaded model; a Ray actor restarted after a crash counts again).
+        model_loaded: Whether a model was loaded for this refresh (never, with a lazily
+            loading embedder, when there was nothing to embed).
         chunked: The table holds chunks of documents. The row counters (``scanned``,
             ``inserted``, ``updated``, ``deleted``...) then count *documents*, and
             ``embedded_rows``, ``tokens`` and ``failed`` count chunks sent to the model.
@@ -125,6 +131,7 @@ class RefreshReport:
     skipped_empty: int = 0
     truncated: int = 0
     failed: int = 0
+    reprojected: int = 0
     embedded_rows: int = 0
     tokens: int = 0
     padded_tokens: int = 0
@@ -146,6 +153,7 @@ class RefreshReport:
     engine: str = "local"
     workers: int = 1
     model_loads: int = 0
+    model_loaded: bool = False
     chunked: bool = False
     chunks_written: int = 0
     chunks_reused: int = 0
@@ -264,5 +272,6 @@ def merge_reports(reports: Sequence[RefreshReport]) -> RefreshReport:
         engine=last.engine,
         workers=max(r.workers for r in reports),
         model_loads=max(r.model_loads for r in reports),
+        model_loaded=any(r.model_loaded for r in reports),
         chunked=first.chunked,
     )

@@ -1,0 +1,187 @@
+"""Model lifecycle: re-projection instead of re-inference, lazy model loads, updated_at-only edits.
+
+Re-projection is checked on the real tiny Qwen3 checkpoint (hidden size 256): vectors derived
+from a dim-256 table by slicing and re-normalising equal a fresh embedding at dim 64.
+"""
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from qwen3_pipeline.cli import main
+from qwen3_pipeline.encoder import Qwen3Encoder
+from qwen3_pipeline.engine.reproject import can_reproject, project
+from qwen3_pipeline.refresh import refresh
+from qwen3_pipeline.sources import ArrowSource, SourceConfig
+from qwen3_pipeline.spec import EmbeddingSpec
+from qwen3_pipeline.testing import FakeEmbedder
+
+CONFIG = SourceConfig(key="id", text_columns=("body",))
+TEXTS = [
+    f"Document {i}: {' '.join(['the quick brown fox', 'jumps over', 'a lazy dog'][: i % 3 + 1])}"
+    for i in range(40)
+]
+
+
+def source(texts: list[str]) -> ArrowSource:
+    return ArrowSource(pa.table({"id": list(range(len(texts))), "body": texts}))
+
+
+def vectors_of(db: Path, table: str) -> tuple[list[int], np.ndarray]:
+    rows = lancedb.connect(str(db)).open_table(table).to_arrow().sort_by("key")
+    return rows["key"].to_pylist(), np.stack(rows["vector"].to_numpy(zero_copy_only=False))
+
+
+# --------------------------------------------------------------------------- re-projection
+
+
+def test_can_reproject_needs_the_same_model_settings_and_a_smaller_dim():
+    big = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=1024)
+    assert can_reproject(EmbeddingSpec(model=big.model, dim=256), big)
+    assert can_reproject(big, big)
+    assert not can_reproject(EmbeddingSpec(model=big.model, dim=256, max_length=512), big)
+    assert not can_reproject(EmbeddingSpec(model="Qwen/Qwen3-Embedding-4B", dim=256), big)
+    assert not can_reproject(EmbeddingSpec(model=big.model, dim=256, document_prompt="x"), big)
+    chunked = EmbeddingSpec(model=big.model, dim=256).with_chunking('{"tokens":64}')
+    assert not can_reproject(chunked, big.with_chunking('{"tokens":64}'))
+
+
+def test_project_slices_and_renormalises():
+    v = np.array([[3.0, 4.0, 12.0]], dtype=np.float32)
+    assert np.allclose(project(v, 2, normalize=True), [[0.6, 0.8]])
+    assert np.allclose(project(v, 2, normalize=False), [[3.0, 4.0]])
+
+
+def test_in_place_rebuild_to_a_smaller_dim_reprojects_without_the_model(
+    tiny_model_256_dir, tmp_path
+):
+    db = tmp_path / "db"
+    full = EmbeddingSpec(model=str(tiny_model_256_dir), dim=256)
+    small = EmbeddingSpec(model=str(tiny_model_256_dir), dim=64)
+    encoder = Qwen3Encoder(full, device="cpu", progress=False)
+    first = refresh(source=source(TEXTS), config=CONFIG, embedder=encoder, db_uri=str(db),
+                    table="docs", progress=False)  # fmt: skip
+    assert first.embedded_rows == len(TEXTS)
+    edited = [*TEXTS]
+    edited[5] = "A document rewritten while the dimension changes."
+    fake = FakeEmbedder(small)  # would write wrong vectors: it must only see the edited row
+    report = refresh(source=source(edited), config=CONFIG, embedder=fake, db_uri=str(db),
+                     table="docs", rebuild=True, progress=False)  # fmt: skip
+    assert (report.reprojected, report.embedded_rows, fake.calls) == (len(TEXTS) - 1, 1, [1])
+    assert report.counters()["reprojected"] == len(TEXTS) - 1
+    keys, stored = vectors_of(db, "docs")
+    fresh = Qwen3Encoder(small, device="cpu", progress=False).embed_documents(edited).vectors
+    cosines = np.sum(stored * fresh[keys], axis=1)
+    kept = [k for k in keys if k != 5]
+    assert cosines[kept].min() >= 0.99999
+    table = lancedb.connect(str(db)).open_table("docs").to_arrow()
+    assert set(table["spec_fingerprint"].to_pylist()) == {small.fingerprint}
+    assert set(table["dim"].to_pylist()) == {64}
+
+
+def test_a_second_table_at_a_smaller_dim_is_filled_from_the_first(tiny_model_256_dir, tmp_path):
+    db = str(tmp_path / "db")
+    full = EmbeddingSpec(model=str(tiny_model_256_dir), dim=256)
+    small = EmbeddingSpec(model=str(tiny_model_256_dir), dim=32)
+    encoder = Qwen3Encoder(full, device="cpu", progress=False)
+    refresh(source=source(TEXTS), config=CONFIG, embedder=encoder, db_uri=db, table="docs_256",
+            progress=False)  # fmt: skip
+    fake = FakeEmbedder(small)
+    report = refresh(source=source(TEXTS), config=CONFIG, embedder=fake, db_uri=db,
+                     table="docs_32", progress=False)  # fmt: skip
+    assert (report.reprojected, report.embedded_rows, fake.calls) == (len(TEXTS), 0, [])
+    # Kept in sync afterwards: an edit embedded into the big table is re-projected into the small.
+    edited = [*TEXTS]
+    edited[0] = "An edited first document."
+    big_run = refresh(source=source(edited), config=CONFIG, embedder=encoder, db_uri=db,
+                      table="docs_256", progress=False)  # fmt: skip
+    assert big_run.updated == 1
+    small_run = refresh(source=source(edited), config=CONFIG, embedder=fake, db_uri=db,
+                        table="docs_32", progress=False)  # fmt: skip
+    assert (small_run.updated, small_run.reprojected, small_run.embedded_rows) == (1, 1, 0)
+    keys, stored = vectors_of(tmp_path / "db", "docs_32")
+    fresh = Qwen3Encoder(small, device="cpu", progress=False).embed_documents(edited).vectors
+    assert np.sum(stored * fresh[keys], axis=1).min() >= 0.99999
+
+
+def test_reproject_can_be_turned_off(tmp_path):
+    db = str(tmp_path / "db")
+    big = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=128)
+    small = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
+    refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(big), db_uri=db,
+            table="big", progress=False)  # fmt: skip
+    report = refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(small),
+                     db_uri=db, table="small", progress=False, reproject=False)  # fmt: skip
+    assert (report.reprojected, report.embedded_rows) == (0, len(TEXTS))
+
+
+# --------------------------------------------------------------------------- lazy model load
+
+
+def test_a_cli_refresh_with_nothing_to_embed_never_loads_the_model(
+    tiny_model_dir, tmp_path, capsys
+):
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"id": [1, 2], "body": ["one text", "another text"]}), path)
+    args = [
+        "refresh", "--source", str(path), "--key", "id", "--text", "body",
+        "--db", str(tmp_path / "db"), "--table", "docs", "--model", str(tiny_model_dir),
+        "--dim", "32", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(args) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert (first["model_loaded"], first["model_loads"]) == (True, 1)
+    assert main(args) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert (again["model_loaded"], again["model_loads"], again["unchanged"]) == (False, 0, 2)
+
+
+# --------------------------------------------------------------------------- updated_at only
+
+
+def test_an_updated_at_only_change_updates_lineage_without_the_model(tmp_path):
+    config = SourceConfig(key="id", text_columns=("body",), updated_at="ts")
+    spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)
+
+    def run(second: dt.datetime) -> tuple[dict[str, int], list[int]]:
+        stamps = pa.array([dt.datetime(2024, 1, 1), second], pa.timestamp("us"))
+        rows = pa.table({"id": [1, 2], "body": ["a b", "c d"], "ts": stamps})
+        fake = FakeEmbedder(spec)
+        report = refresh(source=ArrowSource(rows), config=config, embedder=fake,
+                         db_uri=str(tmp_path), table="t", progress=False)  # fmt: skip
+        return report.counters(), fake.calls
+
+    run(dt.datetime(2024, 1, 1))
+    counts, calls = run(dt.datetime(2024, 1, 1))
+    assert (counts["unchanged"], calls) == (2, [])
+    counts, calls = run(dt.datetime(2024, 2, 1))
+    assert (counts["carry_updated"], counts["unchanged"], counts["embedded"], calls) == (
+        1,
+        1,
+        0,
+        [],
+    )
+    stored = lancedb.connect(str(tmp_path)).open_table("t").to_arrow().sort_by("key")
+    assert stored["source_updated_at"][1].as_py() == dt.datetime(2024, 2, 1, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize("dim", [32])
+def test_report_says_reprojected_in_the_cli_json(tmp_path, tiny_model_256_dir, capsys, dim):
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"id": list(range(6)), "body": TEXTS[:6]}), path)
+    base = [
+        "refresh", "--source", str(path), "--key", "id", "--text", "body",
+        "--db", str(tmp_path / "db"), "--table", "docs", "--model", str(tiny_model_256_dir),
+        "--device", "cpu",
+    ]  # fmt: skip
+    assert main([*base, "--dim", "128"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--dim", str(dim), "--rebuild"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["reprojected"], report["embedded_rows"], report["model_loaded"]) == (6, 0, False)
