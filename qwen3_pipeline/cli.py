@@ -43,6 +43,7 @@ from qwen3_pipeline.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, Embeddin
 
 if TYPE_CHECKING:
     from qwen3_pipeline.chunking import ChunkingConfig
+    from qwen3_pipeline.gate import GateConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED_ROWS = 1
@@ -56,6 +57,8 @@ _INTERRUPTED = {
     "embed": "interrupted; nothing was written",
     "refresh": "interrupted; the table is at its last committed version, re-run to continue",
     "search": "interrupted",
+    "rollback": "interrupted; a rollback is one commit: the table holds its old or its "
+    "restored version",
 }
 
 _DEBUG_HELP = "on an error, also print the full traceback on stderr"
@@ -336,6 +339,40 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--table", required=True, help="vector table name")
     sync.add_argument("--rebuild", action="store_true", help="re-embed all into a new table, swap")
     sync.add_argument("--chunk-rows", type=int, default=10_000, help="rows per commit")
+    sync.add_argument(
+        "--accept-drift",
+        action="store_true",
+        help="write even if the model no longer reproduces the table's canary vectors "
+        "(re-records them)",
+    )
+    sync.add_argument(
+        "--drift-threshold",
+        type=float,
+        default=0.999,
+        metavar="COS",
+        help="minimum cosine of the canary texts to their recorded vectors (default 0.999)",
+    )
+    sync.add_argument(
+        "--gate",
+        type=Path,
+        default=None,
+        metavar="GOLDEN.jsonl",
+        help="with --rebuild: swap only if the rebuilt table scores at least as well as the "
+        'live one on this golden set ({"query": ..., "relevant": [keys]} per line)',
+    )
+    sync.add_argument(
+        "--gate-tolerance",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="how much lower recall@k / nDCG@k the rebuilt table may score (default 0)",
+    )
+    sync.add_argument("--gate-k", type=int, default=10, metavar="K", help="k of the gate metrics")
+    sync.add_argument(
+        "--no-reproject",
+        action="store_true",
+        help="embed every row instead of re-projecting vectors of a table at a larger dim",
+    )
     chunks = sync.add_argument_group(
         "chunking", "cut long documents into chunks, one vector each (a table of chunks)"
     )
@@ -387,7 +424,12 @@ def build_parser() -> argparse.ArgumentParser:
     find.add_argument("--dim", type=int, default=None, help="must match the table's dim")
     find.add_argument("--task", default=None, help="query instruction (default: the table's)")
     find.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    find.add_argument("--version", type=int, default=None, help="pinned Lance version")
+    find.add_argument(
+        "--version",
+        type=int,
+        default=None,
+        help="pinned Lance version (default: the newest checked version, else the latest)",
+    )
     find.add_argument("-k", type=int, default=10, help="results to return")
     find.add_argument(
         "--chunks",
@@ -395,6 +437,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a table of document chunks, return the nearest chunks rather than documents",
     )
     find.add_argument("query", help="query text")
+
+    back = commands.add_parser(
+        "rollback",
+        parents=[debug_after],
+        help="restore an earlier version of a vector table in one commit",
+        description="Restore an earlier version of a vector table as its newest version, in one "
+        "commit (nothing is copied). By default the version tagged before the last rebuild "
+        "swap. The new version counts as checked only if the restored one was; checked tags "
+        "of the rolled-back versions are deleted, so readers follow the rollback.",
+        epilog=_EXIT_STATUSES,
+    )
+    back.add_argument("--db", required=True, help="LanceDB directory or URI")
+    back.add_argument("--table", required=True, help="vector table name")
+    back.add_argument(
+        "--to",
+        default=None,
+        metavar="TAG_OR_VERSION",
+        help="a tag (e.g. before-swap-v12-20250101T120000Z, checked-v9) or a version number "
+        "(default: the newest before-swap tag)",
+    )
     return parser
 
 
@@ -467,6 +529,7 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
         return _dry_run(args, source, config, spec)
     from qwen3_pipeline.lazy_embedder import LazyEmbedder
 
+    gate = _gate_config(args)
     # Loaded on the first embed: a refresh with nothing to embed never loads the model.
     with LazyEmbedder(spec, options) as embedder:
         report = refresh(
@@ -479,8 +542,38 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
             chunk_rows=args.chunk_rows,
             allow_mass_delete=args.allow_mass_delete,
             max_delete_share=args.max_delete_share,
+            reproject=not args.no_reproject,
+            drift_threshold=args.drift_threshold,
+            accept_drift=args.accept_drift,
+            gate=gate,
+        )
+    if report.gate is not None and not report.gate["passed"]:
+        from qwen3_pipeline.errors import GateFailedError
+
+        raise GateFailedError(
+            f"gate failed, {args.table!r} not swapped (live untouched; the rebuilt table "
+            f"{report.table_name!r} is kept for inspection): {report.gate['reason']}"
         )
     return report.as_dict()
+
+
+def _gate_config(args: argparse.Namespace) -> "GateConfig | None":
+    """The ``--gate*`` options as a ``GateConfig`` (None without ``--gate``).
+
+    Raises:
+        ConfigError: ``--gate`` without ``--rebuild``, or a bad golden set.
+    """
+    if args.gate is None:
+        return None
+    if not args.rebuild:
+        raise ConfigError(
+            "--gate needs --rebuild: it decides whether a rebuilt table is swapped in"
+        )
+    from qwen3_pipeline.gate import GateConfig, load_golden_set
+
+    return GateConfig(
+        golden=load_golden_set(args.gate), tolerance=args.gate_tolerance, k=args.gate_k
+    )
 
 
 def _dry_run(args: argparse.Namespace, source: Any, config: Any, spec: EmbeddingSpec) -> Any:
@@ -552,9 +645,23 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "table": args.table,
         "version": vectors.version,
+        "checked": vectors.checked,
         "query": args.query,
         "results": found.to_pylist(),
     }
+
+
+def run_rollback(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``qwen3-pipeline rollback``: returns the result printed on stdout.
+
+    Raises:
+        ConfigError: No such table, or ``--to`` names no tag or version of it (the message
+            lists the tags); without ``--to``, a table that no rebuild has swapped.
+    """
+    from qwen3_pipeline.store import open_lance_table, rollback
+
+    table = open_lance_table(args.db, args.table)
+    return rollback(table, args.to).as_dict()
 
 
 def run_embed(args: argparse.Namespace) -> dict[str, Any]:
@@ -623,7 +730,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
-    handlers = {"embed": run_embed, "refresh": run_refresh, "search": run_search}
+    handlers = {
+        "embed": run_embed,
+        "refresh": run_refresh,
+        "search": run_search,
+        "rollback": run_rollback,
+    }
     try:
         output = handlers[args.command](args)
     except KeyboardInterrupt as e:

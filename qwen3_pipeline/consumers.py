@@ -4,8 +4,9 @@ Orchestrator-neutral; the Dagster consumer assets (:mod:`qwen3_pipeline.dagster_
 are thin wrappers, and :func:`qwen3_pipeline.dagster_defs.vectors.open_vectors` finds the version
 to pin from the latest Dagster materialisation.
 
-- :func:`open_vector_table` opens a vector table at a given Lance version (what a materialisation
-  recorded), with the :class:`~qwen3_pipeline.spec.EmbeddingSpec` its vectors were made with.
+- :func:`open_vector_table` opens a vector table at its newest checked version (or a pinned
+  one), with the :class:`~qwen3_pipeline.spec.EmbeddingSpec` its vectors were made with; see
+  :func:`~qwen3_pipeline.store.versions.resolve_read_version`.
 - :func:`search` embeds a query with the matching query encoder (same model, dim and
   fingerprint; the query instruction of the recorded spec) and returns the nearest rows; on a
   table of document chunks, the nearest documents (each with its best chunk), or with
@@ -41,7 +42,7 @@ from qwen3_pipeline.schema import (
     validate_uri,
 )
 from qwen3_pipeline.spec import EmbeddingSpec
-from qwen3_pipeline.store import store_error
+from qwen3_pipeline.store import checked_versions, resolve_read_version, store_error
 from qwen3_pipeline.upkeep import fragment_count, optimize_table
 
 logger = logging.getLogger(__name__)
@@ -73,23 +74,34 @@ class VectorTable:
         name: Table name.
         version: The Lance version read.
         spec: The embedding spec recorded in the table's metadata.
+        checked: Whether :attr:`version` is tagged checked (every check passed on it).
         chunked: Whether the table holds document chunks (one row per chunk, ``spec.chunking``
             set) rather than one row per document.
     """
 
-    def __init__(self, *, table: Any, uri: str, name: str, version: int, spec: EmbeddingSpec):
+    def __init__(
+        self,
+        *,
+        table: Any,
+        uri: str,
+        name: str,
+        version: int,
+        spec: EmbeddingSpec,
+        checked: bool = False,
+    ):
         self.table = table
         self.uri = uri
         self.name = name
         self.version = version
         self.spec = spec
+        self.checked = checked
         self.chunked = spec.chunking is not None
         self._query_embedder: Embedder | None = None
 
     def __repr__(self) -> str:
         return (
             f"VectorTable(uri={self.uri!r}, name={self.name!r}, version={self.version}, "
-            f"model={self.spec.model!r}, dim={self.spec.dim})"
+            f"checked={self.checked}, model={self.spec.model!r}, dim={self.spec.dim})"
         )
 
     @property
@@ -136,15 +148,19 @@ def open_vector_table(
     version: int | None = None,
     storage_options: dict[str, str] | None = None,
 ) -> VectorTable:
-    """Open a vector table, pinned to ``version`` when given (else its latest version).
+    """Open a vector table at ``version`` when given, else at its newest checked version.
 
-    Pin the version a materialisation recorded, so every reader of one pipeline run sees the
-    same rows even while the next refresh writes.
+    The table is always checked out at one version, so a reader sees the same rows even while
+    the next refresh writes. By default that is the newest version tagged checked (every check
+    of the embedding asset passed on it): a version whose checks failed is never served while
+    an older checked one exists. A table without any checked version (written by the CLI or the
+    Python API, which run no checks) is read at its latest version, with a warning.
 
     Args:
         uri: Database directory or URI.
         table: Table name.
-        version: Lance version to read; None reads the latest.
+        version: Lance version to read (an explicit pin, checked or not); None reads the
+            newest checked version (see :func:`~qwen3_pipeline.store.resolve_read_version`).
         storage_options: Object-store options.
 
     Raises:
@@ -158,8 +174,8 @@ def open_vector_table(
     db = lancedb.connect(uri, storage_options=storage_options)
     try:
         opened = db.open_table(table)
-        if version is not None:
-            opened.checkout(version)
+        version = resolve_read_version(opened, version)
+        opened.checkout(version)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         raise ConfigError(
             f"cannot open vector table {table!r} at {uri!r} (version {version}): {e}"
@@ -170,6 +186,7 @@ def open_vector_table(
         name=table,
         version=int(opened.version),
         spec=recorded_spec(opened),
+        checked=int(opened.version) in checked_versions(opened),
     )
 
 

@@ -57,6 +57,14 @@ class SpecMismatchError(Qwen3PipelineError):
     """A vector table was built with a different embedding spec than the one configured."""
 
 
+class EmbeddingDriftError(Qwen3PipelineError):
+    """The loaded model no longer reproduces the table's recorded canary vectors."""
+
+
+class GateFailedError(Qwen3PipelineError):
+    """A staging table scored worse than the live one on the golden set; it was not swapped in."""
+
+
 class EmbeddingFailedError(Qwen3PipelineError):
     """One or more rows could not be embedded (out of memory alone, non-finite output)."""
 

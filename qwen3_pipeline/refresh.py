@@ -22,12 +22,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from qwen3_pipeline.embedder import BatchDone, Embedder, EncodeResult, engine_info
 from qwen3_pipeline.engine.apply import apply_plan, embed_reporting
+from qwen3_pipeline.engine.canary import DEFAULT_DRIFT_THRESHOLD
 from qwen3_pipeline.engine.plan import (
     DEFAULT_CHUNK_ROWS,
     DEFAULT_MAX_DELETE_SHARE,
@@ -51,6 +52,9 @@ from qwen3_pipeline.sources import (
 from qwen3_pipeline.sources.split import ShardSplit, split_by_shard
 from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.store import VectorStore, store_error
+
+if TYPE_CHECKING:
+    from qwen3_pipeline.gate import GateConfig
 
 logger = logging.getLogger("qwen3_pipeline")
 
@@ -84,6 +88,9 @@ def refresh(
     spill_dir: str | None = None,
     progress: bool = True,
     reproject: bool = True,
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
+    accept_drift: bool = False,
+    gate: "GateConfig | None" = None,
 ) -> RefreshReport:
     """Bring ``table`` to the state of the source scope, embedding only what changed.
 
@@ -116,6 +123,15 @@ def refresh(
             model at a larger or equal dim (the live table itself during a rebuild to a
             smaller dim), for rows whose text it holds unchanged, instead of embedding them:
             Matryoshka re-projection, no model call (see :mod:`.engine.reproject`).
+        drift_threshold: Before the model's first write, the table's canary texts are
+            embedded again; below this minimum cosine to their recorded vectors the refresh
+            stops (see :mod:`.engine.canary`).
+        accept_drift: Write anyway when the canaries drifted, and re-record them with this
+            model (the report says ``drift_accepted``).
+        gate: With ``rebuild``: evaluate the live and the completed staging table on a golden
+            set (:class:`~qwen3_pipeline.gate.GateConfig`) and swap only if staging scores at
+            least as well. The decision is ``report.gate``; when it fails, live is untouched
+            and the staging table is kept for inspection (a re-run resumes it).
 
     Returns:
         The :class:`RefreshReport`.
@@ -125,9 +141,13 @@ def refresh(
             carry value that does not fit; found before anything is written.
         MassDeleteError: The refresh would delete too much (nothing written).
         SpecMismatchError: The table holds another spec (use ``rebuild=True``).
+        EmbeddingDriftError: The loaded model no longer reproduces the table's canary vectors
+            (nothing written; rebuild, or ``accept_drift=True``).
         ConfigError: A partial rebuild, or a bad setting.
         StoreError: LanceDB failed (the table stays at its last committed version).
     """
+    if gate is not None and not rebuild:
+        raise ConfigError("a gate applies to a rebuild only: pass rebuild=True (--rebuild)")
     if not rebuild and _several_shards(config):
         report = _refresh_by_shard(
             source=source,
@@ -144,6 +164,8 @@ def refresh(
             spill_dir=spill_dir,
             progress=progress,
             reproject=reproject,
+            drift_threshold=drift_threshold,
+            accept_drift=accept_drift,
         )
         if report is not None:
             return report
@@ -179,6 +201,9 @@ def refresh(
         version_before=version_before,
         progress=progress,
         reproject=reproject,
+        drift_threshold=drift_threshold,
+        accept_drift=accept_drift,
+        gate=gate,
     )
 
 
@@ -231,6 +256,8 @@ def _refresh_by_shard(
     max_delete_share: float,
     spill_dir: str | None,
     reproject: bool,
+    drift_threshold: float,
+    accept_drift: bool,
     progress: bool,
 ) -> RefreshReport | None:
     """Refresh several shards one at a time; None when the whole scope must be refreshed at once.
@@ -345,6 +372,8 @@ def _refresh_by_shard(
                     version_before=version,
                     progress=False,
                     reproject=reproject,
+                    drift_threshold=drift_threshold,
+                    accept_drift=accept_drift,
                 )
                 version = report.version_after if report.version_after is not None else version
                 reports.append(report)
@@ -375,6 +404,8 @@ class _ReportingEmbedder:
     def __init__(self, embedder: Embedder, bar: Progress) -> None:
         self._embedder = embedder
         self._bar = bar
+        # The drift canary skips embedders whose vectors are a pure function of the text.
+        self.deterministic = bool(getattr(embedder, "deterministic", False))
 
     @property
     def spec(self) -> EmbeddingSpec:

@@ -719,13 +719,19 @@ def test_open_vectors_pins_the_materialized_version_and_search_uses_its_spec(
     assert result.success
     recorded = _by_partition(result, "document_vectors")[None]["qwen3/table/lance_version"]
 
-    # A later write (outside the pipeline) does not move what readers of the run see.
+    # A later write (outside the pipeline, never checked) does not move what readers see:
+    # they read the newest checked version, the one the run recorded.
     _table(tmp_path).delete("key = 'doc:9'")
     vectors = open_vectors("document_vectors", instance=instance, index_asset_key=index.key)
     assert vectors.version == recorded
+    assert vectors.checked is True
     assert vectors.count_rows() == ROWS
     assert vectors.spec.fingerprint == SPEC.fingerprint
-    assert open_vector_table(str(tmp_path / "lancedb"), TABLE).count_rows() == ROWS - 1
+    assert open_vector_table(str(tmp_path / "lancedb"), TABLE).count_rows() == ROWS
+    latest = _table(tmp_path).version
+    assert open_vector_table(str(tmp_path / "lancedb"), TABLE, version=latest).count_rows() == (
+        ROWS - 1
+    )
 
     hits = search(
         vectors, "Document number 42 about topic 0", k=3, embedder=_QueriesAsDocuments(SPEC)

@@ -185,3 +185,156 @@ def test_report_says_reprojected_in_the_cli_json(tmp_path, tiny_model_256_dir, c
     assert main([*base, "--dim", str(dim), "--rebuild"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (report["reprojected"], report["embedded_rows"], report["model_loaded"]) == (6, 0, False)
+
+
+# --------------------------------------------------------------------------- drift canary
+
+
+def _perturb_weights(model_dir: Path, scale: float = 0.05) -> None:
+    """Change the checkpoint's weights in place, under the same path (a silent re-upload)."""
+    import torch  # the checkpoint is bf16, which numpy cannot hold
+    from safetensors.torch import load_file, save_file
+
+    (path,) = model_dir.glob("*.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    weights = load_file(str(path))
+    for name, value in weights.items():
+        if value.is_floating_point() and value.ndim == 2:
+            noise = torch.randn(value.shape, generator=generator) * value.float().std() * scale
+            weights[name] = (value.float() + noise).to(value.dtype)
+    save_file(weights, str(path), metadata={"format": "pt"})
+
+
+def test_changed_weights_under_the_same_path_are_refused_then_accepted(
+    tiny_model_dir, tmp_path, capsys
+):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    path = tmp_path / "s.parquet"
+    texts = [f"Canary test document {i} about topic {i % 5}." for i in range(12)]
+
+    def args(*extra: str) -> list[str]:
+        return [
+            "refresh", "--source", str(path), "--key", "id", "--text", "body",
+            "--db", str(tmp_path / "db"), "--table", "docs", "--model", str(model),
+            "--dim", "32", "--device", "cpu", *extra,
+        ]  # fmt: skip
+
+    def write(bodies: list[str]) -> None:
+        pq.write_table(pa.table({"id": list(range(len(bodies))), "body": bodies}), path)
+
+    write(texts)
+    assert main(args()) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["canaries_recorded"] >= 16 + 1  # the fixed texts plus a sample of the table
+    canaries = lancedb.connect(str(tmp_path / "db")).open_table("docs__canary").to_arrow()
+    assert set(canaries["kind"].to_pylist()) == {"fixed", "sample"}
+
+    texts[0] = "An edited document, embedded by the same model."
+    write(texts)
+    assert main(args()) == 0
+    same = json.loads(capsys.readouterr().out)
+    assert same["canary_min_cosine"] >= 0.99999
+    assert same["drift_accepted"] is False
+
+    _perturb_weights(model)
+    texts[1] = "An edited document, to be embedded by changed weights."
+    write(texts)
+    version = lancedb.connect(str(tmp_path / "db")).open_table("docs").version
+    assert main(args()) == 2
+    err = capsys.readouterr().err
+    assert "no longer reproduces" in err
+    assert "--accept-drift" in err
+    assert lancedb.connect(str(tmp_path / "db")).open_table("docs").version == version
+
+    assert main(args("--accept-drift")) == 0
+    accepted = json.loads(capsys.readouterr().out)
+    assert accepted["drift_accepted"] is True
+    assert accepted["canary_min_cosine"] < 0.999
+    assert accepted["canaries_recorded"] > 0
+    canaries = lancedb.connect(str(tmp_path / "db")).open_table("docs__canary").to_arrow()
+    assert set(canaries["accepted_drift"].to_pylist()) == {True}
+    assert set(canaries["run_id"].to_pylist()) == {accepted["run_id"]}
+
+    texts[2] = "Another edit, after the drift was accepted."
+    write(texts)
+    assert main(args()) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert (after["drift_accepted"], after["canary_min_cosine"] >= 0.99999) == (False, True)
+
+
+# --------------------------------------------------------------------------- gated rebuilds
+
+
+class _Mirror(FakeEmbedder):
+    """Embeds a query exactly like a document of the same text, so it finds that document."""
+
+    def embed_queries(self, queries):  # type: ignore[no-untyped-def]
+        return self.embed_documents(queries)
+
+
+def test_a_gated_rebuild_swaps_only_a_better_table(tmp_path):
+    from qwen3_pipeline.gate import GateConfig, parse_golden_set
+
+    db = str(tmp_path / "db")
+    mirror_spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
+    plain_spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32, max_length=4096)
+    golden = parse_golden_set(
+        [json.dumps({"query": TEXTS[i], "relevant": [i]}) for i in (0, 7, 19, 33)]
+    )
+
+    def rebuild(embedder, live_embedder):  # type: ignore[no-untyped-def]
+        gate = GateConfig(golden=golden, k=3, live_embedder=live_embedder)
+        return refresh(source=source(TEXTS), config=CONFIG, embedder=embedder, db_uri=db,
+                       table="docs", rebuild=True, gate=gate, progress=False)  # fmt: skip
+
+    # A first build has no live table to beat.
+    first = rebuild(_Mirror(mirror_spec), None)
+    assert first.gate is not None
+    assert (first.gate["passed"], first.gate["live"]) == (True, None)
+    live_version = lancedb.connect(db).open_table("docs").version
+    # A rebuild whose queries find nothing is refused: live untouched, staging kept.
+    worse = rebuild(FakeEmbedder(plain_spec), _Mirror(mirror_spec))
+    assert worse.gate is not None
+    assert worse.gate["passed"] is False
+    assert worse.gate["live"]["ndcg"] == 1.0
+    assert worse.table_name.startswith("docs__rebuild_")
+    assert lancedb.connect(db).open_table("docs").version == live_version
+    tables = lancedb.connect(db).list_tables().tables
+    assert worse.table_name in tables
+    stored = lancedb.connect(db).open_table("docs").to_arrow()
+    assert set(stored["dim"].to_pylist()) == {64}
+    with pytest.raises(Exception, match="rebuild"):
+        refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(plain_spec), db_uri=db,
+                table="docs", gate=GateConfig(golden=golden), progress=False)  # fmt: skip
+
+
+def test_cli_gate_failure_exits_2_and_keeps_live(tmp_path, tiny_model_256_dir, capsys):
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({"id": list(range(12)), "body": TEXTS[:12]}), path)
+    golden = tmp_path / "golden.jsonl"
+    golden.write_text(
+        "\n".join(json.dumps({"query": TEXTS[i], "relevant": [i]}) for i in range(6)) + "\n"
+    )
+    base = [
+        "refresh", "--source", str(path), "--key", "id", "--text", "body",
+        "--db", str(tmp_path / "db"), "--table", "docs", "--model", str(tiny_model_256_dir),
+        "--device", "cpu", "--no-reproject",
+    ]  # fmt: skip
+    assert main([*base, "--dim", "256"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--dim", "32", "--gate", str(golden)]) == 2  # needs --rebuild
+    assert "--rebuild" in capsys.readouterr().err
+    # An impossible bar: staging must beat live by more than the metrics' range.
+    status = main([*base, "--dim", "32", "--rebuild", "--gate", str(golden),
+                   "--gate-tolerance", "0"])  # fmt: skip
+    out = capsys.readouterr()
+    if status == 0:  # the smaller dim happened to score as well: the gate passed, swapped
+        assert json.loads(out.out)["gate"]["passed"] is True
+    else:
+        assert status == 2
+        assert "gate failed" in out.err
+        table = lancedb.connect(str(tmp_path / "db")).open_table("docs").to_arrow()
+        assert set(table["dim"].to_pylist()) == {256}

@@ -252,7 +252,10 @@ def _arrow_peak_while_embedding(db, tmp_path, rows: int) -> tuple[int, int]:
             assert len(texts) <= 500
             return super().embed_documents(texts)
 
-    report = run(db, ParquetSource(path), embedder=Probe(spec()), chunk_rows=500, table=f"t{rows}")
+    # reproject=False: the tables of both sizes share a database and a spec, and the second
+    # would otherwise copy the first one's vectors instead of embedding.
+    report = run(db, ParquetSource(path), embedder=Probe(spec()), chunk_rows=500,
+                 table=f"t{rows}", reproject=False)  # fmt: skip
     assert report.inserted == rows
     assert len(peaks) == rows // 500
     return max(peaks), source_bytes

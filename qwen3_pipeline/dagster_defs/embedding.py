@@ -16,7 +16,9 @@ partitions in the run, followed in the same step (no second model load) by the c
 - ``code_version`` = the spec fingerprint, a data version = a digest of the stored keys and
   content hashes of the refreshed partitions, and materialisation metadata namespaced
   ``qwen3/...`` (counts per partition via ``context.add_asset_metadata(partition_key=...)``);
-- five asset checks (blocking by default: a failed check stops downstream assets of the run).
+- five asset checks (blocking by default: a failed check stops downstream assets of the run);
+  when all of them pass, the version they read is tagged ``checked-v{N}`` (older checked tags
+  pruned, :mod:`qwen3_pipeline.store.versions`), and readers read the newest checked version.
 
 Example:
     >>> from qwen3_pipeline.sources import DuckDBSource, SourceConfig
@@ -44,6 +46,7 @@ import dagster as dg
 
 from qwen3_pipeline.checks import CHECK_DESCRIPTIONS, CheckReport, check_names, run_checks
 from qwen3_pipeline.dagster_defs.metadata import (
+    TABLE_CHECKED_VERSION,
     lance_column_schema,
     partition_metadata,
     rows_metadata,
@@ -63,6 +66,7 @@ from qwen3_pipeline.sources import (
     shard_label,
 )
 from qwen3_pipeline.spec import EmbeddingSpec
+from qwen3_pipeline.store import latest_checked_version, prune_checked_tags, tag_checked
 
 DEFAULT_SHARDS = 8
 DEFAULT_POOL = "gpu"
@@ -401,6 +405,7 @@ def build_embedding_asset(
                     f"{asset_key.to_user_string()} before running its checks alone"
                 )
             written = lancedb.open_table(table if report is None else report.table_name)
+            read_version = int(written.version)
             checked = run_checks(
                 table=written,
                 source=rows,
@@ -412,6 +417,12 @@ def build_embedding_asset(
                 failures=report.failures if report is not None else (),
                 sample_rows=vector_sample_rows,
             )
+            # Readers read the newest checked version: tag the version the checks read only
+            # when every check passed (whether or not they block), never after a failure.
+            if checked.passed:
+                tag_checked(written, read_version)
+                prune_checked_tags(written)
+            checked_version = latest_checked_version(written)
         except dg.Failure:
             raise
         except Exception as e:  # typed errors decide retries; bugs must not be retried
@@ -424,9 +435,19 @@ def build_embedding_asset(
             for r in check_results(checked, asset_key)
             if dg.AssetCheckKey(asset_key, r.check_name or "") in selected
         ]
+        served = (
+            f"readers read checked version {checked_version}"
+            if checked_version is not None
+            else "no version is checked: readers read the latest, with a warning"
+        )
+        context.log.info(
+            f"lance version {read_version} of {table} "
+            + ("tagged checked" if checked.passed else "NOT tagged checked (a check failed)")
+            + f"; {served}"
+        )
         if report is None:
             context.log.info(
-                f"checked {table} at lance version {written.version} without refreshing it: "
+                f"checked {table} at lance version {read_version} without refreshing it: "
                 + ", ".join(f"{r.check_name} {'passed' if r.passed else 'FAILED'}" for r in results)
             )
             yield from results
@@ -457,6 +478,7 @@ def build_embedding_asset(
                     model=spec.model,
                     dim=spec.dim,
                 ),
+                TABLE_CHECKED_VERSION: checked_version,
                 **(
                     {"qwen3/table/documents": checked.stored_documents}
                     if source_config.chunking is not None

@@ -27,6 +27,9 @@ TABLE_NAME = "qwen3/table/name"
 TABLE_URI = "qwen3/table/uri"
 TABLE_ROWS = "qwen3/table/rows"
 TABLE_VERSION = "qwen3/table/lance_version"
+# The newest version tagged checked after the run: the run's own version when every check
+# passed on it, an older one when they failed (readers keep reading that), None when none is.
+TABLE_CHECKED_VERSION = "qwen3/table/checked_version"
 TABLE_FINGERPRINT = "qwen3/table/spec_fingerprint"
 TABLE_MODEL = "qwen3/table/model"
 TABLE_DIM = "qwen3/table/dim"

@@ -1,16 +1,16 @@
-"""Open the vectors a Dagster materialisation recorded: the helper for downstream users.
+"""Open the vectors of an embedding asset: the helper for downstream users.
 
 Every materialisation of an embedding asset records where its table is (``qwen3/table/uri``,
-``qwen3/table/name``) and the Lance version it left (``qwen3/table/lance_version``); the
-index-upkeep asset records the version after folding those rows into the index
-(``qwen3/lance_version``). :func:`open_vectors` opens the table at the newest of these that
-holds the latest refresh, so a downstream asset, notebook or service reads exactly what the
-pipeline last produced and checked, even while the next refresh writes.
+``qwen3/table/name``) and the Lance version it left (``qwen3/table/lance_version``); when every
+check passed on that version, the asset also tags it ``checked-v{N}``
+(:mod:`qwen3_pipeline.store.versions`). :func:`open_vectors` opens the table at its newest
+checked version, so a downstream asset, notebook or service reads what the pipeline last
+produced *and checked* (never a version whose checks failed), even while the next refresh
+writes. With the index-upkeep asset, the version it left after indexing exactly that checked
+version is read instead (same rows, plus the index). An explicit ``version=`` pins any version.
 
 Example:
     >>> import dagster as dg
-
-from qwen3_pipeline.dagster_defs.metadata import TABLE_NAME, TABLE_URI, TABLE_VERSION
     >>> from qwen3_pipeline.consumers import search
     >>> instance = dg.DagsterInstance.get()  # doctest: +SKIP
     >>> vectors = open_vectors("document_vectors", instance=instance)  # doctest: +SKIP
@@ -33,6 +33,7 @@ import dagster as dg
 from qwen3_pipeline.consumers import VectorTable, open_vector_table
 from qwen3_pipeline.dagster_defs.metadata import TABLE_NAME, TABLE_URI, TABLE_VERSION
 from qwen3_pipeline.errors import ConfigError
+from qwen3_pipeline.store import open_lance_table, resolve_read_version
 
 CoercibleToAssetKey = dg.AssetKey | str | Sequence[str]
 
@@ -124,8 +125,16 @@ def open_vectors(
     instance: dg.DagsterInstance | None = None,
     index_asset_key: CoercibleToAssetKey | None = None,
     storage_options: dict[str, str] | None = None,
+    version: int | None = None,
 ) -> VectorTable:
-    """Open an embedding asset's table at the Lance version of its latest materialisation.
+    """Open an embedding asset's table at its newest checked version (or at ``version``).
+
+    The table's location comes from the asset's latest materialisation. The version read is
+    the newest one tagged checked (:func:`~qwen3_pipeline.store.resolve_read_version`), so a
+    materialisation whose checks failed is never served while an older checked version
+    exists; a table without any checked version is read at its latest version, with a warning.
+    With ``index_asset_key``, when the index-upkeep asset last started from exactly that
+    version, the version it left (the same rows, plus the index) is read instead.
 
     Args:
         asset_key: The embedding asset (e.g. ``"document_vectors"``).
@@ -133,6 +142,9 @@ def open_vectors(
             ``DAGSTER_HOME``).
         index_asset_key: The index-upkeep asset of the same table, to read the indexed version.
         storage_options: Object-store options (credentials) for LanceDB.
+        version: A Lance version to read whatever its checks (e.g. the
+            ``qwen3/table/lance_version`` of a given materialisation); None reads the newest
+            checked version.
 
     Returns:
         The pinned :class:`~qwen3_pipeline.consumers.VectorTable`; search it with
@@ -141,9 +153,29 @@ def open_vectors(
     Raises:
         ConfigError: Never materialised, or the recorded table/version is gone.
     """
-    found = latest_materialized_vectors(
-        instance or dg.DagsterInstance.get(), asset_key, index_asset_key=index_asset_key
-    )
+    instance = instance or dg.DagsterInstance.get()
+    found = latest_materialized_vectors(instance, asset_key)
+    if version is None:
+        live = open_lance_table(found.uri, found.table, storage_options=storage_options)
+        version = resolve_read_version(live, None)
+        if index_asset_key is not None:
+            version = _indexed_version(instance, index_asset_key, found.table, version)
     return open_vector_table(
-        found.uri, found.table, version=found.version, storage_options=storage_options
+        found.uri, found.table, version=version, storage_options=storage_options
     )
+
+
+def _indexed_version(
+    instance: dg.DagsterInstance, index_asset_key: CoercibleToAssetKey, table: str, version: int
+) -> int:
+    # The index upkeep only compacts and indexes: the version it left holds the rows of the
+    # version it started from, so it may stand for that (checked) version, never for another.
+    entry = instance.get_latest_materialization_event(dg.AssetKey.from_coercible(index_asset_key))
+    if entry is None:
+        return version
+    metadata = _metadata_values(entry)
+    started_from = metadata.get("qwen3/upstream_lance_version")
+    left = metadata.get("qwen3/lance_version")
+    if metadata.get("qwen3/table_name") != table or started_from != version:
+        return version
+    return left if isinstance(left, int) and left >= version else version

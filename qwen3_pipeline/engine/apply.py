@@ -29,10 +29,11 @@ import pyarrow.compute as pc
 
 from qwen3_pipeline.changes import RowStatus
 from qwen3_pipeline.embedder import BatchDone, Embedder, EncodeResult, EncodeStats, engine_info
+from qwen3_pipeline.engine.canary import DEFAULT_DRIFT_THRESHOLD, Canaries, DriftGuard
 from qwen3_pipeline.engine.plan import RefreshPlan, read_spill, table_spec_for
 from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES, RefreshReport, Tally
 from qwen3_pipeline.engine.reproject import Donor, Reprojected, find_donor
-from qwen3_pipeline.errors import ConfigError
+from qwen3_pipeline.errors import ConfigError, StoreError
 from qwen3_pipeline.progress import Progress
 from qwen3_pipeline.schema import (
     CHUNK_COLUMNS,
@@ -50,6 +51,7 @@ from qwen3_pipeline.store import VectorStore, begin_rebuild, commit_rebuild
 
 if TYPE_CHECKING:  # the chunking module (pandas, the splitter) loads only for chunk tables
     from qwen3_pipeline.chunking import Chunker
+    from qwen3_pipeline.gate import GateConfig
 
 logger = logging.getLogger("qwen3_pipeline")
 
@@ -67,6 +69,9 @@ def apply_plan(
     version_before: int = 0,
     progress: bool = True,
     reproject: bool = True,
+    drift_threshold: float = DEFAULT_DRIFT_THRESHOLD,
+    accept_drift: bool = False,
+    gate: "GateConfig | None" = None,
 ) -> RefreshReport:
     """Carry out ``plan`` and return the refresh report; the plan's spill files are removed.
 
@@ -83,12 +88,20 @@ def apply_plan(
         progress: Report progress (bar on a terminal, log lines otherwise).
         reproject: Re-project rows from a donor table when one qualifies (see
             :func:`~qwen3_pipeline.engine.reproject.find_donor`).
+        drift_threshold: Minimum cosine between the table's recorded canary vectors and the
+            loaded model's (see :mod:`~qwen3_pipeline.engine.canary`).
+        accept_drift: Write even when the canaries drifted, and re-record them.
+        gate: For a rebuild, evaluate live and staging on a golden set before the swap and
+            swap only if staging scores as well (the decision is ``report.gate``; a failed
+            gate leaves live untouched and keeps the staging table for inspection).
 
     Returns:
         The :class:`RefreshReport`.
 
     Raises:
         ConfigError: The embedder's spec is not the plan's.
+        EmbeddingDriftError: The loaded model no longer reproduces the table's canaries
+            (nothing written).
         StoreError: LanceDB failed (the table stays at its last committed version).
     """
     try:
@@ -111,6 +124,9 @@ def apply_plan(
             version_before=version_before,
             progress=progress,
             reproject=reproject,
+            drift_threshold=drift_threshold,
+            accept_drift=accept_drift,
+            gate=gate,
         )
     finally:
         plan.close()
@@ -130,8 +146,13 @@ def _apply(
     version_before: int,
     progress: bool,
     reproject: bool,
+    drift_threshold: float,
+    accept_drift: bool,
+    gate: "GateConfig | None",
 ) -> RefreshReport:
     started = time.perf_counter()
+    if gate is not None and not plan.rebuild:
+        raise ConfigError("a gate applies to a rebuild only (rebuild=True / --rebuild)")
     schema = output_schema(source, config)
     open_args = {
         "key_type": schema.field("key").type,
@@ -150,6 +171,12 @@ def _apply(
                          run_id=run_id)  # fmt: skip
     if reproject and plan.rows_to_embed and config.chunking is None:
         writer.donor = _donor_for(plan, spec, storage_options)
+    guard = None
+    if plan.rows_to_embed:
+        # Checked before the model's first call, so nothing is written by a drifted model.
+        canaries = Canaries(store.connection, plan.table_name, spec)
+        guard = DriftGuard(embedder, canaries, threshold=drift_threshold, accept_drift=accept_drift)
+        writer.embedder = guard
     if isinstance(writer, _DocumentWriter) and config.chunking is not None:
         from qwen3_pipeline.chunking import Chunker
 
@@ -173,13 +200,44 @@ def _apply(
             tally.add("deleted", work.delete_partitions)
             if store.chunked:
                 tally.total["chunks_deleted"] += deleted.deleted
-    if plan.rebuild:
+    decision = None
+    if plan.rebuild and gate is not None:
+        from qwen3_pipeline.gate import gate_rebuild
+
+        decision = gate_rebuild(
+            gate,
+            uri=plan.table_uri,
+            live_table=plan.table_name,
+            staging_table=store.table_name,
+            staging_version=store.version,
+            staging_embedder=embedder,
+            storage_options=storage_options,
+        )
+        logger.info("%s", decision.summary())
+    swapped = plan.rebuild and (decision is None or decision.passed)
+    if swapped:
         store = commit_rebuild(store)
         tally.commits += 1
+    elif plan.rebuild:
+        logger.error(
+            "gate failed: %s is not swapped in; staging table %s is kept for inspection "
+            "(drop it, or re-run the rebuild with another tolerance to resume it)",
+            plan.table_name,
+            store.table_name,
+        )
+    wrote_live = not plan.rebuild or swapped
+    canaries_recorded = (
+        0
+        if guard is None or not wrote_live
+        else guard.record_if_needed(run_id=run_id, wrote=tally.encode.rows > 0)
+    )
     if tally.commits:
         store.maybe_optimize()
     report = _report(
         tally,
+        gate=None if decision is None else decision.as_dict(),
+        guard=guard,
+        canaries_recorded=canaries_recorded,
         engine=engine_info(embedder),
         store=store,
         plan=plan,
@@ -253,7 +311,13 @@ class _Writer:
         partitions = chunk.column("partition_key").combine_chunks()
         reprojected = None
         if self.donor is not None:
-            reprojected = self.donor.lookup(chunk.column("key"), chunk.column("content_hash"))
+            try:
+                reprojected = self.donor.lookup(chunk.column("key"), chunk.column("content_hash"))
+            except StoreError as e:
+                # Re-projection only saves work: a donor that cannot be read is dropped.
+                logger.warning("not re-projecting from %s: %s", self.donor.name, e)
+                self.donor = None
+        if reprojected is not None:
             tally.add("reprojected", partitions, reprojected.found)
             bar.update(int(reprojected.found.sum()))
         to_embed = (
@@ -498,6 +562,9 @@ def embed_reporting(
 def _report(
     tally: Tally,
     *,
+    gate: dict[str, Any] | None,
+    guard: DriftGuard | None,
+    canaries_recorded: int,
     engine: dict[str, Any],
     store: VectorStore,
     plan: RefreshPlan,
@@ -540,6 +607,12 @@ def _report(
         workers=int(engine["workers"]),
         model_loads=int(engine["model_loads"]),
         model_loaded=int(engine["model_loads"]) > 0,
+        canary_min_cosine=(
+            None if guard is None or guard.result is None else round(guard.result.min_cosine, 8)
+        ),
+        drift_accepted=guard is not None and guard.drift_accepted,
+        gate=gate,
+        canaries_recorded=canaries_recorded,
         chunked=store.chunked,
         chunks_written=total["chunks_written"],
         chunks_reused=total["chunks_reused"],

@@ -111,6 +111,15 @@ class RefreshReport:
             loaded model; a Ray actor restarted after a crash counts again).
         model_loaded: Whether a model was loaded for this refresh (never, with a lazily
             loading embedder, when there was nothing to embed).
+        canary_min_cosine: Lowest cosine between the table's recorded canary vectors and the
+            loaded model's (None: not checked, nothing was embedded or none recorded yet).
+        drift_accepted: The canaries drifted below the threshold and the refresh wrote anyway
+            (``accept_drift``); they were re-recorded with this model.
+        canaries_recorded: Canaries recorded by this refresh (first fill, new spec, or after
+            an accepted drift).
+        gate: For a gated rebuild, the decision (``GateDecision.as_dict()``: both tables'
+            recall@k / nDCG@k, the deltas, ``passed`` and the reason); when it did not pass,
+            live was not swapped and ``table_name`` is the staging table kept for inspection.
         chunked: The table holds chunks of documents. The row counters (``scanned``,
             ``inserted``, ``updated``, ``deleted``...) then count *documents*, and
             ``embedded_rows``, ``tokens`` and ``failed`` count chunks sent to the model.
@@ -154,6 +163,10 @@ class RefreshReport:
     workers: int = 1
     model_loads: int = 0
     model_loaded: bool = False
+    canary_min_cosine: float | None = None
+    drift_accepted: bool = False
+    canaries_recorded: int = 0
+    gate: dict[str, Any] | None = None
     chunked: bool = False
     chunks_written: int = 0
     chunks_reused: int = 0
@@ -273,5 +286,11 @@ def merge_reports(reports: Sequence[RefreshReport]) -> RefreshReport:
         workers=max(r.workers for r in reports),
         model_loads=max(r.model_loads for r in reports),
         model_loaded=any(r.model_loaded for r in reports),
+        canary_min_cosine=min(
+            (r.canary_min_cosine for r in reports if r.canary_min_cosine is not None),
+            default=None,
+        ),
+        drift_accepted=any(r.drift_accepted for r in reports),
+        canaries_recorded=sum(r.canaries_recorded for r in reports),
         chunked=first.chunked,
     )

@@ -3,6 +3,8 @@
 - :mod:`qwen3_pipeline.store.table`: :class:`VectorStore` (open with spec checks, stored state,
   upserts, column updates, deletes; one retry helper, errors typed at the LanceDB boundary);
 - :mod:`qwen3_pipeline.store.rebuild`: re-embed into a staging table and swap it in;
+- :mod:`qwen3_pipeline.store.versions`: checked-version and before-swap tags, the version
+  readers read by default, rollback;
 - the names and columns of the table are in :mod:`qwen3_pipeline.schema`.
 """
 
@@ -16,16 +18,38 @@ from qwen3_pipeline.store.table import (
     store_error,
     with_retries,
 )
+from qwen3_pipeline.store.versions import (
+    RollbackResult,
+    checked_versions,
+    latest_before_swap_tag,
+    latest_checked_version,
+    open_lance_table,
+    prune_checked_tags,
+    resolve_read_version,
+    rollback,
+    tag_before_swap,
+    tag_checked,
+)
 
 __all__ = [
     "RetryPolicy",
+    "RollbackResult",
     "VectorStore",
     "WriteResult",
     "abort_rebuild",
     "begin_rebuild",
+    "checked_versions",
     "commit_rebuild",
     "is_conflict",
+    "latest_before_swap_tag",
+    "latest_checked_version",
     "list_table_names",
+    "open_lance_table",
+    "prune_checked_tags",
+    "resolve_read_version",
+    "rollback",
     "store_error",
+    "tag_before_swap",
+    "tag_checked",
     "with_retries",
 ]

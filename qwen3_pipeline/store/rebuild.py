@@ -3,9 +3,10 @@
 A table whose recorded spec differs from the configured one is never mixed (DESIGN §5). A
 rebuild writes the whole source into ``<table>__rebuild_<fingerprint>`` (deterministic, so an
 interrupted rebuild resumes where it stopped) while readers keep using the live table; when
-the staging table is complete, :func:`commit_rebuild` replaces the live table's rows with one
-overwrite commit (earlier versions and tags of the live table stay readable for pinned
-readers) and drops the staging table.
+the staging table is complete, :func:`commit_rebuild` tags the live table's version
+``before-swap-...`` (the rollback point), replaces the live table's rows with one overwrite
+commit (earlier versions and tags of the live table stay readable for pinned readers) and drops
+the staging table.
 
 Example:
     >>> staging = begin_rebuild("data/lancedb", "docs", spec, key_type=pa.int64())  # doctest: +SKIP
@@ -21,6 +22,7 @@ from qwen3_pipeline.errors import ConfigError
 from qwen3_pipeline.schema import rebuild_table_name, validate_table_name
 from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.store.table import RetryPolicy, VectorStore
+from qwen3_pipeline.store.versions import tag_before_swap
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +75,13 @@ def commit_rebuild(staging: VectorStore) -> VectorStore:
     """Swap the completed staging table in as the live table, then drop the staging table.
 
     The swap is one atomic commit on the live table (an overwrite that streams the staging
-    rows). Before that commit the live table is intact and the staging table is kept, so
-    re-running the rebuild resumes and commits again; after it, the live table holds the new
-    spec, and a staging table left behind by a crash is dropped by the next
-    :func:`commit_rebuild` or :func:`abort_rebuild`.
+    rows). Right before it, the live table's current version is tagged
+    ``before-swap-v{N}-{time}`` (:func:`~qwen3_pipeline.store.versions.tag_before_swap`; once
+    per version, so a retried swap adds no tag), the point that
+    :func:`~qwen3_pipeline.store.versions.rollback` restores by default. Before that commit the
+    live table is intact and the staging table is kept, so re-running the rebuild resumes and
+    commits again; after it, the live table holds the new spec, and a staging table left behind
+    by a crash is dropped by the next :func:`commit_rebuild` or :func:`abort_rebuild`.
 
     Returns:
         The store bound to the live table (key declared and indexed again).
@@ -86,6 +91,11 @@ def commit_rebuild(staging: VectorStore) -> VectorStore:
         StoreError: LanceDB failed (the live table is then unchanged).
     """
     target = _require_rebuild(staging)
+    live_table = staging.sibling_table(target)
+    if live_table is not None:
+        # The swap replaces every row: name the live version first, so that `rollback` can
+        # restore it in one commit (and upkeep keeps it while the tag lives).
+        tag_before_swap(live_table, int(live_table.version))
     staging.overwrite(target)
     live = staging.reopen(target)
     staging.drop()

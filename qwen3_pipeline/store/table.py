@@ -380,6 +380,12 @@ class VectorStore:
             f"drop {self._table_name!r}",
         )
 
+    def sibling_table(self, table_name: str) -> Any | None:
+        """Return the ``lancedb`` table ``table_name`` of this store's database, or None."""
+        if table_name not in list_table_names(self._db):
+            return None
+        return _call(lambda: self._db.open_table(table_name), f"open table {table_name!r}")
+
     def overwrite(self, target: str) -> None:
         """Replace table ``target`` by this table's rows in one commit (history kept)."""
         schema = self._table.schema
@@ -454,6 +460,11 @@ class VectorStore:
     def table(self) -> Any:
         """The underlying ``lancedb`` table (for search and downstream readers)."""
         return self._table
+
+    @property
+    def connection(self) -> Any:
+        """The ``lancedb`` connection of the table's database."""
+        return self._db
 
     @property
     def spec(self) -> EmbeddingSpec:
