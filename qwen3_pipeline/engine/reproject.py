@@ -17,13 +17,13 @@ holds with the same content hash are re-projected, the rest go to the model. Onl
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from qwen3_pipeline.errors import ConfigError, Qwen3PipelineError
 from qwen3_pipeline.schema import META_SPEC, REBUILD_MARKER
@@ -33,7 +33,6 @@ logger = logging.getLogger("qwen3_pipeline")
 
 # The spec fields that must agree for a stored vector to be re-projectable (dim may shrink).
 _SAME_FIELDS = ("model", "revision", "max_length", "document_prompt", "normalize", "chunking")
-_LOOKUP_COLUMNS = ["key", "content_hash", "vector", "n_tokens", "truncated", "embedded_at"]
 
 
 def can_reproject(target: EmbeddingSpec, stored: EmbeddingSpec) -> bool:
@@ -104,53 +103,90 @@ class Donor:
         self.name = name
         self.spec = spec
         self.target = target
+        self._key_index: pd.Index | None = None
+        self._hashes: np.ndarray | None = None
+        self._row_ids: np.ndarray | None = None
 
     def lookup(
         self, keys: pa.Array | pa.ChunkedArray, content_hashes: pa.Array | pa.ChunkedArray
     ) -> Reprojected:
         """Re-project the rows the donor holds with the same key and content hash.
 
+        The first call indexes the donor's keys and hashes (one scan, about 50 bytes a row,
+        never vectors); each call then reads only the vectors it re-projects, by row id, so a
+        rebuild reads the donor once however many batches it has.
+
         Raises:
             StoreError: The donor could not be read.
         """
-        from lancedb.expr import col
-
-        from qwen3_pipeline.store import store_error
-
+        index, hashes, row_ids = self._index()
         keys = keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
-        wanted = pc.unique(keys).to_pylist()
-        try:
-            found = (
-                self.table.search()
-                .where(col("key").isin(wanted))
-                .select(_LOOKUP_COLUMNS)
+        if isinstance(content_hashes, pa.ChunkedArray):
+            content_hashes = content_hashes.combine_chunks()
+        at = index.get_indexer(np.asarray(keys.to_numpy(zero_copy_only=False)))
+        hit = at >= 0
+        incoming = np.asarray(content_hashes.to_numpy(zero_copy_only=False)).astype(hashes.dtype)
+        hit[hit] = hashes[at[hit]] == incoming[hit]
+        wanted = row_ids[at[hit]]
+        found = self._read(
+            lambda: (
+                self.table.take_row_ids(wanted.tolist())
+                .select(["key", "vector", "n_tokens", "truncated", "embedded_at"])
+                .with_row_id()
                 .to_arrow()
             )
+        )
+        # take_row_ids returns rows in no particular order: align them with ``wanted``.
+        order = pd.Index(found.column("_rowid").to_numpy()).get_indexer(wanted)
+        if (order < 0).any():  # the donor changed under us: re-project nothing of this batch
+            return self._nothing(len(hit))
+        rows = found.take(pa.array(order))
+        if rows.column("key").to_pylist() != keys.filter(pa.array(hit)).to_pylist():
+            return self._nothing(len(hit))
+        flat = rows.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        stored = flat.reshape(-1, self.spec.output_dim)
+        return Reprojected(
+            found=hit,
+            vectors=project(stored, self.target.output_dim, normalize=self.target.normalize),
+            n_tokens=np.asarray(rows.column("n_tokens").to_numpy(), dtype=np.int32),
+            truncated=np.asarray(rows.column("truncated").to_numpy(), dtype=bool),
+            embedded_at=rows.column("embedded_at").combine_chunks(),
+        )
+
+    def _index(self) -> tuple[pd.Index, np.ndarray, np.ndarray]:
+        if self._key_index is None:
+            scan = self._read(
+                lambda: (
+                    self.table.search().select(["key", "content_hash"]).with_row_id(True).to_arrow()
+                )
+            )
+            self._key_index = pd.Index(scan.column("key").to_numpy())
+            # Fixed-width bytes: content hashes are 32 hex digits.
+            self._hashes = np.asarray(
+                scan.column("content_hash").to_numpy(zero_copy_only=False)
+            ).astype("S32")
+            self._row_ids = np.asarray(scan.column("_rowid").to_numpy(), dtype=np.uint64)
+        assert self._hashes is not None
+        assert self._row_ids is not None
+        return self._key_index, self._hashes, self._row_ids
+
+    def _read(self, action: Callable[[], pa.Table]) -> pa.Table:
+        from qwen3_pipeline.store import store_error
+
+        try:
+            return action()
         except Qwen3PipelineError:
             raise
         except Exception as e:  # LanceDB raises RuntimeError/OSError/ValueError alike
             raise store_error(e, f"read donor table {self.name!r}") from e
-        at = np.asarray(
-            pc.fill_null(pc.index_in(keys, value_set=found.column("key")), -1).to_numpy(
-                zero_copy_only=False
-            ),
-            dtype=np.int64,
-        )
-        if isinstance(content_hashes, pa.ChunkedArray):
-            content_hashes = content_hashes.combine_chunks()
-        hashes = np.asarray(content_hashes.to_pylist(), dtype=object)
-        donor_hashes = np.asarray(found.column("content_hash").to_pylist(), dtype=object)
-        hit = at >= 0
-        hit[hit] = donor_hashes[at[hit]] == hashes[hit]
-        rows = pa.array(at[hit])
-        flat = found.column("vector").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        stored = flat.reshape(-1, self.spec.output_dim)[at[hit]]
+
+    def _nothing(self, n: int) -> Reprojected:
         return Reprojected(
-            found=hit,
-            vectors=project(stored, self.target.output_dim, normalize=self.target.normalize),
-            n_tokens=np.asarray(found.column("n_tokens").take(rows).to_numpy(), dtype=np.int32),
-            truncated=np.asarray(found.column("truncated").take(rows).to_numpy(), dtype=bool),
-            embedded_at=found.column("embedded_at").take(rows).combine_chunks(),
+            found=np.zeros(n, dtype=bool),
+            vectors=np.zeros((0, self.target.output_dim), dtype=np.float32),
+            n_tokens=np.zeros(0, dtype=np.int32),
+            truncated=np.zeros(0, dtype=bool),
+            embedded_at=pa.array([], pa.timestamp("us", tz="UTC")),
         )
 
 
