@@ -31,6 +31,7 @@ from qwen3_pipeline.dagster_defs.consumers import (
     build_vector_index_asset,
 )
 from qwen3_pipeline.dagster_defs.embedding import (
+    DRIFT_CHECK,
     BadInputFailure,
     HashShards,
     TimePartitioning,
@@ -167,7 +168,9 @@ def test_direct_invocation_returns_metadata_checks_and_data_version(
     )
     schema = first.metadata["dagster/column_schema"]
     assert {"key", "vector", "content_hash", "title"} <= {c.name for c in schema.columns}
-    assert sorted(r.check_name for r in first.check_results) == sorted(checks.CHECK_NAMES)
+    assert sorted(r.check_name for r in first.check_results) == sorted(
+        [*checks.CHECK_NAMES, DRIFT_CHECK]
+    )
     assert all(r.passed for r in first.check_results)
     # Nothing changed: nothing embedded, no commit, same data version.
     assert second.metadata["qwen3/rows_embedded"] == 0
@@ -188,7 +191,7 @@ def test_definition_carries_partitions_policies_and_checks(warehouse: Path) -> N
     assert asset.op.pool == "gpu"
     assert asset.op.retry_policy.max_retries == 3
     specs = list(asset.check_specs)
-    assert {s.name for s in specs} == set(checks.CHECK_NAMES)
+    assert {s.name for s in specs} == {*checks.CHECK_NAMES, DRIFT_CHECK}
     assert all(s.blocking for s in specs)
     with pytest.raises(ConfigError, match="partition must be None"):
         build_embedding_asset(
@@ -747,3 +750,63 @@ def test_open_vectors_pins_the_materialized_version_and_search_uses_its_spec(
     rows = con.execute("SELECT key_a, key_b, title_a, title_b FROM near_duplicates").fetchall()
     con.close()
     assert rows == [("doc:0", "doc:7", "Title 0", "Title 7")]
+
+
+# --------------------------------------------------------------------------- drift canary
+
+
+class _DriftingFake(FakeEmbedder):
+    """A fake whose vectors depend on a 'weights' salt, and that admits it can drift."""
+
+    deterministic = False
+
+    def __init__(self, spec, salt: str) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(spec)
+        self.salt = salt
+
+    def embed_documents(self, texts, *, on_batch=None):  # type: ignore[no-untyped-def]
+        return super().embed_documents([f"{self.salt}{t}" for t in texts], on_batch=on_batch)
+
+
+class _DriftingResource(FakeEmbedderResource):
+    salt: str = ""
+
+    def load_embedder(self, spec):  # type: ignore[no-untyped-def]
+        return _DriftingFake(spec, self.salt)
+
+
+def test_drift_fails_the_canary_check_before_any_write(tmp_path: Path, warehouse: Path) -> None:
+    asset = _asset(warehouse, partitioning=None)
+    with dg.instance_for_test() as instance:
+        first = _materialize([asset], _resources(tmp_path, _DriftingResource(dim=64)), instance)
+        assert first.success
+        (evaluation,) = [
+            e for e in first.get_asset_check_evaluations() if e.check_name == DRIFT_CHECK
+        ]
+        assert evaluation.passed  # first fill: canaries recorded, nothing to compare yet
+        tables = lancedb.connect(str(tmp_path / "lancedb")).list_tables().tables
+        assert f"{TABLE}__canary" in tables
+        version = _table(tmp_path).version
+        _execute(
+            warehouse, "UPDATE documents SET text = text || ' (edited)' WHERE doc_id = 'doc:3'"
+        )
+        same = _materialize([asset], _resources(tmp_path, _DriftingResource(dim=64)), instance)
+        (evaluation,) = [
+            e for e in same.get_asset_check_evaluations() if e.check_name == DRIFT_CHECK
+        ]
+        assert evaluation.passed
+        assert evaluation.metadata["qwen3/canary_min_cosine"].value >= 0.999
+        version = _table(tmp_path).version
+        _execute(warehouse, "UPDATE documents SET text = text || ' (again)' WHERE doc_id = 'doc:4'")
+        drifted = _materialize(
+            [asset], _resources(tmp_path, _DriftingResource(dim=64, salt="new weights ")), instance
+        )
+        assert not drifted.success
+        (evaluation,) = [
+            e for e in drifted.get_asset_check_evaluations() if e.check_name == DRIFT_CHECK
+        ]
+        assert not evaluation.passed
+        assert "no longer reproduces" in (evaluation.description or "")
+        assert _table(tmp_path).version == version  # nothing written
+        types = [e.event_type_value for e in drifted.all_events]
+        assert types.count("STEP_UP_FOR_RETRY") == 0

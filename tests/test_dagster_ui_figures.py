@@ -13,7 +13,7 @@ import pytest
 
 from qwen3_pipeline import checks
 from qwen3_pipeline.dagster_defs.automation import all_partitions_tags
-from qwen3_pipeline.dagster_defs.embedding import HashShards, build_embedding_asset
+from qwen3_pipeline.dagster_defs.embedding import DRIFT_CHECK, HashShards, build_embedding_asset
 from qwen3_pipeline.dagster_defs.metadata import (
     RUN_BY_PARTITION,
     TABLE_FINGERPRINT,
@@ -186,7 +186,7 @@ def test_checks_run_alone_read_the_table_without_refreshing_or_loading_the_model
     assert alone.success
     assert alone.get_asset_materialization_events() == []
     evaluations = alone.get_asset_check_evaluations()
-    assert sorted(e.check_name for e in evaluations) == sorted(checks.CHECK_NAMES)
+    assert sorted(e.check_name for e in evaluations) == sorted([*checks.CHECK_NAMES, DRIFT_CHECK])
     assert all(e.passed for e in evaluations)
     assert FakeEmbedderResource.loads() == loads
     assert table.version == version

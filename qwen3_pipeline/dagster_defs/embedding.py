@@ -54,8 +54,13 @@ from qwen3_pipeline.dagster_defs.metadata import (
     table_metadata,
 )
 from qwen3_pipeline.dagster_defs.resources import EmbedderResource
-from qwen3_pipeline.errors import ConfigError, failure_message, is_transient
-from qwen3_pipeline.refresh import DEFAULT_CHUNK_ROWS, refresh, table_spec_for
+from qwen3_pipeline.errors import (
+    ConfigError,
+    EmbeddingDriftError,
+    failure_message,
+    is_transient,
+)
+from qwen3_pipeline.refresh import DEFAULT_CHUNK_ROWS, RefreshReport, refresh, table_spec_for
 from qwen3_pipeline.sources import (
     Grain,
     Partition,
@@ -243,6 +248,47 @@ def check_results(report: CheckReport, asset_key: dg.AssetKey) -> list[dg.AssetC
     ]
 
 
+DRIFT_CHECK = "no_embedding_drift"
+DRIFT_DESCRIPTION = (
+    "Before the refresh writes, the table's canary texts are embedded again with the loaded "
+    "model and compared with their recorded vectors (minimum cosine >= the threshold); a drift "
+    "fails the step before anything is written. Not evaluated when the checks run alone (they "
+    "never load the model) or when the refresh embedded nothing."
+)
+
+
+def drift_result(report: RefreshReport | None, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+    """The drift canary's check result for a refresh that wrote (or a run of the checks alone)."""
+    if report is None or report.canary_min_cosine is None:
+        reason = (
+            "checks run alone never load the model"
+            if report is None
+            else "nothing was embedded, or the table has no canaries yet (recorded now)"
+        )
+        return dg.AssetCheckResult(
+            asset_key=asset_key,
+            check_name=DRIFT_CHECK,
+            passed=True,
+            description=f"not evaluated: {reason}",
+            metadata={"qwen3/canary_evaluated": False},
+        )
+    return dg.AssetCheckResult(
+        asset_key=asset_key,
+        check_name=DRIFT_CHECK,
+        passed=True,
+        description=(
+            "drift accepted (accept_drift): canaries re-recorded with this model"
+            if report.drift_accepted
+            else "the loaded model reproduces the table's canary vectors"
+        ),
+        metadata={
+            "qwen3/canary_evaluated": True,
+            "qwen3/canary_min_cosine": float(report.canary_min_cosine),
+            "qwen3/drift_accepted": report.drift_accepted,
+        },
+    )
+
+
 class _ForwardToDagster(logging.Handler):
     def __init__(self, log: logging.Logger) -> None:
         super().__init__(logging.INFO)
@@ -354,6 +400,12 @@ def build_embedding_asset(
         )
         for name in check_names(chunked=source_config.chunking is not None)
     ]
+    check_specs.append(
+        dg.AssetCheckSpec(
+            DRIFT_CHECK, asset=asset_key, description=DRIFT_DESCRIPTION, blocking=blocking_checks
+        )
+    )
+    drift_key = dg.AssetCheckKey(asset_key, DRIFT_CHECK)
     make_source = _source_factory(source)
     fingerprint = spec.fingerprint
     # What the table records: the embedder's spec, plus the chunking settings for a chunk table.
@@ -423,6 +475,17 @@ def build_embedding_asset(
                 tag_checked(written, read_version)
                 prune_checked_tags(written)
             checked_version = latest_checked_version(written)
+        except EmbeddingDriftError as e:
+            # The refresh stopped before writing anything: the check fails, and the step too.
+            if drift_key in selected:
+                yield dg.AssetCheckResult(
+                    asset_key=asset_key,
+                    check_name=DRIFT_CHECK,
+                    passed=False,
+                    description=str(e),
+                    severity=dg.AssetCheckSeverity.ERROR,
+                )
+            raise BadInputFailure(e) from e
         except dg.Failure:
             raise
         except Exception as e:  # typed errors decide retries; bugs must not be retried
@@ -432,7 +495,7 @@ def build_embedding_asset(
 
         results = [
             r
-            for r in check_results(checked, asset_key)
+            for r in [*check_results(checked, asset_key), drift_result(report, asset_key)]
             if dg.AssetCheckKey(asset_key, r.check_name or "") in selected
         ]
         served = (
