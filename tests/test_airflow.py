@@ -681,3 +681,21 @@ def test_demo_settings_refuse_a_dag_that_names_another_table(
     assert settings["source"] == f"duckdb:{tmp_path.resolve() / 'warehouse.duckdb'}::main.documents"
     with pytest.raises(ConfigError, match="QWEN3_PIPELINE_DATA_DIR"):
         airflow_demo.demo_settings(lancedb_uri="/elsewhere", table="documents", shards=8)
+
+
+def test_operator_chunks_documents_when_asked(tmp_path: Path, tiny_model_dir: Path) -> None:
+    db, lance = tmp_path / "src.duckdb", tmp_path / "lancedb"
+    long_docs = [
+        (i, f"Doc {i}", "\n\n".join(f"Paragraph {j} of doc {i}. " * 6 for j in range(8)), f"u{i}")
+        for i in range(1, 4)
+    ]
+    _write_docs(db, long_docs)
+    chunked = {"tokens": 64, "splitter": "text"}
+    fill, _ = _execute(_operator(db, lance, tiny_model_dir, chunking=chunked, dim=32))
+    assert fill["chunked"] is True
+    assert fill["inserted"] == 3
+    assert fill["embedded_rows"] == fill["chunks_written"] > 3
+    again, _ = _execute(_operator(db, lance, tiny_model_dir, chunking=chunked, dim=32))
+    assert (again["unchanged"], again["embedded_rows"]) == (3, 0)
+    with pytest.raises(ConfigError, match="chunking"):
+        _operator(db, lance, tiny_model_dir, chunking="512")

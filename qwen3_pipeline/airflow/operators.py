@@ -34,7 +34,7 @@ Example:
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,7 @@ from qwen3_pipeline.errors import ConfigError
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
+    from qwen3_pipeline.chunking import ChunkingConfig
     from qwen3_pipeline.engine.report import RefreshReport
     from qwen3_pipeline.engines import EngineOptions
     from qwen3_pipeline.sources import Shard, Shards, Source, SourceConfig
@@ -103,6 +104,11 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         rebuild: Re-embed everything into a new table and swap it in (for a spec change).
         source_name: Lineage label written on each row (default: the source's name).
         spill_dir: Scratch directory of the refresh (default: the system temp directory).
+        chunking: Cut long documents into chunks, one vector each: a ``ChunkingConfig`` or
+            its keyword arguments (``{"tokens": 512, "overlap": 0, "splitter": "text"}``).
+        accept_drift: Write even if the loaded model no longer reproduces the table's canary
+            vectors (re-records them; see the README's drift canary).
+        drift_threshold: Minimum cosine of the canaries to their recorded vectors (None: 0.999).
         **kwargs: :class:`~airflow.sdk.BaseOperator` arguments (``pool="gpu"``, ``retries``...).
 
     Raises:
@@ -163,6 +169,9 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         rebuild: bool = False,
         source_name: str | None = None,
         spill_dir: str | None = None,
+        chunking: "ChunkingConfig | Mapping[str, Any] | None" = None,
+        accept_drift: bool = False,
+        drift_threshold: float | None = None,
         **kwargs: Any,
     ) -> None:
         if (text is None or text == [] or text == ()) == (template is None):
@@ -198,6 +207,9 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         self.gpus_per_worker = gpus_per_worker
         self.ray_address = ray_address
         self.shard = shard
+        self.chunking = _chunking(chunking)
+        self.accept_drift = accept_drift
+        self.drift_threshold = drift_threshold
         self.shards = shards
         self.db_uri = db_uri
         self.lancedb_conn_id = lancedb_conn_id
@@ -277,6 +289,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             carry=tuple(self.carry or ()),
             updated_at=_optional_text(self.updated_at),
             partition=self.partition(),
+            chunking=self.chunking,
         )
 
     def partition(self) -> "Shard | Shards | None":
@@ -341,6 +354,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             for name, value in (
                 ("chunk_rows", self.chunk_rows),
                 ("max_delete_share", self.max_delete_share),
+                ("drift_threshold", self.drift_threshold),
             )
             if value is not None
         }
@@ -368,6 +382,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
                 rebuild=self.rebuild,
                 allow_mass_delete=self.allow_mass_delete,
                 spill_dir=self.spill_dir,
+                accept_drift=self.accept_drift,
                 **tuning,
             )
 
@@ -433,3 +448,20 @@ def _engine_logs_at_info() -> Iterator[None]:
         yield
     finally:
         engine.setLevel(previous)
+
+
+def _chunking(value: "ChunkingConfig | Mapping[str, Any] | None") -> "ChunkingConfig | None":
+    """A ``ChunkingConfig`` from the operator's ``chunking`` argument (checked at parse time).
+
+    Raises:
+        ConfigError: Not a ``ChunkingConfig``, a mapping of its settings, or None.
+    """
+    if value is None:
+        return None
+    from qwen3_pipeline.chunking import ChunkingConfig
+
+    if isinstance(value, ChunkingConfig):
+        return value
+    if isinstance(value, Mapping):
+        return ChunkingConfig.from_dict(dict(value))
+    raise ConfigError(f"chunking must be a ChunkingConfig or a dict of its settings, got {value!r}")
