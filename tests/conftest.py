@@ -12,8 +12,12 @@ bfloat16 unless given ``dtype=torch.float32`` (``model_kwargs={"dtype": torch.fl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.dbt_runs import DbtRuns
 
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 os.environ.update(OFFLINE_ENV)
@@ -48,3 +52,44 @@ def tiny_model_256_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         num_kv_heads=2,
         intermediate_size=512,
     )
+
+
+# Merges kept by the quick tokenizer of ``tiny_model_quick_dir`` (of Qwen's ~294k merge rules).
+QUICK_TOKENIZER_MERGES = 20_000
+
+
+@pytest.fixture(scope="session")
+def tiny_model_quick_dir(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint with a tokenizer that loads ~3x faster, for end-to-end runs.
+
+    Parsing the Qwen ``tokenizer.json`` (~1 s here) is most of each model or tokenizer load,
+    and an end-to-end run loads one per shard task, per Ray actor or per run process. This copy
+    has the same weights, config, vocabulary, token ids, special tokens and post-processor;
+    its ``tokenizer.json`` keeps only the first :data:`QUICK_TOKENIZER_MERGES` BPE merges. A
+    word that is a vocabulary entry tokenizes exactly as with the real tokenizer (Qwen's BPE
+    sets ``ignore_merges``); another word may split into more, shorter tokens. For tests of
+    what a run does (counts, versions, loads, events), not of how text is tokenized.
+    """
+    import json
+    import shutil
+
+    quick = tmp_path_factory.mktemp("tiny_qwen3_quick") / "model"
+    shutil.copytree(tiny_model_dir, quick)
+    tokenizer = json.loads((quick / "tokenizer.json").read_text(encoding="utf-8"))
+    assert tokenizer["model"]["type"] == "BPE"
+    assert tokenizer["model"]["ignore_merges"]
+    tokenizer["model"]["merges"] = tokenizer["model"]["merges"][:QUICK_TOKENIZER_MERGES]
+    (quick / "tokenizer.json").write_text(json.dumps(tokenizer, ensure_ascii=False), "utf-8")
+    return quick
+
+
+@pytest.fixture(scope="session")
+def dbt_runs(tmp_path_factory: pytest.TempPathFactory) -> "DbtRuns":
+    """Dagster runs of the dbt models that several test modules inspect, run once.
+
+    Each ``dbt build`` costs ~15 s here; the modules that only read a run's result, events and
+    artifacts share these (see :func:`tests.dbt_runs.run_dbt_models`) instead of building again.
+    """
+    from tests.dbt_runs import run_dbt_models
+
+    return run_dbt_models(tmp_path_factory.mktemp("dbt_runs") / "data")

@@ -517,11 +517,11 @@ with DAG("qwen3_test_retries", schedule=None, start_date=START) as qwen3_test_re
 
 @pytest.fixture
 def test_dag_env(
-    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_model_quick_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> dict[str, Path]:
     db, lance = tmp_path / "src.duckdb", tmp_path / "lancedb"
     monkeypatch.setenv("QWEN3_TEST_SOURCE", f"duckdb:{db}::main.docs")
-    monkeypatch.setenv("QWEN3_TEST_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("QWEN3_TEST_MODEL", str(tiny_model_quick_dir))
     monkeypatch.setenv("QWEN3_TEST_LANCE", str(lance))
     connection = {
         "conn_type": "lancedb",
@@ -618,7 +618,7 @@ def test_bad_input_task_fails_at_once_and_a_transient_failure_is_retried(
 def test_demo_dag_runs_twice_second_run_embeds_nothing_and_commits_nothing(
     airflow_db: Path,
     tmp_path: Path,
-    tiny_model_dir: Path,
+    tiny_model_quick_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
     model_loads: list[str],
 ) -> None:
@@ -628,7 +628,7 @@ def test_demo_dag_runs_twice_second_run_embeds_nothing_and_commits_nothing(
 
     data_dir = tmp_path / "data"
     monkeypatch.setenv("QWEN3_PIPELINE_DATA_DIR", str(data_dir))
-    monkeypatch.setenv("QWEN3_PIPELINE_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("QWEN3_PIPELINE_MODEL", str(tiny_model_quick_dir))
     monkeypatch.delenv("QWEN3_PIPELINE_DUCKDB_PATH", raising=False)
     lance = data_dir.resolve() / "lancedb"
 
@@ -651,7 +651,7 @@ def test_demo_dag_runs_twice_second_run_embeds_nothing_and_commits_nothing(
 
     model_loads.clear()
     second = airflow_demo.run_demo(limit=120, query="read a file")
-    assert model_loads == [str(tiny_model_dir)]  # only the search's query encoder
+    assert model_loads == [str(tiny_model_quick_dir)]  # only the search's query encoder
     assert f"0 inserted, 0 updated, 0 deleted, {documents} unchanged, 0 embedded" in second[2]
     assert f"lance version {version} -> {version}" in second[2]
     assert lancedb.connect(str(lance)).open_table("documents").version == version

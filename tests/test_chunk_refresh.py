@@ -7,7 +7,6 @@ converges.
 """
 
 import json
-import multiprocessing
 import os
 import random
 import signal
@@ -30,6 +29,7 @@ from qwen3_pipeline.schema import chunk_key
 from qwen3_pipeline.sources import SourceConfig, parse_source
 from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
+from tests.refresh_helpers import fork_context
 
 CHUNKING = ChunkingConfig(tokens=96)
 SPEC = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32, hidden_size=1024)
@@ -303,7 +303,8 @@ def test_a_sigkilled_refresh_leaves_whole_documents_and_converges(tmp_path, seed
         docs[d] = "An inserted first paragraph.\n\n" + docs[d].replace("Part 4 of", "Section 4 of")
         versions_of[d].add(expected_chunks({d: docs[d]}).column("content_hash")[0].as_py())
     write(docs, source)
-    ctx = multiprocessing.get_context("spawn")
+    # A fresh process (forked from a clean server with LanceDB imported, not from this one).
+    ctx = fork_context()
     kill_at_call = rng.randint(2, len(edited))
     child = ctx.Process(
         target=_killed_child,

@@ -17,14 +17,14 @@ LIMIT = 150
 @pytest.mark.slow
 def test_demo_runs_twice_second_run_embeds_nothing(
     tmp_path: Path,
-    tiny_model_dir: Path,
+    tiny_model_quick_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     data_dir = tmp_path / "data"
     monkeypatch.setenv("QWEN3_PIPELINE_DATA_DIR", str(data_dir))
     monkeypatch.setenv("QWEN3_PIPELINE_AUTOMATION", "off")
-    monkeypatch.setenv("QWEN3_PIPELINE_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("QWEN3_PIPELINE_MODEL", str(tiny_model_quick_dir))
     monkeypatch.delenv("DAGSTER_HOME", raising=False)
     loads: list[str] = []
 
@@ -40,7 +40,7 @@ def test_demo_runs_twice_second_run_embeds_nothing(
     first = capsys.readouterr()
     assert "RANDOM-WEIGHT" not in first.err
     # One load for the whole run (every shard, every step), one for the search's query encoder.
-    assert loads == [str(tiny_model_dir), str(tiny_model_dir)]
+    assert loads == [str(tiny_model_quick_dir), str(tiny_model_quick_dir)]
     assert f"LanceDB table: {(data_dir / 'lancedb').resolve()}/documents.lance" in first.out
     assert "0 unchanged" in first.out
     assert "search 'read a file':" in first.out
@@ -58,7 +58,7 @@ def test_demo_runs_twice_second_run_embeds_nothing(
     assert demo.main(["--limit", str(LIMIT), "--query", "read a file"]) == 0
     second = capsys.readouterr()
     # Nothing to embed: the run never loads the model (only the search's query encoder does).
-    assert loads == [str(tiny_model_dir)]
+    assert loads == [str(tiny_model_quick_dir)]
     assert f"0 inserted, 0 updated, 0 deleted, {documents} unchanged, 0 embedded" in second.out
     assert f"lance version {version} -> {version}" in second.out
     assert lancedb.connect(str(data_dir / "lancedb")).open_table("documents").version == version

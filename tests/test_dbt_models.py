@@ -17,6 +17,7 @@ from qwen3_pipeline.dagster_defs.dbt import (
     documents_asset_key,
     raw_docstrings,
 )
+from tests.dbt_runs import DbtRuns
 
 DBT_PROJECT = Path(__file__).resolve().parents[1] / "dbt_models"
 LIMIT = 300
@@ -170,50 +171,33 @@ def test_dagster_lineage_connects_raw_to_documents() -> None:
     dg.Definitions.validate_loadable(defs)
 
 
-def test_dagster_materializes_raw_and_dbt_then_propagates_a_change(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("QWEN3_PIPELINE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("QWEN3_PIPELINE_DUCKDB_PATH", raising=False)
-    assets = [raw_docstrings, dbt_models_assets]
-    resources = {"dbt": dbt_cli_resource()}
-
-    result = dg.materialize(
-        assets,
-        resources=resources,
-        run_config={"ops": {"raw_docstrings": {"config": {"limit": LIMIT}}}},
-    )
-
+def test_dagster_materializes_raw_and_dbt_then_propagates_a_change(dbt_runs: DbtRuns) -> None:
+    # The runs are shared with test_dbt_noise.py (see conftest.py): raw and dbt on a sample,
+    # then dbt alone after one raw row was rewritten (a failed build went first, same data dir).
+    result = dbt_runs.first
     assert result.success
     raw_event = result.asset_materializations_for_node("raw_docstrings")[0]
-    assert raw_event.metadata["dagster/row_count"].value == LIMIT
+    assert raw_event.metadata["dagster/row_count"].value == dbt_runs.limit
     checks = result.get_asset_check_evaluations()
     assert checks
     assert all(c.passed for c in checks)
-    db = tmp_path / "data" / "warehouse.duckdb"
-    assert _query(db, "SELECT count(*) FROM documents") == [(LIMIT,)]
+    db = dbt_runs.warehouse
+    assert dbt_runs.first_documents == dbt_runs.limit
     # dbt's artifacts and log go under the data directory, not into the (installed) project;
     # only the latest run's are kept.
-    (run_target,) = (tmp_path / "data" / "dbt" / "target").iterdir()
+    assert dbt_runs.first_target == [LAST_RUN_DIR]
+    (run_target,) = dbt_runs.target.iterdir()
     assert run_target.name == LAST_RUN_DIR
     assert (run_target / "run_results.json").is_file()
     assert (run_target / "dbt.log").is_file()
 
-    (doc_id,) = _query(db, "SELECT min(doc_id) FROM raw_docstrings")[0]
-    changed_at = datetime(2030, 1, 1)
-    _execute(
-        db,
-        "UPDATE raw_docstrings SET body = 'Rewritten.', updated_at = ? WHERE doc_id = ?",
-        [changed_at, doc_id],
-    )
-    rerun = dg.materialize(
-        assets, resources=resources, selection=dg.AssetSelection.assets(dbt_models_assets)
-    )
-
+    rerun = dbt_runs.second
     assert rerun.success
     ((title, text, updated_at),) = _query(
-        db, "SELECT title, text, updated_at FROM documents WHERE doc_id = ?", [doc_id]
+        db,
+        "SELECT title, text, updated_at FROM documents WHERE doc_id = ?",
+        [dbt_runs.changed_doc_id],
     )
     assert text == f"{title}\n\nRewritten."
-    assert updated_at == changed_at
-    assert _query(db, "SELECT count(*) FROM documents") == [(LIMIT,)]
+    assert updated_at == dbt_runs.changed_at
+    assert _query(db, "SELECT count(*) FROM documents") == [(dbt_runs.limit,)]

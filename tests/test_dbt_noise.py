@@ -19,17 +19,15 @@ from dagster._core.snap.snap_to_yaml import default_values_yaml_from_type_snap
 from qwen3_pipeline.dagster_defs.dbt import (
     LAST_RUN_DIR,
     WAREHOUSE_GROUP,
-    dbt_cli_resource,
     dbt_executable,
-    dbt_models_assets,
     dbt_project_dir,
     raw_docstrings,
 )
 from qwen3_pipeline.dagster_defs.location import DemoSettings, build_definitions
 from qwen3_pipeline.dagster_defs.resources import FakeEmbedderResource
+from tests.dbt_runs import DbtRuns
 
 REPO = Path(__file__).resolve().parents[1]
-LIMIT = 40
 OBSERVATION_WARNING = "instead of an `AssetCheckResult`"
 SOURCE_CHECKS = {
     "source_not_null_raw_raw_docstrings_doc_id",
@@ -91,36 +89,21 @@ def _warnings_and_observations(instance: dg.DagsterInstance, run_id: str) -> lis
 
 
 def test_dbt_builds_log_no_observation_and_keep_only_the_latest_artifacts(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dbt_runs: DbtRuns,
 ) -> None:
-    monkeypatch.setenv("QWEN3_PIPELINE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("QWEN3_PIPELINE_DUCKDB_PATH", raising=False)
-    instance = dg.DagsterInstance.ephemeral()
-    assets = [raw_docstrings, dbt_models_assets]
-    resources = {"dbt": dbt_cli_resource()}
-
-    first = dg.materialize(
-        assets,
-        resources=resources,
-        instance=instance,
-        run_config={"ops": {"raw_docstrings": {"config": {"limit": LIMIT}}}},
-    )
-    second = dg.materialize(
-        assets,
-        resources=resources,
-        instance=instance,
-        selection=dg.AssetSelection.assets(dbt_models_assets),
-    )
-
+    # Two builds in one data directory (shared with test_dbt_models.py, see conftest.py): raw
+    # and dbt, then dbt alone; a failed build went before them in the same directory.
+    first, second = dbt_runs.first, dbt_runs.second
     for result in (first, second):
         assert result.success
-        assert _warnings_and_observations(instance, result.run_id) == []
+        assert _warnings_and_observations(dbt_runs.instance, result.run_id) == []
         checks = result.get_asset_check_evaluations()
         assert all(c.passed for c in checks)
         # The source's dbt tests are real asset checks of raw_docstrings.
         on_raw = {c.check_name for c in checks if c.asset_key == raw_docstrings.key}
         assert on_raw == SOURCE_CHECKS
-    target = tmp_path / "data" / "dbt" / "target"
+    assert dbt_runs.first_target == [LAST_RUN_DIR]
+    target = dbt_runs.target
     assert sorted(p.name for p in target.iterdir()) == [LAST_RUN_DIR]
     last_run = target / LAST_RUN_DIR
     assert (last_run / "dbt.log").is_file()
@@ -129,21 +112,9 @@ def test_dbt_builds_log_no_observation_and_keep_only_the_latest_artifacts(
     assert documents.metadata["invocation_id"].value == invocation["invocation_id"]
 
 
-def test_a_failed_dbt_build_is_kept_as_the_latest_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("QWEN3_PIPELINE_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.delenv("QWEN3_PIPELINE_DUCKDB_PATH", raising=False)
-
-    # No raw table in the (new) warehouse: the source tests and the models fail.
-    result = dg.materialize(
-        [raw_docstrings, dbt_models_assets],
-        resources={"dbt": dbt_cli_resource()},
-        selection=dg.AssetSelection.assets(dbt_models_assets),
-        raise_on_error=False,
-    )
-
-    assert not result.success
-    target = tmp_path / "data" / "dbt" / "target"
-    assert sorted(p.name for p in target.iterdir()) == [LAST_RUN_DIR]
-    assert "raw_docstrings" in (target / LAST_RUN_DIR / "dbt.log").read_text()
+def test_a_failed_dbt_build_is_kept_as_the_latest_run(dbt_runs: DbtRuns) -> None:
+    # The shared runs' first: the dbt models alone on a new warehouse, which has no raw table
+    # (the source tests and the models fail).
+    assert not dbt_runs.failed.success
+    assert dbt_runs.failed_target == [LAST_RUN_DIR]
+    assert "raw_docstrings" in dbt_runs.failed_log

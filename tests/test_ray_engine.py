@@ -1,5 +1,8 @@
 """The Ray engine on a real local Ray instance: 2 CPU actors holding the tiny Qwen3 model.
 
+The model is the tiny checkpoint with the quick tokenizer (``tiny_model_quick_dir`` in
+conftest.py): every actor start loads it, and the local engine compared with it is the same.
+
 One Ray instance serves the module (started once, ~10 s here); every test builds its own pool
 of actors on it. The Dagster test runs last: its ``LocalRay`` resource shuts Ray down.
 """
@@ -52,8 +55,9 @@ def local_ray() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def spec(tiny_model_dir: Path) -> EmbeddingSpec:
-    return EmbeddingSpec(model=str(tiny_model_dir), dim=64)
+def spec(tiny_model_quick_dir: Path) -> EmbeddingSpec:
+    # The quick tokenizer: every actor start, driver and local comparison loads it.
+    return EmbeddingSpec(model=str(tiny_model_quick_dir), dim=64)
 
 
 def _texts(n: int, *, edited: frozenset[int] = frozenset()) -> list[str]:
@@ -67,6 +71,12 @@ def _texts(n: int, *, edited: frozenset[int] = frozenset()) -> list[str]:
 
 def _source(texts: list[str]) -> ArrowSource:
     return ArrowSource(pa.table({"id": np.arange(len(texts)), "text": texts}), name="docs")
+
+
+@pytest.fixture(scope="module")
+def local_encoder(spec: EmbeddingSpec) -> Qwen3Encoder:
+    """The local engine that the Ray results are compared with (one model load per module)."""
+    return Qwen3Encoder(spec, device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +101,10 @@ def test_blocks_cover_every_row_once_longest_first() -> None:
 
 
 def test_ray_vectors_equal_the_local_engine_in_the_same_order(
-    spec: EmbeddingSpec, shared_pool: RayEmbedder
+    shared_pool: RayEmbedder, local_encoder: Qwen3Encoder
 ) -> None:
     texts = _texts(240)
-    local = Qwen3Encoder(spec, device="cpu", progress=False).embed_documents(texts)
+    local = local_encoder.embed_documents(texts)
     progress: list[tuple[int, int]] = []
     pool = shared_pool
     remote = pool.embed_documents(
@@ -109,15 +119,13 @@ def test_ray_vectors_equal_the_local_engine_in_the_same_order(
     assert len(progress) > 2  # one report per block, while the call runs
     assert sum(r for r, _ in progress) == len(texts)
     assert sum(t for _, t in progress) == local.stats.real_tokens
-    local_query = Qwen3Encoder(spec, device="cpu", progress=False).embed_queries(
-        ["where is topic 3?"]
-    )
+    local_query = local_encoder.embed_queries(["where is topic 3?"])
     assert float((queries * local_query.vectors).sum()) >= 0.99999
     assert info == {"engine": "ray", "workers": 2, "model_loads": 2}
 
 
 def test_refresh_on_ray_gives_exact_counts_fill_noop_and_edits(
-    spec: EmbeddingSpec, shared_pool: RayEmbedder, tmp_path: Path
+    shared_pool: RayEmbedder, local_encoder: Qwen3Encoder, tmp_path: Path
 ) -> None:
     db = str(tmp_path / "lancedb")
     pool = shared_pool
@@ -139,7 +147,7 @@ def test_refresh_on_ray_gives_exact_counts_fill_noop_and_edits(
     assert (mixed.updated, mixed.deleted, mixed.inserted, mixed.embedded_rows) == (4, 10, 0, 4)
     stored = lancedb.connect(db).open_table("docs").to_arrow()
     assert stored.num_rows == 290
-    local = Qwen3Encoder(spec, device="cpu", progress=False).embed_documents(edited)
+    local = local_encoder.embed_documents(edited)
     order = np.argsort(stored.column("key").to_numpy())
     vectors = np.stack(stored.column("vector").to_numpy(zero_copy_only=False))[order]
     assert ((vectors * local.vectors).sum(axis=1)).min() >= 0.99999
@@ -250,7 +258,10 @@ def test_bad_input_fails_as_locally_before_any_actor_starts(
 
 
 def test_cli_refresh_and_embed_with_the_ray_engine(
-    spec: EmbeddingSpec, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    spec: EmbeddingSpec,
+    local_encoder: Qwen3Encoder,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     texts = _texts(120)
     source = tmp_path / "docs.parquet"
@@ -280,7 +291,7 @@ def test_cli_refresh_and_embed_with_the_ray_engine(
     lines.write_text("\n".join(texts[:10]) + "\n")
     out = tmp_path / "vectors.npy"
     assert cli.main(["embed", "--input", str(lines), "--output", str(out), *common]) == 0
-    local = Qwen3Encoder(spec, device="cpu", progress=False).embed_documents(texts[:10]).vectors
+    local = local_encoder.embed_documents(texts[:10]).vectors
     assert (np.load(out) * local).sum(axis=1).min() >= 0.99999
 
 
@@ -426,7 +437,7 @@ def test_a_driver_killed_mid_refresh_leaves_a_consistent_table_and_rerun_converg
     # The local Ray instance the driver started dies with it (no orphaned raylet).
     deadline = time.monotonic() + 60
     while _raylets() - before and time.monotonic() < deadline:
-        time.sleep(1)
+        time.sleep(0.2)
     assert not _raylets() - before
     table = lancedb.connect(str(db)).open_table("docs").to_arrow()
     assert 120 <= table.num_rows < rows

@@ -1,5 +1,4 @@
 import json
-import multiprocessing
 import warnings
 from datetime import UTC, datetime, timedelta
 
@@ -34,6 +33,7 @@ from qwen3_pipeline.store import (
     begin_rebuild,
     commit_rebuild,
 )
+from tests.refresh_helpers import fork_context
 
 SPEC = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
 OTHER_SPEC = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=128)
@@ -497,10 +497,13 @@ def _concurrent_writer(uri, worker, barrier):
         store.upsert(rows(store, shared, run_id=f"w{worker}"))
 
 
-@pytest.mark.slow  # four spawned processes each import lancedb (~30 s on two cores)
+@pytest.mark.slow
 def test_concurrent_writers_lose_nothing_and_never_duplicate(tmp_path):
     open_store(tmp_path)
-    context = multiprocessing.get_context("spawn")  # lancedb's runtime is not fork-safe
+    # Not forked from this process (lancedb's runtime is not fork-safe): from a forkserver that
+    # has lancedb imported and never used it (spawned processes each import lancedb, ~30 s on
+    # two cores).
+    context = fork_context()
     barrier = context.Barrier(4)
     workers = [
         context.Process(target=_concurrent_writer, args=(str(tmp_path), w, barrier))
