@@ -4,7 +4,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from types import TracebackType
 from typing import Any
 
@@ -169,3 +170,20 @@ class Progress:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@contextmanager
+def engine_logs_at_info() -> Iterator[None]:
+    """Let the engine's INFO progress lines through while the block runs, then restore.
+
+    The engine reports progress on the ``qwen3_pipeline`` logger at INFO; an orchestrator's
+    task or run log shows them whatever level its own logging gives that logger.
+    """
+    engine = logging.getLogger("qwen3_pipeline")
+    previous = engine.level
+    if engine.getEffectiveLevel() > logging.INFO:
+        engine.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        engine.setLevel(previous)

@@ -33,9 +33,7 @@ Example:
 """
 
 import json
-import logging
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Asset, BaseOperator
@@ -45,6 +43,7 @@ from qwen3_pipeline.airflow.errors import retry_only_transient
 from qwen3_pipeline.airflow.hooks import LanceDBDestination, LanceDBHook
 from qwen3_pipeline.airflow.provider_info import DEFAULT_CONNECTION_ID
 from qwen3_pipeline.errors import ConfigError
+from qwen3_pipeline.progress import engine_logs_at_info
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -258,7 +257,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             AirflowFailException: Bad input or configuration (not retried).
             TransientError: A failure a retry may fix (the task's retries apply).
         """
-        with retry_only_transient(), _engine_logs_at_info():
+        with retry_only_transient(), engine_logs_at_info():
             report = self._refresh(context)
         values: dict[str, Any] = json.loads(json.dumps(report.as_dict()))
         scope = f"shard {self.shard}" if self.shard else "all rows"
@@ -434,20 +433,6 @@ def _number(value: Any, name: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be a number, got {value!r}") from None
-
-
-@contextmanager
-def _engine_logs_at_info() -> Iterator[None]:
-    # The engine reports progress on the "qwen3_pipeline" logger at INFO; the task log shows
-    # it whatever level the worker's logging gives that logger.
-    engine = logging.getLogger("qwen3_pipeline")
-    previous = engine.level
-    if engine.getEffectiveLevel() > logging.INFO:
-        engine.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        engine.setLevel(previous)
 
 
 def _chunking(value: "ChunkingConfig | Mapping[str, Any] | None") -> "ChunkingConfig | None":

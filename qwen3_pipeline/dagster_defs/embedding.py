@@ -60,6 +60,7 @@ from qwen3_pipeline.errors import (
     failure_message,
     is_transient,
 )
+from qwen3_pipeline.progress import engine_logs_at_info
 from qwen3_pipeline.refresh import DEFAULT_CHUNK_ROWS, RefreshReport, refresh, table_spec_for
 from qwen3_pipeline.sources import (
     Grain,
@@ -304,14 +305,11 @@ def _engine_logs_to(log: logging.Logger) -> Iterator[None]:
     engine = logging.getLogger("qwen3_pipeline")
     handler = _ForwardToDagster(log)
     engine.addHandler(handler)
-    previous = engine.level
-    if engine.getEffectiveLevel() > logging.INFO:
-        engine.setLevel(logging.INFO)
     try:
-        yield
+        with engine_logs_at_info():
+            yield
     finally:
         engine.removeHandler(handler)
-        engine.setLevel(previous)
 
 
 # --------------------------------------------------------------------------- the factory
