@@ -35,7 +35,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 $(DBT_MANIFEST): $(STAMP) $(wildcard dbt_models/*.yml dbt_models/models/*/*)
-	$(PY) -m qwen3_pipeline.dagster_defs.dbt --force
+	$(PY) -m qwen3_pipeline.demo.dbt --force
 
 demo: setup
 	$(PY) -m qwen3_pipeline.demo
@@ -43,10 +43,10 @@ demo: setup
 # The Airflow twin of `make demo`: the example DAG airflow_dags/qwen3_demo.py, run once in-process
 # with dag.test() (no scheduler, no API server), then its downstream DAG for the sample search;
 # it prints the same summary. Airflow's SQLite metadata DB lives in $(DATA_DIR)/airflow_home
-# unless AIRFLOW_HOME is set. (`python -m qwen3_pipeline.airflow.demo --limit N` loads a sample.)
+# unless AIRFLOW_HOME is set. (`python -m qwen3_pipeline.demo.airflow_run --limit N` loads a sample.)
 .PHONY: airflow-demo
 airflow-demo: $(STAMP)
-	$(PY) -m qwen3_pipeline.airflow.demo
+	$(PY) -m qwen3_pipeline.demo.airflow_run
 
 # The Dagster UI on the demo code location (runs are kept under data/dagster_home). The
 # instance is prepared first: the `gpu` concurrency pool gets a limit, enforced per run, so runs
@@ -56,7 +56,7 @@ DAGSTER_HOME_DIR := $(abspath data/dagster_home)
 GPU_POOL_LIMIT ?=
 
 dev: setup
-	DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m qwen3_pipeline.dagster_defs.instance \
+	DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(PY) -m qwen3_pipeline.dagster.instance \
 		$(if $(GPU_POOL_LIMIT),--gpu-pool-limit $(GPU_POOL_LIMIT))
 	DAGSTER_HOME=$(DAGSTER_HOME_DIR) $(VENV)/bin/dagster dev -w workspace.yaml
 

@@ -89,7 +89,7 @@ with DAG(
     @task(multiple_outputs=True)
     def settings() -> dict[str, Any]:
         """Read the demo settings (model, device, engine, source) shared with the Dagster demo."""
-        from qwen3_pipeline.airflow.demo import demo_settings
+        from qwen3_pipeline.demo.airflow_run import demo_settings
 
         with retry_only_transient():
             return demo_settings(lancedb_uri=LANCEDB_URI, table=TABLE, shards=SHARDS)
@@ -97,7 +97,7 @@ with DAG(
     @task
     def load_corpus(duckdb_path: str) -> int:
         """Load the standard-library docstrings into the DuckDB warehouse."""
-        from qwen3_pipeline.corpus import DEFAULT_TABLE, load_corpus_into_duckdb
+        from qwen3_pipeline.demo.corpus import DEFAULT_TABLE, load_corpus_into_duckdb
 
         limit = get_current_context()["params"].get("limit")
         with retry_only_transient():
@@ -106,7 +106,7 @@ with DAG(
     @task
     def dbt_build(config: dict[str, Any]) -> None:
         """Build and test the dbt models (``documents`` is the table the refresh reads)."""
-        from qwen3_pipeline.airflow.demo import dbt_build_command
+        from qwen3_pipeline.demo.airflow_run import dbt_build_command
 
         run_dir = Path(config["dbt_target_dir"]) / "airflow_last_run"
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -126,7 +126,7 @@ with DAG(
     @task
     def index_upkeep() -> dict[str, Any]:
         """Keep the ANN index policy: exact search below 50k rows, then an index kept current."""
-        from qwen3_pipeline.consumers import IndexPolicy, maintain_vector_index
+        from qwen3_pipeline.consumers.vector_search import IndexPolicy, maintain_vector_index
 
         with retry_only_transient():
             table = LanceDBHook(None, uri=LANCEDB_URI).open_table(TABLE)
@@ -136,9 +136,9 @@ with DAG(
     @task
     def near_duplicates(upkeep: dict[str, Any], duckdb_path: str) -> dict[str, Any]:
         """Write the near-duplicate pairs at the version the upkeep left into DuckDB."""
-        from qwen3_pipeline.consumers import open_vector_table
-        from qwen3_pipeline.dagster_defs.consumers import replace_duckdb_table
-        from qwen3_pipeline.near_duplicates import near_duplicate_report
+        from qwen3_pipeline.consumers.near_duplicates import near_duplicate_report
+        from qwen3_pipeline.consumers.vector_search import open_vector_table
+        from qwen3_pipeline.dagster.consumer_assets import replace_duckdb_table
 
         with retry_only_transient():
             vectors = open_vector_table(LANCEDB_URI, TABLE, version=upkeep["version_after"])
@@ -152,8 +152,8 @@ with DAG(
         reports: list[dict[str, Any]], upkeep: dict[str, Any], near: dict[str, Any]
     ) -> dict[str, Any]:
         """Add up the shards' refresh reports into the run's summary (``make demo``'s lines)."""
-        from qwen3_pipeline.consumers import open_vector_table
-        from qwen3_pipeline.summary import DemoSummary, combine_reports
+        from qwen3_pipeline.consumers.vector_search import open_vector_table
+        from qwen3_pipeline.demo.summary import DemoSummary, combine_reports
 
         with retry_only_transient():
             vectors = open_vector_table(LANCEDB_URI, TABLE, version=upkeep["version_after"])
@@ -215,8 +215,8 @@ with DAG(
     @task(inlets=[VECTORS], pool=GPU_POOL)
     def search() -> list[dict[str, Any]]:
         """Search the table at the Lance version of the latest refresh (its asset event)."""
-        from qwen3_pipeline.consumers import open_vector_table
-        from qwen3_pipeline.consumers import search as search_table
+        from qwen3_pipeline.consumers.vector_search import open_vector_table
+        from qwen3_pipeline.consumers.vector_search import search as search_table
 
         context = get_current_context()
         events = context["inlet_events"][VECTORS]

@@ -6,7 +6,8 @@ module sources), each cut into chunks of at most ``--tokens`` Qwen tokens:
 
 * semantic-text-splitter (``TextSplitter.from_huggingface_tokenizer``, Rust),
 * semchunk (``chunkerify`` with a Qwen token counter, Python),
-* ours (``qwen3_pipeline.chunking.Chunker``: semantic-text-splitter's units, content-defined).
+* ours (``qwen3_pipeline.chunking.chunker.Chunker``: semantic-text-splitter's units,
+content-defined).
 
 It prints documents per second, chunk fill (mean tokens / limit), the largest chunk, and where
 chunk ends fall: at a blank line (paragraph/block), a line break, a sentence end, or inside a
@@ -47,16 +48,16 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen3_pipeline.changes import content_hash  # noqa: E402
-from qwen3_pipeline.chunking import (  # noqa: E402
+from qwen3_pipeline.chunking.chunker import (  # noqa: E402
     Chunker,
     ChunkingConfig,
     packaged_tokenizer,
 )
-from qwen3_pipeline.corpus import stdlib_docstrings, stdlib_root  # noqa: E402
-from qwen3_pipeline.refresh import refresh  # noqa: E402
+from qwen3_pipeline.core.changes import content_hash  # noqa: E402
+from qwen3_pipeline.core.spec import EmbeddingSpec  # noqa: E402
+from qwen3_pipeline.demo.corpus import stdlib_docstrings, stdlib_root  # noqa: E402
+from qwen3_pipeline.engine.refresh import refresh  # noqa: E402
 from qwen3_pipeline.sources import ArrowSource, SourceConfig  # noqa: E402
-from qwen3_pipeline.spec import EmbeddingSpec  # noqa: E402
 from qwen3_pipeline.testing import FakeEmbedder  # noqa: E402
 
 MODULES = (

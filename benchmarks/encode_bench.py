@@ -25,9 +25,9 @@ from transformers import AutoModel, AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen3_pipeline.corpus import narrow_length_texts, stdlib_docstrings  # noqa: E402
-from qwen3_pipeline.encoder import Qwen3Encoder  # noqa: E402
-from qwen3_pipeline.spec import EmbeddingSpec  # noqa: E402
+from qwen3_pipeline.core.spec import EmbeddingSpec  # noqa: E402
+from qwen3_pipeline.demo.corpus import narrow_length_texts, stdlib_docstrings  # noqa: E402
+from qwen3_pipeline.embedding.encoder import Qwen3Encoder  # noqa: E402
 from tests.fixtures.tiny_qwen3 import build_tiny_qwen3_checkpoint  # noqa: E402
 
 SHAPES = {

@@ -52,8 +52,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from qwen3_pipeline.core.spec import EmbeddingSpec  # noqa: E402
 from qwen3_pipeline.sources import ParquetSource, Shards, SourceConfig  # noqa: E402
-from qwen3_pipeline.spec import EmbeddingSpec  # noqa: E402
 
 TABLE = "bench_docs"
 DIM = 64
@@ -72,7 +72,7 @@ SCHEMA = pa.schema(
 
 
 def vocabulary(size: int = 20_000) -> list[str]:
-    from qwen3_pipeline.corpus import stdlib_docstrings
+    from qwen3_pipeline.demo.corpus import stdlib_docstrings
 
     seen: dict[str, None] = {}
     for record in stdlib_docstrings():
@@ -133,7 +133,7 @@ def run_phase(job: dict[str, Any], queue: Any) -> None:
     import duckdb  # noqa: F401  (imported before timing, as in a warm run process)
     import lancedb  # noqa: F401
 
-    import qwen3_pipeline.refresh as engine
+    import qwen3_pipeline.engine.refresh as engine
     from qwen3_pipeline.store import VectorStore
     from qwen3_pipeline.testing import FakeEmbedder
 
@@ -173,7 +173,7 @@ def run_phase(job: dict[str, Any], queue: Any) -> None:
     if job.get("shards"):
         config = dataclasses.replace(CONFIG, partition=Shards(job["shards"]))
     if job["embedder"] == "tiny":
-        from qwen3_pipeline.encoder import Qwen3Encoder
+        from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
         embedder: Any = Qwen3Encoder(spec, device="cpu", progress=False)
     else:
@@ -216,7 +216,7 @@ def run_phase(job: dict[str, Any], queue: Any) -> None:
 def whole_scope_refresh(job: dict[str, Any], config: SourceConfig, embedder: Any) -> Any:
     """The whole scope in one plan and one apply: what a refresh over all shards did before it
     went shard by shard (and still does for a table labelled with another shard count)."""
-    import qwen3_pipeline.refresh as engine
+    import qwen3_pipeline.engine.refresh as engine
     from qwen3_pipeline.engine.apply import apply_plan
 
     source = ParquetSource(job["source"])
@@ -225,9 +225,11 @@ def whole_scope_refresh(job: dict[str, Any], config: SourceConfig, embedder: Any
                                db_uri=job["db"], table=TABLE, chunk_rows=job["chunk_rows"],
                                progress=False)  # fmt: skip
     engine.check_mass_delete(plan)
-    return apply_plan(plan, source=source, config=config, embedder=embedder,
-                      chunk_rows=job["chunk_rows"], version_before=version,
-                      progress=False)  # fmt: skip
+    request = engine.RefreshRequest(
+        source=source, config=config, embedder=embedder, db_uri=job["db"], table=TABLE,
+        options=engine.RefreshOptions(chunk_rows=job["chunk_rows"], progress=False),
+    )  # fmt: skip
+    return apply_plan(plan, request, version_before=version)
 
 
 def _peak_rss_mb() -> float:
@@ -268,7 +270,7 @@ def tiny_checkpoint(workdir: Path) -> Path:
 
 def tiny_rows_per_second(model_dir: Path, words: np.ndarray, sample: int = 4000) -> float:
     """Tiny-model embedding throughput on bench texts (after a warm-up of 1000 texts)."""
-    from qwen3_pipeline.encoder import Qwen3Encoder
+    from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
     spec = EmbeddingSpec(model=str(model_dir), dim=DIM)
     encoder = Qwen3Encoder(spec, device="cpu", progress=False)

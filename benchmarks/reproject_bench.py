@@ -28,10 +28,10 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen3_pipeline.demo_model import build_tiny_qwen3_checkpoint  # noqa: E402
-from qwen3_pipeline.refresh import refresh  # noqa: E402
+from qwen3_pipeline.core.spec import EmbeddingSpec  # noqa: E402
+from qwen3_pipeline.demo.model import build_tiny_qwen3_checkpoint  # noqa: E402
+from qwen3_pipeline.engine.refresh import refresh  # noqa: E402
 from qwen3_pipeline.sources import ArrowSource, SourceConfig  # noqa: E402
-from qwen3_pipeline.spec import EmbeddingSpec  # noqa: E402
 from qwen3_pipeline.testing import FakeEmbedder  # noqa: E402
 
 CONFIG = SourceConfig(key="id", text_columns=("body",))
@@ -96,7 +96,7 @@ def main() -> int:
             results[name] = (n, seconds, counts)
             shutil.rmtree(db)
         # The real model on a slice: a table of that slice, rebuilt without re-projection.
-        from qwen3_pipeline.encoder import Qwen3Encoder
+        from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
         sliced = data.slice(0, args.model_rows)
         db = work / "model-run"

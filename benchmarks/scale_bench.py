@@ -22,11 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen3_pipeline.corpus import stdlib_docstrings  # noqa: E402
-from qwen3_pipeline.demo_model import SHAPES, build_tiny_qwen3_checkpoint  # noqa: E402
-from qwen3_pipeline.encoder import Qwen3Encoder  # noqa: E402
-from qwen3_pipeline.ray_engine import EncoderOptions, RayEmbedder  # noqa: E402
-from qwen3_pipeline.spec import EmbeddingSpec  # noqa: E402
+from qwen3_pipeline.core.spec import EmbeddingSpec  # noqa: E402
+from qwen3_pipeline.demo.corpus import stdlib_docstrings  # noqa: E402
+from qwen3_pipeline.demo.model import SHAPES, build_tiny_qwen3_checkpoint  # noqa: E402
+from qwen3_pipeline.embedding.encoder import Qwen3Encoder  # noqa: E402
+from qwen3_pipeline.embedding.ray_pool import EncoderOptions, RayEmbedder  # noqa: E402
 
 
 def _local(spec: EmbeddingSpec, texts: list[str], args: argparse.Namespace) -> tuple[float, int]:

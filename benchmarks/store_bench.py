@@ -31,8 +31,8 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen3_pipeline.schema import table_schema  # noqa: E402
-from qwen3_pipeline.spec import EmbeddingSpec  # noqa: E402
+from qwen3_pipeline.core.schema import table_schema  # noqa: E402
+from qwen3_pipeline.core.spec import EmbeddingSpec  # noqa: E402
 from qwen3_pipeline.store import VectorStore  # noqa: E402
 
 DIM = 1024

@@ -5,7 +5,7 @@ progress and errors on stderr. Every failure ends with exactly one ``error: ...`
 and a non-zero exit status:
 
 - 2 (:data:`EXIT_BAD_INPUT`): bad input, configuration or state (any
-  :class:`~qwen3_pipeline.errors.Qwen3PipelineError` but failed rows and transient errors),
+  :class:`~qwen3_pipeline.core.errors.Qwen3PipelineError` but failed rows and transient errors),
   including a refused mass delete; nothing written.
 - 1 (:data:`EXIT_FAILED_ROWS`): rows could not be embedded. ``embed`` writes nothing;
   ``refresh`` prints its report first (the failed rows keep their old vectors).
@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from qwen3_pipeline.changes import is_blank, sanitize_text, sanitize_texts
-from qwen3_pipeline.engines import ENGINES, EngineOptions, open_embedder
-from qwen3_pipeline.errors import (
+from qwen3_pipeline.core.changes import is_blank, sanitize_text, sanitize_texts
+from qwen3_pipeline.core.errors import (
     ConfigError,
     EmbeddingFailedError,
     InputDataError,
@@ -39,11 +38,13 @@ from qwen3_pipeline.errors import (
     SpecMismatchError,
     TransientError,
 )
-from qwen3_pipeline.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
+from qwen3_pipeline.core.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
+from qwen3_pipeline.embedding.engines import ENGINES, EngineOptions, open_embedder
 
 if TYPE_CHECKING:
-    from qwen3_pipeline.chunking import ChunkingConfig
-    from qwen3_pipeline.gate import GateConfig
+    from qwen3_pipeline.chunking.chunker import ChunkingConfig
+    from qwen3_pipeline.engine.options import RefreshOptions
+    from qwen3_pipeline.lifecycle.gate import GateConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED_ROWS = 1
@@ -143,7 +144,7 @@ def read_texts(path: Path) -> list[str]:
     ``{``, is read as JSONL, where blank lines between records are ignored. Otherwise each line
     ending in ``"\n"`` is one text (one trailing ``"\r"`` is dropped, for CRLF files); other
     separators (``"\f"``, U+2028, NEL, ``"\x1e"``...) stay inside the text. Texts are sanitised
-    like the refresh's (:func:`~qwen3_pipeline.changes.sanitize_texts`): invalid UTF-8 becomes
+    like the refresh's (:func:`~qwen3_pipeline.core.changes.sanitize_texts`): invalid UTF-8 becomes
     U+FFFD and NUL characters are dropped. A leading UTF-8 byte order mark is ignored.
 
     Args:
@@ -460,21 +461,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_shard(value: str) -> "tuple[int, int]":
-    """Parse ``K/N`` (shard K of N, 0-based) for ``--shard``.
-
-    Raises:
-        InputDataError: Not two integers with ``0 <= K < N``.
-    """
-    try:
-        index, count = (int(part) for part in value.split("/"))
-    except ValueError as e:
-        raise InputDataError(f"--shard {value!r} must look like K/N, e.g. 3/16") from e
-    if not 0 <= index < count:
-        raise InputDataError(f"--shard {value!r}: K must be in 0..N-1")
-    return index, count
-
-
 def chunking_config(args: argparse.Namespace) -> "ChunkingConfig | None":
     """The ``--chunk-*`` options as a ``ChunkingConfig``, or None without ``--chunk-tokens``.
 
@@ -491,7 +477,7 @@ def chunking_config(args: argparse.Namespace) -> "ChunkingConfig | None":
         if given:
             raise ConfigError(f"{', '.join(given)} need(s) --chunk-tokens N (the chunk size)")
         return None
-    from qwen3_pipeline.chunking import ChunkingConfig
+    from qwen3_pipeline.chunking.chunker import ChunkingConfig
 
     return ChunkingConfig(
         tokens=args.chunk_tokens,
@@ -503,8 +489,8 @@ def chunking_config(args: argparse.Namespace) -> "ChunkingConfig | None":
 
 def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``qwen3-pipeline refresh``: returns the report printed on stdout."""
-    from qwen3_pipeline.refresh import refresh
-    from qwen3_pipeline.sources import Shard, Shards, SourceConfig, parse_source
+    from qwen3_pipeline.engine.refresh import refresh
+    from qwen3_pipeline.sources import Shard, Shards, SourceConfig, parse_shard, parse_source
 
     options = engine_options(args)
     partition: Shard | Shards | None = None
@@ -527,9 +513,9 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
     )
     if args.dry_run:
         return _dry_run(args, source, config, spec)
-    from qwen3_pipeline.lazy_embedder import LazyEmbedder
+    from qwen3_pipeline.embedding.lazy import LazyEmbedder
 
-    gate = _gate_config(args)
+    refresh_options = refresh_options_of(args)
     # Loaded on the first embed: a refresh with nothing to embed never loads the model.
     with LazyEmbedder(spec, options) as embedder:
         report = refresh(
@@ -538,23 +524,36 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
             embedder=embedder,
             db_uri=args.db,
             table=args.table,
-            rebuild=args.rebuild,
-            chunk_rows=args.chunk_rows,
-            allow_mass_delete=args.allow_mass_delete,
-            max_delete_share=args.max_delete_share,
-            reproject=not args.no_reproject,
-            drift_threshold=args.drift_threshold,
-            accept_drift=args.accept_drift,
-            gate=gate,
+            options=refresh_options,
         )
     if report.gate is not None and not report.gate["passed"]:
-        from qwen3_pipeline.errors import GateFailedError
+        from qwen3_pipeline.core.errors import GateFailedError
 
         raise GateFailedError(
             f"gate failed, {args.table!r} not swapped (live untouched; the rebuilt table "
             f"{report.table_name!r} is kept for inspection): {report.gate['reason']}"
         )
     return report.as_dict()
+
+
+def refresh_options_of(args: argparse.Namespace) -> "RefreshOptions":
+    """The ``refresh`` options as the one :class:`RefreshOptions` the engine takes.
+
+    Raises:
+        ConfigError: An invalid value, or ``--gate`` without ``--rebuild``.
+    """
+    from qwen3_pipeline.engine.options import RefreshOptions as Options
+
+    return Options(
+        rebuild=args.rebuild,
+        chunk_rows=args.chunk_rows,
+        allow_mass_delete=args.allow_mass_delete,
+        max_delete_share=args.max_delete_share,
+        reproject=not args.no_reproject,
+        drift_threshold=args.drift_threshold,
+        accept_drift=args.accept_drift,
+        gate=_gate_config(args),
+    )
 
 
 def _gate_config(args: argparse.Namespace) -> "GateConfig | None":
@@ -569,7 +568,7 @@ def _gate_config(args: argparse.Namespace) -> "GateConfig | None":
         raise ConfigError(
             "--gate needs --rebuild: it decides whether a rebuilt table is swapped in"
         )
-    from qwen3_pipeline.gate import GateConfig, load_golden_set
+    from qwen3_pipeline.lifecycle.gate import GateConfig, load_golden_set
 
     return GateConfig(
         golden=load_golden_set(args.gate), tolerance=args.gate_tolerance, k=args.gate_k
@@ -581,27 +580,23 @@ def _dry_run(args: argparse.Namespace, source: Any, config: Any, spec: Embedding
 
     A plan the mass-delete guard refuses is printed too, then the refusal is raised (exit 2).
     """
-    from qwen3_pipeline.encoder import Qwen3Encoder
-    from qwen3_pipeline.errors import MassDeleteError
-    from qwen3_pipeline.refresh import check_mass_delete, plan_refresh
+    from qwen3_pipeline.core.errors import MassDeleteError
+    from qwen3_pipeline.embedding.encoder import Qwen3Encoder
+    from qwen3_pipeline.engine.plan import guard_plan, plan_refresh
 
     tokenizer = Qwen3Encoder(spec, device="cpu", load_model=False, progress=False)
+    options = refresh_options_of(args)
     with plan_refresh(
         source=source,
         config=config,
         embedder=tokenizer,
         db_uri=args.db,
         table=args.table,
-        rebuild=args.rebuild,
-        chunk_rows=args.chunk_rows,
+        options=options,
     ) as plan:
         output = {"dry_run": True, **plan.as_dict(), "refused": None}
         try:
-            check_mass_delete(
-                plan,
-                max_delete_share=args.max_delete_share,
-                allow_mass_delete=args.allow_mass_delete,
-            )
+            guard_plan(plan, options)
         except MassDeleteError as e:
             print(json.dumps({**output, "refused": str(e)}, default=str))
             raise
@@ -612,8 +607,8 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``qwen3-pipeline search``: returns the results printed on stdout."""
     from dataclasses import replace
 
-    from qwen3_pipeline.consumers import open_vector_table, search
-    from qwen3_pipeline.encoder import Qwen3Encoder
+    from qwen3_pipeline.consumers.vector_search import open_vector_table, search
+    from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
     vectors = open_vector_table(args.db, args.table, version=args.version)
     if args.chunks and not vectors.chunked:

@@ -1,6 +1,7 @@
 """Fakes for fast tests of code that depends on the package's interfaces.
 
-:class:`FakeEmbedder` implements :class:`qwen3_pipeline.embedder.Embedder` without a model: each
+:class:`FakeEmbedder` implements :class:`qwen3_pipeline.embedding.interface.Embedder` without a
+model: each
 vector is a deterministic function of the text (a seeded random unit vector), so equal texts get
 equal vectors and tests can compute expected vectors independently.
 """
@@ -11,8 +12,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qwen3_pipeline.embedder import BatchDone, EncodeResult, EncodeStats
-from qwen3_pipeline.spec import EmbeddingSpec
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.embedding.interface import BatchDone, EncodeResult, EncodeStats
 
 
 def fake_vector(text: str, dim: int) -> np.ndarray:
@@ -23,7 +24,7 @@ def fake_vector(text: str, dim: int) -> np.ndarray:
 
 
 class FakeEmbedder:
-    """A model-free :class:`~qwen3_pipeline.embedder.Embedder` for tests.
+    """A model-free :class:`~qwen3_pipeline.embedding.interface.Embedder` for tests.
 
     Tokens are counted as whitespace-separated words plus one (the ``<|endoftext|>``), and
     texts longer than ``spec.max_length`` are flagged as truncated, like the real encoder.

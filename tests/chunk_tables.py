@@ -15,10 +15,10 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from qwen3_pipeline.chunking import ChunkingConfig
-from qwen3_pipeline.schema import table_schema
+from qwen3_pipeline.chunking.chunker import ChunkingConfig
+from qwen3_pipeline.core.schema import table_schema
+from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.sources import ArrowSource, SourceConfig
-from qwen3_pipeline.spec import EmbeddingSpec
 
 CHUNKING = ChunkingConfig(tokens=64).as_json()
 ROW_SPEC = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)

@@ -34,9 +34,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import xxhash
 
-from qwen3_pipeline.refresh import RefreshReport, refresh
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.engine.refresh import RefreshReport, refresh
 from qwen3_pipeline.sources import ParquetSource, Shard, Shards, SourceConfig, TimeWindow
-from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.store import VectorStore
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
 

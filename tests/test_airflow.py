@@ -44,7 +44,7 @@ import lancedb  # noqa: E402
 from airflow.sdk import Asset  # noqa: E402
 from airflow.sdk.exceptions import AirflowFailException  # noqa: E402
 
-import qwen3_pipeline.encoder as encoder_module  # noqa: E402
+import qwen3_pipeline.embedding.encoder as encoder_module  # noqa: E402
 from qwen3_pipeline.airflow import (  # noqa: E402
     LanceDBDestination,
     LanceDBHook,
@@ -53,21 +53,21 @@ from qwen3_pipeline.airflow import (  # noqa: E402
     lancedb_asset,
     lancedb_asset_uri,
 )
-from qwen3_pipeline.airflow import demo as airflow_demo  # noqa: E402
 from qwen3_pipeline.airflow.hooks import (  # noqa: E402
     destination_from_connection,
     is_credential_option,
 )
-from qwen3_pipeline.errors import (  # noqa: E402
+from qwen3_pipeline.core.errors import (  # noqa: E402
     ConfigError,
     InputDataError,
     SourceUnavailableError,
     StoreConflictError,
     is_transient,
 )
+from qwen3_pipeline.demo import airflow_run as airflow_demo  # noqa: E402
+from qwen3_pipeline.demo.summary import DemoSummary, combine_reports, search_lines  # noqa: E402
 from qwen3_pipeline.sources import shard_of  # noqa: E402
 from qwen3_pipeline.store import list_table_names  # noqa: E402
-from qwen3_pipeline.summary import DemoSummary, combine_reports, search_lines  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET_PASSWORD = "pw-Secret-4f9a1c"
@@ -459,7 +459,7 @@ import pendulum
 from airflow.sdk import DAG, task
 
 from qwen3_pipeline.airflow import LanceDBHook, Qwen3EmbeddingRefreshOperator, lancedb_asset
-from qwen3_pipeline.errors import SourceUnavailableError
+from qwen3_pipeline.core.errors import SourceUnavailableError
 
 SOURCE = os.environ.get("QWEN3_TEST_SOURCE", "duckdb:/nowhere.duckdb::main.docs")
 MODEL = os.environ.get("QWEN3_TEST_MODEL", "/nowhere")

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from qwen3_pipeline.batching import left_pad, padded_positions, plan_batches, split_batch
+from qwen3_pipeline.embedding.batching import left_pad, padded_positions, plan_batches, split_batch
 
 
 def _check_plan(lengths, budget, rows):
@@ -136,8 +136,8 @@ def test_rows_longer_than_the_budget_get_a_batch_each(budget):
 
 
 def test_encoder_batches_at_the_budget_edge(tiny_model_dir):
-    from qwen3_pipeline.encoder import Qwen3Encoder
-    from qwen3_pipeline.spec import EmbeddingSpec
+    from qwen3_pipeline.core.spec import EmbeddingSpec
+    from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
     encoder = Qwen3Encoder(EmbeddingSpec(model=str(tiny_model_dir)), device="cpu", progress=False)
     texts, long_text = ["the same text"] * 4, "a much longer text " * 8

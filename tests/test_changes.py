@@ -5,8 +5,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qwen3_pipeline import changes
-from qwen3_pipeline.changes import (
+from qwen3_pipeline.core import changes
+from qwen3_pipeline.core.changes import (
     EMBED_STATUSES,
     UPDATE_STATUSES,
     ExistingIndex,
@@ -20,7 +20,7 @@ from qwen3_pipeline.changes import (
     sanitize_text,
     sanitize_texts,
 )
-from qwen3_pipeline.errors import InputDataError, StoreError
+from qwen3_pipeline.core.errors import InputDataError, StoreError
 
 FP = "fingerprint-a"
 

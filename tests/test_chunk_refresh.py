@@ -21,13 +21,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qwen3_pipeline.chunking import Chunker, ChunkingConfig, chunk_rows
+from qwen3_pipeline.chunking.chunker import Chunker, ChunkingConfig, chunk_rows
 from qwen3_pipeline.cli import main
-from qwen3_pipeline.errors import SpecMismatchError
-from qwen3_pipeline.refresh import refresh
-from qwen3_pipeline.schema import chunk_key
+from qwen3_pipeline.core.errors import SpecMismatchError
+from qwen3_pipeline.core.schema import chunk_key
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.engine.refresh import refresh
 from qwen3_pipeline.sources import SourceConfig, parse_source
-from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
 from tests.refresh_helpers import fork_context
 

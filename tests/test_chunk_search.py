@@ -7,10 +7,10 @@ import pytest
 from lancedb.expr import col
 
 from qwen3_pipeline.cli import main
-from qwen3_pipeline.consumers import open_vector_table, search
-from qwen3_pipeline.errors import ConfigError, SpecMismatchError
-from qwen3_pipeline.spec import EmbeddingSpec
-from qwen3_pipeline.summary import search_lines
+from qwen3_pipeline.consumers.vector_search import open_vector_table, search
+from qwen3_pipeline.core.errors import ConfigError, SpecMismatchError
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.demo.summary import search_lines
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
 from tests.chunk_tables import (
     CHUNK_SPEC,
@@ -161,7 +161,7 @@ def test_search_lines_name_the_document_and_its_chunk(vectors):
 
 
 def test_cli_searches_documents_or_chunks(tiny_model_dir, tmp_path, capsys):
-    from qwen3_pipeline.encoder import Qwen3Encoder
+    from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
     spec = EmbeddingSpec(model=str(tiny_model_dir), dim=32).with_chunking(CHUNKING)
     encoder = Qwen3Encoder(spec, device="cpu", progress=False)

@@ -8,8 +8,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qwen3_pipeline.changes import content_hash, sanitize_text
-from qwen3_pipeline.chunking import (
+from qwen3_pipeline.chunking.chunker import (
     ALGORITHM,
     CHUNK_SCHEMA_FIELDS,
     Chunk,
@@ -19,8 +18,9 @@ from qwen3_pipeline.chunking import (
     diff_chunks,
     packaged_tokenizer,
 )
-from qwen3_pipeline.corpus import stdlib_root
-from qwen3_pipeline.errors import ConfigError, InputDataError
+from qwen3_pipeline.core.changes import content_hash, sanitize_text
+from qwen3_pipeline.core.errors import ConfigError, InputDataError
+from qwen3_pipeline.demo.corpus import stdlib_root
 
 # Real long documents: the standard library's module sources and pydoc's topic help pages.
 MODULES = ("argparse.py", "dataclasses.py", "functools.py", "json/decoder.py", "csv.py")

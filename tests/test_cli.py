@@ -270,7 +270,7 @@ def test_embed_gives_one_vector_per_newline_terminated_line(tiny_model_dir, tmp_
 def test_invalid_utf8_and_nul_are_sanitised_like_the_refresh(tmp_path):
     import pyarrow as pa
 
-    from qwen3_pipeline.changes import sanitize_texts
+    from qwen3_pipeline.core.changes import sanitize_texts
 
     raw = [b"a\x00b\xe2\x82", b"\xc3\x28x", b"\xef\xbb\xbfnot a bom here", b"ok"]
     source = tmp_path / "raw.txt"
@@ -320,7 +320,7 @@ def no_encoder(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model must not be loaded")
 
-    monkeypatch.setattr("qwen3_pipeline.encoder.Qwen3Encoder", refuse)
+    monkeypatch.setattr("qwen3_pipeline.embedding.encoder.Qwen3Encoder", refuse)
 
 
 @pytest.mark.parametrize(
@@ -360,7 +360,7 @@ def test_bad_output_path_fails_before_the_input_or_model_is_read(
 
 def _fake_encoder(monkeypatch, fail_texts):
     monkeypatch.setattr(
-        "qwen3_pipeline.encoder.Qwen3Encoder",
+        "qwen3_pipeline.embedding.encoder.Qwen3Encoder",
         lambda spec, **_: FakeEmbedder(spec, fail_texts=fail_texts),
     )
 
@@ -538,7 +538,7 @@ def test_a_missing_lance_data_file_says_how_to_recover(tiny_model_dir, tmp_path,
 
 
 def test_a_transient_failure_exits_1_saying_a_rerun_may_succeed(monkeypatch, capsys):
-    from qwen3_pipeline.errors import StoreConflictError
+    from qwen3_pipeline.core.errors import StoreConflictError
 
     def conflicted(args):
         raise StoreConflictError("upsert still conflicted after 6 tries")

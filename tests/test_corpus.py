@@ -7,8 +7,9 @@ import duckdb
 import pyarrow as pa
 import pytest
 
-from qwen3_pipeline import corpus
-from qwen3_pipeline.corpus import (
+from qwen3_pipeline.core.errors import ConfigError, UnsafeNameError
+from qwen3_pipeline.demo import corpus
+from qwen3_pipeline.demo.corpus import (
     CORPUS_SCHEMA,
     DocRecord,
     corpus_arrow_table,
@@ -16,7 +17,6 @@ from qwen3_pipeline.corpus import (
     narrow_length_texts,
     stdlib_docstrings,
 )
-from qwen3_pipeline.errors import ConfigError, UnsafeNameError
 
 
 @pytest.fixture(scope="module")

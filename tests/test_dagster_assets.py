@@ -11,8 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qwen3_pipeline import checks
-from qwen3_pipeline.consumers import (
+from qwen3_pipeline.consumers import checks
+from qwen3_pipeline.consumers.vector_search import (
     IndexPolicy,
     maintain_vector_index,
     near_duplicate_pairs,
@@ -20,17 +20,24 @@ from qwen3_pipeline.consumers import (
     plan_index_action,
     search,
 )
-from qwen3_pipeline.dagster_defs.automation import (
+from qwen3_pipeline.core.errors import (
+    ConfigError,
+    InputDataError,
+    SpecMismatchError,
+    StoreConflictError,
+)
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.dagster.automation import (
     PARTITION_RANGE_END_TAG,
     PARTITION_RANGE_START_TAG,
     all_partitions_tags,
     build_refresh_schedule,
 )
-from qwen3_pipeline.dagster_defs.consumers import (
+from qwen3_pipeline.dagster.consumer_assets import (
     build_near_duplicates_asset,
     build_vector_index_asset,
 )
-from qwen3_pipeline.dagster_defs.embedding import (
+from qwen3_pipeline.dagster.embedding_asset import (
     DRIFT_CHECK,
     BadInputFailure,
     HashShards,
@@ -38,23 +45,16 @@ from qwen3_pipeline.dagster_defs.embedding import (
     build_embedding_asset,
     is_transient,
 )
-from qwen3_pipeline.dagster_defs.metadata import run_counters
-from qwen3_pipeline.dagster_defs.resources import (
+from qwen3_pipeline.dagster.metadata import run_counters
+from qwen3_pipeline.dagster.resources import (
     EmbedderLoadFailure,
     FakeEmbedderResource,
     LanceDBResource,
     Qwen3EmbedderResource,
 )
-from qwen3_pipeline.dagster_defs.vectors import open_vectors
-from qwen3_pipeline.embedder import Embedder, EncodeResult
-from qwen3_pipeline.errors import (
-    ConfigError,
-    InputDataError,
-    SpecMismatchError,
-    StoreConflictError,
-)
+from qwen3_pipeline.dagster.vectors import open_vectors
+from qwen3_pipeline.embedding.interface import Embedder, EncodeResult
 from qwen3_pipeline.sources import ArrowSource, DuckDBSource, Shards, SourceConfig
-from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
 from tests import chunk_tables
 
@@ -418,7 +418,7 @@ def test_a_bug_is_not_retried(tmp_path: Path, warehouse: Path) -> None:
 
 
 def test_error_classification_uses_the_type_only() -> None:
-    from qwen3_pipeline.errors import SourceUnavailableError, StoreError
+    from qwen3_pipeline.core.errors import SourceUnavailableError, StoreError
     from qwen3_pipeline.store import store_error
 
     assert is_transient(StoreConflictError("conflict"))

@@ -11,9 +11,9 @@ import dagster as dg
 import duckdb
 import pytest
 
-from qwen3_pipeline.consumers import IndexPolicy
-from qwen3_pipeline.dagster_defs import consumers
-from qwen3_pipeline.dagster_defs.consumers import (
+from qwen3_pipeline.consumers.vector_search import IndexPolicy
+from qwen3_pipeline.dagster import consumer_assets as consumers
+from qwen3_pipeline.dagster.consumer_assets import (
     Decision,
     PreviousMaterialization,
     ProcessedState,
@@ -21,8 +21,8 @@ from qwen3_pipeline.dagster_defs.consumers import (
     build_vector_index_asset,
     decide,
 )
-from qwen3_pipeline.dagster_defs.embedding import build_embedding_asset
-from qwen3_pipeline.dagster_defs.resources import FakeEmbedderResource, LanceDBResource
+from qwen3_pipeline.dagster.embedding_asset import build_embedding_asset
+from qwen3_pipeline.dagster.resources import FakeEmbedderResource, LanceDBResource
 from qwen3_pipeline.sources import DuckDBSource, SourceConfig
 
 ROWS = 120

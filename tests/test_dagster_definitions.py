@@ -12,14 +12,14 @@ import dagster as dg
 import pytest
 import yaml
 
-from qwen3_pipeline.dagster_defs import dbt as dbt_defs
-from qwen3_pipeline.dagster_defs.location import DemoSettings, build_definitions
-from qwen3_pipeline.dagster_defs.resources import (
+from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.dagster.resources import (
     FakeEmbedderResource,
     LanceDBResource,
     Qwen3EmbedderResource,
 )
-from qwen3_pipeline.errors import ConfigError
+from qwen3_pipeline.demo import dbt as dbt_defs
+from qwen3_pipeline.demo.location import DemoSettings, build_definitions
 
 REPO = Path(__file__).resolve().parents[1]
 VECTORS = dg.AssetKey("document_vectors")
@@ -44,7 +44,7 @@ def audit(event, args):
 sys.addaudithook(audit)
 
 import dagster as dg
-from qwen3_pipeline.definitions import defs
+from qwen3_pipeline.demo.definitions import defs
 dg.Definitions.validate_loadable(defs)
 repo = defs.get_repository_def()
 print(json.dumps({
@@ -141,7 +141,7 @@ def test_definitions_load_in_a_fresh_process_without_torch(tmp_path: Path) -> No
 def test_workspace_points_at_the_definitions_module() -> None:
     workspace = yaml.safe_load((REPO / "workspace.yaml").read_text())
     (entry,) = workspace["load_from"]
-    assert entry["python_module"]["module_name"] == "qwen3_pipeline.definitions"
+    assert entry["python_module"]["module_name"] == "qwen3_pipeline.demo.definitions"
 
 
 @pytest.fixture
@@ -235,7 +235,7 @@ def test_automation_is_stopped_unless_switched_on(tmp_path: Path) -> None:
 def test_loading_warns_when_runs_would_recompile_transformers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from qwen3_pipeline.definitions import warn_if_runs_recompile_transformers
+    from qwen3_pipeline.demo.definitions import warn_if_runs_recompile_transformers
 
     # An empty bytecode prefix stands for an install that wrote no .pyc files (the shared
     # environment's own caches are neither read nor touched).
@@ -243,7 +243,7 @@ def test_loading_warns_when_runs_would_recompile_transformers(
     monkeypatch.setattr(sys, "dont_write_bytecode", False)
     assert not warn_if_runs_recompile_transformers()  # the first run writes them for the next
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
-    caplog.set_level("WARNING", logger="qwen3_pipeline.definitions")
+    caplog.set_level("WARNING", logger="qwen3_pipeline.demo.definitions")
     assert warn_if_runs_recompile_transformers()
     assert "-m compileall -q" in caplog.text
     assert "uv pip install --compile-bytecode" in caplog.text

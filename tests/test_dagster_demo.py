@@ -6,9 +6,9 @@ import duckdb
 import lancedb
 import pytest
 
-import qwen3_pipeline.encoder as encoder_module
-from qwen3_pipeline import demo
-from qwen3_pipeline.dagster_defs.location import DemoSettings
+import qwen3_pipeline.embedding.encoder as encoder_module
+from qwen3_pipeline.demo import run as demo
+from qwen3_pipeline.demo.location import DemoSettings
 from tests.fixtures import tiny_qwen3
 
 LIMIT = 150

@@ -24,11 +24,11 @@ import duckdb
 import lancedb
 import pytest
 
-from qwen3_pipeline.changes import content_hash
-from qwen3_pipeline.dagster_defs.automation import all_partitions_tags
-from qwen3_pipeline.dagster_defs.dbt import dbt_cli_resource, dbt_models_assets, raw_docstrings
-from qwen3_pipeline.dagster_defs.embedding import HashShards
-from qwen3_pipeline.dagster_defs.metadata import run_counters
+from qwen3_pipeline.core.changes import content_hash
+from qwen3_pipeline.dagster.automation import all_partitions_tags
+from qwen3_pipeline.dagster.embedding_asset import HashShards
+from qwen3_pipeline.dagster.metadata import run_counters
+from qwen3_pipeline.demo.dbt import dbt_cli_resource, dbt_models_assets, raw_docstrings
 
 REPO = Path(__file__).resolve().parents[1]
 LIMIT = 100

@@ -11,8 +11,9 @@ import yaml
 from dagster._core.op_concurrency_limits_counter import GlobalOpConcurrencyLimitsCounter
 from dagster._core.storage.dagster_run import IN_PROGRESS_RUN_STATUSES, RunsFilter
 
-from qwen3_pipeline.dagster_defs.embedding import DEFAULT_POOL
-from qwen3_pipeline.dagster_defs.instance import (
+from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.dagster.embedding_asset import DEFAULT_POOL
+from qwen3_pipeline.dagster.instance import (
     CONCURRENCY_SECTION,
     DEFAULT_GPU_POOL_LIMIT,
     GPU_POOL,
@@ -21,9 +22,8 @@ from qwen3_pipeline.dagster_defs.instance import (
     main,
     prepare_instance,
 )
-from qwen3_pipeline.dagster_defs.location import DemoSettings, build_definitions
-from qwen3_pipeline.dagster_defs.resources import FakeEmbedderResource
-from qwen3_pipeline.errors import ConfigError
+from qwen3_pipeline.dagster.resources import FakeEmbedderResource
+from qwen3_pipeline.demo.location import DemoSettings, build_definitions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +127,7 @@ def test_cli_reads_dagster_home_and_the_environment(
     home = tmp_path / "home"
     monkeypatch.setenv("DAGSTER_HOME", str(home))
     monkeypatch.setenv(GPU_POOL_LIMIT_ENV, "2")
-    caplog.set_level("INFO", logger="qwen3_pipeline.dagster_defs.instance")
+    caplog.set_level("INFO", logger="qwen3_pipeline.dagster.instance")
     assert main([]) == 0
     assert _stored_limit(home) == (2, "run")
     assert main(["--gpu-pool-limit", "3"]) == 0  # the flag wins over the variable
@@ -186,7 +186,7 @@ def test_make_dev_prepares_the_instance_with_the_requested_limit() -> None:
     prepare, serve = [
         line for line in dry_run("GPU_POOL_LIMIT=2").replace("\\\n", " ").splitlines() if line
     ][-2:]
-    assert "-m qwen3_pipeline.dagster_defs.instance" in prepare
+    assert "-m qwen3_pipeline.dagster.instance" in prepare
     assert prepare.split()[-2:] == ["--gpu-pool-limit", "2"]
     assert "dagster dev -w workspace.yaml" in serve
     assert "--gpu-pool-limit" not in dry_run()

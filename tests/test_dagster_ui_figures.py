@@ -11,19 +11,19 @@ import duckdb
 import lancedb
 import pytest
 
-from qwen3_pipeline import checks
-from qwen3_pipeline.dagster_defs.automation import all_partitions_tags
-from qwen3_pipeline.dagster_defs.embedding import DRIFT_CHECK, HashShards, build_embedding_asset
-from qwen3_pipeline.dagster_defs.metadata import (
+from qwen3_pipeline.consumers import checks
+from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.core.progress import PROGRESS_SECONDS_ENV
+from qwen3_pipeline.dagster.automation import all_partitions_tags
+from qwen3_pipeline.dagster.embedding_asset import DRIFT_CHECK, HashShards, build_embedding_asset
+from qwen3_pipeline.dagster.metadata import (
     RUN_BY_PARTITION,
     TABLE_FINGERPRINT,
     TABLE_ROWS,
     TABLE_VERSION,
     run_counters,
 )
-from qwen3_pipeline.dagster_defs.resources import FakeEmbedderResource, LanceDBResource
-from qwen3_pipeline.errors import ConfigError
-from qwen3_pipeline.progress import PROGRESS_SECONDS_ENV
+from qwen3_pipeline.dagster.resources import FakeEmbedderResource, LanceDBResource
 from qwen3_pipeline.sources import DuckDBSource, SourceConfig
 
 ROWS = 600

@@ -9,8 +9,8 @@ import dagster as dg
 import duckdb
 import pytest
 
-from qwen3_pipeline.corpus import load_corpus_into_duckdb
-from qwen3_pipeline.dagster_defs.dbt import (
+from qwen3_pipeline.demo.corpus import load_corpus_into_duckdb
+from qwen3_pipeline.demo.dbt import (
     LAST_RUN_DIR,
     dbt_cli_resource,
     dbt_models_assets,

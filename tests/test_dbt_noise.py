@@ -16,15 +16,15 @@ import yaml
 from dagster._core.remote_representation.external_data import RepositorySnap
 from dagster._core.snap.snap_to_yaml import default_values_yaml_from_type_snap
 
-from qwen3_pipeline.dagster_defs.dbt import (
+from qwen3_pipeline.dagster.resources import FakeEmbedderResource
+from qwen3_pipeline.demo.dbt import (
     LAST_RUN_DIR,
     WAREHOUSE_GROUP,
     dbt_executable,
     dbt_project_dir,
     raw_docstrings,
 )
-from qwen3_pipeline.dagster_defs.location import DemoSettings, build_definitions
-from qwen3_pipeline.dagster_defs.resources import FakeEmbedderResource
+from qwen3_pipeline.demo.location import DemoSettings, build_definitions
 from tests.dbt_runs import DbtRuns
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel, AutoTokenizer
 
-from qwen3_pipeline.encoder import Qwen3Encoder
-from qwen3_pipeline.errors import ConfigError
-from qwen3_pipeline.spec import DEFAULT_QUERY_TASK, EmbeddingSpec
+from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.core.spec import DEFAULT_QUERY_TASK, EmbeddingSpec
+from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
 # The GPU check (benchmarks/gpu_check.sh) reruns this module on CUDA in bf16 and fp32. In bf16
 # the reference and ours round differently (and may use other attention kernels), so the bar is

@@ -166,7 +166,7 @@ def test_auto_model_loads_and_runs(tiny_model_dir):
 
 
 def test_embedding_spec_reads_the_checkpoint(tiny_model_dir, tiny_model_256_dir):
-    from qwen3_pipeline.spec import EmbeddingSpec
+    from qwen3_pipeline.core.spec import EmbeddingSpec
 
     assert EmbeddingSpec(model=str(tiny_model_dir)).hidden_size == 64
     assert EmbeddingSpec(model=str(tiny_model_256_dir), dim=128).output_dim == 128

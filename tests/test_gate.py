@@ -14,11 +14,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qwen3_pipeline import gate
-from qwen3_pipeline.chunking import ChunkingConfig
-from qwen3_pipeline.consumers import open_vector_table
-from qwen3_pipeline.errors import ConfigError, GateFailedError, SpecMismatchError
-from qwen3_pipeline.gate import (
+from qwen3_pipeline.chunking.chunker import ChunkingConfig
+from qwen3_pipeline.consumers.vector_search import open_vector_table
+from qwen3_pipeline.core.errors import ConfigError, GateFailedError, SpecMismatchError
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.engine.refresh import refresh
+from qwen3_pipeline.lifecycle import gate
+from qwen3_pipeline.lifecycle.gate import (
     Evaluation,
     GoldenSet,
     QueryResult,
@@ -29,9 +31,7 @@ from qwen3_pipeline.gate import (
     parse_golden_set,
     recall_at_k,
 )
-from qwen3_pipeline.refresh import refresh
 from qwen3_pipeline.sources import ArrowSource, SourceConfig
-from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
 from tests.chunk_tables import CHUNK_SPEC, write_chunk_table
 
@@ -367,7 +367,7 @@ def test_evaluate_hand_built_chunk_table_with_known_similarities(tmp_path):
 
 
 def test_evaluate_with_the_tiny_qwen3_model(tmp_path, tiny_model_dir):
-    from qwen3_pipeline.encoder import Qwen3Encoder
+    from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
     spec = EmbeddingSpec(model=str(tiny_model_dir), dim=32, max_length=32)
     encoder = Qwen3Encoder(spec, device="cpu", progress=False)

@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from qwen3_pipeline.cli import main
-from qwen3_pipeline.encoder import Qwen3Encoder
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.embedding.encoder import Qwen3Encoder
+from qwen3_pipeline.engine.refresh import refresh
 from qwen3_pipeline.engine.reproject import can_reproject, project
-from qwen3_pipeline.refresh import refresh
 from qwen3_pipeline.sources import ArrowSource, SourceConfig
-from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.testing import FakeEmbedder
 
 CONFIG = SourceConfig(key="id", text_columns=("body",))
@@ -276,7 +276,7 @@ class _Mirror(FakeEmbedder):
 
 
 def test_a_gated_rebuild_swaps_only_a_better_table(tmp_path):
-    from qwen3_pipeline.gate import GateConfig, parse_golden_set
+    from qwen3_pipeline.lifecycle.gate import GateConfig, parse_golden_set
 
     db = str(tmp_path / "db")
     mirror_spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)

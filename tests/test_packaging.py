@@ -26,8 +26,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import qwen3_pipeline
-from qwen3_pipeline import demo, demo_model
-from qwen3_pipeline.dagster_defs import dbt as dbt_defs
+from qwen3_pipeline.demo import dbt as dbt_defs
+from qwen3_pipeline.demo import model as demo_model
+from qwen3_pipeline.demo import run as demo
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(qwen3_pipeline.__file__).resolve().parent
@@ -117,7 +118,7 @@ def test_dbt_writes_under_the_data_directory(tmp_path: Path) -> None:
         [
             sys.executable,
             "-c",
-            "from qwen3_pipeline.dagster_defs import dbt; "
+            "from qwen3_pipeline.demo import dbt; "
             "print(dbt.dbt_project.manifest_path, dbt.dbt_project.project_dir)",
         ],
         cwd=tmp_path,
@@ -154,7 +155,7 @@ sys.addaudithook(audit)
 
 import dagster as dg
 import qwen3_pipeline
-from qwen3_pipeline.definitions import defs
+from qwen3_pipeline.demo.definitions import defs
 
 dg.Definitions.validate_loadable(defs)
 repo = defs.get_repository_def()
@@ -294,7 +295,7 @@ def test_installed_code_location_loads_from_a_manifest_prepared_in_the_data_dir(
     before = installed.files()
     data = Path(installed.env["QWEN3_PIPELINE_DATA_DIR"])
 
-    prepared = installed.run(str(installed.python), "-m", "qwen3_pipeline.dagster_defs.dbt")
+    prepared = installed.run(str(installed.python), "-m", "qwen3_pipeline.demo.dbt")
     assert prepared.returncode == 0, prepared.stderr
     assert (data / "dbt" / "target" / "manifest.json").is_file()
 
@@ -319,7 +320,7 @@ def test_installed_cli_refreshes_and_searches_with_the_packaged_demo_model(
     work = installed.workdir
     model = work / "demo-model"
     built = installed.run(
-        str(installed.python), "-m", "qwen3_pipeline.demo_model", "--out", str(model)
+        str(installed.python), "-m", "qwen3_pipeline.demo.model", "--out", str(model)
     )
     assert built.returncode == 0, built.stderr
     assert (model / "tokenizer.json").is_file()

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qwen3_pipeline.errors import ConfigError, InputDataError, MassDeleteError
-from qwen3_pipeline.refresh import check_mass_delete, plan_refresh, refresh
+from qwen3_pipeline.core.errors import ConfigError, InputDataError, MassDeleteError
+from qwen3_pipeline.engine.refresh import check_mass_delete, plan_refresh, refresh
 from qwen3_pipeline.sources import ArrowSource, ParquetSource, SourceConfig
 from qwen3_pipeline.testing import FakeEmbedder
 from tests.refresh_helpers import make_rows, spec, table_rows, table_version
@@ -224,7 +224,7 @@ def test_a_duckdb_file_locked_by_a_writer_is_a_transient_error(db, tmp_path):
 
     import duckdb
 
-    from qwen3_pipeline.errors import SourceUnavailableError, TransientError
+    from qwen3_pipeline.core.errors import SourceUnavailableError, TransientError
     from qwen3_pipeline.sources import DuckDBSource
 
     path = tmp_path / "w.duckdb"

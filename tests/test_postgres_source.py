@@ -24,14 +24,14 @@ import pyarrow as pa
 import pytest
 
 from qwen3_pipeline.cli import main
-from qwen3_pipeline.errors import (
+from qwen3_pipeline.core.errors import (
     ConfigError,
     InputDataError,
     SourceReadError,
     SourceUnavailableError,
     TransientError,
 )
-from qwen3_pipeline.refresh import refresh
+from qwen3_pipeline.engine.refresh import refresh
 from qwen3_pipeline.sources import PostgresSource, SourceConfig, parse_source
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
 from tests.refresh_helpers import spec, table_rows, table_version

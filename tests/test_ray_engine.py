@@ -24,17 +24,17 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from qwen3_pipeline import cli  # noqa: E402
-from qwen3_pipeline.dagster_defs.automation import all_partitions_tags  # noqa: E402
-from qwen3_pipeline.dagster_defs.embedding import HashShards, build_embedding_asset  # noqa: E402
-from qwen3_pipeline.dagster_defs.metadata import run_counters  # noqa: E402
-from qwen3_pipeline.dagster_defs.resources import LanceDBResource  # noqa: E402
-from qwen3_pipeline.encoder import Qwen3Encoder  # noqa: E402
-from qwen3_pipeline.engines import EngineOptions  # noqa: E402
-from qwen3_pipeline.errors import ConfigError, InputDataError  # noqa: E402
-from qwen3_pipeline.ray_engine import EncoderOptions, RayEmbedder, plan_blocks  # noqa: E402
-from qwen3_pipeline.refresh import refresh  # noqa: E402
+from qwen3_pipeline.core.errors import ConfigError, InputDataError  # noqa: E402
+from qwen3_pipeline.core.spec import EmbeddingSpec  # noqa: E402
+from qwen3_pipeline.dagster.automation import all_partitions_tags  # noqa: E402
+from qwen3_pipeline.dagster.embedding_asset import HashShards, build_embedding_asset  # noqa: E402
+from qwen3_pipeline.dagster.metadata import run_counters  # noqa: E402
+from qwen3_pipeline.dagster.resources import LanceDBResource  # noqa: E402
+from qwen3_pipeline.embedding.encoder import Qwen3Encoder  # noqa: E402
+from qwen3_pipeline.embedding.engines import EngineOptions  # noqa: E402
+from qwen3_pipeline.embedding.ray_pool import EncoderOptions, RayEmbedder, plan_blocks  # noqa: E402
+from qwen3_pipeline.engine.refresh import refresh  # noqa: E402
 from qwen3_pipeline.sources import ArrowSource, SourceConfig  # noqa: E402
-from qwen3_pipeline.spec import EmbeddingSpec  # noqa: E402
 
 CPU = EncoderOptions(device="cpu")
 CONFIG = SourceConfig(key="id", text_columns=("text",))
@@ -319,7 +319,7 @@ def test_dagster_asset_on_local_ray_refreshes_a_range_of_shards_in_one_run(
 ) -> None:
     from dagster_ray import LocalRay
 
-    from qwen3_pipeline.dagster_defs.ray import RayEmbedderResource
+    from qwen3_pipeline.dagster.ray_resource import RayEmbedderResource
 
     embedder = RayEmbedderResource(
         model=spec.model,
@@ -371,8 +371,8 @@ def test_dagster_asset_on_local_ray_refreshes_a_range_of_shards_in_one_run(
 def test_demo_location_selects_the_ray_engine_by_environment() -> None:
     from dagster_ray import LocalRay
 
-    from qwen3_pipeline.dagster_defs.location import DemoSettings, demo_embedder
-    from qwen3_pipeline.dagster_defs.ray import RayEmbedderResource
+    from qwen3_pipeline.dagster.ray_resource import RayEmbedderResource
+    from qwen3_pipeline.demo.location import DemoSettings, demo_embedder
 
     settings = DemoSettings.from_env(
         {

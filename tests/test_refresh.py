@@ -14,9 +14,14 @@ import pyarrow.parquet as pq
 import pytest
 import xxhash
 
-from qwen3_pipeline.errors import ConfigError, InputDataError, MassDeleteError, SpecMismatchError
-from qwen3_pipeline.refresh import RefreshReport, refresh
-from qwen3_pipeline.schema import rebuild_table_name
+from qwen3_pipeline.core.errors import (
+    ConfigError,
+    InputDataError,
+    MassDeleteError,
+    SpecMismatchError,
+)
+from qwen3_pipeline.core.schema import rebuild_table_name
+from qwen3_pipeline.engine.refresh import RefreshReport, refresh
 from qwen3_pipeline.sources import (
     ArrowSource,
     DuckDBSource,
@@ -629,8 +634,8 @@ def test_duckdb_source_table_and_query(db, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_encoder(tiny_model_dir):
-    from qwen3_pipeline.encoder import Qwen3Encoder
-    from qwen3_pipeline.spec import EmbeddingSpec
+    from qwen3_pipeline.core.spec import EmbeddingSpec
+    from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
     tiny_spec = EmbeddingSpec(model=str(tiny_model_dir), dim=32, max_length=16)
     return Qwen3Encoder(tiny_spec, device="cpu", progress=False)
@@ -662,8 +667,8 @@ def test_tiny_model_refresh_truncates_long_text_and_flags_it(db, tiny_encoder):
 
 
 def test_tiny_model_spec_change_refused_then_rebuilt(db, tiny_model_dir, tiny_encoder):
-    from qwen3_pipeline.encoder import Qwen3Encoder
-    from qwen3_pipeline.spec import EmbeddingSpec
+    from qwen3_pipeline.core.spec import EmbeddingSpec
+    from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
     source = make_rows(range(40))
     run(db, source, embedder=tiny_encoder)

@@ -10,12 +10,14 @@ import pyarrow as pa
 import pytest
 
 import qwen3_pipeline.engine.plan as plan_module
-import qwen3_pipeline.refresh as refresh_module
-from qwen3_pipeline.changes import ExistingIndex
+import qwen3_pipeline.engine.refresh as refresh_module
+import qwen3_pipeline.engine.shards as shards_module
+from qwen3_pipeline.core.changes import ExistingIndex
+from qwen3_pipeline.core.errors import ConfigError, InputDataError, MassDeleteError
 from qwen3_pipeline.engine.apply import apply_plan
+from qwen3_pipeline.engine.options import RefreshOptions, RefreshRequest
+from qwen3_pipeline.engine.refresh import check_mass_delete, plan_refresh, refresh
 from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES, RefreshReport, merge_reports
-from qwen3_pipeline.errors import ConfigError, InputDataError, MassDeleteError
-from qwen3_pipeline.refresh import check_mass_delete, plan_refresh, refresh
 from qwen3_pipeline.sources import (
     ArrowIPCSource,
     ArrowSource,
@@ -98,8 +100,10 @@ def run_whole(db, table: pa.Table, config=None) -> RefreshReport:
     plan = plan_refresh(source=source, config=config, embedder=embedder, db_uri=str(db),
                         table=TABLE, chunk_rows=CHUNK, progress=False)  # fmt: skip
     check_mass_delete(plan)
-    return apply_plan(plan, source=source, config=config, embedder=embedder,
-                      chunk_rows=CHUNK, version_before=version, progress=False)  # fmt: skip
+    options = RefreshOptions(chunk_rows=CHUNK, progress=False)
+    request = RefreshRequest(source=source, config=config, embedder=embedder, db_uri=str(db),
+                             table=TABLE, options=options)  # fmt: skip
+    return apply_plan(plan, request, version_before=version)
 
 
 def counters(report: RefreshReport) -> dict[str, int]:
@@ -125,11 +129,11 @@ def db(tmp_path):
 def planned_scopes(monkeypatch):
     """The partition of every plan the refresh makes, and the stored-state labels it indexed."""
     scopes: list[dict[str, Any]] = []
-    real_plan = refresh_module.plan_refresh
+    real_plan = plan_module.plan_scope
 
-    def plan_spy(**kwargs: Any) -> Any:
-        scopes.append({"partition": kwargs["config"].partition, "indexed": set()})
-        return real_plan(**kwargs)
+    def plan_spy(request: RefreshRequest) -> Any:
+        scopes.append({"partition": request.config.partition, "indexed": set()})
+        return real_plan(request)
 
     class IndexSpy(ExistingIndex):
         def __init__(self, state: pa.Table) -> None:
@@ -138,7 +142,8 @@ def planned_scopes(monkeypatch):
                 scopes[-1]["indexed"] |= set(state.column("partition_key").to_pylist())
                 scopes[-1]["rows"] = state.num_rows
 
-    monkeypatch.setattr(refresh_module, "plan_refresh", plan_spy)
+    monkeypatch.setattr(refresh_module, "plan_scope", plan_spy)
+    monkeypatch.setattr(shards_module, "plan_scope", plan_spy)
     monkeypatch.setattr(plan_module, "ExistingIndex", IndexSpy)
     return scopes
 
@@ -257,7 +262,7 @@ def test_the_source_is_read_once(db):
 
 
 def test_progress_names_each_shard_and_counts_the_whole_run(db, caplog, monkeypatch):
-    from qwen3_pipeline.progress import PROGRESS_SECONDS_ENV
+    from qwen3_pipeline.core.progress import PROGRESS_SECONDS_ENV
 
     monkeypatch.setenv(PROGRESS_SECONDS_ENV, "0.000001")  # a line per forward pass
     source = make_rows(range(ROWS))
@@ -350,7 +355,7 @@ def test_bad_keys_in_a_late_shard_write_nothing(db, case):
 
 
 def test_a_spec_mismatch_is_refused_before_the_source_is_split(db):
-    from qwen3_pipeline.errors import SpecMismatchError
+    from qwen3_pipeline.core.errors import SpecMismatchError
 
     run(db, make_rows(range(ROWS)))
     source = CountingSource(ArrowSource(make_rows(range(ROWS))))

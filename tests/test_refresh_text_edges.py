@@ -18,11 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qwen3_pipeline import changes
-from qwen3_pipeline.changes import content_hash
-from qwen3_pipeline.refresh import refresh
+from qwen3_pipeline.core import changes
+from qwen3_pipeline.core.changes import content_hash
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.engine.refresh import refresh
 from qwen3_pipeline.sources import ArrowSource, SourceConfig
-from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
 
 SPEC = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)

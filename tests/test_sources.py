@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qwen3_pipeline.changes import content_hash, content_hashes
-from qwen3_pipeline.errors import ConfigError, InputDataError
-from qwen3_pipeline.schema import INTERNAL_PREFIX, TEXT_COLUMN
+from qwen3_pipeline.core.changes import content_hash, content_hashes
+from qwen3_pipeline.core.errors import ConfigError, InputDataError
+from qwen3_pipeline.core.schema import INTERNAL_PREFIX, TEXT_COLUMN
 from qwen3_pipeline.sources import (
     UNPARTITIONED,
     ArrowSource,

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from qwen3_pipeline.errors import ConfigError, InvalidDimensionError, ModelLoadError
-from qwen3_pipeline.spec import DEFAULT_QUERY_TASK, EmbeddingSpec
+from qwen3_pipeline.core.errors import ConfigError, InvalidDimensionError, ModelLoadError
+from qwen3_pipeline.core.spec import DEFAULT_QUERY_TASK, EmbeddingSpec
 
 
 def test_known_model_validates_offline_and_defaults():

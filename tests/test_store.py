@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qwen3_pipeline.errors import (
+from qwen3_pipeline.core.errors import (
     ConfigError,
     EmbeddingFailedError,
     InputDataError,
@@ -15,7 +15,7 @@ from qwen3_pipeline.errors import (
     StoreError,
     UnsafeNameError,
 )
-from qwen3_pipeline.schema import (
+from qwen3_pipeline.core.schema import (
     LINEAGE_COLUMNS,
     META_FINGERPRINT,
     META_SOURCE_KEY,
@@ -25,7 +25,7 @@ from qwen3_pipeline.schema import (
     validate_table_name,
     validate_uri,
 )
-from qwen3_pipeline.spec import EmbeddingSpec
+from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.store import (
     RetryPolicy,
     VectorStore,

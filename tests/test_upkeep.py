@@ -10,9 +10,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qwen3_pipeline.consumers import IndexPolicy, maintain_vector_index
-from qwen3_pipeline.errors import StoreError
-from qwen3_pipeline.upkeep import (
+from qwen3_pipeline.consumers.vector_search import IndexPolicy, maintain_vector_index
+from qwen3_pipeline.core.errors import StoreError
+from qwen3_pipeline.store.upkeep import (
     fragment_count,
     needs_compaction,
     optimize_table,

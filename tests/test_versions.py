@@ -12,19 +12,19 @@ import lancedb
 import pyarrow as pa
 import pytest
 
-from qwen3_pipeline import checks
 from qwen3_pipeline.cli import main
-from qwen3_pipeline.consumers import IndexPolicy, open_vector_table
-from qwen3_pipeline.dagster_defs.consumers import build_vector_index_asset
-from qwen3_pipeline.dagster_defs.embedding import build_embedding_asset
-from qwen3_pipeline.dagster_defs.metadata import TABLE_CHECKED_VERSION, TABLE_VERSION
-from qwen3_pipeline.dagster_defs.resources import FakeEmbedderResource, LanceDBResource
-from qwen3_pipeline.dagster_defs.vectors import open_vectors
-from qwen3_pipeline.embedder import Embedder, EncodeResult
-from qwen3_pipeline.errors import ConfigError
-from qwen3_pipeline.refresh import RefreshReport, refresh
+from qwen3_pipeline.consumers import checks
+from qwen3_pipeline.consumers.vector_search import IndexPolicy, open_vector_table
+from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.dagster.consumer_assets import build_vector_index_asset
+from qwen3_pipeline.dagster.embedding_asset import build_embedding_asset
+from qwen3_pipeline.dagster.metadata import TABLE_CHECKED_VERSION, TABLE_VERSION
+from qwen3_pipeline.dagster.resources import FakeEmbedderResource, LanceDBResource
+from qwen3_pipeline.dagster.vectors import open_vectors
+from qwen3_pipeline.embedding.interface import Embedder, EncodeResult
+from qwen3_pipeline.engine.refresh import RefreshReport, refresh
 from qwen3_pipeline.sources import ArrowSource, SourceConfig
-from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.store import (
     checked_versions,
     latest_before_swap_tag,
@@ -35,8 +35,8 @@ from qwen3_pipeline.store import (
     tag_before_swap,
     tag_checked,
 )
+from qwen3_pipeline.store.upkeep import optimize_table
 from qwen3_pipeline.testing import FakeEmbedder
-from qwen3_pipeline.upkeep import optimize_table
 from tests.refresh_helpers import CONFIG, make_rows, spec
 
 TABLE = "docs"

@@ -6,7 +6,7 @@ package works without Airflow; its Airflow classes are imported on first access 
 :class:`AirflowNotInstalledError` (naming the extra) when Airflow is missing.
 
 - :class:`~qwen3_pipeline.airflow.operators.Qwen3EmbeddingRefreshOperator`: one
-  :func:`qwen3_pipeline.refresh.refresh` per task (the same engine as the CLI and the Dagster
+  :func:`qwen3_pipeline.engine.refresh.refresh` per task (the same engine as the CLI and the Dagster
   assets), over one hash shard (``shard="3/8"``, mapped with ``.expand()``) or the whole
   source. Returns the refresh report as its XCom, emits the table's Asset with the report as
   the event's extra, and fails without retry on bad input.
@@ -25,7 +25,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from qwen3_pipeline.airflow.provider_info import get_provider_info
-from qwen3_pipeline.errors import Qwen3PipelineError
+from qwen3_pipeline.core.errors import Qwen3PipelineError
 
 if TYPE_CHECKING:
     from qwen3_pipeline.airflow.assets import lancedb_asset, lancedb_asset_uri

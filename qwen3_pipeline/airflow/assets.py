@@ -24,8 +24,8 @@ from pathlib import Path
 
 from airflow.sdk import Asset
 
-from qwen3_pipeline.errors import ConfigError
-from qwen3_pipeline.schema import validate_table_name, validate_uri
+from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.core.schema import validate_table_name, validate_uri
 
 SCHEME = "lancedb"
 _SCHEME_SEP = "://"

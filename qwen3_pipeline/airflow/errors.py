@@ -1,6 +1,6 @@
 """Airflow's side of the retry rule: transient errors use the task's retries, nothing else does.
 
-Whether a retry can help is decided by :func:`qwen3_pipeline.errors.is_transient`, the function
+Whether a retry can help is decided by :func:`qwen3_pipeline.core.errors.is_transient`, the function
 the Dagster assets use too. Here a permanent error (null or duplicate keys, a spec mismatch, a
 model that cannot be loaded, an invalid setting, or a bug) becomes
 :class:`~airflow.sdk.exceptions.AirflowFailException`, which fails the task at once whatever its
@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 from airflow.sdk.exceptions import AirflowException, AirflowFailException
 
-from qwen3_pipeline.errors import failure_message, is_transient
+from qwen3_pipeline.core.errors import failure_message, is_transient
 
 logger = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from airflow.sdk.log import mask_secret
 
 from qwen3_pipeline.airflow.assets import local_uri
 from qwen3_pipeline.airflow.provider_info import CONNECTION_TYPE, DEFAULT_CONNECTION_ID
-from qwen3_pipeline.errors import ConfigError
-from qwen3_pipeline.schema import validate_uri
+from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.core.schema import validate_uri
 
 # (login option, password option) per URI scheme: the object-store option names LanceDB reads.
 CREDENTIAL_OPTIONS: dict[str, tuple[str | None, str]] = {

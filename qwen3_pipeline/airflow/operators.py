@@ -1,4 +1,4 @@
-"""The refresh operator: one :func:`qwen3_pipeline.refresh.refresh` per Airflow task.
+"""The refresh operator: one :func:`qwen3_pipeline.engine.refresh.refresh` per Airflow task.
 
 :class:`Qwen3EmbeddingRefreshOperator` maps Airflow's idioms onto the engine the CLI and the
 Dagster assets run, adding no logic of its own:
@@ -6,7 +6,7 @@ Dagster assets run, adding no logic of its own:
 - a task refreshes one hash shard (``shard="3/8"``, mapped over all shards with ``.expand()``),
   several shards' labels (``shards=8``, in one task), or the whole source;
 - the model is loaded at most once per task, and only when there is something to embed
-  (:class:`~qwen3_pipeline.lazy_embedder.LazyEmbedder`): a no-op refresh loads no weights;
+  (:class:`~qwen3_pipeline.embedding.lazy.LazyEmbedder`): a no-op refresh loads no weights;
 - the refresh report (a small JSON dict) is the task's XCom ``return_value``, a one-line summary
   and the engine's progress lines go to the task log;
 - the vector table's Asset (:func:`~qwen3_pipeline.airflow.assets.lancedb_asset`) is an outlet,
@@ -42,17 +42,18 @@ from qwen3_pipeline.airflow.assets import lancedb_asset
 from qwen3_pipeline.airflow.errors import retry_only_transient
 from qwen3_pipeline.airflow.hooks import LanceDBDestination, LanceDBHook
 from qwen3_pipeline.airflow.provider_info import DEFAULT_CONNECTION_ID
-from qwen3_pipeline.errors import ConfigError
-from qwen3_pipeline.progress import engine_logs_at_info
+from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.core.progress import engine_logs_at_info
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from qwen3_pipeline.chunking import ChunkingConfig
+    from qwen3_pipeline.chunking.chunker import ChunkingConfig
+    from qwen3_pipeline.core.spec import EmbeddingSpec
+    from qwen3_pipeline.embedding.engines import EngineOptions
+    from qwen3_pipeline.engine.options import RefreshOptions
     from qwen3_pipeline.engine.report import RefreshReport
-    from qwen3_pipeline.engines import EngineOptions
     from qwen3_pipeline.sources import Shard, Shards, Source, SourceConfig
-    from qwen3_pipeline.spec import EmbeddingSpec
 
 # Airflow re-parses a DAG file often: the engine (torch, lancedb, duckdb) is imported in
 # execute(), never at module import.
@@ -297,14 +298,12 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         Raises:
             InputDataError: ``shard`` is neither ``K/N`` nor a shard label.
         """
-        from qwen3_pipeline.sources import Shard, Shards, parse_shard_label
+        from qwen3_pipeline.sources import Shard, Shards, parse_shard, parse_shard_label
 
         if self.shard:
             text = str(self.shard).strip()
             if text.startswith("shard-"):
                 return Shard(*parse_shard_label(text))
-            from qwen3_pipeline.cli import parse_shard
-
             return Shard(*parse_shard(text))
         if self.shards is not None:
             return Shards(_integer(self.shards, "shards"))
@@ -312,7 +311,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
 
     def embedding_spec(self) -> "EmbeddingSpec":
         """The spec the vectors follow (reads the model's config; no weights)."""
-        from qwen3_pipeline.spec import DEFAULT_MAX_LENGTH, EmbeddingSpec
+        from qwen3_pipeline.core.spec import DEFAULT_MAX_LENGTH, EmbeddingSpec
 
         return EmbeddingSpec(
             model=str(self.model),
@@ -323,7 +322,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
 
     def engine_options(self) -> "EngineOptions":
         """Where and how to run the model (the engine settings the CLI and Dagster take)."""
-        from qwen3_pipeline.engines import EngineOptions
+        from qwen3_pipeline.embedding.engines import EngineOptions
 
         engine = str(self.engine or "local").strip().lower()
         return EngineOptions(
@@ -338,16 +337,14 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             max_batch_rows=self.max_batch_rows,
         )
 
-    def _refresh(self, context: "Context") -> "RefreshReport":
-        from qwen3_pipeline.lazy_embedder import LazyEmbedder
-        from qwen3_pipeline.refresh import refresh
-        from qwen3_pipeline.sources import parse_source
+    def refresh_options(self, run_id: str | None = None) -> "RefreshOptions":
+        """What the refresh is asked to do, as the engine's one options value.
 
-        config = self.source_config()
-        options = self.engine_options()
-        spec = self.embedding_spec()
-        found = self.destination()
-        source = parse_source(self.source) if isinstance(self.source, str) else self.source
+        Raises:
+            ConfigError: An invalid value.
+        """
+        from qwen3_pipeline.engine.options import RefreshOptions as Options
+
         tuning: dict[str, Any] = {
             name: value
             for name, value in (
@@ -357,7 +354,27 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             )
             if value is not None
         }
-        run_id = context.get("run_id")
+        return Options(
+            rebuild=self.rebuild,
+            allow_mass_delete=self.allow_mass_delete,
+            accept_drift=self.accept_drift,
+            spill_dir=self.spill_dir,
+            source_name=_optional_text(self.source_name),
+            run_id=f"{self.dag_id}/{run_id}" if run_id else None,
+            **tuning,
+        )
+
+    def _refresh(self, context: "Context") -> "RefreshReport":
+        from qwen3_pipeline.embedding.lazy import LazyEmbedder
+        from qwen3_pipeline.engine.refresh import refresh
+        from qwen3_pipeline.sources import parse_source
+
+        config = self.source_config()
+        options = self.engine_options()
+        spec = self.embedding_spec()
+        found = self.destination()
+        refresh_options = self.refresh_options(context.get("run_id"))
+        source = parse_source(self.source) if isinstance(self.source, str) else self.source
         self.log.info(
             "refreshing %s/%s from %s (%s), model %s dim %s on %s",
             found.uri,
@@ -376,13 +393,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
                 db_uri=found.uri,
                 table=self.table,
                 storage_options=found.storage_options,
-                source_name=_optional_text(self.source_name),
-                run_id=f"{self.dag_id}/{run_id}" if run_id else None,
-                rebuild=self.rebuild,
-                allow_mass_delete=self.allow_mass_delete,
-                spill_dir=self.spill_dir,
-                accept_drift=self.accept_drift,
-                **tuning,
+                options=refresh_options,
             )
 
 
@@ -443,7 +454,7 @@ def _chunking(value: "ChunkingConfig | Mapping[str, Any] | None") -> "ChunkingCo
     """
     if value is None:
         return None
-    from qwen3_pipeline.chunking import ChunkingConfig
+    from qwen3_pipeline.chunking.chunker import ChunkingConfig
 
     if isinstance(value, ChunkingConfig):
         return value

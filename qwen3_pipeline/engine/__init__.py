@@ -6,6 +6,6 @@
   the end, swap a rebuild in;
 - :mod:`qwen3_pipeline.engine.report`: the one counter set every driver prints.
 
-Drivers (the CLI, Dagster, later Airflow) call :func:`qwen3_pipeline.refresh.refresh`, or the
+Drivers (the CLI, Dagster, later Airflow) call :func:`qwen3_pipeline.engine.refresh.refresh`, or the
 two passes themselves.
 """

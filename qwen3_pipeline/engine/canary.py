@@ -8,7 +8,7 @@ first filled, a small canary set is recorded beside it: fixed multilingual texts
 of the table's own documents, with the vectors the model gave them. Before a refresh writes
 vectors made by a freshly loaded model, the canaries are embedded again and compared; below
 the threshold (minimum cosine, default 0.999) the refresh stops with
-:class:`~qwen3_pipeline.errors.EmbeddingDriftError` before anything is written.
+:class:`~qwen3_pipeline.core.errors.EmbeddingDriftError` before anything is written.
 
 The canaries live in a sidecar table of the same database, ``<table>__canary`` (one row per
 text: the text, its kind, its vector, the spec fingerprint, when and by which run it was
@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from qwen3_pipeline.embedder import BatchDone, Embedder, EncodeResult
-from qwen3_pipeline.errors import EmbeddingDriftError, Qwen3PipelineError
-from qwen3_pipeline.schema import TIMESTAMP_TYPE, validate_table_name
-from qwen3_pipeline.spec import EmbeddingSpec
+from qwen3_pipeline.core.errors import EmbeddingDriftError, Qwen3PipelineError
+from qwen3_pipeline.core.schema import TIMESTAMP_TYPE, validate_table_name
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.embedding.interface import BatchDone, Embedder, EncodeResult, embed_reporting
 
 logger = logging.getLogger("qwen3_pipeline")
 
@@ -243,8 +243,6 @@ class DriftGuard:
         self, texts: Sequence[str], *, on_batch: BatchDone | None = None
     ) -> EncodeResult:
         """Check the canaries once, then embed ``texts`` (keeping a few as future samples)."""
-        from qwen3_pipeline.engine.apply import embed_reporting
-
         if not self.checked:
             self._check()
         if len(self.samples) < SAMPLE_SIZE:

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qwen3_pipeline.changes import (
+from qwen3_pipeline.core.changes import (
     EMBED_STATUSES,
     UPDATE_STATUSES,
     ExistingIndex,
@@ -36,11 +36,9 @@ from qwen3_pipeline.changes import (
     content_hashes,
     diff,
 )
-from qwen3_pipeline.embedder import Embedder, TokenCounter, token_counter_of
-from qwen3_pipeline.engine.report import PLAN_COUNTERS, Tally
-from qwen3_pipeline.errors import ConfigError, InputDataError, MassDeleteError
-from qwen3_pipeline.progress import Progress
-from qwen3_pipeline.schema import (
+from qwen3_pipeline.core.errors import ConfigError, InputDataError, MassDeleteError
+from qwen3_pipeline.core.progress import Progress
+from qwen3_pipeline.core.schema import (
     DOC_KEY_COLUMN,
     MOVED_COLUMN,
     STATUS_COLUMN,
@@ -48,6 +46,15 @@ from qwen3_pipeline.schema import (
     rebuild_table_name,
     table_schema,
 )
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.embedding.interface import Embedder, TokenCounter, token_counter_of
+from qwen3_pipeline.engine.options import (
+    DEFAULT_CHUNK_ROWS,  # noqa: F401  (re-exported: the default's old home)
+    DEFAULT_MAX_DELETE_SHARE,
+    RefreshOptions,
+    RefreshRequest,
+)
+from qwen3_pipeline.engine.report import PLAN_COUNTERS, Tally
 from qwen3_pipeline.sources import (
     Source,
     SourceConfig,
@@ -58,13 +65,10 @@ from qwen3_pipeline.sources import (
     scope_partition_keys,
     validate_keys,
 )
-from qwen3_pipeline.spec import EmbeddingSpec
 from qwen3_pipeline.store import VectorStore
 
 logger = logging.getLogger("qwen3_pipeline")
 
-DEFAULT_CHUNK_ROWS = 10_000
-DEFAULT_MAX_DELETE_SHARE = 0.5
 # Without a tokenizer the plan estimates tokens from characters (about 4 per Qwen token).
 _CHARS_PER_TOKEN_ESTIMATE = 4
 _SHOWN = 10
@@ -219,12 +223,12 @@ def plan_refresh(
     db_uri: str,
     table: str,
     storage_options: dict[str, str] | None = None,
-    rebuild: bool = False,
-    chunk_rows: int = DEFAULT_CHUNK_ROWS,
-    spill_dir: str | Path | None = None,
-    progress: bool = True,
+    options: RefreshOptions | None = None,
+    **option_fields: Any,
 ) -> RefreshPlan:
     """Read, validate, hash and diff the whole scope; return the plan. Writes nothing.
+
+    The keyword front of :func:`plan_scope` (a dry run is this plan printed).
 
     Args:
         source: Where the rows come from.
@@ -233,10 +237,10 @@ def plan_refresh(
         db_uri: LanceDB directory or object-store URI.
         table: Vector table name.
         storage_options: Object-store options for LanceDB.
-        rebuild: Plan a rebuild into a staging table (resumes an interrupted one).
-        chunk_rows: Rows per source batch.
-        spill_dir: Where the plan's work files go (default: the system temp directory).
-        progress: Report progress while reading.
+        options: What the refresh is asked to do (``rebuild``, ``chunk_rows``, ``spill_dir``
+            and ``progress`` matter to the plan).
+        **option_fields: Fields of :class:`~qwen3_pipeline.engine.options.RefreshOptions`
+            replacing those of ``options`` (e.g. ``rebuild=True``).
 
     Returns:
         The :class:`RefreshPlan` (close it, or apply it, to remove its spill files).
@@ -248,9 +252,32 @@ def plan_refresh(
         ConfigError: A partial rebuild, a bad chunk size, an unsafe name.
         StoreError: LanceDB could not be read.
     """
+    request = RefreshRequest(
+        source=source,
+        config=config,
+        embedder=embedder,
+        db_uri=db_uri,
+        table=table,
+        storage_options=storage_options,
+        options=RefreshOptions.build(options, option_fields),
+    )
+    return plan_scope(request)
+
+
+def plan_scope(request: RefreshRequest) -> RefreshPlan:
+    """Read, validate, hash and diff the request's scope; return the plan. Writes nothing.
+
+    Raises:
+        InputDataError: Bad keys, columns, templates or carry values (see :func:`plan_refresh`).
+        SpecMismatchError: The table holds another spec (use ``rebuild=True``).
+        ConfigError: A partial rebuild, an unsafe name.
+        StoreError: LanceDB could not be read.
+    """
+    source, config, embedder = request.source, request.config, request.embedder
+    db_uri, table, storage_options = request.db_uri, request.table, request.storage_options
+    rebuild, chunk_rows = request.options.rebuild, request.options.chunk_rows
+    spill_dir, progress = request.options.spill_dir, request.options.progress
     started = time.perf_counter()
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
-        raise ConfigError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     scope = scope_partition_keys(config.partition)
     if rebuild and scope is not None:
         raise ConfigError(
@@ -385,6 +412,19 @@ def check_mass_delete(
             "the source; if the deletes are intended, re-run with --allow-mass-delete "
             "(allow_mass_delete=True) or raise max_delete_share. Nothing was written"
         )
+
+
+def guard_plan(plan: RefreshPlan, options: RefreshOptions) -> None:
+    """The mass-delete guard with the refresh's options (see :func:`check_mass_delete`).
+
+    Raises:
+        MassDeleteError: The plan deletes too much (nothing has been written).
+    """
+    check_mass_delete(
+        plan,
+        max_delete_share=options.max_delete_share,
+        allow_mass_delete=options.allow_mass_delete,
+    )
 
 
 # --------------------------------------------------------------------------- the scan

@@ -14,8 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qwen3_pipeline.embedder import EncodeStats
-from qwen3_pipeline.errors import ConfigError
+from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.embedding.interface import EncodeStats
 
 # Row counters of a refresh, in the order reports list them. ``embedded`` counts rows sent to
 # the model; the others say what happened to source and stored rows.

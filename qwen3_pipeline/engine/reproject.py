@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from qwen3_pipeline.errors import ConfigError, Qwen3PipelineError
-from qwen3_pipeline.schema import META_SPEC, REBUILD_MARKER
-from qwen3_pipeline.spec import EmbeddingSpec
+from qwen3_pipeline.core.errors import ConfigError, Qwen3PipelineError
+from qwen3_pipeline.core.schema import META_SPEC, REBUILD_MARKER
+from qwen3_pipeline.core.spec import EmbeddingSpec
 
 logger = logging.getLogger("qwen3_pipeline")
 

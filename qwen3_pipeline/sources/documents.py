@@ -21,9 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qwen3_pipeline.changes import sanitize_texts
-from qwen3_pipeline.errors import ConfigError, InputDataError
-from qwen3_pipeline.schema import TEXT_COLUMN, TIMESTAMP_TYPE, check_carry_names
+from qwen3_pipeline.core.changes import sanitize_texts
+from qwen3_pipeline.core.errors import ConfigError, InputDataError
+from qwen3_pipeline.core.schema import TEXT_COLUMN, TIMESTAMP_TYPE, check_carry_names
 from qwen3_pipeline.sources.partitions import (
     UNPARTITIONED,
     Partition,
@@ -38,7 +38,7 @@ from qwen3_pipeline.sources.readers import Source
 DEFAULT_BATCH_ROWS = 50_000
 # The fixed columns of every batch read_batches yields (carry-along columns follow).
 if TYPE_CHECKING:
-    from qwen3_pipeline.chunking import ChunkingConfig
+    from qwen3_pipeline.chunking.chunker import ChunkingConfig
 
 OUTPUT_COLUMNS = ("key", TEXT_COLUMN, "partition_key", "source_updated_at")
 _SHOWN = 10
@@ -113,7 +113,7 @@ class SourceConfig:
             )
         if self.chunking is not None:
             # Imported here: the chunking module pulls in pandas and the splitter library.
-            from qwen3_pipeline.chunking import ChunkingConfig
+            from qwen3_pipeline.chunking.chunker import ChunkingConfig
 
             if not isinstance(self.chunking, ChunkingConfig):
                 raise ConfigError(

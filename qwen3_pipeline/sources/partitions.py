@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from qwen3_pipeline.errors import ConfigError, InputDataError
+from qwen3_pipeline.core.errors import ConfigError, InputDataError
 
 UNPARTITIONED = ""
 _SHARD_LABEL = re.compile(r"^shard-(\d+)-of-(\d+)$")
@@ -293,3 +293,18 @@ def scope_partition_keys(partition: Partition | None) -> list[str] | None:
     if isinstance(partition, Shards) and partition.selects_all:
         return None
     return partition.partition_keys()
+
+
+def parse_shard(value: str) -> tuple[int, int]:
+    """Parse ``K/N`` (shard K of N, 0-based) for ``--shard``.
+
+    Raises:
+        InputDataError: Not two integers with ``0 <= K < N``.
+    """
+    try:
+        index, count = (int(part) for part in value.split("/"))
+    except ValueError as e:
+        raise InputDataError(f"--shard {value!r} must look like K/N, e.g. 3/16") from e
+    if not 0 <= index < count:
+        raise InputDataError(f"--shard {value!r}: K must be in 0..N-1")
+    return index, count

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pyarrow as pa
 
-from qwen3_pipeline.errors import ConfigError, SourceReadError, SourceUnavailableError
+from qwen3_pipeline.core.errors import ConfigError, SourceReadError, SourceUnavailableError
 
 if TYPE_CHECKING:
     import psycopg

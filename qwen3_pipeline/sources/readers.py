@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from qwen3_pipeline.changes import sanitize_text
-from qwen3_pipeline.errors import ConfigError, SourceReadError, SourceUnavailableError
+from qwen3_pipeline.core.changes import sanitize_text
+from qwen3_pipeline.core.errors import ConfigError, SourceReadError, SourceUnavailableError
 from qwen3_pipeline.sources.postgres import PostgresSource, split_postgres_spec
 
 _LOCKED = re.compile(r"could not set lock|conflicting lock|database is locked", re.IGNORECASE)

@@ -16,8 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qwen3_pipeline.errors import ConfigError, InputDataError, SourceReadError
-from qwen3_pipeline.progress import Progress
+from qwen3_pipeline.core.errors import ConfigError, InputDataError, SourceReadError
+from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.sources.documents import SourceConfig, output_schema
 from qwen3_pipeline.sources.partitions import Shard, Shards, shard_indices
 from qwen3_pipeline.sources.readers import ArrowIPCSource, Source

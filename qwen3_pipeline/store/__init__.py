@@ -5,7 +5,7 @@
 - :mod:`qwen3_pipeline.store.rebuild`: re-embed into a staging table and swap it in;
 - :mod:`qwen3_pipeline.store.versions`: checked-version and before-swap tags, the version
   readers read by default, rollback;
-- the names and columns of the table are in :mod:`qwen3_pipeline.schema`.
+- the names and columns of the table are in :mod:`qwen3_pipeline.core.schema`.
 """
 
 from qwen3_pipeline.store.rebuild import abort_rebuild, begin_rebuild, commit_rebuild

@@ -18,9 +18,9 @@ import logging
 
 import pyarrow as pa
 
-from qwen3_pipeline.errors import ConfigError
-from qwen3_pipeline.schema import rebuild_table_name, validate_table_name
-from qwen3_pipeline.spec import EmbeddingSpec
+from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.core.schema import rebuild_table_name, validate_table_name
+from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.store.table import RetryPolicy, VectorStore
 from qwen3_pipeline.store.versions import tag_before_swap
 

@@ -6,7 +6,7 @@ One row per source key (DESIGN §6)::
     content_hash  spec_fingerprint  model_id  model_revision  dim  n_tokens  truncated
     partition_key  source  source_updated_at  embedded_at  run_id   + carry-along columns
 
-The columns and metadata are defined in :mod:`qwen3_pipeline.schema`. :meth:`VectorStore.open`
+The columns and metadata are defined in :mod:`qwen3_pipeline.core.schema`. :meth:`VectorStore.open`
 refuses a table whose recorded fingerprint differs from the configured spec
 (:class:`SpecMismatchError`); :mod:`qwen3_pipeline.store.rebuild` re-embeds into a staging
 table and swaps it in with one atomic commit.
@@ -52,7 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qwen3_pipeline.errors import (
+from qwen3_pipeline.core.errors import (
     ConfigError,
     EmbeddingFailedError,
     InputDataError,
@@ -63,7 +63,7 @@ from qwen3_pipeline.errors import (
     StoreError,
     StoreTransientError,
 )
-from qwen3_pipeline.schema import (
+from qwen3_pipeline.core.schema import (
     CHUNK_COLUMNS,
     DOC_KEY_COLUMN,
     LINEAGE_COLUMNS,
@@ -76,8 +76,8 @@ from qwen3_pipeline.schema import (
     validate_table_name,
     validate_uri,
 )
-from qwen3_pipeline.spec import EmbeddingSpec
-from qwen3_pipeline.upkeep import optimize_table
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.store.upkeep import optimize_table
 
 log = logging.getLogger(__name__)
 
@@ -566,7 +566,8 @@ class VectorStore:
     ) -> pa.Table:
         """Return the stored chunks of these documents, vectors included (chunk tables only).
 
-        Columns: ``key`` (the *document* key, as :func:`~qwen3_pipeline.chunking.diff_chunks`
+        Columns: ``key`` (the *document* key, as
+        :func:`~qwen3_pipeline.chunking.chunker.diff_chunks`
         expects), ``chunk_hash``, ``vector``, ``n_tokens``, ``truncated``, ``embedded_at``.
         """
         from lancedb.expr import col
@@ -1038,9 +1039,9 @@ def store_error(error: BaseException, what: str) -> StoreError:
 
     Example:
         >>> type(store_error(RuntimeError("Retryable commit conflict for version 3"), "x"))
-        <class 'qwen3_pipeline.errors.StoreConflictError'>
+        <class 'qwen3_pipeline.core.errors.StoreConflictError'>
         >>> type(store_error(RuntimeError("non-retryable: schema mismatch"), "x"))
-        <class 'qwen3_pipeline.errors.StoreError'>
+        <class 'qwen3_pipeline.core.errors.StoreError'>
     """
     message = f"LanceDB could not {what}: {error}"
     text = str(error)

@@ -14,7 +14,8 @@ need:
   restores it (or any tag or version) in one commit.
 
 Tags and pruning: LanceDB refuses to prune a tagged version, so
-:func:`qwen3_pipeline.upkeep.optimize_table` (the one upkeep path, ``maybe_optimize`` included)
+:func:`qwen3_pipeline.store.upkeep.optimize_table` (the one upkeep path, ``maybe_optimize``
+included)
 moves its cut-off back to just before the *oldest* tag; a tag kept forever would stop pruning
 from there on. :func:`prune_checked_tags` therefore keeps only the newest ``keep`` checked tags
 and drops before-swap tags once they are older than ``before_swap_max_age`` (30 days by
@@ -46,8 +47,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from qwen3_pipeline.errors import ConfigError, Qwen3PipelineError
-from qwen3_pipeline.schema import validate_table_name, validate_uri
+from qwen3_pipeline.core.errors import ConfigError, Qwen3PipelineError
+from qwen3_pipeline.core.schema import validate_table_name, validate_uri
 from qwen3_pipeline.store.table import RetryPolicy, list_table_names, store_error, with_retries
 
 log = logging.getLogger(__name__)

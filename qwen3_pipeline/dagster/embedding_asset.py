@@ -1,0 +1,646 @@
+"""The embedding asset factory: one call builds a partitioned, checked, retried embedding asset.
+
+:func:`build_embedding_asset` turns a source (e.g. the DuckDB table a dbt model builds), its
+:class:`~qwen3_pipeline.sources.SourceConfig` and an
+:class:`~qwen3_pipeline.core.spec.EmbeddingSpec`
+into a Dagster asset whose materialisation is one :func:`qwen3_pipeline.engine.refresh.refresh` of
+the
+partitions in the run, followed in the same step (no second model load) by the checks of
+:mod:`qwen3_pipeline.consumers.checks`. The asset body only maps Dagster concepts onto the engine:
+
+- partitions: stable hash shards of the key (:class:`HashShards`, the default) or time windows
+  on a column (:class:`TimePartitioning`); ``BackfillPolicy.single_run()`` makes a backfill of
+  any number of partitions one run, so the model is loaded once, and the asset reads
+  ``context.partition_keys`` / ``context.partition_time_window`` (never ``partition_key``);
+- a ``gpu`` concurrency pool, which also serialises writers of the table;
+- a retry policy that only transient failures reach: bad input, a spec mismatch or a missing
+  model raise :class:`BadInputFailure` (``dg.Failure(allow_retries=False)``);
+- ``code_version`` = the spec fingerprint, a data version = a digest of the stored keys and
+  content hashes of the refreshed partitions, and materialisation metadata namespaced
+  ``qwen3/...`` (counts per partition via ``context.add_asset_metadata(partition_key=...)``);
+- five asset checks (blocking by default: a failed check stops downstream assets of the run);
+  when all of them pass, the version they read is tagged ``checked-v{N}`` (older checked tags
+  pruned, :mod:`qwen3_pipeline.store.versions`), and readers read the newest checked version.
+
+Example:
+    >>> from qwen3_pipeline.sources import DuckDBSource, SourceConfig
+    >>> from qwen3_pipeline.dagster.resources import Qwen3EmbedderResource
+    >>> embedder = Qwen3EmbedderResource(model="Qwen/Qwen3-Embedding-0.6B", dim=256)
+    >>> document_vectors = build_embedding_asset(
+    ...     key="document_vectors",
+    ...     source=lambda: DuckDBSource("data/warehouse.duckdb", "main.documents"),
+    ...     source_config=SourceConfig(key="doc_id", text_columns=("text",), carry=("title",)),
+    ...     spec=embedder,  # the same object goes into Definitions(resources=...)
+    ...     table="documents",
+    ...     deps=["documents"],
+    ... )
+"""
+
+import logging
+import warnings
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, cast
+
+import dagster as dg
+
+from qwen3_pipeline.consumers.checks import CHECK_DESCRIPTIONS, CheckReport, check_names, run_checks
+from qwen3_pipeline.core.errors import (
+    ConfigError,
+    EmbeddingDriftError,
+    failure_message,
+    is_transient,
+)
+from qwen3_pipeline.core.progress import engine_logs_at_info
+from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.dagster.metadata import (
+    TABLE_CHECKED_VERSION,
+    lance_column_schema,
+    partition_metadata,
+    rows_metadata,
+    run_metadata,
+    table_metadata,
+)
+from qwen3_pipeline.dagster.resources import EmbedderResource
+from qwen3_pipeline.engine.options import DEFAULT_CHUNK_ROWS, RefreshOptions
+from qwen3_pipeline.engine.refresh import RefreshReport, refresh, table_spec_for
+from qwen3_pipeline.sources import (
+    Grain,
+    Partition,
+    Shards,
+    Source,
+    SourceConfig,
+    TimeWindow,
+    shard_label,
+)
+from qwen3_pipeline.store import latest_checked_version, prune_checked_tags, tag_checked
+
+DEFAULT_SHARDS = 8
+DEFAULT_POOL = "gpu"
+DEFAULT_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=3, delay=30, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+SourceFactory = Callable[[], Source]
+
+
+# --------------------------------------------------------------------------- partitioning
+
+
+@dataclass(frozen=True)
+class HashShards:
+    """Partition by stable hash shards of the key: ``shard-00-of-08`` ... ``shard-07-of-08``.
+
+    A key's shard is ``xxh3_64(key) % count`` (:func:`qwen3_pipeline.sources.shard_of`), so it
+    never changes between runs or machines. Changing ``count`` relabels rows (they are moved,
+    not re-embedded, by the next refresh of all shards).
+
+    Example:
+        >>> HashShards(4).partitions_def().get_partition_keys()[:2]
+        ['shard-00-of-04', 'shard-01-of-04']
+    """
+
+    count: int = DEFAULT_SHARDS
+
+    def __post_init__(self) -> None:
+        shard_label(0, self.count)  # validates the count
+
+    def partitions_def(self) -> dg.StaticPartitionsDefinition:
+        """The Dagster partitions: one static partition per shard."""
+        return dg.StaticPartitionsDefinition(
+            [shard_label(i, self.count) for i in range(self.count)]
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class TimePartitioning:
+    """Partition by time windows of a timestamp or date column (UTC).
+
+    Each partition refreshes the rows whose ``column`` falls in its window; a row whose time
+    moves to another window is moved there by that window's refresh.
+
+    Args:
+        column: The source column that places a row in a window (e.g. ``updated_at``).
+        start: The first window (``"2024-01-01"`` or a datetime).
+        grain: ``hour``, ``day``, ``week`` (starting Sunday) or ``month``.
+        end_offset: Extra windows after the current one (as in Dagster's definitions).
+
+    Example:
+        >>> TimePartitioning(column="updated_at", start="2024-01-01").partitions_def()
+        DailyPartitionsDefinition(...)  # doctest: +SKIP
+    """
+
+    column: str
+    start: str | datetime
+    grain: Grain = "day"
+    end_offset: int = 0
+
+    def __post_init__(self) -> None:
+        if self.grain not in ("hour", "day", "week", "month"):
+            raise ConfigError(f"grain must be hour, day, week or month, got {self.grain!r}")
+
+    def partitions_def(self) -> dg.TimeWindowPartitionsDefinition:
+        """The Dagster time partitions, in UTC with the key formats the engine labels rows with."""
+        common: dict[str, Any] = {
+            "start_date": self.start,
+            "timezone": "UTC",
+            "end_offset": self.end_offset,
+        }
+        if self.grain == "hour":
+            return dg.HourlyPartitionsDefinition(**common)
+        if self.grain == "day":
+            return dg.DailyPartitionsDefinition(**common)
+        if self.grain == "week":
+            return dg.WeeklyPartitionsDefinition(**common)
+        return dg.MonthlyPartitionsDefinition(**common)
+
+
+Partitioning = HashShards | TimePartitioning
+
+
+def run_scope(
+    context: dg.AssetExecutionContext, partitioning: Partitioning | None
+) -> Partition | None:
+    """Return the engine's read scope for the partitions of this run.
+
+    Reads ``context.partition_keys`` (a single partition or a whole backfill range) or
+    ``context.partition_time_window``; never ``context.partition_key``, which fails for ranges.
+    A run without partitions (checks launched on their own from the UI) covers every partition.
+    """
+    if partitioning is None:
+        return None
+    if not context.op_execution_context.has_partitions:
+        return whole_scope(partitioning)
+    if isinstance(partitioning, TimePartitioning):
+        window = context.partition_time_window
+        return TimeWindow(
+            column=partitioning.column,
+            start=window.start,
+            end=window.end,
+            grain=partitioning.grain,
+        )
+    return Shards.from_labels(list(context.partition_keys))
+
+
+def whole_scope(partitioning: Partitioning) -> Partition | None:
+    """Return the scope of every partition (labels included), or None when there are none yet."""
+    if isinstance(partitioning, HashShards):
+        return Shards(partitioning.count)
+    partitions_def = partitioning.partitions_def()
+    first = partitions_def.get_first_partition_window()
+    last = partitions_def.get_last_partition_window()
+    if first is None or last is None:
+        return None
+    return TimeWindow(
+        column=partitioning.column, start=first.start, end=last.end, grain=partitioning.grain
+    )
+
+
+def backfill_policy(partitions_per_run: int | None) -> dg.BackfillPolicy:
+    """One run for a whole backfill (None), or one run per ``partitions_per_run`` partitions.
+
+    Raises:
+        ConfigError: ``partitions_per_run`` is below 1.
+
+    Example:
+        >>> backfill_policy(None) == dg.BackfillPolicy.single_run()
+        True
+    """
+    if partitions_per_run is None:
+        return dg.BackfillPolicy.single_run()
+    if partitions_per_run < 1:
+        raise ConfigError(f"partitions_per_run must be at least 1, got {partitions_per_run}")
+    return dg.BackfillPolicy.multi_run(max_partitions_per_run=partitions_per_run)
+
+
+# --------------------------------------------------------------------------- failures
+
+
+class BadInputFailure(dg.Failure):
+    """The refresh failed for a reason that a retry cannot fix; not retried.
+
+    Null or duplicate keys, missing columns, an invalid setting, a table holding another spec,
+    a model that cannot be found, or a bug (an unexpected exception): the description says
+    what is wrong and what to do.
+    """
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(
+            description=failure_message(error),
+            metadata={"error": type(error).__name__},
+            allow_retries=False,
+        )
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_results(report: CheckReport, asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
+    """Turn :func:`~qwen3_pipeline.consumers.checks.run_checks` outcomes into check results."""
+    return [
+        dg.AssetCheckResult(
+            asset_key=asset_key,
+            check_name=outcome.name,
+            passed=outcome.passed,
+            description=outcome.description,
+            metadata=outcome.metadata,
+            severity=dg.AssetCheckSeverity.ERROR,
+        )
+        for outcome in report.outcomes
+    ]
+
+
+DRIFT_CHECK = "no_embedding_drift"
+DRIFT_DESCRIPTION = (
+    "Before the refresh writes, the table's canary texts are embedded again with the loaded "
+    "model and compared with their recorded vectors (minimum cosine >= the threshold); a drift "
+    "fails the step before anything is written. Not evaluated when the checks run alone (they "
+    "never load the model) or when the refresh embedded nothing."
+)
+
+
+def drift_result(report: RefreshReport | None, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+    """The drift canary's check result for a refresh that wrote (or a run of the checks alone)."""
+    if report is None or report.canary_min_cosine is None:
+        reason = (
+            "checks run alone never load the model"
+            if report is None
+            else "nothing was embedded, or the table has no canaries yet (recorded now)"
+        )
+        return dg.AssetCheckResult(
+            asset_key=asset_key,
+            check_name=DRIFT_CHECK,
+            passed=True,
+            description=f"not evaluated: {reason}",
+            metadata={"qwen3/canary_evaluated": False},
+        )
+    return dg.AssetCheckResult(
+        asset_key=asset_key,
+        check_name=DRIFT_CHECK,
+        passed=True,
+        description=(
+            "drift accepted (accept_drift): canaries re-recorded with this model"
+            if report.drift_accepted
+            else "the loaded model reproduces the table's canary vectors"
+        ),
+        metadata={
+            "qwen3/canary_evaluated": True,
+            "qwen3/canary_min_cosine": float(report.canary_min_cosine),
+            "qwen3/drift_accepted": report.drift_accepted,
+        },
+    )
+
+
+class _ForwardToDagster(logging.Handler):
+    def __init__(self, log: logging.Logger) -> None:
+        super().__init__(logging.INFO)
+        self._log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._log.log(record.levelno, record.getMessage())
+
+
+@contextmanager
+def _engine_logs_to(log: logging.Logger) -> Iterator[None]:
+    # The engine logs progress to "qwen3_pipeline"; show it in the run's log while it runs.
+    engine = logging.getLogger("qwen3_pipeline")
+    handler = _ForwardToDagster(log)
+    engine.addHandler(handler)
+    try:
+        with engine_logs_at_info():
+            yield
+    finally:
+        engine.removeHandler(handler)
+
+
+# --------------------------------------------------------------------------- the factory
+
+
+def _source_factory(source: Source | SourceFactory) -> SourceFactory:
+    if hasattr(source, "batches"):
+        fixed = cast(Source, source)
+        return lambda: fixed
+    return cast(SourceFactory, source)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _EmbeddingStep:
+    """What one materialisation (or a run of the checks alone) of the asset does.
+
+    Fixed when the asset is defined; :meth:`run` maps the run's context onto the engine: the
+    partitions in the run become the refresh's scope, the report becomes metadata, and the
+    checks read the table the refresh wrote, in the same step (no second model load).
+    """
+
+    asset_key: dg.AssetKey
+    table: str
+    source_config: SourceConfig
+    spec: EmbeddingSpec
+    partitioning: Partitioning | None
+    make_source: SourceFactory
+    embedder_key: str
+    lancedb_key: str
+    options: RefreshOptions
+    vector_sample_rows: int
+
+    @property
+    def table_fingerprint(self) -> str:
+        """What the table records: the spec, plus the chunking settings for a chunk table."""
+        return table_spec_for(self.spec, self.source_config).fingerprint
+
+    @property
+    def partitions_def(self) -> dg.PartitionsDefinition | None:
+        """The asset's partitions (None: unpartitioned)."""
+        return self.partitioning.partitions_def() if self.partitioning is not None else None
+
+    def run(
+        self, context: dg.AssetExecutionContext
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+        """Refresh the run's partitions (when the asset is selected), then run the checks."""
+        report, written, checked, checked_version = yield from self._refresh_and_check(context)
+        selected = context.selected_asset_check_keys
+        results = [
+            r
+            for r in [*check_results(checked, self.asset_key), drift_result(report, self.asset_key)]
+            if dg.AssetCheckKey(self.asset_key, r.check_name or "") in selected
+        ]
+        served = (
+            f"readers read checked version {checked_version}"
+            if checked_version is not None
+            else "no version is checked: readers read the latest, with a warning"
+        )
+        read_version = int(written.version)
+        context.log.info(
+            f"lance version {read_version} of {self.table} "
+            + ("tagged checked" if checked.passed else "NOT tagged checked (a check failed)")
+            + f"; {served}"
+        )
+        if report is None:
+            context.log.info(
+                f"checked {self.table} at lance version {read_version} without refreshing it: "
+                + ", ".join(f"{r.check_name} {'passed' if r.passed else 'FAILED'}" for r in results)
+            )
+            yield from results
+            return
+        yield self._materialize_result(context, report, written, checked, checked_version, results)
+
+    def _refresh_and_check(
+        self, context: dg.AssetExecutionContext
+    ) -> Generator[
+        dg.AssetCheckResult, None, tuple[RefreshReport | None, Any, CheckReport, int | None]
+    ]:
+        """The refresh (if selected) and the checks; errors typed for Dagster's retry policy."""
+        lancedb = getattr(context.resources, self.lancedb_key)
+        run_id = context.op_execution_context.run_id
+        try:
+            embedder = getattr(context.resources, self.embedder_key)
+            self._check_resource(embedder)
+            config = replace(self.source_config, partition=run_scope(context, self.partitioning))
+            rows = self.make_source()
+            report = None
+            if self.asset_key in context.selected_asset_keys:
+                with _engine_logs_to(context.log):
+                    report = refresh(
+                        source=rows,
+                        config=config,
+                        embedder=embedder,
+                        db_uri=lancedb.resolved_uri(),
+                        table=self.table,
+                        storage_options=lancedb.options(),
+                        options=replace(self.options, run_id=run_id),
+                    )
+            elif not lancedb.table_exists(self.table):
+                raise ConfigError(
+                    f"table {self.table!r} does not exist yet: materialize "
+                    f"{self.asset_key.to_user_string()} before running its checks alone"
+                )
+            written = lancedb.open_table(self.table if report is None else report.table_name)
+            read_version = int(written.version)
+            checked = run_checks(
+                table=written,
+                source=rows,
+                config=config,
+                fingerprint=self.table_fingerprint,
+                normalize=self.spec.normalize,
+                # Checks run alone verify a sample of the stored vectors, not one run's.
+                run_id=run_id if report is not None else None,
+                failures=report.failures if report is not None else (),
+                sample_rows=self.vector_sample_rows,
+            )
+            # Readers read the newest checked version: tag the version the checks read only
+            # when every check passed (whether or not they block), never after a failure.
+            if checked.passed:
+                tag_checked(written, read_version)
+                prune_checked_tags(written)
+            checked_version = latest_checked_version(written)
+        except EmbeddingDriftError as e:
+            # The refresh stopped before writing anything: the check fails, and the step too.
+            if dg.AssetCheckKey(self.asset_key, DRIFT_CHECK) in context.selected_asset_check_keys:
+                yield dg.AssetCheckResult(
+                    asset_key=self.asset_key,
+                    check_name=DRIFT_CHECK,
+                    passed=False,
+                    description=str(e),
+                    severity=dg.AssetCheckSeverity.ERROR,
+                )
+            raise BadInputFailure(e) from e
+        except dg.Failure:
+            raise
+        except Exception as e:  # typed errors decide retries; bugs must not be retried
+            if is_transient(e):
+                raise
+            raise BadInputFailure(e) from e
+        return report, written, checked, checked_version
+
+    def _check_resource(self, embedder: EmbedderResource) -> None:
+        if embedder.spec.fingerprint != self.spec.fingerprint:
+            raise ConfigError(
+                f"the {self.embedder_key!r} resource is configured for model="
+                f"{embedder.spec.model} dim={embedder.spec.dim} (fingerprint "
+                f"{embedder.spec.fingerprint}) but asset {self.asset_key.to_user_string()} was "
+                f"defined for model={self.spec.model} dim={self.spec.dim} (fingerprint "
+                f"{self.spec.fingerprint}); configure both from the same settings"
+            )
+
+    def _materialize_result(
+        self,
+        context: dg.AssetExecutionContext,
+        report: RefreshReport,
+        written: Any,
+        checked: CheckReport,
+        checked_version: int | None,
+        results: list[dg.AssetCheckResult],
+    ) -> dg.MaterializeResult:
+        partitions = 0 if self.partitions_def is None else len(context.partition_keys)
+        if self.partitions_def is None:
+            scope_metadata = rows_metadata(report.counters())
+        else:
+            scope_metadata = {}
+            for partition_key in sorted(context.partition_keys):
+                context.add_asset_metadata(
+                    partition_metadata(
+                        report.per_partition.get(partition_key, {}),
+                        partition_rows=checked.rows_by_partition.get(partition_key, 0),
+                    ),
+                    partition_key=partition_key,
+                )
+        return dg.MaterializeResult(
+            asset_key=self.asset_key,
+            metadata={
+                **scope_metadata,
+                **run_metadata(report, partitions=partitions),
+                **table_metadata(
+                    report,
+                    row_count=int(written.count_rows()),
+                    column_schema=lance_column_schema(written.schema),
+                    model=self.spec.model,
+                    dim=self.spec.dim,
+                ),
+                TABLE_CHECKED_VERSION: checked_version,
+                **(
+                    {"qwen3/table/documents": checked.stored_documents}
+                    if self.source_config.chunking is not None
+                    else {}
+                ),
+            },
+            check_results=results,
+            data_version=dg.DataVersion(checked.state_digest),
+        )
+
+
+def build_embedding_asset(
+    *,
+    key: dg.AssetKey | str | Sequence[str],
+    source: Source | SourceFactory,
+    source_config: SourceConfig,
+    spec: "EmbeddingSpec | EmbedderResource",
+    table: str,
+    deps: Sequence[dg.AssetKey | str | Sequence[str]] = (),
+    partitioning: Partitioning | None = HashShards(),
+    embedder_key: str = "embedder",
+    lancedb_key: str = "lancedb",
+    group_name: str | None = None,
+    description: str | None = None,
+    pool: str | None = DEFAULT_POOL,
+    retry_policy: dg.RetryPolicy | None = DEFAULT_RETRY_POLICY,
+    automation_condition: dg.AutomationCondition | None = None,
+    blocking_checks: bool = True,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
+    vector_sample_rows: int = 1_000,
+    tags: Mapping[str, str] | None = None,
+    partitions_per_run: int | None = None,
+) -> dg.AssetsDefinition:
+    """Build the asset that keeps LanceDB table ``table`` in sync with ``source``.
+
+    Args:
+        key: The asset key (e.g. ``"document_vectors"``).
+        source: The rows to embed, or a zero-argument callable returning them at run time
+            (so a path read from the environment is resolved when the asset runs).
+        source_config: Key, text/template, ``updated_at`` and carry columns; its ``partition``
+            must be None (the asset sets it per run).
+        spec: The embedder resource the asset will run with (its spec is taken from it, so
+            the settings are declared once: pass the same object to ``Definitions``), or an
+            :class:`EmbeddingSpec`. Its fingerprint is the ``code_version``; the resource bound
+            at run time must have the same spec (checked before anything is read).
+        table: The LanceDB table name.
+        deps: Upstream assets (e.g. the dbt model's key).
+        partitioning: :class:`HashShards` (default, 8 shards), :class:`TimePartitioning`, or
+            None for an unpartitioned asset.
+        embedder_key: Resource key of an :class:`~.resources.EmbedderResource`.
+        lancedb_key: Resource key of a :class:`~.resources.LanceDBResource`.
+        group_name: Dagster asset group.
+        description: Asset description (a default describes the table and model).
+        pool: Concurrency pool of the step (``gpu``); it also serialises writers of the table.
+        retry_policy: Applied to transient failures only.
+        automation_condition: E.g. ``dg.AutomationCondition.eager()`` to refresh when the
+            upstream model updates.
+        blocking_checks: Whether a failed check stops downstream assets in the same run.
+        chunk_rows: Rows per read/embed/write chunk of the engine.
+        vector_sample_rows: Stored vectors of the scope checked besides the run's own.
+        tags: Asset tags.
+        partitions_per_run: The shape of a backfill. None (default): the whole range is one
+            run, so the model is loaded once (``BackfillPolicy.single_run()``). ``k``: one run
+            per ``k`` partitions (``BackfillPolicy.multi_run(k)``), so that a run launcher
+            that starts each run in its own pod (dagster-k8s) spreads the shards over GPU pods.
+
+    Returns:
+        The asset, with its checks.
+
+    Raises:
+        ConfigError: ``source_config.partition`` is set, or a time column is not read.
+    """
+    if source_config.partition is not None:
+        raise ConfigError(
+            "source_config.partition must be None: the asset sets it from the run's partitions "
+            "(choose the partitioning with partitioning=HashShards(n) or TimePartitioning(...))"
+        )
+    if isinstance(spec, EmbedderResource):
+        spec = spec.embedding_spec()
+    asset_key = dg.AssetKey.from_coercible(key)
+    step = _EmbeddingStep(
+        asset_key=asset_key,
+        table=table,
+        source_config=source_config,
+        spec=spec,
+        partitioning=partitioning,
+        make_source=_source_factory(source),
+        embedder_key=embedder_key,
+        lancedb_key=lancedb_key,
+        options=RefreshOptions(chunk_rows=chunk_rows, source_name=asset_key.to_user_string()),
+        vector_sample_rows=vector_sample_rows,
+    )
+    descriptions = {**CHECK_DESCRIPTIONS, DRIFT_CHECK: DRIFT_DESCRIPTION}
+    check_specs = [
+        dg.AssetCheckSpec(
+            name, asset=asset_key, description=descriptions[name], blocking=blocking_checks
+        )
+        for name in [*check_names(chunked=source_config.chunking is not None), DRIFT_CHECK]
+    ]
+    description = description or (
+        f"Qwen3 embeddings of the source rows in LanceDB table {table!r} "
+        f"(model {spec.model}, dim {spec.dim}), refreshed incrementally by content hash."
+    )
+
+    def _refresh_and_check(
+        context: dg.AssetExecutionContext,
+    ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
+        yield from step.run(context)
+
+    asset_spec = dg.AssetSpec(
+        key=asset_key,
+        deps=list(deps),
+        description=description,
+        group_name=group_name,
+        code_version=step.table_fingerprint,
+        automation_condition=automation_condition,
+        kinds={"python", "lancedb"},
+        tags=dict(tags or {}),
+        metadata={
+            "qwen3/table_name": table,
+            "qwen3/model": spec.model,
+            "qwen3/dim": spec.dim,
+            "qwen3/spec_fingerprint": spec.fingerprint,
+            "dagster/table_name": table,
+        },
+    )
+    with warnings.catch_warnings():
+        # BackfillPolicy is "beta" in Dagster 1.13; the single-run policy is what makes a
+        # backfill of any number of partitions one run (one model load), so it is deliberate.
+        warnings.simplefilter("ignore", dg.BetaWarning)
+        # A subsettable multi-asset (of one asset) so that its checks can run on their own
+        # from the UI: they read the table and the source, and the model is never loaded.
+        return dg.multi_asset(
+            name=asset_key.to_python_identifier(),
+            specs=[asset_spec],
+            check_specs=check_specs,
+            partitions_def=step.partitions_def,
+            backfill_policy=(
+                backfill_policy(partitions_per_run) if step.partitions_def is not None else None
+            ),
+            pool=pool,
+            retry_policy=retry_policy,
+            can_subset=True,
+            required_resource_keys={embedder_key, lancedb_key},
+        )(_refresh_and_check)

@@ -1,1 +1,0 @@
-"""Dagster definitions of the pipeline: resources, assets, checks, schedules and dbt wiring."""

@@ -1,0 +1,300 @@
+r"""The demo code location, built from settings: corpus -> dbt -> vectors -> consumers.
+
+Assets (lineage left to right)::
+
+    raw_docstrings -> stg_docstrings -> documents -> document_vectors -> document_vectors_index
+        (DuckDB)        (dbt view)      (dbt table)   (LanceDB, 8 shards)   (ANN upkeep)
+                                                                       \\-> near_duplicate_documents
+                                                                             (DuckDB table)
+                                    documents -> long_documents -> document_chunks
+                                                 (dbt table)       (LanceDB, one row per chunk)
+
+Settings come from the environment (:meth:`DemoSettings.from_env`):
+
+- ``QWEN3_PIPELINE_MODEL``: hub id or local checkpoint (default ``Qwen/Qwen3-Embedding-0.6B``);
+- ``QWEN3_PIPELINE_DATA_DIR``: where the DuckDB warehouse, the LanceDB directory and the dbt
+  manifest live (default ``./data``);
+- ``QWEN3_PIPELINE_DEVICE``: ``auto`` (default), ``cpu``, ``cuda``, ``cuda:N``;
+- ``QWEN3_PIPELINE_DIM``: output dimension (default: the model's hidden size);
+- ``QWEN3_PIPELINE_AUTOMATION``: ``off`` (default; also ``0``/``false``) leaves the hourly
+  schedule and the automation sensor stopped, Dagster's own default, so opening the UI never
+  launches a run that loads the model; ``on`` (``1``/``true``) starts both with the daemon
+  (``dagster dev``). It sets their *default* status only: a schedule or sensor toggled in the
+  UI keeps that state in the instance, whatever the variable says;
+- ``QWEN3_PIPELINE_ENGINE``: ``local`` (default) or ``ray``: the embedder becomes a
+  :class:`~.ray.RayEmbedderResource` with ``QWEN3_PIPELINE_WORKERS`` actors (default 1) of
+  ``QWEN3_PIPELINE_GPUS_PER_WORKER`` GPUs (default 0), on a local Ray instance per run
+  (dagster-ray's ``LocalRay``) or on the cluster at ``QWEN3_PIPELINE_RAY_ADDRESS``.
+
+The executor is in-process: a run is one process, so the model is loaded once per run whatever
+steps it holds (Dagster's default multiprocess executor would start a process per step).
+"""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from qwen3_pipeline.chunking.chunker import ChunkingConfig
+from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.dagster.automation import build_automation_sensor, build_refresh_schedule
+from qwen3_pipeline.dagster.consumer_assets import (
+    build_near_duplicates_asset,
+    build_vector_index_asset,
+)
+from qwen3_pipeline.dagster.embedding_asset import HashShards, build_embedding_asset
+from qwen3_pipeline.dagster.resources import (
+    DEFAULT_MODEL,
+    EmbedderResource,
+    LanceDBResource,
+    Qwen3EmbedderResource,
+)
+from qwen3_pipeline.demo.dbt import (
+    DATA_DIR_ENV,
+    DEFAULT_DATA_DIR,
+    dbt_cli_resource,
+    documents_asset_key,
+    duckdb_warehouse_path,
+    load_dbt_models_assets,
+    long_documents_asset_key,
+    raw_docstrings,
+)
+from qwen3_pipeline.embedding.engines import ENGINES
+from qwen3_pipeline.sources import DuckDBSource, Source, SourceConfig
+
+MODEL_ENV = "QWEN3_PIPELINE_MODEL"
+DEVICE_ENV = "QWEN3_PIPELINE_DEVICE"
+DIM_ENV = "QWEN3_PIPELINE_DIM"
+AUTOMATION_ENV = "QWEN3_PIPELINE_AUTOMATION"
+ENGINE_ENV = "QWEN3_PIPELINE_ENGINE"
+WORKERS_ENV = "QWEN3_PIPELINE_WORKERS"
+GPUS_PER_WORKER_ENV = "QWEN3_PIPELINE_GPUS_PER_WORKER"
+RAY_ADDRESS_ENV = "QWEN3_PIPELINE_RAY_ADDRESS"
+_SWITCH_VALUES = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
+
+EMBEDDING_GROUP = "embeddings"
+DOCUMENTS_TABLE = "main.documents"
+DOCUMENT_CONFIG = SourceConfig(
+    key="doc_id",
+    text_columns=("text",),
+    updated_at="updated_at",
+    carry=("title", "module", "kind", "source_path"),
+)
+LONG_DOCUMENTS_TABLE = "main.long_documents"
+# The long documents again, one vector per chunk of at most 256 Qwen tokens.
+CHUNK_CONFIG = replace(DOCUMENT_CONFIG, chunking=ChunkingConfig(tokens=256))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DemoSettings:
+    """Settings of the demo code location.
+
+    Attributes:
+        model: Hub id or local checkpoint directory.
+        data_dir: Directory of the LanceDB database (``<data_dir>/lancedb``).
+        device: Torch device of the embedder.
+        dim: Output dimension (None: the model's hidden size).
+        automation: Start the schedule and the automation sensor by default (off: both
+            start stopped, Dagster's default).
+        shards: Hash shards of the vector table.
+        table: LanceDB table name.
+        chunk_table: LanceDB table of the long documents' chunks.
+        engine: ``local`` (one model in the run's process) or ``ray`` (``workers`` Ray actors
+            on a local Ray instance, or on the cluster at ``ray_address``).
+        workers: Ray actors, one model each.
+        gpus_per_worker: GPUs per Ray actor.
+        ray_address: A running Ray cluster to join (None: a local Ray instance per run).
+    """
+
+    model: str = DEFAULT_MODEL
+    data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
+    device: str = "auto"
+    dim: int | None = None
+    automation: bool = False
+    shards: int = 8
+    table: str = "documents"
+    chunk_table: str = "document_chunks"
+    engine: str = "local"
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    ray_address: str | None = None
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "DemoSettings":
+        """Read the settings from ``QWEN3_PIPELINE_*`` variables (see the module docstring).
+
+        Raises:
+            ConfigError: ``QWEN3_PIPELINE_DIM`` is not an integer, or the automation switch
+                is not one of on/off/1/0/true/false.
+        """
+        env = os.environ if environ is None else environ
+        raw_dim = env.get(DIM_ENV, "").strip()
+        try:
+            dim = int(raw_dim) if raw_dim else None
+        except ValueError as e:
+            raise ConfigError(f"{DIM_ENV}={raw_dim!r} is not an integer") from e
+        # Off unless asked: a running schedule or sensor launches model-loading runs as soon as
+        # the daemon starts, which a first look at the UI should not do.
+        raw_switch = env.get(AUTOMATION_ENV, "").strip()
+        switch = raw_switch.lower() or "off"
+        if switch not in _SWITCH_VALUES:
+            raise ConfigError(
+                f"{AUTOMATION_ENV}={raw_switch!r}: use on or off (also 1/0, true/false)"
+            )
+        engine = (env.get(ENGINE_ENV) or "local").strip().lower()
+        if engine not in ENGINES:
+            raise ConfigError(f"{ENGINE_ENV}={engine!r}: use {' or '.join(ENGINES)}")
+        return cls(
+            model=env.get(MODEL_ENV) or DEFAULT_MODEL,
+            data_dir=Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
+            device=env.get(DEVICE_ENV) or "auto",
+            dim=dim,
+            automation=_SWITCH_VALUES[switch],
+            engine=engine,
+            workers=_number(env, WORKERS_ENV, int, 1),
+            gpus_per_worker=_number(env, GPUS_PER_WORKER_ENV, float, 0.0),
+            ray_address=env.get(RAY_ADDRESS_ENV) or None,
+        )
+
+    @property
+    def lancedb_uri(self) -> str:
+        """The LanceDB directory, absolute."""
+        return str((self.data_dir.expanduser() / "lancedb").resolve())
+
+
+def _number(env: Mapping[str, str], name: str, kind: type, default: float) -> Any:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return kind(raw)
+    except ValueError as e:
+        raise ConfigError(f"{name}={raw!r} is not a number") from e
+
+
+def demo_embedder(settings: DemoSettings) -> EmbedderResource:
+    """The embedder resource the settings select: local, or Ray through dagster-ray.
+
+    Raises:
+        ConfigError: ``engine=ray`` without the ``ray`` extra installed.
+    """
+    if settings.engine == "local":
+        return Qwen3EmbedderResource(model=settings.model, dim=settings.dim, device=settings.device)
+    try:
+        from dagster_ray import LocalRay
+
+        from qwen3_pipeline.dagster.ray_resource import RayEmbedderResource
+    except ImportError as e:
+        raise ConfigError(
+            f"{ENGINE_ENV}=ray needs the ray extra: pip install 'qwen3-pipeline[ray]'"
+        ) from e
+    return RayEmbedderResource(
+        model=settings.model,
+        dim=settings.dim,
+        device=settings.device,
+        workers=settings.workers,
+        gpus_per_worker=settings.gpus_per_worker,
+        ray_address=settings.ray_address,
+        ray_cluster=None if settings.ray_address else LocalRay(),
+    )
+
+
+def documents_source() -> Source:
+    """The dbt model ``documents`` in the warehouse (path resolved when the asset runs)."""
+    return DuckDBSource(duckdb_warehouse_path(), DOCUMENTS_TABLE)
+
+
+def long_documents_source() -> Source:
+    """The dbt model ``long_documents`` in the warehouse (the documents the demo chunks)."""
+    return DuckDBSource(duckdb_warehouse_path(), LONG_DOCUMENTS_TABLE)
+
+
+def build_definitions(
+    settings: DemoSettings | None = None, *, embedder: EmbedderResource | None = None
+) -> dg.Definitions:
+    """Build the demo code location.
+
+    Args:
+        settings: Location settings (default: from the environment).
+        embedder: The embedder resource to bind (default: a :class:`Qwen3EmbedderResource`
+            from ``settings``); tests pass a fake.
+
+    Raises:
+        ConfigError: Invalid settings (e.g. a dimension the model does not support).
+        ModelLoadError: The model's config cannot be read (unknown hub id offline, bad path).
+        DbtManifestNotPreparedError: The dbt manifest was not prepared (see
+            :mod:`qwen3_pipeline.demo.dbt`).
+    """
+    settings = settings or DemoSettings.from_env()
+    embedder = embedder or demo_embedder(settings)
+    eager = dg.AutomationCondition.eager()
+    document_vectors = build_embedding_asset(
+        key="document_vectors",
+        source=documents_source,
+        source_config=DOCUMENT_CONFIG,
+        spec=embedder,
+        table=settings.table,
+        deps=[documents_asset_key()],
+        partitioning=HashShards(settings.shards),
+        group_name=EMBEDDING_GROUP,
+        automation_condition=eager,
+    )
+    vector_index = build_vector_index_asset(
+        embedding_asset=document_vectors,
+        group_name=EMBEDDING_GROUP,
+        automation_condition=eager,
+    )
+    near_duplicates = build_near_duplicates_asset(
+        embedding_asset=document_vectors,
+        duckdb_path=duckdb_warehouse_path,
+        index_asset=vector_index,
+        group_name=EMBEDDING_GROUP,
+        automation_condition=eager,
+    )
+    document_chunks = build_embedding_asset(
+        key="document_chunks",
+        source=long_documents_source,
+        source_config=CHUNK_CONFIG,
+        spec=embedder,
+        table=settings.chunk_table,
+        deps=[long_documents_asset_key()],
+        partitioning=HashShards(settings.shards),
+        group_name=EMBEDDING_GROUP,
+        automation_condition=eager,
+    )
+    vector_assets = [document_vectors, vector_index, near_duplicates, document_chunks]
+    return dg.Definitions(
+        assets=[raw_docstrings, load_dbt_models_assets(), *vector_assets],
+        resources={
+            "dbt": dbt_cli_resource(),
+            "embedder": embedder,
+            "lancedb": LanceDBResource(uri=settings.lancedb_uri),
+        },
+        schedules=[
+            build_refresh_schedule(
+                name="document_vectors_hourly",
+                embedding_asset=document_vectors,
+                downstream=[vector_index, near_duplicates],
+                default_status=(
+                    dg.DefaultScheduleStatus.RUNNING
+                    if settings.automation
+                    else dg.DefaultScheduleStatus.STOPPED
+                ),
+            )
+        ],
+        sensors=[
+            build_automation_sensor(
+                name="document_vectors_automation",
+                assets=vector_assets,
+                default_status=(
+                    dg.DefaultSensorStatus.RUNNING
+                    if settings.automation
+                    else dg.DefaultSensorStatus.STOPPED
+                ),
+            )
+        ],
+        executor=dg.in_process_executor,
+    )

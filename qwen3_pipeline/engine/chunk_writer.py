@@ -1,0 +1,149 @@
+"""The chunk writer of the apply pass: replace whole documents of a chunk table.
+
+See :class:`ChunkWriter`. The chunk diff (which stored chunk a new chunk's vector can come
+from) is :func:`~qwen3_pipeline.chunking.chunker.diff_chunks`.
+"""
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from qwen3_pipeline.chunking.chunker import Chunker, chunk_rows, diff_chunks
+from qwen3_pipeline.core.changes import RowStatus
+from qwen3_pipeline.core.progress import Progress
+from qwen3_pipeline.core.schema import (
+    CHUNK_COLUMNS,
+    DOC_KEY_COLUMN,
+    STATUS_COLUMN,
+    TEXT_COLUMN,
+    TIMESTAMP_TYPE,
+    chunk_key,
+)
+from qwen3_pipeline.embedding.interface import embed_reporting
+from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES
+from qwen3_pipeline.engine.row_writer import RowWriter
+
+logger = logging.getLogger("qwen3_pipeline")
+
+
+class ChunkWriter(RowWriter):
+    """Writes documents of a chunk table: chunk, reuse stored chunks, one commit per batch.
+
+    Each changed document is cut again; a chunk whose text is already stored for that
+    document keeps its stored vector (no model call), the others are embedded, and the batch's
+    documents are replaced in one commit (their chunks that are no longer cut are deleted in
+    the same commit), so every document is wholly old or wholly new at every version. A
+    document with a chunk the model could not embed keeps all its old chunks.
+    """
+
+    chunker: Chunker
+
+    def embed_and_write(self, docs: pa.Table, bar: Progress) -> None:
+        """Chunk, embed what is new and replace one batch of documents; ``bar`` counts them."""
+        tally, store = self.tally, self.store
+        doc_keys = docs.column("key").combine_chunks()
+        chunks = chunk_rows(self.chunker, doc_keys, docs.column(TEXT_COLUMN))
+        owner = np.asarray(pc.index_in(chunks.column("key"), value_set=doc_keys), dtype=np.int64)
+        statuses = np.asarray(docs.column(STATUS_COLUMN).to_numpy(), dtype=np.int8)
+        stored = store.stored_chunks(doc_keys.filter(pa.array(statuses != RowStatus.NEW)))
+        matched = diff_chunks(chunks, stored)
+        embed = matched.embed
+        embed_rows = np.flatnonzero(embed)
+        n, dim = chunks.num_rows, store.spec.output_dim
+        vectors = np.zeros((n, dim), dtype=np.float32)
+        n_tokens = np.zeros(n, dtype=np.int32)
+        truncated = np.zeros(n, dtype=bool)
+        stamps = np.full(n, np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us"))
+        reused = np.flatnonzero(~embed)
+        if len(reused):
+            source_rows = matched.vector_row[reused]
+            stored_vectors = stored.column("vector").combine_chunks()
+            flat = stored_vectors.flatten().to_numpy(zero_copy_only=False)
+            vectors[reused] = flat.reshape(-1, dim)[source_rows]
+            n_tokens[reused] = stored.column("n_tokens").to_numpy()[source_rows]
+            truncated[reused] = stored.column("truncated").to_numpy()[source_rows]
+            stamps[reused] = stored.column("embedded_at").to_numpy()[source_rows]
+        doc_ok = np.ones(docs.num_rows, dtype=bool)
+        if len(embed_rows):
+            texts = chunks.column("chunk_text").take(pa.array(embed_rows)).to_pylist()
+            encoded = embed_reporting(
+                self.embedder, texts, lambda rows, tokens: bar.update(0, tokens=tokens)
+            )
+            tally.encode = tally.encode + encoded.stats
+            vectors[embed_rows] = encoded.vectors
+            n_tokens[embed_rows] = encoded.n_tokens
+            truncated[embed_rows] = encoded.truncated
+            self._record_failures(encoded.failures, embed_rows, owner, chunks, doc_keys, doc_ok)
+        chunk_partitions = docs.column("partition_key").combine_chunks().take(pa.array(owner))
+        tally.add("embedded", chunk_partitions, embed)
+        partitions = docs.column("partition_key").combine_chunks()
+        tally.add("failed", partitions, ~doc_ok)
+        tally.add("inserted", partitions, doc_ok & (statuses == RowStatus.NEW))
+        tally.add("updated", partitions, doc_ok & (statuses != RowStatus.NEW))
+        row_ok = doc_ok[owner]
+        tally.add("truncated", chunk_partitions, truncated & row_ok)
+        kept = chunks.filter(pa.array(row_ok))
+        kept_owner = pa.array(owner[row_ok])
+        chunk_ids = pa.array(
+            [
+                chunk_key(k, seq)
+                for k, seq in zip(
+                    kept.column("key").to_pylist(),
+                    kept.column("chunk_seq").to_pylist(),
+                    strict=True,
+                )
+            ],
+            pa.string(),
+        )
+        chunk_columns = kept.rename_columns(
+            [DOC_KEY_COLUMN if c == "key" else c for c in kept.column_names]
+        )
+        rows = store.build_rows(
+            keys=chunk_ids,
+            vectors=vectors[row_ok],
+            content_hashes=docs.column("content_hash").combine_chunks().take(kept_owner),
+            n_tokens=n_tokens[row_ok],
+            truncated=truncated[row_ok],
+            partition_keys=partitions.take(kept_owner),
+            source=self.label,
+            run_id=self.run_id,
+            source_updated_at=docs.column("source_updated_at").combine_chunks().take(kept_owner),
+            carry=docs.select(self.carry_names).take(kept_owner) if self.carry_names else None,
+            embedded_at=pa.array(stamps[row_ok]).cast(TIMESTAMP_TYPE),
+            chunks=chunk_columns.select(list(CHUNK_COLUMNS)),
+        )
+        written = store.replace_documents(rows, doc_keys.filter(pa.array(doc_ok)))
+        if written is not None:
+            tally.commits += 1
+            tally.total["chunks_deleted"] += written.deleted
+        tally.total["chunks_written"] += rows.num_rows
+        tally.total["chunks_reused"] += int((~embed & row_ok).sum())
+        bar.update(docs.num_rows)
+
+    def _record_failures(
+        self,
+        failures: Mapping[int, str],
+        embed_rows: np.ndarray,
+        owner: np.ndarray,
+        chunks: pa.Table,
+        doc_keys: pa.Array,
+        doc_ok: np.ndarray,
+    ) -> None:
+        if not failures:
+            return
+        seqs = chunks.column("chunk_seq")
+        for index, reason in failures.items():
+            row = int(embed_rows[index])
+            doc = int(owner[row])
+            doc_ok[doc] = False
+            if len(self.tally.failures) < MAX_SHOWN_FAILURES:
+                key = doc_keys[doc].as_py()
+                self.tally.failures.append((str(key), f"chunk {seqs[row].as_py()}: {reason}"))
+        logger.error(
+            "%d document(s) have chunks that could not be embedded; they keep their old chunks",
+            int((~doc_ok).sum()),
+        )

@@ -1,0 +1,182 @@
+"""The row writer of the apply pass: embed (or re-project) a chunk of rows, upsert it.
+
+:class:`RowWriter` writes a table of one row per document: each chunk of the plan's rows is
+embedded in one call (rows a donor table holds unchanged are re-projected instead), the rows
+the model failed on are left out (they keep their old vectors and are counted as failed), and
+the rest is upserted in one ``merge_insert`` commit. Rows that only moved partition or changed
+carry-along columns get a column update, no model call.
+"""
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+
+from qwen3_pipeline.core.changes import RowStatus
+from qwen3_pipeline.core.errors import StoreError
+from qwen3_pipeline.core.progress import Progress
+from qwen3_pipeline.core.schema import (
+    MOVED_COLUMN,
+    STATUS_COLUMN,
+    TEXT_COLUMN,
+    TIMESTAMP_TYPE,
+)
+from qwen3_pipeline.embedding.interface import Embedder, EncodeResult, EncodeStats, embed_reporting
+from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES, Tally
+from qwen3_pipeline.engine.reproject import Donor, Reprojected
+from qwen3_pipeline.store import VectorStore
+
+logger = logging.getLogger("qwen3_pipeline")
+
+
+class RowWriter:
+    """Embeds and writes the plan's rows chunk by chunk, counting what landed in ``tally``."""
+
+    def __init__(
+        self,
+        store: VectorStore,
+        embedder: Embedder,
+        tally: Tally,
+        *,
+        carry_names: list[str],
+        label: str,
+        run_id: str,
+    ) -> None:
+        self.store = store
+        self.embedder = embedder
+        self.tally = tally
+        self.carry_names = carry_names
+        self.label = label
+        self.run_id = run_id
+        self.donor: Donor | None = None
+
+    def write_updates(self, rows: pa.Table) -> None:
+        """Update the moved or carry-only rows of ``rows`` (one commit, no model call)."""
+        tally = self.tally
+        written = self.store.update_columns(rows.drop_columns([MOVED_COLUMN]))
+        tally.commits += written is not None
+        moved = np.asarray(rows.column(MOVED_COLUMN).to_numpy(), dtype=bool)
+        partitions = rows.column("partition_key")
+        tally.add("moved", partitions, moved)
+        tally.add("carry_updated", partitions, ~moved)
+
+    def embed_and_write(self, chunk: pa.Table, bar: Progress) -> None:
+        """Embed one chunk of rows and upsert it; ``bar`` hears of each forward pass."""
+        tally, store = self.tally, self.store
+
+        def on_batch(rows: int, tokens: int) -> None:
+            bar.update(rows, tokens=tokens)
+
+        partitions = chunk.column("partition_key").combine_chunks()
+        reprojected = None
+        if self.donor is not None:
+            try:
+                reprojected = self.donor.lookup(chunk.column("key"), chunk.column("content_hash"))
+            except StoreError as e:
+                # Re-projection only saves work: a donor that cannot be read is dropped.
+                logger.warning("not re-projecting from %s: %s", self.donor.name, e)
+                self.donor = None
+        if reprojected is not None:
+            tally.add("reprojected", partitions, reprojected.found)
+            bar.update(int(reprojected.found.sum()))
+        to_embed = (
+            np.ones(chunk.num_rows, dtype=bool) if reprojected is None else ~reprojected.found
+        )
+        texts = chunk.column(TEXT_COLUMN).filter(pa.array(to_embed)).to_pylist()
+        encoded = _merge_reprojected(
+            embed_reporting(self.embedder, texts, on_batch) if texts else None,
+            reprojected,
+            to_embed,
+            store.spec.output_dim,
+        )
+        if texts:
+            tally.encode = tally.encode + encoded.stats
+        tally.add("embedded", partitions, to_embed)
+        ok = np.ones(chunk.num_rows, dtype=bool)
+        if encoded.failures:
+            failed_keys = chunk.column("key").to_pylist()
+            for index, reason in encoded.failures.items():
+                ok[index] = False
+                if len(tally.failures) < MAX_SHOWN_FAILURES:
+                    tally.failures.append((str(failed_keys[index]), reason))
+            tally.add("failed", partitions, ~ok)
+            logger.error("%d row(s) could not be embedded; their old vectors are kept", (~ok).sum())
+        keep = pa.array(np.flatnonzero(ok))
+        written = chunk.take(keep) if not ok.all() else chunk
+        statuses = np.asarray(written.column(STATUS_COLUMN).to_numpy(), dtype=np.int8)
+        kept_partitions = partitions.take(keep) if not ok.all() else partitions
+        tally.add("inserted", kept_partitions, statuses == RowStatus.NEW)
+        tally.add("updated", kept_partitions, statuses != RowStatus.NEW)
+        tally.add("truncated", kept_partitions, encoded.truncated[ok])
+        carry = written.select(self.carry_names) if self.carry_names else None
+        rows_to_write = store.build_rows(
+            keys=written.column("key").combine_chunks(),
+            vectors=encoded.vectors[ok],
+            content_hashes=written.column("content_hash").combine_chunks(),
+            n_tokens=encoded.n_tokens[ok],
+            truncated=encoded.truncated[ok],
+            partition_keys=written.column("partition_key").combine_chunks(),
+            source=self.label,
+            run_id=self.run_id,
+            source_updated_at=written.column("source_updated_at").combine_chunks(),
+            carry=carry,
+            embedded_at=(
+                None if encoded.embedded_at is None else encoded.embedded_at.filter(pa.array(ok))
+            ),
+        )
+        tally.commits += store.upsert(rows_to_write) is not None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Vectors:
+    """One chunk's vectors, embedded or re-projected, in row order."""
+
+    vectors: np.ndarray
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+    failures: dict[int, str]
+    stats: EncodeStats
+    embedded_at: pa.Array | None
+
+
+def _merge_reprojected(
+    encoded: EncodeResult | None,
+    reprojected: "Reprojected | None",
+    embedded: np.ndarray,
+    dim: int,
+) -> _Vectors:
+    """Put the model's rows (where ``embedded``) and the re-projected ones back in row order."""
+    n = len(embedded)
+    vectors = np.zeros((n, dim), dtype=np.float32)
+    n_tokens = np.zeros(n, dtype=np.int32)
+    truncated = np.zeros(n, dtype=bool)
+    rows = np.flatnonzero(embedded)
+    failures: dict[int, str] = {}
+    if encoded is not None:
+        vectors[rows] = encoded.vectors
+        n_tokens[rows] = encoded.n_tokens
+        truncated[rows] = encoded.truncated
+        failures = {int(rows[i]): reason for i, reason in encoded.failures.items()}
+    embedded_at = None
+    if reprojected is not None:
+        found = reprojected.found
+        vectors[found] = reprojected.vectors
+        n_tokens[found] = reprojected.n_tokens
+        truncated[found] = reprojected.truncated
+        # A re-projected vector keeps the time the model computed it; embedded rows: now.
+        stamps = np.full(n, np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us"))
+        stamps[found] = reprojected.embedded_at.cast(pa.timestamp("us")).to_numpy(
+            zero_copy_only=False
+        )
+        embedded_at = pa.array(stamps).cast(TIMESTAMP_TYPE)
+    stats = encoded.stats if encoded is not None else EncodeStats()
+    return _Vectors(
+        vectors=vectors,
+        n_tokens=n_tokens,
+        truncated=truncated,
+        failures=failures,
+        stats=stats,
+        embedded_at=embedded_at,
+    )
