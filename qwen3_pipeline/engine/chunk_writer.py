@@ -6,13 +6,14 @@ from) is :func:`~qwen3_pipeline.chunking.chunker.diff_chunks`.
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qwen3_pipeline.chunking.chunker import Chunker, chunk_rows, diff_chunks
+from qwen3_pipeline.chunking.chunker import ChunkDiff, Chunker, chunk_rows, diff_chunks
 from qwen3_pipeline.core.changes import RowStatus
 from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.core.schema import (
@@ -30,6 +31,27 @@ from qwen3_pipeline.engine.row_writer import RowWriter
 logger = logging.getLogger("qwen3_pipeline")
 
 
+@dataclass(kw_only=True)
+class _ChunkVectors:
+    """One batch's chunk vectors in chunk order, reused or embedded.
+
+    Attributes:
+        vectors: One row per chunk.
+        n_tokens: Tokens per chunk (the stored figure for a reused chunk).
+        truncated: Whether the chunk was truncated.
+        stamps: When each vector was computed (a reused chunk keeps its stored time).
+        embedded: Chunk rows sent to the model.
+        failures: Index into ``embedded`` -> why the model failed on it.
+    """
+
+    vectors: np.ndarray
+    n_tokens: np.ndarray
+    truncated: np.ndarray
+    stamps: np.ndarray
+    embedded: np.ndarray
+    failures: dict[int, str] = field(default_factory=dict)
+
+
 class ChunkWriter(RowWriter):
     """Writes documents of a chunk table: chunk, reuse stored chunks, one commit per batch.
 
@@ -44,48 +66,75 @@ class ChunkWriter(RowWriter):
 
     def embed_and_write(self, docs: pa.Table, bar: Progress) -> None:
         """Chunk, embed what is new and replace one batch of documents; ``bar`` counts them."""
-        tally, store = self.tally, self.store
+        tally = self.tally
         doc_keys = docs.column("key").combine_chunks()
         chunks = chunk_rows(self.chunker, doc_keys, docs.column(TEXT_COLUMN))
         owner = np.asarray(pc.index_in(chunks.column("key"), value_set=doc_keys), dtype=np.int64)
         statuses = np.asarray(docs.column(STATUS_COLUMN).to_numpy(), dtype=np.int8)
-        stored = store.stored_chunks(doc_keys.filter(pa.array(statuses != RowStatus.NEW)))
+        stored = self.store.stored_chunks(doc_keys.filter(pa.array(statuses != RowStatus.NEW)))
         matched = diff_chunks(chunks, stored)
         embed = matched.embed
-        embed_rows = np.flatnonzero(embed)
-        n, dim = chunks.num_rows, store.spec.output_dim
-        vectors = np.zeros((n, dim), dtype=np.float32)
-        n_tokens = np.zeros(n, dtype=np.int32)
-        truncated = np.zeros(n, dtype=bool)
-        stamps = np.full(n, np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us"))
-        reused = np.flatnonzero(~embed)
-        if len(reused):
-            source_rows = matched.vector_row[reused]
-            stored_vectors = stored.column("vector").combine_chunks()
-            flat = stored_vectors.flatten().to_numpy(zero_copy_only=False)
-            vectors[reused] = flat.reshape(-1, dim)[source_rows]
-            n_tokens[reused] = stored.column("n_tokens").to_numpy()[source_rows]
-            truncated[reused] = stored.column("truncated").to_numpy()[source_rows]
-            stamps[reused] = stored.column("embedded_at").to_numpy()[source_rows]
+        vectors = self._chunk_vectors(chunks, stored, matched, bar)
         doc_ok = np.ones(docs.num_rows, dtype=bool)
-        if len(embed_rows):
-            texts = chunks.column("chunk_text").take(pa.array(embed_rows)).to_pylist()
-            encoded = embed_reporting(
-                self.embedder, texts, lambda rows, tokens: bar.update(0, tokens=tokens)
-            )
-            tally.encode = tally.encode + encoded.stats
-            vectors[embed_rows] = encoded.vectors
-            n_tokens[embed_rows] = encoded.n_tokens
-            truncated[embed_rows] = encoded.truncated
-            self._record_failures(encoded.failures, embed_rows, owner, chunks, doc_keys, doc_ok)
-        chunk_partitions = docs.column("partition_key").combine_chunks().take(pa.array(owner))
-        tally.add("embedded", chunk_partitions, embed)
+        self._record_failures(vectors.failures, vectors.embedded, owner, chunks, doc_keys, doc_ok)
+        row_ok = doc_ok[owner]
         partitions = docs.column("partition_key").combine_chunks()
+        chunk_partitions = partitions.take(pa.array(owner))
+        tally.add("embedded", chunk_partitions, embed)
         tally.add("failed", partitions, ~doc_ok)
         tally.add("inserted", partitions, doc_ok & (statuses == RowStatus.NEW))
         tally.add("updated", partitions, doc_ok & (statuses != RowStatus.NEW))
-        row_ok = doc_ok[owner]
-        tally.add("truncated", chunk_partitions, truncated & row_ok)
+        tally.add("truncated", chunk_partitions, vectors.truncated & row_ok)
+        rows = self._rows(docs, chunks, owner, row_ok, vectors)
+        written = self.store.replace_documents(rows, doc_keys.filter(pa.array(doc_ok)))
+        if written is not None:
+            tally.commits += 1
+            tally.total["chunks_deleted"] += written.deleted
+        tally.total["chunks_written"] += rows.num_rows
+        tally.total["chunks_reused"] += int((~embed & row_ok).sum())
+        bar.update(docs.num_rows)
+
+    def _chunk_vectors(
+        self, chunks: pa.Table, stored: pa.Table, matched: ChunkDiff, bar: Progress
+    ) -> "_ChunkVectors":
+        """Each chunk's vector: the stored one of the same text, or the model's."""
+        n, dim = chunks.num_rows, self.store.spec.output_dim
+        out = _ChunkVectors(
+            vectors=np.zeros((n, dim), dtype=np.float32),
+            n_tokens=np.zeros(n, dtype=np.int32),
+            truncated=np.zeros(n, dtype=bool),
+            stamps=np.full(n, np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us")),
+            embedded=np.flatnonzero(matched.embed),
+        )
+        reused = np.flatnonzero(~matched.embed)
+        if len(reused):
+            source_rows = matched.vector_row[reused]
+            flat = stored.column("vector").combine_chunks().flatten()
+            out.vectors[reused] = flat.to_numpy(zero_copy_only=False).reshape(-1, dim)[source_rows]
+            out.n_tokens[reused] = stored.column("n_tokens").to_numpy()[source_rows]
+            out.truncated[reused] = stored.column("truncated").to_numpy()[source_rows]
+            out.stamps[reused] = stored.column("embedded_at").to_numpy()[source_rows]
+        if len(out.embedded):
+            texts = chunks.column("chunk_text").take(pa.array(out.embedded)).to_pylist()
+            encoded = embed_reporting(
+                self.embedder, texts, lambda rows, tokens: bar.update(0, tokens=tokens)
+            )
+            self.tally.encode = self.tally.encode + encoded.stats
+            out.vectors[out.embedded] = encoded.vectors
+            out.n_tokens[out.embedded] = encoded.n_tokens
+            out.truncated[out.embedded] = encoded.truncated
+            out.failures = dict(encoded.failures)
+        return out
+
+    def _rows(
+        self,
+        docs: pa.Table,
+        chunks: pa.Table,
+        owner: np.ndarray,
+        row_ok: np.ndarray,
+        vectors: "_ChunkVectors",
+    ) -> pa.Table:
+        """The chunk rows to write: those of the documents whose every chunk has a vector."""
         kept = chunks.filter(pa.array(row_ok))
         kept_owner = pa.array(owner[row_ok])
         chunk_ids = pa.array(
@@ -102,27 +151,20 @@ class ChunkWriter(RowWriter):
         chunk_columns = kept.rename_columns(
             [DOC_KEY_COLUMN if c == "key" else c for c in kept.column_names]
         )
-        rows = store.build_rows(
+        return self.store.build_rows(
             keys=chunk_ids,
-            vectors=vectors[row_ok],
+            vectors=vectors.vectors[row_ok],
             content_hashes=docs.column("content_hash").combine_chunks().take(kept_owner),
-            n_tokens=n_tokens[row_ok],
-            truncated=truncated[row_ok],
-            partition_keys=partitions.take(kept_owner),
+            n_tokens=vectors.n_tokens[row_ok],
+            truncated=vectors.truncated[row_ok],
+            partition_keys=docs.column("partition_key").combine_chunks().take(kept_owner),
             source=self.label,
             run_id=self.run_id,
             source_updated_at=docs.column("source_updated_at").combine_chunks().take(kept_owner),
             carry=docs.select(self.carry_names).take(kept_owner) if self.carry_names else None,
-            embedded_at=pa.array(stamps[row_ok]).cast(TIMESTAMP_TYPE),
+            embedded_at=pa.array(vectors.stamps[row_ok]).cast(TIMESTAMP_TYPE),
             chunks=chunk_columns.select(list(CHUNK_COLUMNS)),
         )
-        written = store.replace_documents(rows, doc_keys.filter(pa.array(doc_ok)))
-        if written is not None:
-            tally.commits += 1
-            tally.total["chunks_deleted"] += written.deleted
-        tally.total["chunks_written"] += rows.num_rows
-        tally.total["chunks_reused"] += int((~embed & row_ok).sum())
-        bar.update(docs.num_rows)
 
     def _record_failures(
         self,

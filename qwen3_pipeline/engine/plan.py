@@ -273,93 +273,32 @@ def plan_scope(request: RefreshRequest) -> RefreshPlan:
         ConfigError: A partial rebuild, an unsafe name.
         StoreError: LanceDB could not be read.
     """
-    source, config, embedder = request.source, request.config, request.embedder
-    db_uri, table, storage_options = request.db_uri, request.table, request.storage_options
-    rebuild, chunk_rows = request.options.rebuild, request.options.chunk_rows
-    spill_dir, progress = request.options.spill_dir, request.options.progress
     started = time.perf_counter()
-    scope = scope_partition_keys(config.partition)
-    if rebuild and scope is not None:
+    options = request.options
+    scope = scope_partition_keys(request.config.partition)
+    if options.rebuild and scope is not None:
         raise ConfigError(
             f"rebuild needs the whole source, but the refresh is scoped to {scope}; "
             "run the rebuild over all partitions"
         )
-    spec = table_spec_for(embedder.spec, config)
-    schema = output_schema(source, config)
-    validate_keys(source, config)
-    target = rebuild_table_name(table, spec) if rebuild else table
-    carry = carry_schema(schema)
-    store = VectorStore.inspect(
-        db_uri,
-        target,
-        spec,
-        key_type=schema.field("key").type,
-        carry_schema=carry,
-        source_key=config.key,
-        storage_options=storage_options,
-    )
-    # Carry values must fit the column they will be written to: the table's, or (for a new
-    # table or a new carry column) the type the table will be created with.
-    stored_schema = (
-        store.schema
-        if store is not None
-        else table_schema(spec, key_type=schema.field("key").type, carry_schema=carry)
-    )
-    carry_targets = {
-        f.name: stored_schema.field(f.name).type if f.name in stored_schema.names else f.type
-        for f in carry
-    }
-    key_type = stored_schema.field(DOC_KEY_COLUMN if spec.chunking else "key").type
-    # Rows can move between time windows, so index the whole table to recognise a row moving
-    # in; hash shards are stable per key, so their scope alone is enough.
-    time_windows = isinstance(config.partition, TimeWindow)
-    if store is None:
-        existing = ExistingIndex.empty(key_type, _state_carry(carry_targets))
-    else:
-        existing = ExistingIndex(store.existing_state(None if time_windows else scope))
-    stored_rows = _stored_in_scope(existing, scope)
-    directory = Path(tempfile.mkdtemp(prefix="qwen3-plan-", dir=spill_dir))
+    stored = _StoredScope.read(request, scope)
+    directory = Path(tempfile.mkdtemp(prefix="qwen3-plan-", dir=options.spill_dir))
     try:
-        scan = _Scan(
-            existing=existing,
-            fingerprint=spec.fingerprint,
-            carry_names=list(config.carry),
-            carry_targets=carry_targets,
-            # A document to chunk is not embedded as one text: its token count (the estimate
-            # from characters) only sizes the work, and tokenising whole long documents
-            # here would cost as much as chunking them.
-            token_counter=None if spec.chunking else token_counter_of(embedder),
-            directory=directory,
-        )
-        estimate = max(stored_rows, 1)
-        with Progress(estimate, f"planning {table}", enabled=progress) as bar:
-            for batch in read_batches(source, config, batch_rows=chunk_rows):
-                scan.add(batch)
-                bar.update(batch.num_rows)
-        delete_keys, delete_partitions = scan.deletions(scope, source, config, chunk_rows)
-        scan.planned.add("deleted", delete_partitions)
-        work = PlannedWork(
-            embed_file=scan.embed_spill.close(),
-            update_file=scan.update_spill.close(),
-            delete_keys=delete_keys,
-            delete_partitions=delete_partitions,
-            tally=scan.tally,
-        )
+        scan, work = _scan_source(request, stored, scope, directory)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
     planned = scan.planned
-    counts = {name: int(planned.total[name]) for name in PLAN_COUNTERS}
     plan = RefreshPlan(
-        table_uri=db_uri,
-        table_name=table,
-        target_table=target,
-        spec_fingerprint=spec.fingerprint,
-        rebuild=rebuild,
+        table_uri=request.db_uri,
+        table_name=request.table,
+        target_table=stored.target,
+        spec_fingerprint=stored.spec.fingerprint,
+        rebuild=options.rebuild,
         partition_keys=scope,
-        table_exists=store is not None,
-        stored_rows=stored_rows,
-        counts=counts,
+        table_exists=stored.exists,
+        stored_rows=stored.rows,
+        counts={name: int(planned.total[name]) for name in PLAN_COUNTERS},
         rows_to_embed=scan.rows_to_embed,
         tokens_to_embed=scan.tokens_to_embed,
         tokens_estimated=scan.token_counter is None,
@@ -370,6 +309,108 @@ def plan_scope(request: RefreshRequest) -> RefreshPlan:
     )
     logger.info("%s", plan.summary())
     return plan
+
+
+@dataclass(frozen=True, kw_only=True)
+class _StoredScope:
+    """What the table the plan diffs against holds in the scope, checked against the source.
+
+    Attributes:
+        spec: The table's spec (the embedder's, plus chunking for a chunk table).
+        target: The table written (the live one, or a rebuild's staging table).
+        exists: Whether ``target`` exists.
+        existing: The stored state (key, hashes, partition, carry) the diff reads.
+        carry_targets: The type each carry column will be written as.
+        rows: Stored rows in the scope.
+    """
+
+    spec: EmbeddingSpec
+    target: str
+    exists: bool
+    existing: ExistingIndex
+    carry_targets: dict[str, pa.DataType]
+    rows: int
+
+    @classmethod
+    def read(cls, request: RefreshRequest, scope: list[str] | None) -> "_StoredScope":
+        """Check the source's columns and keys and the table's spec; index the stored state."""
+        source, config = request.source, request.config
+        spec = table_spec_for(request.embedder.spec, config)
+        schema = output_schema(source, config)
+        validate_keys(source, config)
+        target = (
+            rebuild_table_name(request.table, spec) if request.options.rebuild else request.table
+        )
+        carry = carry_schema(schema)
+        store = VectorStore.inspect(
+            request.db_uri,
+            target,
+            spec,
+            key_type=schema.field("key").type,
+            carry_schema=carry,
+            source_key=config.key,
+            storage_options=request.storage_options,
+        )
+        # Carry values must fit the column they will be written to: the table's, or (for a
+        # new table or a new carry column) the type the table will be created with.
+        stored_schema = (
+            store.schema
+            if store is not None
+            else table_schema(spec, key_type=schema.field("key").type, carry_schema=carry)
+        )
+        carry_targets = {
+            f.name: stored_schema.field(f.name).type if f.name in stored_schema.names else f.type
+            for f in carry
+        }
+        key_type = stored_schema.field(DOC_KEY_COLUMN if spec.chunking else "key").type
+        # Rows can move between time windows, so index the whole table to recognise a row
+        # moving in; hash shards are stable per key, so their scope alone is enough.
+        time_windows = isinstance(config.partition, TimeWindow)
+        if store is None:
+            existing = ExistingIndex.empty(key_type, _state_carry(carry_targets))
+        else:
+            existing = ExistingIndex(store.existing_state(None if time_windows else scope))
+        return cls(
+            spec=spec,
+            target=target,
+            exists=store is not None,
+            existing=existing,
+            carry_targets=carry_targets,
+            rows=_stored_in_scope(existing, scope),
+        )
+
+
+def _scan_source(
+    request: RefreshRequest, stored: _StoredScope, scope: list[str] | None, directory: Path
+) -> tuple["_Scan", PlannedWork]:
+    """Read the scope batch by batch into the diff; the work spilled under ``directory``."""
+    source, config, options = request.source, request.config, request.options
+    scan = _Scan(
+        existing=stored.existing,
+        fingerprint=stored.spec.fingerprint,
+        carry_names=list(config.carry),
+        carry_targets=stored.carry_targets,
+        # A document to chunk is not embedded as one text: its token count (the estimate
+        # from characters) only sizes the work, and tokenising whole long documents here
+        # would cost as much as chunking them.
+        token_counter=None if stored.spec.chunking else token_counter_of(request.embedder),
+        directory=directory,
+    )
+    estimate = max(stored.rows, 1)
+    with Progress(estimate, f"planning {request.table}", enabled=options.progress) as bar:
+        for batch in read_batches(source, config, batch_rows=options.chunk_rows):
+            scan.add(batch)
+            bar.update(batch.num_rows)
+    delete_keys, delete_partitions = scan.deletions(scope, source, config, options.chunk_rows)
+    scan.planned.add("deleted", delete_partitions)
+    work = PlannedWork(
+        embed_file=scan.embed_spill.close(),
+        update_file=scan.update_spill.close(),
+        delete_keys=delete_keys,
+        delete_partitions=delete_partitions,
+        tally=scan.tally,
+    )
+    return scan, work
 
 
 def check_mass_delete(
