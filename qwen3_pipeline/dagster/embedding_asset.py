@@ -128,8 +128,8 @@ class TimePartitioning:
         end_offset: Extra windows after the current one (as in Dagster's definitions).
 
     Example:
-        >>> TimePartitioning(column="updated_at", start="2024-01-01").partitions_def()
-        DailyPartitionsDefinition(...)  # doctest: +SKIP
+        >>> TimePartitioning(column="updated_at", start="2024-01-01").partitions_def().cron_schedule
+        '0 0 * * *'
     """
 
     column: str

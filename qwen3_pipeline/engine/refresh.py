@@ -116,7 +116,7 @@ def refresh(
         >>> report = refresh(
         ...     source=ArrowSource(rows),
         ...     config=SourceConfig(key="id", text_columns=["body"]),
-        ...     embedder=FakeEmbedder(EmbeddingSpec(model="fake", dim=32)),
+        ...     embedder=FakeEmbedder(EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)),
         ...     db_uri=tempfile.mkdtemp(),
         ...     table="docs",
         ...     progress=False,

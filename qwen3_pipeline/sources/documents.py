@@ -210,6 +210,7 @@ def read_batches(
 
     Yields:
         Record batches matching :func:`output_schema`.
+        >>> from qwen3_pipeline.sources.readers import ArrowSource
 
     Raises:
         ConfigError: ``batch_rows`` is not positive.

@@ -10,7 +10,7 @@ the staging table.
 
 Example:
     >>> staging = begin_rebuild("data/lancedb", "docs", spec, key_type=pa.int64())  # doctest: +SKIP
-    >>> ...  # refresh the whole source into staging
+    >>> # refresh the whole source into staging
     >>> live = commit_rebuild(staging)  # doctest: +SKIP
 """
 
