@@ -18,6 +18,7 @@ Example:
 """
 
 import ast
+import concurrent.futures
 import functools
 import inspect
 import logging
@@ -335,6 +336,15 @@ def _band_texts(min_chars: int, max_chars: int) -> list[str]:
 
 @functools.lru_cache(maxsize=2)
 def _all_records(root: Path) -> tuple[DocRecord, ...]:
+    # Parsed in a thread of its own: CPython 3.11's AST conversion compares the thread's
+    # recursion depth before and after, and after a library raised the recursion limit in
+    # this thread (Airflow's operator code calls sys.setrecursionlimit(5000)) it can fail with
+    # "SystemError: AST constructor recursion depth mismatch". A new thread starts clean.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(_parse_records, root).result()
+
+
+def _parse_records(root: Path) -> tuple[DocRecord, ...]:
     started = time.perf_counter()
     records: list[DocRecord] = []
     seen_ids: dict[str, int] = {}
