@@ -141,3 +141,15 @@ def test_the_layer_contracts_hold_and_catch_an_upward_import(tmp_path: Path) -> 
     broken = _lint_imports(copy)
     assert broken.returncode != 0
     assert "qwen3_pipeline.core is not allowed to import qwen3_pipeline.engine" in broken.stdout
+
+
+def test_table_metadata_keys_are_those_existing_tables_hold() -> None:
+    # Stored in the schema metadata of every vector table: a renamed key (the layer move once
+    # renamed two by accident) would make every existing table unreadable as ours.
+    from qwen3_pipeline.core import schema
+
+    assert schema.META_SPEC == "qwen3_pipeline.spec"
+    assert schema.META_FINGERPRINT == "qwen3_pipeline.fingerprint"
+    assert schema.META_PACKAGE_VERSION == "qwen3_pipeline.package_version"
+    assert schema.META_SOURCE_KEY == "qwen3_pipeline.source_key"
+    assert schema.META_CHUNKING == "qwen3_pipeline.chunking"

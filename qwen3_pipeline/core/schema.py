@@ -1,6 +1,6 @@
 """The vector table's names and schema: lineage columns, metadata keys, reserved names.
 
-One row per source key (DESIGN §6)::
+One row per source key, its lineage stored beside the vector::
 
     key (int64 | string, not null)   vector FixedSizeList<float32>[dim]
     content_hash  spec_fingerprint  model_id  model_revision  dim  n_tokens  truncated
@@ -68,11 +68,11 @@ INTERNAL_PREFIX = "__qwen3_"
 TEXT_COLUMN = f"{INTERNAL_PREFIX}text"
 STATUS_COLUMN = f"{INTERNAL_PREFIX}status"
 MOVED_COLUMN = f"{INTERNAL_PREFIX}moved"
-META_SPEC = "qwen3_pipeline.core.spec"
+META_SPEC = "qwen3_pipeline.spec"
 META_FINGERPRINT = "qwen3_pipeline.fingerprint"
 META_PACKAGE_VERSION = "qwen3_pipeline.package_version"
 META_SOURCE_KEY = "qwen3_pipeline.source_key"
-META_CHUNKING = "qwen3_pipeline.chunking.chunker"
+META_CHUNKING = "qwen3_pipeline.chunking"
 REBUILD_MARKER = "__rebuild_"
 # The columns VectorStore.existing_state always returns (carry-along columns follow).
 STATE_COLUMNS = ("key", "content_hash", "spec_fingerprint", "partition_key", "source_updated_at")
