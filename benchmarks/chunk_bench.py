@@ -48,11 +48,9 @@ import pyarrow as pa
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from qwen3_pipeline.chunking.chunker import (  # noqa: E402
-    Chunker,
-    ChunkingConfig,
-    packaged_tokenizer,
-)
+from qwen3_pipeline.chunking.chunker import Chunker  # noqa: E402
+from qwen3_pipeline.chunking.config import ChunkingConfig  # noqa: E402
+from qwen3_pipeline.chunking.tokenizer import packaged_tokenizer  # noqa: E402
 from qwen3_pipeline.core.changes import content_hash  # noqa: E402
 from qwen3_pipeline.core.spec import EmbeddingSpec  # noqa: E402
 from qwen3_pipeline.demo.corpus import stdlib_docstrings, stdlib_root  # noqa: E402

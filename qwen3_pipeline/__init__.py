@@ -19,7 +19,7 @@ from qwen3_pipeline import compat
 from qwen3_pipeline.core.lazy_exports import lazy_exports
 
 if TYPE_CHECKING:
-    from qwen3_pipeline.chunking.chunker import ChunkingConfig
+    from qwen3_pipeline.chunking.config import ChunkingConfig
     from qwen3_pipeline.consumers.vector_search import open_vector_table, search
     from qwen3_pipeline.core.spec import EmbeddingSpec
     from qwen3_pipeline.embedding.encoder import Qwen3Encoder
@@ -38,7 +38,7 @@ __version__ = "0.1.0"
 
 _WHERE = {
     "ArrowSource": "qwen3_pipeline.sources",
-    "ChunkingConfig": "qwen3_pipeline.chunking.chunker",
+    "ChunkingConfig": "qwen3_pipeline.chunking.config",
     "DuckDBSource": "qwen3_pipeline.sources",
     "EmbeddingSpec": "qwen3_pipeline.core.spec",
     "ParquetSource": "qwen3_pipeline.sources",

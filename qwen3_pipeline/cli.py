@@ -42,7 +42,7 @@ from qwen3_pipeline.core.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, Emb
 from qwen3_pipeline.embedding.engines import ENGINES, EngineOptions, open_embedder
 
 if TYPE_CHECKING:
-    from qwen3_pipeline.chunking.chunker import ChunkingConfig
+    from qwen3_pipeline.chunking.config import ChunkingConfig
     from qwen3_pipeline.engine.options import RefreshOptions
     from qwen3_pipeline.lifecycle.gate import GateConfig
 
@@ -298,6 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help=_DEBUG_HELP
     )
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_embed_command(commands, debug_after)
+    _add_refresh_command(commands, debug_after)
+    _add_search_command(commands, debug_after)
+    _add_rollback_command(commands, debug_after)
+    return parser
+
+
+def _add_embed_command(commands: Any, debug_after: argparse.ArgumentParser) -> None:
     embed = commands.add_parser(
         "embed",
         parents=[debug_after],
@@ -315,9 +323,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     embed.add_argument("--output", required=True, type=Path, help="where to write the .npy")
 
+
+def _add_refresh_command(commands: Any, debug_after: argparse.ArgumentParser) -> None:
     sync = commands.add_parser(
         "refresh", parents=[debug_after], help="sync a LanceDB table with a source table"
     )
+    _add_source_arguments(sync)
+    sync.add_argument("--db", required=True, help="LanceDB directory or URI")
+    sync.add_argument("--table", required=True, help="vector table name")
+    sync.add_argument("--rebuild", action="store_true", help="re-embed all into a new table, swap")
+    sync.add_argument("--chunk-rows", type=int, default=10_000, help="rows per commit")
+    _add_drift_arguments(sync)
+    _add_gate_arguments(sync)
+    sync.add_argument(
+        "--no-reproject",
+        action="store_true",
+        help="embed every row instead of re-projecting vectors of a table at a larger dim",
+    )
+    _add_chunking_arguments(sync)
+    sync.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan (exact counts, rows and tokens to embed) and write nothing",
+    )
+    _add_delete_guard_arguments(sync)
+    _add_model_arguments(sync)
+    _add_engine_arguments(sync)
+
+
+def _add_source_arguments(sync: argparse.ArgumentParser) -> None:
+    """The source table, its key, text and carry columns, and the scope of a refresh."""
     sync.add_argument(
         "--source",
         required=True,
@@ -336,10 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument(
         "--shards", type=int, default=None, metavar="N", help="label rows by N shards"
     )
-    sync.add_argument("--db", required=True, help="LanceDB directory or URI")
-    sync.add_argument("--table", required=True, help="vector table name")
-    sync.add_argument("--rebuild", action="store_true", help="re-embed all into a new table, swap")
-    sync.add_argument("--chunk-rows", type=int, default=10_000, help="rows per commit")
+
+
+def _add_drift_arguments(sync: argparse.ArgumentParser) -> None:
+    """The drift canary: how close the model must reproduce the table's recorded vectors."""
     sync.add_argument(
         "--accept-drift",
         action="store_true",
@@ -353,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COS",
         help="minimum cosine of the canary texts to their recorded vectors (default 0.999)",
     )
+
+
+def _add_gate_arguments(sync: argparse.ArgumentParser) -> None:
+    """The blue/green gate of a rebuild (see :func:`_gate_config`)."""
     sync.add_argument(
         "--gate",
         type=Path,
@@ -369,11 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="how much lower recall@k / nDCG@k the rebuilt table may score (default 0)",
     )
     sync.add_argument("--gate-k", type=int, default=10, metavar="K", help="k of the gate metrics")
-    sync.add_argument(
-        "--no-reproject",
-        action="store_true",
-        help="embed every row instead of re-projecting vectors of a table at a larger dim",
-    )
+
+
+def _add_chunking_arguments(sync: argparse.ArgumentParser) -> None:
+    """The ``--chunk-*`` options (see :func:`chunking_config`)."""
     chunks = sync.add_argument_group(
         "chunking", "cut long documents into chunks, one vector each (a table of chunks)"
     )
@@ -395,11 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LANG",
         help="tree-sitter grammar for --chunk-splitter code (e.g. python)",
     )
-    sync.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="print the plan (exact counts, rows and tokens to embed) and write nothing",
-    )
+
+
+def _add_delete_guard_arguments(sync: argparse.ArgumentParser) -> None:
+    """The mass-delete guard: how much of the stored scope one refresh may delete."""
     sync.add_argument(
         "--allow-mass-delete",
         action="store_true",
@@ -412,9 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="F",
         help="largest share of the stored scope a refresh may delete (default 0.5)",
     )
-    _add_model_arguments(sync)
-    _add_engine_arguments(sync)
 
+
+def _add_search_command(commands: Any, debug_after: argparse.ArgumentParser) -> None:
     find = commands.add_parser(
         "search", parents=[debug_after], help="search a vector table with a query"
     )
@@ -439,6 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     find.add_argument("query", help="query text")
 
+
+def _add_rollback_command(commands: Any, debug_after: argparse.ArgumentParser) -> None:
     back = commands.add_parser(
         "rollback",
         parents=[debug_after],
@@ -458,7 +497,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="a tag (e.g. before-swap-v12-20250101T120000Z, checked-v9) or a version number "
         "(default: the newest before-swap tag)",
     )
-    return parser
 
 
 def chunking_config(args: argparse.Namespace) -> "ChunkingConfig | None":
@@ -477,7 +515,7 @@ def chunking_config(args: argparse.Namespace) -> "ChunkingConfig | None":
         if given:
             raise ConfigError(f"{', '.join(given)} need(s) --chunk-tokens N (the chunk size)")
         return None
-    from qwen3_pipeline.chunking.chunker import ChunkingConfig
+    from qwen3_pipeline.chunking.config import ChunkingConfig
 
     return ChunkingConfig(
         tokens=args.chunk_tokens,
@@ -571,7 +609,11 @@ def _gate_config(args: argparse.Namespace) -> "GateConfig | None":
     from qwen3_pipeline.lifecycle.gate import GateConfig, load_golden_set
 
     return GateConfig(
-        golden=load_golden_set(args.gate), tolerance=args.gate_tolerance, k=args.gate_k
+        golden=load_golden_set(args.gate),
+        tolerance=args.gate_tolerance,
+        k=args.gate_k,
+        # The live table's query encoder (a second model) runs where this run's model does.
+        live_encoder=engine_options(args).encoder_options,
     )
 
 

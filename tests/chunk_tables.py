@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import xxhash
 
-from qwen3_pipeline.chunking.chunker import ChunkingConfig
+from qwen3_pipeline.chunking.config import ChunkingConfig
 from qwen3_pipeline.core.schema import table_schema
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.sources import ArrowSource, SourceConfig

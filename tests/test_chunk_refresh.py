@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from qwen3_pipeline.chunking.chunker import Chunker, ChunkingConfig, chunk_rows
+from qwen3_pipeline.chunking.chunker import Chunker
+from qwen3_pipeline.chunking.config import ChunkingConfig
+from qwen3_pipeline.chunking.rows import chunk_rows
 from qwen3_pipeline.cli import main
 from qwen3_pipeline.core.errors import SpecMismatchError
 from qwen3_pipeline.core.schema import chunk_key

@@ -8,16 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qwen3_pipeline.chunking.chunker import (
-    ALGORITHM,
-    CHUNK_SCHEMA_FIELDS,
-    Chunk,
-    Chunker,
-    ChunkingConfig,
-    chunk_rows,
-    diff_chunks,
-    packaged_tokenizer,
-)
+from qwen3_pipeline.chunking.chunker import Chunk, Chunker
+from qwen3_pipeline.chunking.config import ALGORITHM, ChunkingConfig
+from qwen3_pipeline.chunking.diff import diff_chunks
+from qwen3_pipeline.chunking.rows import CHUNK_SCHEMA_FIELDS, chunk_rows
+from qwen3_pipeline.chunking.tokenizer import packaged_tokenizer
 from qwen3_pipeline.core.changes import content_hash, sanitize_text
 from qwen3_pipeline.core.errors import ConfigError, InputDataError
 from qwen3_pipeline.demo.corpus import stdlib_root

@@ -14,23 +14,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from qwen3_pipeline.chunking.chunker import ChunkingConfig
+from qwen3_pipeline.chunking.config import ChunkingConfig
 from qwen3_pipeline.consumers.vector_search import open_vector_table
 from qwen3_pipeline.core.errors import ConfigError, GateFailedError, SpecMismatchError
 from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.embedding.options import EncoderOptions
 from qwen3_pipeline.engine.refresh import refresh
-from qwen3_pipeline.lifecycle import gate
-from qwen3_pipeline.lifecycle.gate import (
-    Evaluation,
-    GoldenSet,
-    QueryResult,
-    decide,
-    evaluate,
-    load_golden_set,
-    ndcg_at_k,
-    parse_golden_set,
-    recall_at_k,
-)
+from qwen3_pipeline.lifecycle import gate, metrics
+from qwen3_pipeline.lifecycle import golden as golden_module
+from qwen3_pipeline.lifecycle.gate import GateConfig, decide, evaluate, gate_rebuild
+from qwen3_pipeline.lifecycle.golden import GoldenSet, load_golden_set, parse_golden_set
+from qwen3_pipeline.lifecycle.metrics import Evaluation, QueryResult, ndcg_at_k, recall_at_k
 from qwen3_pipeline.sources import ArrowSource, SourceConfig
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
 from tests.chunk_tables import CHUNK_SPEC, write_chunk_table
@@ -138,6 +132,19 @@ def test_metrics_refuse_bad_input(metric):
 
 def test_module_examples_hold():
     assert doctest.testmod(gate).failed == 0
+
+
+@pytest.mark.parametrize("module", [golden_module, metrics])
+def test_golden_set_and_metric_examples_hold(module):
+    assert doctest.testmod(module).failed == 0
+
+
+def test_gate_keeps_the_names_it_exported_before_the_split():
+    for name in ("GoldenQuery", "GoldenSet", "load_golden_set", "parse_golden_set", "Key"):
+        assert getattr(gate, name) is getattr(golden_module, name)
+    for name in ("Evaluation", "QueryResult", "recall_at_k", "ndcg_at_k", "score_rankings"):
+        assert getattr(gate, name) is getattr(metrics, name)
+    assert (gate.DEFAULT_K, gate.SHOWN_KEYS, gate.SHOWN_REGRESSIONS) == (10, 5, 5)
 
 
 # --------------------------------------------------------------------------- golden set
@@ -478,3 +485,93 @@ def test_golden_set_type_is_iterable():
     assert [q.query for q in golden] == ["x"]
     with pytest.raises(ConfigError, match="holds no query"):
         GoldenSet(queries=())
+
+
+# --------------------------------------------------------------------------- the rebuild's gate
+
+
+@pytest.fixture
+def built_encoders(monkeypatch):
+    """Qwen3Encoder replaced by a mirror embedder recording its device and whether it closed."""
+    built = []
+
+    class RecordingEncoder(MirrorEmbedder):
+        def __init__(self, spec, *, device="auto", progress=True, **options):
+            super().__init__(spec)
+            self.device = device
+            self.closed = False
+            built.append(self)
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr("qwen3_pipeline.embedding.encoder.Qwen3Encoder", RecordingEncoder)
+    return built
+
+
+def gate_live_and_staging(tmp_path, config):
+    build(tmp_path, "docs", MirrorEmbedder(LIVE_SPEC))
+    staging = build(tmp_path, "docs_staging", MirrorEmbedder(STAGING_SPEC))
+    return gate_rebuild(
+        config,
+        uri=str(tmp_path),
+        live_table="docs",
+        staging_table="docs_staging",
+        staging_version=staging.version,
+        staging_embedder=MirrorEmbedder(STAGING_SPEC),
+    )
+
+
+def test_gate_builds_the_live_encoder_on_the_runs_device_and_closes_it(tmp_path, built_encoders):
+    golden_set = golden_of([(BODIES[i], [i]) for i in (0, 4, 9)])
+    config = GateConfig(golden=golden_set, k=3, live_encoder=EncoderOptions(device="cpu"))
+    decision = gate_live_and_staging(tmp_path, config)
+    assert decision.passed
+    assert decision.live is not None
+    assert decision.live.ndcg == 1.0  # the live table was searched with the built encoder
+    assert [(e.spec.dim, e.device, e.closed) for e in built_encoders] == [(32, "cpu", True)]
+
+
+def test_gate_closes_the_live_encoder_when_scoring_live_fails(tmp_path, built_encoders):
+    golden_set = golden_of([(BODIES[0], [0])])
+
+    def broken(self, queries):
+        raise RuntimeError("out of memory")
+
+    config = GateConfig(golden=golden_set, live_encoder=EncoderOptions(device="cpu"))
+    build(tmp_path, "docs", MirrorEmbedder(LIVE_SPEC))
+    staging = build(tmp_path, "docs_staging", MirrorEmbedder(STAGING_SPEC))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MirrorEmbedder, "embed_queries", broken)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            gate_rebuild(
+                config,
+                uri=str(tmp_path),
+                live_table="docs",
+                staging_table="docs_staging",
+                staging_version=staging.version,
+                staging_embedder=FakeEmbedder(STAGING_SPEC),
+            )
+    assert [(e.device, e.closed) for e in built_encoders] == [("cpu", True)]
+
+
+def test_gate_with_a_live_embedder_builds_no_encoder(tmp_path, built_encoders):
+    golden_set = golden_of([(BODIES[i], [i]) for i in (0, 4)])
+    config = GateConfig(golden=golden_set, k=3, live_embedder=MirrorEmbedder(LIVE_SPEC))
+    assert gate_live_and_staging(tmp_path, config).passed
+    assert built_encoders == []
+
+
+def test_cli_gate_follows_the_runs_device(tmp_path):
+    from qwen3_pipeline.cli import build_parser, refresh_options_of
+
+    path = tmp_path / "golden.jsonl"
+    path.write_text(json.dumps({"query": "q", "relevant": [1]}) + "\n")
+    base = ["refresh", "--source", "s.parquet", "--key", "id", "--text", "body", "--db", "db",
+            "--table", "docs", "--model", "m", "--rebuild", "--gate", str(path)]  # fmt: skip
+    on_cpu = refresh_options_of(build_parser().parse_args([*base, "--device", "cpu"])).gate
+    assert on_cpu is not None
+    assert on_cpu.live_encoder.device == "cpu"
+    default = refresh_options_of(build_parser().parse_args([*base, "--dtype", "float32"])).gate
+    assert default is not None
+    assert (default.live_encoder.device, default.live_encoder.dtype) == ("auto", "float32")

@@ -526,3 +526,10 @@ def test_embedded_at_defaults_to_now_utc(tmp_path):
     store.upsert(rows(store, [1]))
     stamp = by_key(store)[1]["embedded_at"]
     assert before - timedelta(seconds=1) <= stamp <= datetime.now(UTC)
+
+
+def test_open_without_carry_columns(tmp_path):
+    # carry_schema=None used to reach the carry check unnormalised (TypeError).
+    store = VectorStore.open(str(tmp_path), "docs", SPEC, key_type=INT64)
+    assert store.carry_columns == ()
+    assert VectorStore.open(str(tmp_path), "docs", SPEC, key_type=INT64).carry_columns == ()

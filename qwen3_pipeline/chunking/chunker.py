@@ -36,8 +36,11 @@ run) is cut again inside that stretch only, at its best-scoring boundaries. A do
 fits in ``tokens`` is a single chunk. Overlap prefixes each chunk with trailing
 whole units (at most ``overlap`` tokens) of the chunk before it.
 
-Everything is pure: no model, no I/O. The engine calls :func:`chunk_rows` on rendered,
-sanitised documents and :func:`diff_chunks` against the stored chunks of changed documents.
+Everything is pure: no model, no I/O. The engine calls
+:func:`~qwen3_pipeline.chunking.rows.chunk_rows` on rendered, sanitised documents and
+:func:`~qwen3_pipeline.chunking.diff.diff_chunks` against the stored chunks of changed
+documents. The settings are :class:`~qwen3_pipeline.chunking.config.ChunkingConfig`; the
+tokenizer comes from :mod:`qwen3_pipeline.chunking.tokenizer`.
 
 .. _semantic-text-splitter: https://github.com/benbrandt/text-splitter
 
@@ -49,45 +52,24 @@ Example:
 """
 
 import collections
-import functools
-import gzip
 import importlib
 import itertools
-import json
 import re
 import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any
 
 import numpy as np
-import pandas as pd
-import pyarrow as pa
 import xxhash
 
+from qwen3_pipeline.chunking.config import ChunkingConfig
+from qwen3_pipeline.chunking.tokenizer import backend_tokenizer, packaged_tokenizer
 from qwen3_pipeline.core.changes import content_hash, sanitize_text
-from qwen3_pipeline.core.errors import (
-    ConfigError,
-    InputDataError,
-    ModelLoadError,
-    Qwen3PipelineError,
-)
-from qwen3_pipeline.core.resources import TOKENIZER_PATH
-from qwen3_pipeline.core.schema import CHUNK_FIELDS
+from qwen3_pipeline.core.errors import ConfigError, InputDataError, Qwen3PipelineError
 
-SplitterKind = Literal["text", "markdown", "code"]
-SPLITTERS: tuple[str, ...] = get_args(SplitterKind)
-
-# Bump when the same settings would cut the same text differently (levels, unit sizes, the
-# window, the packing rule): the settings fingerprint then changes with it. The splitter
-# library's version is deliberately left out: every stored chunk is a valid chunk of its
-# document whichever rule cut it, and chunk-level reuse keeps the vectors of chunks whose text
-# survives a re-cut.
-ALGORITHM = "cdc-1"
-
-MIN_TOKENS = 16
-MAX_TOKENS = 32768  # Qwen3-Embedding's context
-_CODE_LANGUAGE = re.compile(r"[a-z][a-z0-9_]{0,39}")
+# A change to how text is cut (these values, the boundary levels, the packing rule) must bump
+# ALGORITHM in qwen3_pipeline.chunking.config, so the settings fingerprint changes with it.
 
 # Semantic units are cut by characters (the Rust splitter never calls the tokenizer, which is
 # ~100x faster than counting tokens for every candidate); a unit holds at most this many
@@ -124,155 +106,6 @@ _HASH_SCALE = 2.0**-64
 # score (32 re-embedded a second chunk for 2% of single typo fixes, 8 for none); equal
 # contexts tie, and ties go to the earlier boundary.
 _CONTEXT = 8
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True, kw_only=True)
-class ChunkingConfig:
-    """How the documents of one source are cut into chunks; validated at construction.
-
-    Args:
-        tokens: Maximum tokens of a chunk's text (overlap included), counted with the Qwen
-            tokenizer without special tokens. The encoder adds ``<|endoftext|>`` and the
-            document prompt: see :meth:`check_fits`. 16..32768.
-        overlap: Tokens of the previous chunk repeated at the start of each chunk (whole
-            semantic units, up to this many); ``0 <= overlap < tokens / 2``.
-        splitter: Which structure units follow: ``"text"`` (paragraphs, lines, sentences),
-            ``"markdown"`` (CommonMark blocks and headings as well) or ``"code"`` (tree-sitter
-            syntax nodes).
-        code_language: The tree-sitter grammar for ``splitter="code"``: the module
-            ``tree_sitter_<code_language>`` must be installed (``python`` comes with the
-            ``chunking`` extra). Only valid with ``splitter="code"``.
-
-    Raises:
-        ConfigError: A value is out of range or of the wrong type.
-
-    Example:
-        >>> ChunkingConfig(tokens=512, overlap=32).as_dict()["algorithm"]
-        'cdc-1'
-    """
-
-    tokens: int
-    overlap: int = 0
-    splitter: SplitterKind = "text"
-    code_language: str | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("tokens", "overlap"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ConfigError(f"chunking {name} must be an integer, got {value!r}")
-        if not MIN_TOKENS <= self.tokens <= MAX_TOKENS:
-            raise ConfigError(
-                f"chunking tokens={self.tokens} is outside {MIN_TOKENS}..{MAX_TOKENS}; a chunk "
-                "must hold at least a sentence and fit Qwen3-Embedding's 32k context"
-            )
-        if not 0 <= 2 * self.overlap < self.tokens:
-            raise ConfigError(
-                f"chunking overlap={self.overlap} must be >= 0 and less than half of "
-                f"tokens={self.tokens} (at most {(self.tokens - 1) // 2})"
-            )
-        if self.splitter not in SPLITTERS:
-            raise ConfigError(
-                f"chunking splitter={self.splitter!r} is unknown; choose one of {list(SPLITTERS)}"
-            )
-        if self.splitter == "code":
-            if not isinstance(self.code_language, str) or not _CODE_LANGUAGE.fullmatch(
-                self.code_language
-            ):
-                raise ConfigError(
-                    f"splitter='code' needs code_language, the lower-case name of a tree-sitter "
-                    f"grammar such as 'python' (module tree_sitter_python); got "
-                    f"{self.code_language!r}"
-                )
-        elif self.code_language is not None:
-            raise ConfigError(
-                f"code_language={self.code_language!r} only applies to splitter='code', not "
-                f"splitter={self.splitter!r}"
-            )
-
-    @property
-    def budget(self) -> int:
-        """Tokens available to a chunk's own text (``tokens - overlap``)."""
-        return self.tokens - self.overlap
-
-    def as_dict(self) -> dict[str, Any]:
-        """Return the settings, with the algorithm version, as a JSON-ready dict.
-
-        This is what :meth:`fingerprint` hashes and what :meth:`from_dict` reads back.
-        """
-        return {
-            "algorithm": ALGORITHM,
-            "tokens": self.tokens,
-            "overlap": self.overlap,
-            "splitter": self.splitter,
-            "code_language": self.code_language,
-        }
-
-    def as_json(self) -> str:
-        """:meth:`as_dict` as canonical JSON (what ``EmbeddingSpec.chunking`` holds)."""
-        return json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
-
-    @classmethod
-    def from_json(cls, payload: str) -> "ChunkingConfig":
-        """Rebuild a config from :meth:`as_json` output.
-
-        Raises:
-            ConfigError: Not a JSON object of chunking settings.
-        """
-        try:
-            values = json.loads(payload)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"chunking settings {payload!r} are not JSON: {e}") from e
-        if not isinstance(values, dict):
-            raise ConfigError(f"chunking settings {payload!r} are not a JSON object")
-        return cls.from_dict(values)
-
-    @classmethod
-    def from_dict(cls, payload: dict[str, Any]) -> "ChunkingConfig":
-        """Rebuild a config from :meth:`as_dict` output (``algorithm`` is ignored).
-
-        Raises:
-            ConfigError: An unknown key, or an invalid value.
-        """
-        fields = {k: v for k, v in payload.items() if k != "algorithm"}
-        unknown = sorted(set(fields) - {"tokens", "overlap", "splitter", "code_language"})
-        if unknown:
-            raise ConfigError(f"unknown chunking setting(s) {unknown}")
-        return cls(**fields)
-
-    def fingerprint(self) -> str:
-        """A stable hash of :meth:`as_dict` (xxh3_128, 32 hex digits) for the spec fingerprint.
-
-        Example:
-            >>> a, b = ChunkingConfig(tokens=256), ChunkingConfig(tokens=256, overlap=0)
-            >>> a.fingerprint() == b.fingerprint() != ChunkingConfig(tokens=512).fingerprint()
-            True
-        """
-        return content_hash(self.as_json())
-
-    def check_fits(self, max_length: int, reserved_tokens: int = 1) -> None:
-        """Check that a full chunk fits the encoder's ``max_length`` (so none is truncated).
-
-        Args:
-            max_length: The spec's token limit per text, ``<|endoftext|>`` included.
-            reserved_tokens: Tokens the encoder adds to each chunk: 1 for ``<|endoftext|>``
-                plus the document prompt's tokens (plus 1 for the merge at the prompt's end).
-
-        Raises:
-            ConfigError: ``tokens + reserved_tokens > max_length``.
-        """
-        if self.tokens + reserved_tokens > max_length:
-            raise ConfigError(
-                f"chunking tokens={self.tokens} plus {reserved_tokens} reserved token(s) exceeds "
-                f"max_length={max_length}: chunks would be truncated. Lower the chunk size to "
-                f"{max_length - reserved_tokens} or raise max_length"
-            )
-
-
-# --------------------------------------------------------------------------- results
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,54 +151,6 @@ class Unit:
     tokens: int
 
 
-# The chunk columns of a chunk table (schema.CHUNK_FIELDS), then the document hash and tokens.
-CHUNK_SCHEMA_FIELDS = (
-    *CHUNK_FIELDS,
-    pa.field("content_hash", pa.string(), nullable=False),
-    pa.field("n_tokens", pa.int32(), nullable=False),
-)
-
-
-# --------------------------------------------------------------------------- tokenizer
-
-
-@functools.lru_cache(maxsize=1)
-def packaged_tokenizer() -> Any:
-    """Return the real Qwen3 tokenizer shipped with the package (offline; loaded once).
-
-    Returns:
-        A ``tokenizers.Tokenizer`` (the same ids as ``Qwen/Qwen3-Embedding-*``'s tokenizer).
-        Shared: do not change its truncation or padding.
-    """
-    from tokenizers import Tokenizer
-
-    try:
-        return Tokenizer.from_str(gzip.decompress(TOKENIZER_PATH.read_bytes()).decode("utf-8"))
-    except Exception as e:  # OSError for the file; tokenizers raises a bare Exception
-        raise ModelLoadError(f"could not load the packaged tokenizer {TOKENIZER_PATH}: {e}") from e
-
-
-def _backend_tokenizer(tokenizer: Any) -> Any:
-    """The ``tokenizers.Tokenizer`` behind ``tokenizer``, without truncation or padding."""
-    from tokenizers import Tokenizer
-
-    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # transformers' fast tokenizers
-    if not isinstance(backend, Tokenizer):
-        raise ConfigError(
-            f"the chunker needs a Hugging Face tokenizers.Tokenizer (or a transformers fast "
-            f"tokenizer), got {type(tokenizer).__name__}"
-        )
-    if backend.truncation is not None or backend.padding is not None:
-        # Truncation would cap every count at its limit; copy rather than change the caller's.
-        backend = Tokenizer.from_str(backend.to_str())
-        backend.no_truncation()
-        backend.no_padding()
-    return backend
-
-
-# --------------------------------------------------------------------------- chunker
-
-
 class Chunker:
     r"""Cuts documents into content-defined chunks of at most ``config.tokens`` tokens.
 
@@ -394,7 +179,7 @@ class Chunker:
 
     def __init__(self, config: ChunkingConfig, tokenizer: Any = None) -> None:
         self._config = config
-        self._tokenizer = _backend_tokenizer(
+        self._tokenizer = backend_tokenizer(
             packaged_tokenizer() if tokenizer is None else tokenizer
         )
         budget = config.budget
@@ -567,7 +352,7 @@ class Chunker:
         Raises:
             InputDataError: A text is not a string.
         """
-        docs = [_sanitized(t) for t in texts]
+        docs = [sanitized_document(t) for t in texts]
         out: list[list[Chunk]] = [[] for _ in docs]
         limit = self._config.tokens
         fast_chars = limit * _FAST_PATH_CHARS_PER_TOKEN
@@ -736,9 +521,6 @@ class Chunker:
         return out
 
 
-# --------------------------------------------------------------------------- helpers
-
-
 def _span(units: list[Unit], plan: tuple[int, int, int]) -> tuple[int, int, int]:
     prefix, first, last = plan
     return units[prefix].start, units[first].start, units[last - 1].end
@@ -833,7 +615,12 @@ def _boundary_level(piece: str, head: str) -> int:
     return 6 if _HEADING.match(content) else 5
 
 
-def _sanitized(text: Any) -> str:
+def sanitized_document(text: Any) -> str:
+    """Return a document's text sanitised (:func:`~qwen3_pipeline.core.changes.sanitize_text`).
+
+    Raises:
+        InputDataError: ``text`` is not a string (a null document should be rendered first).
+    """
     if not isinstance(text, str):
         raise InputDataError(
             f"chunking needs document texts as str, got {type(text).__name__}; render and "
@@ -945,163 +732,3 @@ def _load_language(config: ChunkingConfig) -> Any:
             f"extra: pip install 'qwen3-pipeline[chunking]')"
         ) from e
     return module.language()
-
-
-# --------------------------------------------------------------------------- tables
-
-
-def chunk_rows(
-    chunker: Chunker,
-    keys: pa.Array | pa.ChunkedArray | Sequence[Any],
-    texts: pa.Array | pa.ChunkedArray | Sequence[str],
-) -> pa.Table:
-    """Chunk documents into one row per chunk, the engine's input for embedding.
-
-    Args:
-        chunker: The source's chunker.
-        keys: The document keys, aligned with ``texts`` (an Arrow array keeps its type).
-        texts: The rendered documents (sanitised or not, see :meth:`Chunker.chunk_many`).
-
-    Returns:
-        Columns ``key`` then :data:`CHUNK_SCHEMA_FIELDS`: ``chunk_seq``, ``chunk_start``,
-        ``chunk_core_start``, ``chunk_end`` (code-point span in the sanitised document),
-        ``chunk_text``, ``chunk_hash`` (of the chunk text), ``content_hash`` (of the whole
-        sanitised document, as :func:`~qwen3_pipeline.core.changes.content_hash`) and ``n_tokens``.
-        Documents without chunks (blank) have no rows.
-
-    Raises:
-        InputDataError: ``keys`` and ``texts`` differ in length, or a text is not a string.
-
-    Example:
-        >>> rows = chunk_rows(Chunker(ChunkingConfig(tokens=64)), [7], ["Hello."])
-        >>> rows.column("key").to_pylist(), rows.column("chunk_seq").to_pylist()
-        ([7], [0])
-    """
-    key_array = keys if isinstance(keys, pa.Array | pa.ChunkedArray) else pa.array(keys)
-    if isinstance(texts, pa.Array | pa.ChunkedArray):
-        texts = texts.to_pylist()
-    if len(key_array) != len(texts):
-        raise InputDataError(f"chunk_rows got {len(key_array)} keys for {len(texts)} texts")
-    docs = [_sanitized(t) for t in texts]
-    per_doc = chunker.chunk_many(docs)
-    owner = np.fromiter(
-        (d for d, chunks in enumerate(per_doc) for _ in chunks),
-        dtype=np.int64,
-        count=sum(map(len, per_doc)),
-    )
-    flat = [c for chunks in per_doc for c in chunks]
-    doc_hashes = [content_hash(docs[d]) if per_doc[d] else "" for d in range(len(docs))]
-    columns = {
-        "chunk_seq": [c.seq for c in flat],
-        "chunk_start": [c.start for c in flat],
-        "chunk_core_start": [c.core_start for c in flat],
-        "chunk_end": [c.end for c in flat],
-        "chunk_text": [c.text for c in flat],
-        "chunk_hash": [c.hash for c in flat],
-        "content_hash": [doc_hashes[d] for d in owner.tolist()],
-        "n_tokens": [c.tokens for c in flat],
-    }
-    arrays = [key_array.take(pa.array(owner))]
-    arrays += [pa.array(columns[f.name], f.type) for f in CHUNK_SCHEMA_FIELDS]
-    schema = pa.schema([pa.field("key", key_array.type), *CHUNK_SCHEMA_FIELDS])
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ChunkDiff:
-    """How the new chunks of re-chunked documents relate to their stored chunks.
-
-    Attributes:
-        stored_row: Per new chunk, the stored row it is the same chunk as (same key, same
-            text; the n-th copy of a text matches the n-th stored copy), or -1. Such a row
-            keeps its vector; only its ``chunk_seq``/span may need an update.
-        vector_row: Per new chunk, a stored row of the same document with the same text
-            (``stored_row`` when there is one), or -1: the chunk needs embedding.
-        stale_rows: Stored rows of the documents in ``new`` that no new chunk is the same
-            chunk as: to delete once their vectors were copied where ``vector_row`` says.
-    """
-
-    stored_row: np.ndarray
-    vector_row: np.ndarray
-    stale_rows: np.ndarray
-
-    @property
-    def embed(self) -> np.ndarray:
-        """Mask of the new chunks that need embedding (text not stored for their document)."""
-        return self.vector_row < 0
-
-    @property
-    def n_embed(self) -> int:
-        """How many new chunks need embedding."""
-        return int(self.embed.sum())
-
-
-def diff_chunks(new: pa.Table, stored: pa.Table) -> ChunkDiff:
-    """Match the new chunks of changed documents with the stored chunks (chunk-level reuse).
-
-    Only the documents in ``new`` are compared: stored chunks of other keys are neither
-    matched nor stale (whole documents that disappeared or became blank are the engine's
-    key-level deletions).
-
-    Args:
-        new: Rows from :func:`chunk_rows` (columns ``key`` and ``chunk_hash`` are used).
-        stored: The stored chunks, at least ``key`` and ``chunk_hash``; row ``i`` of it is
-            what the result's row numbers refer to.
-
-    Returns:
-        The matches; see :class:`ChunkDiff`.
-
-    Raises:
-        InputDataError: A table lacks ``key`` or ``chunk_hash``, or the key types differ
-            (a string key against an integer one).
-
-    Example:
-        >>> new = pa.table({"key": [1, 1, 1], "chunk_hash": ["a", "x", "c"]})
-        >>> old = pa.table({"key": [1, 1, 2], "chunk_hash": ["a", "b", "x"]})
-        >>> d = diff_chunks(new, old)
-        >>> d.stored_row.tolist(), d.vector_row.tolist(), d.stale_rows.tolist()
-        ([0, -1, -1], [0, -1, -1], [1])
-    """
-    for name, table in (("new", new), ("stored", stored)):
-        missing = [c for c in ("key", "chunk_hash") if c not in table.column_names]
-        if missing:
-            raise InputDataError(f"diff_chunks: the {name} chunks lack column(s) {missing}")
-    new_key, old_key = new.column("key").type, stored.column("key").type
-    if pa.types.is_integer(new_key) != pa.types.is_integer(old_key):
-        raise InputDataError(
-            f"diff_chunks: new keys are {new_key} but stored keys are {old_key}; the key "
-            "column's type changed, so rebuild the table"
-        )
-    new_df = _chunk_frame(new)
-    old_df = _chunk_frame(stored)
-    keys_in_scope = old_df["key"].isin(pd.unique(new_df["key"]))
-    old_df = old_df[keys_in_scope]
-    same = new_df.merge(old_df, on=["key", "chunk_hash", "occurrence"], how="left")
-    stored_row = same["row_y"].fillna(-1).to_numpy(dtype=np.int64)
-    first = old_df.drop_duplicates(["key", "chunk_hash"])
-    any_copy = new_df.merge(first, on=["key", "chunk_hash"], how="left")
-    vector_row = np.where(
-        stored_row >= 0, stored_row, any_copy["row_y"].fillna(-1).to_numpy(dtype=np.int64)
-    )
-    matched = np.zeros(stored.num_rows, dtype=bool)
-    matched[stored_row[stored_row >= 0]] = True
-    in_scope = np.zeros(stored.num_rows, dtype=bool)
-    in_scope[old_df["row"].to_numpy(dtype=np.int64)] = True
-    return ChunkDiff(
-        stored_row=stored_row,
-        vector_row=vector_row,
-        stale_rows=np.flatnonzero(in_scope & ~matched).astype(np.int64),
-    )
-
-
-def _chunk_frame(table: pa.Table) -> pd.DataFrame:
-    """``key``, ``chunk_hash``, ``occurrence`` (n-th copy of that text) and ``row``."""
-    frame = pd.DataFrame(
-        {
-            "key": table.column("key").to_pandas(),
-            "chunk_hash": table.column("chunk_hash").to_pandas(),
-        }
-    )
-    frame["occurrence"] = frame.groupby(["key", "chunk_hash"], sort=False).cumcount()
-    frame["row"] = np.arange(len(frame), dtype=np.int64)
-    return frame

@@ -38,7 +38,7 @@ from typing import Any
 
 import dagster as dg
 
-from qwen3_pipeline.chunking.chunker import ChunkingConfig
+from qwen3_pipeline.chunking.config import ChunkingConfig
 from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.dagster.automation import build_automation_sensor, build_refresh_schedule
 from qwen3_pipeline.dagster.consumer_assets import (

@@ -2,23 +2,18 @@
 
 A rebuild to another model or spec (Qwen3-Embedding 0.6B → 4B, another dim, other chunking)
 fills a staging table beside the live one. Before it is swapped in, both tables answer the
-queries of a *golden set* (queries with the documents known to answer them), and the swap
-happens only when staging is at least as good:
+queries of a *golden set* (:mod:`qwen3_pipeline.lifecycle.golden`: queries with the documents
+known to answer them), and the swap happens only when staging is at least as good:
 
-- :func:`load_golden_set` reads the golden set, JSONL with one
-  ``{"query": "...", "relevant": [key, ...]}`` per line, strictly: every problem is a
-  :class:`~qwen3_pipeline.core.errors.ConfigError` naming its line (:func:`parse_golden_set` does
-  the same for lines already in memory).
-- :func:`recall_at_k` and :func:`ndcg_at_k` score one ranking (pure, binary relevance).
 - :func:`evaluate` searches one pinned table with the query embedder of its own spec and
-  averages the metrics over the queries (an :class:`Evaluation`).
+  averages the metrics over the queries (an :class:`Evaluation`, scored by
+  :mod:`qwen3_pipeline.lifecycle.metrics`).
 - :func:`decide` compares the two evaluations (a :class:`GateDecision`): staging passes when
   neither its mean recall@k nor its mean nDCG@k is more than ``tolerance`` below live's; with
   no live table (a first build) it passes.
+- :func:`gate_rebuild` does both for a completed rebuild (:class:`GateConfig`).
 
-Keys are the table's keys, of its type: on a table of whole documents the ``key`` column, on a
-table of document chunks the document key ``doc_key`` (search there ranks documents by their
-best chunk). Integer keys are written as JSON numbers, string keys as JSON strings.
+The golden-set and metric names are re-exported here, where they were first defined.
 
 Example:
     >>> golden = load_golden_set("golden.jsonl")  # doctest: +SKIP
@@ -28,12 +23,9 @@ Example:
     gate passed: staging 'docs_4b' v3 recall@10 0.912 (+0.041), nDCG@10 0.804 (+0.052) vs ...
 """
 
-import json
-import math
 import time
-from collections.abc import Collection, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -49,434 +41,52 @@ from qwen3_pipeline.core.errors import (
 from qwen3_pipeline.core.schema import DOC_KEY_COLUMN
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import BatchDone, Embedder, EncodeResult
+from qwen3_pipeline.embedding.options import EncoderOptions
+from qwen3_pipeline.lifecycle.golden import (
+    GoldenQuery,
+    GoldenSet,
+    Key,
+    load_golden_set,
+    parse_golden_set,
+)
+from qwen3_pipeline.lifecycle.metrics import (
+    DEFAULT_K,
+    SHOWN_KEYS,
+    Evaluation,
+    QueryResult,
+    check_k,
+    mean_score,
+    ndcg_at_k,
+    recall_at_k,
+    score_rankings,
+)
 
-Key = int | str
-DEFAULT_K = 10
-# Ranked keys kept per query in an Evaluation: enough to see what a table answered instead.
-SHOWN_KEYS = 5
+__all__ = [
+    "DEFAULT_K",
+    "SHOWN_KEYS",
+    "SHOWN_REGRESSIONS",
+    "Evaluation",
+    "GateConfig",
+    "GateDecision",
+    "GoldenQuery",
+    "GoldenSet",
+    "Key",
+    "QueryResult",
+    "decide",
+    "evaluate",
+    "gate_rebuild",
+    "load_golden_set",
+    "ndcg_at_k",
+    "parse_golden_set",
+    "recall_at_k",
+    "score_rankings",
+]
+
 # Queries listed in GateDecision.as_dict() as the worst regressions from live to staging.
 SHOWN_REGRESSIONS = 5
 # Means are compared with this slack: 0.8 - 0.1 is 0.7000000000000001 in floating point, and a
 # tolerance of 0.1 must let a mean of 0.7 through against 0.8.
 _EPSILON = 1e-9
-_EXAMPLE_LINE = '{"query": "how do I reset my password?", "relevant": ["kb-17", "kb-42"]}'
-
-
-# --------------------------------------------------------------------------- golden set
-
-
-@dataclass(frozen=True, kw_only=True)
-class GoldenQuery:
-    """One query of a golden set and the keys of the documents that answer it.
-
-    Attributes:
-        query: The query text, as it will be embedded.
-        relevant: Keys of the relevant documents, in the file's order (no repeats).
-        line: The line of the golden-set file it came from (1-based).
-    """
-
-    query: str
-    relevant: tuple[Key, ...]
-    line: int
-
-
-@dataclass(frozen=True, kw_only=True)
-class GoldenSet:
-    """Queries with their relevant document keys; build it with :func:`load_golden_set`.
-
-    Attributes:
-        queries: The queries, in the file's order, each query once.
-        source: Where the set came from (the file path), for messages and reports.
-    """
-
-    queries: tuple[GoldenQuery, ...]
-    source: str = "<golden set>"
-
-    def __post_init__(self) -> None:
-        if not self.queries:
-            raise ConfigError(f"golden set {self.source!r} holds no query; it needs at least one")
-
-    def __len__(self) -> int:
-        return len(self.queries)
-
-    def __iter__(self) -> Iterator[GoldenQuery]:
-        return iter(self.queries)
-
-    @property
-    def key_type(self) -> type:
-        """``int`` or ``str``: the one type of every relevant key in the set."""
-        return type(self.queries[0].relevant[0])
-
-
-def load_golden_set(path: str | Path) -> GoldenSet:
-    """Read and validate a golden set: JSONL, one query object per line.
-
-    Each non-blank line is ``{"query": "<text>", "relevant": [<key>, ...]}``: a non-empty
-    query, and a non-empty list of the keys (integers or strings, one type in the whole file)
-    of the documents that answer it. Other fields are allowed and ignored (an id, a note).
-    Blank lines are skipped; line numbers in errors count them.
-
-    Args:
-        path: The JSONL file (UTF-8).
-
-    Returns:
-        The golden set, in the file's order.
-
-    Raises:
-        ConfigError: The file cannot be read, or a line is invalid (not JSON, no query, an
-            empty relevant list, a repeated query, a key of another type...), or the file holds
-            no query. The message names the file and the line.
-
-    Example:
-        >>> golden = load_golden_set("golden.jsonl")  # doctest: +SKIP
-        >>> len(golden), golden.key_type  # doctest: +SKIP
-        (120, <class 'str'>)
-    """
-    where = str(path)
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as e:
-        raise ConfigError(
-            f"cannot read golden set {where!r} ({e.strerror or e}); pass the path of a JSONL "
-            f"file with one query per line, like {_EXAMPLE_LINE}"
-        ) from e
-    texts: list[str] = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
-        try:
-            # A byte-order mark (Windows editors) may open the file; it is not part of the JSON.
-            texts.append(line.decode("utf-8-sig" if number == 1 else "utf-8"))
-        except UnicodeDecodeError as e:
-            raise ConfigError(
-                f"golden set {where!r} line {number}: not UTF-8 (byte {e.start + 1}); save the "
-                "file as UTF-8"
-            ) from e
-    return parse_golden_set(texts, source=where)
-
-
-def parse_golden_set(lines: Iterable[str], *, source: str = "<golden set>") -> GoldenSet:
-    """Validate the lines of a golden set (pure; :func:`load_golden_set` reads the file).
-
-    Args:
-        lines: The lines, in order (line 1 first), with or without their line endings.
-        source: Where the lines came from, for messages.
-
-    Returns:
-        The golden set.
-
-    Raises:
-        ConfigError: As :func:`load_golden_set`.
-
-    Example:
-        >>> golden = parse_golden_set(['{"query": "q", "relevant": [3, 1]}', ""])
-        >>> golden.queries[0].relevant, golden.key_type
-        ((3, 1), <class 'int'>)
-    """
-    queries: list[GoldenQuery] = []
-    seen: dict[str, int] = {}
-    first_key: tuple[Key, int] | None = None  # the first key read, and its line
-    for number, text in enumerate(lines, start=1):
-        if not text.strip():
-            continue
-        item = _parse_line(text, number, source)
-        duplicate = seen.get(item.query.strip())
-        if duplicate is not None:
-            raise ConfigError(
-                f"golden set {source!r} line {number}: query {item.query!r} repeats line "
-                f"{duplicate}; list each query once, with all its relevant keys on one line"
-            )
-        seen[item.query.strip()] = number
-        first_key = first_key or (item.relevant[0], number)
-        _check_one_key_type(item, first_key, source)
-        queries.append(item)
-    if not queries:
-        raise ConfigError(
-            f"golden set {source!r} holds no query (it is empty or only blank lines); write one "
-            f"JSON object per line, like {_EXAMPLE_LINE}"
-        )
-    return GoldenSet(queries=tuple(queries), source=source)
-
-
-def _parse_line(text: str, number: int, source: str) -> GoldenQuery:
-    where = f"golden set {source!r} line {number}"
-    try:
-        item = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ConfigError(
-            f"{where}: not valid JSON ({e.msg} at column {e.colno}); write one object per "
-            f"line, like {_EXAMPLE_LINE}"
-        ) from e
-    if not isinstance(item, dict):
-        raise ConfigError(
-            f"{where}: expected a JSON object with 'query' and 'relevant', got "
-            f"{type(item).__name__} {item!r:.60}; write one object per line, like {_EXAMPLE_LINE}"
-        )
-    query = item.get("query")
-    if not isinstance(query, str) or not query.strip():
-        raise ConfigError(
-            f"{where}: 'query' must be a non-empty string, got {query!r:.60}; give the "
-            "query text as users would type it"
-        )
-    relevant = item.get("relevant")
-    if not isinstance(relevant, list) or not relevant:
-        raise ConfigError(
-            f"{where}: 'relevant' of query {query!r:.60} must be a non-empty list of document "
-            f"keys, got {relevant!r:.60}; list the key of at least one document that answers "
-            "it, or drop the line"
-        )
-    keys: list[Key] = []
-    for key in relevant:
-        # bool is an int in Python, and JSON true is never a table key.
-        if isinstance(key, bool) or not isinstance(key, int | str):
-            raise ConfigError(
-                f"{where}: relevant key {key!r:.60} of query {query!r:.60} is a JSON "
-                f"{_json_type(key)}; keys are integers or strings (the table's key, or "
-                "doc_key on a table of document chunks)"
-            )
-        if key in keys:
-            raise ConfigError(
-                f"{where}: relevant key {key!r} of query {query!r:.60} is listed twice; list "
-                "each key once"
-            )
-        keys.append(key)
-    return GoldenQuery(query=query, relevant=tuple(keys), line=number)
-
-
-def _check_one_key_type(item: GoldenQuery, first: tuple[Key, int], source: str) -> None:
-    # A table has one key type, and 12 never equals "12": a mixed set would silently score
-    # the keys of the other type as never found.
-    first_key, first_line = first
-    for key in item.relevant:
-        if type(key) is not type(first_key):
-            raise ConfigError(
-                f"golden set {source!r} line {item.line}: relevant key {key!r} is "
-                f"{_kind(key)} but key {first_key!r} (line {first_line}) is {_kind(first_key)}; "
-                "a table has one key type, so write every key as a JSON number for integer keys "
-                "or as a JSON string for string keys"
-            )
-
-
-def _json_type(value: Any) -> str:
-    names = {bool: "boolean", float: "number (not an integer)", list: "array", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def _kind(key: Key) -> str:
-    return "an integer" if isinstance(key, int) else "a string"
-
-
-# --------------------------------------------------------------------------- metrics
-
-
-def recall_at_k(ranked_keys: Sequence[Key], relevant: Collection[Key], k: int = DEFAULT_K) -> float:
-    """The share of the relevant keys found among the first ``k`` ranked keys (pure).
-
-    Args:
-        ranked_keys: Keys as a search returned them, best first (a repeat counts once).
-        relevant: The keys that answer the query (at least one).
-        k: How many ranked keys count.
-
-    Returns:
-        A value in [0, 1]; 1 when every relevant key is in the top ``k``. With more relevant
-        keys than ``k`` it cannot reach 1 (the usual definition: divide by all relevant keys).
-
-    Raises:
-        ConfigError: ``k`` is not a positive integer, or ``relevant`` is empty.
-
-    Example:
-        >>> recall_at_k(["a", "x", "b", "y"], {"a", "b", "c", "d"}, k=3)
-        0.5
-    """
-    wanted = _relevant_set(relevant)
-    _check_k(k)
-    return len(wanted.intersection(ranked_keys[:k])) / len(wanted)
-
-
-def ndcg_at_k(ranked_keys: Sequence[Key], relevant: Collection[Key], k: int = DEFAULT_K) -> float:
-    """Normalised discounted cumulative gain of the first ``k`` ranked keys (pure).
-
-    Binary relevance: a relevant key at rank ``r`` (1-based) gains ``1 / log2(r + 1)``, counted
-    at its first occurrence only. The sum is divided by the ideal one, every relevant key ranked
-    first: ``min(len(relevant), k)`` gains at ranks 1, 2, ...
-
-    Args:
-        ranked_keys: Keys as a search returned them, best first.
-        relevant: The keys that answer the query (at least one).
-        k: How many ranked keys count.
-
-    Returns:
-        A value in [0, 1]; 1 when the top of the ranking is exactly the relevant keys.
-
-    Raises:
-        ConfigError: ``k`` is not a positive integer, or ``relevant`` is empty.
-
-    Example:
-        >>> round(ndcg_at_k(["x", "a"], {"a"}, k=10), 4)  # 1 / log2(3)
-        0.6309
-    """
-    wanted = _relevant_set(relevant)
-    _check_k(k)
-    gained: set[Key] = set()
-    dcg = 0.0
-    for rank, key in enumerate(ranked_keys[:k], start=1):
-        if key in wanted and key not in gained:
-            gained.add(key)
-            dcg += 1.0 / math.log2(rank + 1)
-    ideal = math.fsum(1.0 / math.log2(rank + 1) for rank in range(1, min(len(wanted), k) + 1))
-    return dcg / ideal
-
-
-def _relevant_set(relevant: Collection[Key]) -> frozenset[Key]:
-    wanted = frozenset(relevant)
-    if not wanted:
-        raise ConfigError("relevant is empty; a query needs at least one relevant key to score")
-    return wanted
-
-
-def _check_k(k: int) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError(f"k must be a positive integer (e.g. 10), got {k!r}")
-
-
-def _mean(values: Iterable[float]) -> float:
-    listed = list(values)
-    # fsum: the same per-query scores always give the very same mean, whatever their order.
-    return math.fsum(listed) / len(listed) if listed else 0.0
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclass(frozen=True, kw_only=True)
-class QueryResult:
-    """How one table answered one golden query.
-
-    Attributes:
-        query: The query text.
-        recall: recall@k of the query.
-        ndcg: nDCG@k of the query.
-        found: Relevant keys among the top ``k``.
-        relevant: Relevant keys listed in the golden set.
-        top_keys: The first :data:`SHOWN_KEYS` ranked keys, best first.
-    """
-
-    query: str
-    recall: float
-    ndcg: float
-    found: int
-    relevant: int
-    top_keys: tuple[Key, ...]
-
-    def as_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict."""
-        return {
-            "query": self.query,
-            "recall": round(self.recall, 6),
-            "ndcg": round(self.ndcg, 6),
-            "found": self.found,
-            "relevant": self.relevant,
-            "top_keys": list(self.top_keys),
-        }
-
-
-@dataclass(frozen=True, kw_only=True)
-class Evaluation:
-    """One table's scores on a golden set.
-
-    Attributes:
-        table: Table name.
-        uri: Database URI.
-        version: The Lance version searched.
-        model: The model of the table's vectors.
-        dim: Their dimension.
-        spec_fingerprint: The table's spec fingerprint.
-        chunked: Whether the table holds document chunks (ranked by best chunk per document).
-        golden_set: Where the golden set came from.
-        k: Ranked documents scored per query.
-        recall: Mean recall@k over the queries.
-        ndcg: Mean nDCG@k over the queries.
-        queries: Per-query results, in the golden set's order.
-        seconds: Wall-clock time of the evaluation (embedding the queries included).
-    """
-
-    table: str
-    uri: str
-    version: int
-    model: str
-    dim: int
-    spec_fingerprint: str
-    chunked: bool
-    golden_set: str
-    k: int
-    recall: float
-    ndcg: float
-    queries: tuple[QueryResult, ...]
-    seconds: float
-
-    def as_dict(self, *, per_query: bool = False) -> dict[str, Any]:
-        """A JSON-ready dict of the means and the table; ``per_query`` adds every query."""
-        out: dict[str, Any] = {
-            "table": self.table,
-            "uri": self.uri,
-            "version": self.version,
-            "model": self.model,
-            "dim": self.dim,
-            "spec_fingerprint": self.spec_fingerprint,
-            "chunked": self.chunked,
-            "golden_set": self.golden_set,
-            "k": self.k,
-            "queries": len(self.queries),
-            "recall": round(self.recall, 6),
-            "ndcg": round(self.ndcg, 6),
-            "seconds": round(self.seconds, 3),
-        }
-        if per_query:
-            out["per_query"] = [q.as_dict() for q in self.queries]
-        return out
-
-    def summary(self) -> str:
-        """One line: the table and its means."""
-        return (
-            f"{self.table!r} v{self.version} ({self.model}, dim {self.dim}): "
-            f"recall@{self.k} {self.recall:.3f}, nDCG@{self.k} {self.ndcg:.3f} "
-            f"over {len(self.queries)} queries"
-        )
-
-
-def score_rankings(
-    golden: GoldenSet, rankings: Sequence[Sequence[Key]], *, k: int = DEFAULT_K
-) -> tuple[QueryResult, ...]:
-    """Score each golden query's ranking (pure; :func:`evaluate` gets the rankings by search).
-
-    Args:
-        golden: The golden set.
-        rankings: One ranking per golden query, in its order, best first.
-        k: Ranked keys scored per query.
-
-    Raises:
-        ConfigError: Not one ranking per query, or a bad ``k``.
-
-    Example:
-        >>> golden = parse_golden_set(['{"query": "q", "relevant": [2]}'])
-        >>> score_rankings(golden, [[1, 2, 3]], k=2)[0].found
-        1
-    """
-    _check_k(k)
-    if len(rankings) != len(golden):
-        raise ConfigError(f"{len(rankings)} rankings for {len(golden)} golden queries")
-    results = []
-    for item, ranked in zip(golden.queries, rankings, strict=True):
-        top = list(ranked[:k])
-        results.append(
-            QueryResult(
-                query=item.query,
-                recall=recall_at_k(top, item.relevant, k),
-                ndcg=ndcg_at_k(top, item.relevant, k),
-                found=len(set(item.relevant).intersection(top)),
-                relevant=len(item.relevant),
-                top_keys=tuple(top[:SHOWN_KEYS]),
-            )
-        )
-    return tuple(results)
 
 
 def evaluate(
@@ -485,9 +95,9 @@ def evaluate(
     """Search ``vectors`` with every golden query and score the rankings.
 
     The queries are embedded in one ``embedder.embed_queries`` call (the encoder batches them),
-    then each is searched as :func:`~qwen3_pipeline.consumers.vector_search.search` does: exact or
-    ANN
-    cosine search, and on a table of document chunks each document ranked by its best chunk.
+    then each is searched as :func:`~qwen3_pipeline.consumers.vector_search.search` does: exact
+    or ANN cosine search, and on a table of document chunks each document ranked by its best
+    chunk.
 
     Args:
         vectors: The pinned table (live or staging).
@@ -505,7 +115,7 @@ def evaluate(
         EmbeddingFailedError: A query could not be embedded.
         StoreError: LanceDB failed to search the table.
     """
-    _check_k(k)
+    check_k(k)
     _check_embedder(vectors, embedder)
     key_column = DOC_KEY_COLUMN if vectors.chunked else "key"
     _check_key_type(vectors, key_column, golden)
@@ -539,8 +149,8 @@ def evaluate(
         chunked=vectors.chunked,
         golden_set=golden.source,
         k=k,
-        recall=_mean(r.recall for r in results),
-        ndcg=_mean(r.ndcg for r in results),
+        recall=mean_score(r.recall for r in results),
+        ndcg=mean_score(r.ndcg for r in results),
         queries=results,
         seconds=time.perf_counter() - started,
     )
@@ -571,9 +181,10 @@ def _check_key_type(vectors: VectorTable, key_column: str, golden: GoldenSet) ->
     if golden.key_type is table_type:
         return
     item = golden.queries[0]
+    kind = "an integer" if golden.key_type is int else "a string"
     column = f"{key_column} (the document keys of this chunk table)" if vectors.chunked else "key"
     raise ConfigError(
-        f"golden set {golden.source!r} lists {_kind(item.relevant[0])} keys (line {item.line}: "
+        f"golden set {golden.source!r} lists {kind} keys (line {item.line}: "
         f"{item.relevant[0]!r}) but table {vectors.name!r} has {arrow_type} keys in column "
         f"{column}; no key would ever match. Write the keys as JSON "
         f"{'numbers' if table_type is int else 'strings'}, as the source's key column holds them"
@@ -606,9 +217,6 @@ class _EmbeddedQueries:
             n_tokens=np.zeros(n, dtype=np.int64),
             truncated=np.zeros(n, dtype=bool),
         )
-
-
-# --------------------------------------------------------------------------- decision
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -806,9 +414,6 @@ def _check_comparable(live: Evaluation, staging: Evaluation) -> None:
         )
 
 
-# --------------------------------------------------------------------------- the rebuild's gate
-
-
 @dataclass(frozen=True, kw_only=True)
 class GateConfig:
     """A gate on a rebuild: swap the staging table in only if it scores as well as live.
@@ -818,13 +423,22 @@ class GateConfig:
         tolerance: How much lower than live's mean recall@k and nDCG@k staging may score.
         k: Documents ranked and scored per query.
         live_embedder: The query embedder of the live table's spec; None builds a Qwen3
-            encoder for it (another model than the rebuild's, for a model upgrade).
+            encoder for it (another model than the rebuild's, for a model upgrade) with
+            ``live_encoder``, and frees it once the live table is scored.
+        live_encoder: How to build that encoder: the run's device, dtype and batch budget
+            (default: ``auto`` for each).
+
+    Example:
+        >>> golden = parse_golden_set(['{"query": "q", "relevant": [1]}'])
+        >>> GateConfig(golden=golden, live_encoder=EncoderOptions(device="cpu")).live_encoder.device
+        'cpu'
     """
 
     golden: GoldenSet
     tolerance: float = 0.0
     k: int = DEFAULT_K
     live_embedder: Embedder | None = None
+    live_encoder: EncoderOptions = field(default_factory=EncoderOptions)
 
 
 def gate_rebuild(
@@ -841,11 +455,13 @@ def gate_rebuild(
 
     The live table is read as readers see it (its newest checked version); the staging table
     at the version the rebuild completed. Each is searched with the query encoder of its own
-    spec.
+    spec: for the live table ``config.live_embedder``, or an encoder built here with
+    ``config.live_encoder`` and closed before this returns (or raises).
 
     Raises:
         ConfigError: Golden keys of another type than the tables' keys, or a bad setting.
         EmbeddingFailedError: A query could not be embedded.
+        ModelLoadError: The live table's encoder could not be loaded.
         StoreError: LanceDB failed.
     """
     import lancedb
@@ -861,6 +477,19 @@ def gate_rebuild(
     db = lancedb.connect(uri, storage_options=storage_options)
     if live_table in list_table_names(db):
         live = open_vector_table(uri, live_table, storage_options=storage_options)
-        embedder = config.live_embedder or live.query_embedder()
-        live_eval = evaluate(live, config.golden, embedder, k=config.k)
+        if config.live_embedder is not None:
+            live_eval = evaluate(live, config.golden, config.live_embedder, k=config.k)
+        else:
+            # A second model beside the rebuild's: on the run's device, and freed right after.
+            built = config.live_encoder.build(live.spec)
+            try:
+                live_eval = evaluate(live, config.golden, built, k=config.k)
+            finally:
+                _close(built)
     return decide(live_eval, staged, tolerance=config.tolerance)
+
+
+def _close(embedder: Embedder) -> None:
+    close = getattr(embedder, "close", None)
+    if close is not None:
+        close()

@@ -15,12 +15,13 @@ partition is read. :func:`read_batches` turns any source into batches of at most
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from qwen3_pipeline.chunking.config import ChunkingConfig
 from qwen3_pipeline.core.changes import sanitize_texts
 from qwen3_pipeline.core.errors import ConfigError, InputDataError
 from qwen3_pipeline.core.schema import TEXT_COLUMN, TIMESTAMP_TYPE, check_carry_names
@@ -37,9 +38,6 @@ from qwen3_pipeline.sources.readers import Source
 
 DEFAULT_BATCH_ROWS = 50_000
 # The fixed columns of every batch read_batches yields (carry-along columns follow).
-if TYPE_CHECKING:
-    from qwen3_pipeline.chunking.chunker import ChunkingConfig
-
 OUTPUT_COLUMNS = ("key", TEXT_COLUMN, "partition_key", "source_updated_at")
 _SHOWN = 10
 
@@ -86,7 +84,7 @@ class SourceConfig:
     updated_at: str | None = None
     carry: tuple[str, ...] = ()
     partition: Partition | None = None
-    chunking: "ChunkingConfig | None" = None
+    chunking: ChunkingConfig | None = None
     template_fields: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -111,15 +109,11 @@ class SourceConfig:
             raise ConfigError(
                 f"partition must be a Shard, Shards or TimeWindow, got {self.partition!r}"
             )
-        if self.chunking is not None:
-            # Imported here: the chunking module pulls in pandas and the splitter library.
-            from qwen3_pipeline.chunking.chunker import ChunkingConfig
-
-            if not isinstance(self.chunking, ChunkingConfig):
-                raise ConfigError(
-                    f"chunking must be a ChunkingConfig (e.g. ChunkingConfig(tokens=512)), "
-                    f"got {self.chunking!r}"
-                )
+        if self.chunking is not None and not isinstance(self.chunking, ChunkingConfig):
+            raise ConfigError(
+                f"chunking must be a ChunkingConfig (e.g. ChunkingConfig(tokens=512)), "
+                f"got {self.chunking!r}"
+            )
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -210,13 +204,13 @@ def read_batches(
 
     Yields:
         Record batches matching :func:`output_schema`.
-        >>> from qwen3_pipeline.sources.readers import ArrowSource
 
     Raises:
         ConfigError: ``batch_rows`` is not positive.
         InputDataError: Missing columns, unusable types, or a null key (named by row number).
 
     Example:
+        >>> from qwen3_pipeline.sources.readers import ArrowSource
         >>> table = pa.table({"id": [1, 2], "body": ["a", "b"]})
         >>> cfg = SourceConfig(key="id", text_columns=("body",))
         >>> [b.num_rows for b in read_batches(ArrowSource(table), cfg)]

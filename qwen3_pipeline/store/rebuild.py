@@ -1,12 +1,12 @@
 """Rebuilds: re-embed a table into a staging table, then swap it in with one atomic commit.
 
-A table whose recorded spec differs from the configured one is never mixed (DESIGN §5). A
-rebuild writes the whole source into ``<table>__rebuild_<fingerprint>`` (deterministic, so an
-interrupted rebuild resumes where it stopped) while readers keep using the live table; when
-the staging table is complete, :func:`commit_rebuild` tags the live table's version
-``before-swap-...`` (the rollback point), replaces the live table's rows with one overwrite
-commit (earlier versions and tags of the live table stay readable for pinned readers) and drops
-the staging table.
+A table whose recorded spec differs from the configured one is never mixed: a refresh refuses
+it (:class:`~qwen3_pipeline.core.errors.SpecMismatchError`). A rebuild writes the whole
+source into ``<table>__rebuild_<fingerprint>`` (deterministic, so an interrupted rebuild
+resumes where it stopped) while readers keep using the live table; when the staging table is
+complete, :func:`commit_rebuild` tags the live table's version ``before-swap-...`` (the
+rollback point), replaces the live table's rows with one overwrite commit (earlier versions and
+tags of the live table stay readable for pinned readers) and drops the staging table.
 
 Example:
     >>> staging = begin_rebuild("data/lancedb", "docs", spec, key_type=pa.int64())  # doctest: +SKIP
@@ -21,7 +21,8 @@ import pyarrow as pa
 from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.core.schema import rebuild_table_name, validate_table_name
 from qwen3_pipeline.core.spec import EmbeddingSpec
-from qwen3_pipeline.store.table import RetryPolicy, VectorStore
+from qwen3_pipeline.store.retries import RetryPolicy
+from qwen3_pipeline.store.table import VectorStore
 from qwen3_pipeline.store.versions import tag_before_swap
 
 log = logging.getLogger(__name__)

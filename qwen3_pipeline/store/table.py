@@ -1,24 +1,24 @@
 """The LanceDB vector table: vectors plus lineage, written by key, never mixed across specs.
 
-One row per source key (DESIGN §6)::
+One row per source key, its lineage stored beside the vector::
 
     key (int64 | string, not null)   vector FixedSizeList<float32>[dim]
     content_hash  spec_fingerprint  model_id  model_revision  dim  n_tokens  truncated
     partition_key  source  source_updated_at  embedded_at  run_id   + carry-along columns
 
-The columns and metadata are defined in :mod:`qwen3_pipeline.core.schema`. :meth:`VectorStore.open`
-refuses a table whose recorded fingerprint differs from the configured spec
-(:class:`SpecMismatchError`); :mod:`qwen3_pipeline.store.rebuild` re-embeds into a staging
-table and swaps it in with one atomic commit.
+The columns and metadata are defined in :mod:`qwen3_pipeline.core.schema`; rows are built and
+checked by :mod:`qwen3_pipeline.store.rows`. :meth:`VectorStore.open` refuses a table whose
+recorded fingerprint differs from the configured spec (:class:`SpecMismatchError`, see
+:mod:`qwen3_pipeline.store.schema_evolution`); :mod:`qwen3_pipeline.store.rebuild` re-embeds
+into a staging table and swaps it in with one atomic commit.
 
 Writes: :meth:`VectorStore.upsert` (full rows) and :meth:`VectorStore.update_columns` (some
 columns of existing rows) are one ``merge_insert`` commit each; :meth:`VectorStore.delete_keys`
 deletes by key with filters built by ``lancedb.expr`` (never pasted SQL). A call with nothing
 to do makes no commit (empty input; deletes of keys that are not stored). Concurrent commits
-that conflict are retried with bounded exponential backoff (:func:`with_retries`, the one
-retry loop of the store), then raise :class:`StoreConflictError`. Every LanceDB exception is
-typed at this boundary by :func:`store_error`: conflicts and I/O hiccups are transient, a
-missing data file is :class:`StoreCorruptError` (with how to recover), the rest permanent.
+that conflict are retried with bounded exponential backoff, then raise
+:class:`StoreConflictError`, and every LanceDB exception is typed at this boundary
+(:mod:`qwen3_pipeline.store.retries`).
 
 Concurrency: the key is declared with ``set_unenforced_primary_key`` and indexed (BTree), so
 concurrent ``merge_insert`` calls inserting the same new key are detected as conflicting and
@@ -30,21 +30,15 @@ returns a ``MergeResult`` (``version``, ``num_inserted_rows``, ``num_updated_row
 ``num_attempts``) and commits even when the input is empty; it accepts a subset of the columns
 (partial update); its input's key field must be non-nullable once a primary key is declared.
 ``Table.delete`` accepts a ``lancedb.expr.Expr`` and commits even when nothing matches.
-``create_index(column, config=BTree())`` is the non-deprecated scalar-index API;
-``DBConnection.list_tables()`` (paged) replaces ``table_names()``; ``rename_table`` is not
-supported by LanceDB OSS; ``create_table(..., mode="overwrite")`` commits a new version of the
-existing dataset (history and tags kept); ``optimize(cleanup_older_than=...)`` raises when
-a tagged version is older than the cut-off; ``list_versions()`` timestamps are naive local time.
+``create_table(..., mode="overwrite")`` commits a new version of the existing dataset (history
+and tags kept); ``optimize(cleanup_older_than=...)`` raises when a tagged version is older than
+the cut-off; ``list_versions()`` timestamps are naive local time.
 """
 
-import json
 import logging
-import random
-import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
@@ -52,79 +46,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qwen3_pipeline.core.errors import (
-    ConfigError,
-    EmbeddingFailedError,
-    InputDataError,
-    Qwen3PipelineError,
-    SpecMismatchError,
-    StoreConflictError,
-    StoreCorruptError,
-    StoreError,
-    StoreTransientError,
-)
+from qwen3_pipeline.core.errors import ConfigError, InputDataError
 from qwen3_pipeline.core.schema import (
-    CHUNK_COLUMNS,
     DOC_KEY_COLUMN,
-    LINEAGE_COLUMNS,
-    META_FINGERPRINT,
-    META_SPEC,
     STATE_COLUMNS,
-    TIMESTAMP_TYPE,
     normalize_key_type,
     table_schema,
     validate_table_name,
     validate_uri,
 )
 from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.store.connection import connect, list_table_names, open_or_create
+from qwen3_pipeline.store.retries import RetryPolicy, run_typed, with_retries
+from qwen3_pipeline.store.rows import build_rows, conform_rows, key_values
+from qwen3_pipeline.store.schema_evolution import (
+    add_carry_columns,
+    check_key_type,
+    check_recorded_spec,
+    ensure_key,
+    missing_carry_columns,
+)
 from qwen3_pipeline.store.upkeep import optimize_table
 
 log = logging.getLogger(__name__)
 
-_PRIMARY_KEY_METADATA = b"unenforced-primary-key"
-# LanceDB's conflict messages: "Retryable commit conflict for version N", "Commit conflict for
-# version N", "Too many concurrent writers/writes", "Incompatible transaction: This Merge
-# transaction is incompatible with concurrent transaction UpdateConfig at version N" (a writer
-# that declared the key or built an index in between: nothing was committed, and the operation
-# redone on the latest version succeeds), "... still conflicting after N retries" (LanceDB's own
-# merge_insert retries ran out). Matched as phrases, never the bare word "retryable" (which
-# "non-retryable" contains).
-_CONFLICT = re.compile(
-    r"commit conflict|too many concurrent|concurrent write|incompatible with concurrent|"
-    r"still conflicting",
-    re.IGNORECASE,
-)
-# A data or manifest file that the table's manifest names but the store no longer has.
-_MISSING_FILE = re.compile(r"not found|no such file|does not exist", re.IGNORECASE)
-_TRANSIENT_IO = re.compile(
-    r"timed? ?out|timeout|connection (reset|refused|closed|aborted)|temporarily|throttl|"
-    r"slow ?down|service unavailable|too many requests|\b50[234]\b",
-    re.IGNORECASE,
-)
 _T = TypeVar("_T")
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass(frozen=True, kw_only=True)
-class RetryPolicy:
-    """Bounded exponential backoff for commit conflicts.
-
-    Attributes:
-        attempts: Tries in total (the first included).
-        base_delay_s: Sleep before the second try; doubles each time, with jitter.
-        max_delay_s: Longest single sleep.
-    """
-
-    attempts: int = 6
-    base_delay_s: float = 0.2
-    max_delay_s: float = 5.0
-
-    def delay(self, attempt: int) -> float:
-        """Seconds to sleep after failed try number ``attempt`` (1-based)."""
-        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
-        return ceiling * (0.5 + random.random() / 2)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,10 +204,13 @@ class VectorStore:
                 f"vector table {table_name!r} does not exist under {uri!r}; run a refresh "
                 "first (it creates the table) or check the table name"
             )
-        missing_carry = store._check_carry(carry_schema)  # every check before any commit
-        store._ensure_key()
+        # Every check before any commit.
+        missing_carry = missing_carry_columns(
+            store._table, table_name, carry_schema or pa.schema([])
+        )
+        ensure_key(store._table, table_name, policy=store._retry)
         if missing_carry:
-            store._add_carry(missing_carry)
+            add_carry_columns(store._table, table_name, missing_carry, policy=store._retry)
         return store
 
     @classmethod
@@ -285,7 +234,10 @@ class VectorStore:
             The store, or None when the table does not exist.
 
         Raises:
-            The same errors as :meth:`open`.
+            UnsafeNameError: ``uri`` or ``table_name`` is unsafe.
+            SpecMismatchError: The table was built with another spec (or by something else).
+            InputDataError: The key type or a carry column type differs from the table's.
+            StoreError: LanceDB failed.
         """
         store = cls._connect(
             uri,
@@ -299,7 +251,8 @@ class VectorStore:
             retry=None,
         )
         if store is not None:
-            missing = {f.name for f in store._check_carry(carry_schema or pa.schema([]))}
+            carry = carry_schema or pa.schema([])
+            missing = {f.name for f in missing_carry_columns(store._table, table_name, carry)}
             store._carry_names = tuple(n for n in store._carry_names if n not in missing)
         return store
 
@@ -317,18 +270,11 @@ class VectorStore:
         create: bool,
         retry: RetryPolicy | None,
     ) -> "VectorStore | None":
-        import lancedb
-
         validate_uri(uri)
         validate_table_name(table_name)
         key_type = normalize_key_type(key_type)
         carry_schema = carry_schema or pa.schema([])
-        try:
-            db = lancedb.connect(
-                uri, storage_options=storage_options, read_consistency_interval=timedelta(0)
-            )
-        except Exception as e:  # lancedb raises several types for bad URIs or credentials
-            raise StoreError(f"could not connect to LanceDB at {uri!r}: {e}") from e
+        db = connect(uri, storage_options)
         open_args = {
             "key_type": key_type,
             "carry_schema": carry_schema,
@@ -341,9 +287,9 @@ class VectorStore:
         )
         if not create and table_name not in list_table_names(db):
             return None
-        table = _open_or_create(db, table_name, schema, policy=policy)
-        _check_recorded_spec(table, table_name, spec)
-        _check_key_type(
+        table = open_or_create(db, table_name, schema, policy=policy)
+        check_recorded_spec(table, table_name, spec)
+        check_key_type(
             table, table_name, key_type, DOC_KEY_COLUMN if spec.chunking is not None else "key"
         )
         return cls(
@@ -375,7 +321,7 @@ class VectorStore:
 
     def drop(self, *, ignore_missing: bool = False) -> None:
         """Drop this store's table (used for rebuild staging tables)."""
-        _call(
+        run_typed(
             lambda: self._db.drop_table(self._table_name, ignore_missing=ignore_missing),
             f"drop {self._table_name!r}",
         )
@@ -384,7 +330,7 @@ class VectorStore:
         """Return the ``lancedb`` table ``table_name`` of this store's database, or None."""
         if table_name not in list_table_names(self._db):
             return None
-        return _call(lambda: self._db.open_table(table_name), f"open table {table_name!r}")
+        return run_typed(lambda: self._db.open_table(table_name), f"open table {table_name!r}")
 
     def overwrite(self, target: str) -> None:
         """Replace table ``target`` by this table's rows in one commit (history kept)."""
@@ -394,55 +340,6 @@ class VectorStore:
             f"swap rebuilt table into {target!r}",
             lambda: self._db.create_table(target, data=reader, schema=schema, mode="overwrite"),
         )
-
-    def _ensure_key(self) -> None:
-        # Writers creating the table at once race to declare the key and index it: the losers
-        # get errors LanceDB does not retry ("already set", "incompatible transaction ...
-        # Overwrite" when another writer's create committed in between). Re-read the latest
-        # version and try again until both are in place, within the retry policy.
-        from lancedb.index import BTree
-
-        def declare_and_index() -> None:
-            if not self._key_declared():
-                self._table.set_unenforced_primary_key("key")
-            if not self._key_indexed():
-                self._table.create_index("key", config=BTree())
-
-        with_retries(
-            self._retry,
-            f"declare and index the key of {self._table_name!r}",
-            declare_and_index,
-            retryable=lambda _: True,
-            before_retry=self._table.checkout_latest,
-        )
-
-    def _key_indexed(self) -> bool:
-        return any(list(ix.columns) == ["key"] for ix in self._table.list_indices())
-
-    def _key_declared(self) -> bool:
-        key_field = self._table.schema.field("key")
-        return any(_PRIMARY_KEY_METADATA in k for k in (key_field.metadata or {}))
-
-    def _check_carry(self, carry_schema: pa.Schema) -> list[pa.Field]:
-        schema = self._table.schema
-        missing = []
-        for f in carry_schema:
-            if f.name not in schema.names:
-                missing.append(f.with_nullable(True))
-                continue
-            have = schema.field(f.name).type
-            if have != f.type and not _castable(f.type, have):
-                raise InputDataError(
-                    f"carry column {f.name!r} is {f.type} in the source but {have} in table "
-                    f"{self._table_name!r}; cast it in the source, or rebuild the table "
-                    "(rebuild=True / --rebuild)"
-                )
-        return missing
-
-    def _add_carry(self, fields: list[pa.Field]) -> None:
-        names = [f.name for f in fields]
-        log.info("adding carry column(s) %s to %s", names, self._table_name)
-        self._with_retries(f"add columns {names}", lambda: self._table.add_columns(fields))
 
     # ---- facts
 
@@ -567,7 +464,7 @@ class VectorStore:
         """Return the stored chunks of these documents, vectors included (chunk tables only).
 
         Columns: ``key`` (the *document* key, as
-        :func:`~qwen3_pipeline.chunking.chunker.diff_chunks`
+        :func:`~qwen3_pipeline.chunking.diff.diff_chunks`
         expects), ``chunk_hash``, ``vector``, ``n_tokens``, ``truncated``, ``embedded_at``.
         """
         from lancedb.expr import col
@@ -598,8 +495,8 @@ class VectorStore:
             reader = query.to_batches(batch_size=65_536)
             return pa.Table.from_batches(list(reader), schema=reader.schema)
 
-        # The batches are read inside _call: a missing data file only shows while reading.
-        return _call(read, "scan the stored state").select(columns)
+        # The batches are read inside run_typed: a missing data file only shows while reading.
+        return run_typed(read, "scan the stored state").select(columns)
 
     def _state_schema(self, columns: list[str]) -> pa.Schema:
         schema = self._table.schema
@@ -648,62 +545,23 @@ class VectorStore:
             InputDataError: Lengths disagree or a vector has the wrong dimension.
             EmbeddingFailedError: A vector is not finite.
         """
-        matrix = np.asarray(vectors, dtype=np.float32)
-        n = len(keys)
-        dim = self._spec.output_dim
-        if matrix.ndim != 2 or matrix.shape != (n, dim):
-            raise InputDataError(
-                f"vectors have shape {matrix.shape}, expected ({n}, {dim}) for {n} keys"
-            )
-        bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
-        if len(bad):
-            shown = [pa.array(keys)[int(i)].as_py() for i in bad[:10]]
-            raise EmbeddingFailedError(
-                f"{len(bad)} vector(s) are not finite (keys {shown}); leave failed rows out"
-            )
-        schema = self._table.schema
-        if isinstance(embedded_at, pa.Array | pa.ChunkedArray):
-            stamps = embedded_at.cast(TIMESTAMP_TYPE)
-        else:
-            stamp = (embedded_at or datetime.now(UTC)).astimezone(UTC)
-            stamps = pa.array([stamp] * n, TIMESTAMP_TYPE)
-        columns: dict[str, pa.Array] = {
-            "key": pa.array(keys).cast(schema.field("key").type),
-            "vector": pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), dim),
-            "content_hash": pa.array(content_hashes, pa.string()),
-            "spec_fingerprint": pa.array([self._spec.fingerprint] * n, pa.string()),
-            "model_id": pa.array([self._spec.model] * n, pa.string()),
-            "model_revision": pa.array([self._spec.revision] * n, pa.string()),
-            "dim": pa.array(np.full(n, dim, dtype=np.int32)),
-            "n_tokens": pa.array(np.asarray(n_tokens, dtype=np.int32)),
-            "truncated": pa.array(np.asarray(truncated, dtype=bool)),
-            "partition_key": pa.array(partition_keys, pa.string()),
-            "source": pa.array([source] * n, pa.string()),
-            "source_updated_at": (
-                pa.nulls(n, TIMESTAMP_TYPE)
-                if source_updated_at is None
-                else pa.array(source_updated_at).cast(TIMESTAMP_TYPE)
-            ),
-            "embedded_at": stamps,
-            "run_id": pa.array([run_id] * n, pa.string()),
-        }
-        if self._chunked != (chunks is not None):
-            raise InputDataError(
-                f"build_rows: table {self._table_name!r} "
-                + ("holds chunks: pass chunks=" if self._chunked else "holds rows, not chunks")
-            )
-        if chunks is not None:
-            for name in CHUNK_COLUMNS:
-                columns[name] = chunks.column(name)
-        for name, values in columns.items():
-            if len(values) != n:
-                raise InputDataError(f"build_rows: {name} has {len(values)} rows, keys has {n}")
-        if carry is not None:
-            if carry.num_rows != n:
-                raise InputDataError(f"build_rows: carry has {carry.num_rows} rows, keys has {n}")
-            for name in carry.column_names:
-                columns[name] = carry.column(name)
-        return self._conform(pa.table(columns), full=True)
+        return build_rows(
+            self._table.schema,
+            self._spec,
+            table_name=self._table_name,
+            keys=keys,
+            vectors=vectors,
+            content_hashes=content_hashes,
+            n_tokens=n_tokens,
+            truncated=truncated,
+            partition_keys=partition_keys,
+            source=source,
+            run_id=run_id,
+            source_updated_at=source_updated_at,
+            carry=carry,
+            embedded_at=embedded_at,
+            chunks=chunks,
+        )
 
     # ---- writing
 
@@ -853,48 +711,10 @@ class VectorStore:
         return WriteResult(version=version, deleted=deleted, attempts=attempts)
 
     def _key_values(self, keys: pa.Array | pa.ChunkedArray | Sequence[Any]) -> list[Any]:
-        array = keys if isinstance(keys, pa.Array | pa.ChunkedArray) else pa.array(list(keys))
-        if isinstance(array, pa.ChunkedArray):
-            array = array.combine_chunks()
-        if not len(array):
-            return []
-        if array.null_count:
-            raise InputDataError("keys to delete or look up must not be null")
-        key_type = self.key_type
-        if pa.types.is_integer(key_type) != pa.types.is_integer(array.type):
-            raise InputDataError(f"keys are {array.type} but the table's key is {key_type}")
-        return pc.unique(array.cast(key_type)).to_pylist()
+        return key_values(keys, self.key_type)
 
     def _conform(self, rows: pa.Table, *, full: bool) -> pa.Table:
-        schema = self._table.schema
-        if "key" not in rows.column_names:
-            raise InputDataError(f"rows need a 'key' column; they have {rows.column_names}")
-        unknown = [c for c in rows.column_names if c not in schema.names]
-        if unknown:
-            raise InputDataError(
-                f"column(s) {unknown} are not in table {self._table_name!r} "
-                f"(columns: {schema.names})"
-            )
-        if full:
-            missing = [c for c in LINEAGE_COLUMNS if c not in rows.column_names]
-            if missing:
-                raise InputDataError(
-                    f"rows lack column(s) {missing}; build them with VectorStore.build_rows()"
-                )
-        keys = rows.column("key")
-        if keys.null_count:
-            raise InputDataError(f"{keys.null_count} row(s) have a null key; keys are required")
-        if pc.count_distinct(keys).as_py() != rows.num_rows:
-            counts = pc.value_counts(keys)
-            dupes = [v["values"] for v in counts.to_pylist() if v["counts"] > 1][:10]
-            raise InputDataError(f"rows repeat key(s) {dupes}; each key may appear once per write")
-        target = pa.schema([schema.field(c) for c in rows.column_names], metadata=None)
-        try:
-            return rows.select(target.names).cast(target)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
-            raise InputDataError(
-                f"rows do not fit table {self._table_name!r}: {e} (table schema: {target})"
-            ) from e
+        return conform_rows(rows, self._table.schema, table_name=self._table_name, full=full)
 
     def _merge(self, data: pa.Table, *, insert: bool, what: str) -> WriteResult:
         def run() -> Any:
@@ -925,7 +745,7 @@ class VectorStore:
         Returns:
             True when it optimised.
         """
-        stats = _call(self._table.stats, "read table stats")
+        stats = run_typed(self._table.stats, "read table stats")
         fragments = int(stats["fragment_stats"]["num_fragments"])
         if fragments <= max_fragments:
             return False
@@ -936,190 +756,3 @@ class VectorStore:
         )
         log.info("optimized %s (%d fragments before)", self._table_name, fragments)
         return True
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def list_table_names(db: Any) -> set[str]:
-    """Return every table name of a LanceDB connection (all pages of ``list_tables``)."""
-    names: set[str] = set()
-    token: str | None = None
-    while True:
-        page = _call(partial(db.list_tables, page_token=token), "list tables")
-        names.update(page.tables)
-        token = page.page_token
-        if not token:
-            return names
-
-
-_CREATION_RACE = re.compile(
-    r"not found|does not match existing table schema|already exists", re.IGNORECASE
-)
-
-
-def _open_or_create(db: Any, table_name: str, schema: pa.Schema, *, policy: RetryPolicy) -> Any:
-    """Open ``table_name``, or create it empty with ``schema``.
-
-    Writers creating one table at once can catch it half made: listed but not committed yet
-    ("not found"), or already altered by the winner (its key declared, so ``exist_ok`` sees
-    another schema). Those errors are retried with the conflict backoff.
-    """
-
-    def open_or_create() -> Any:
-        if table_name in list_table_names(db):
-            return db.open_table(table_name)
-        return db.create_table(table_name, schema=schema, exist_ok=True)
-
-    table, _ = with_retries(
-        policy,
-        f"open or create table {table_name!r}",
-        open_or_create,
-        retryable=lambda e: bool(_CREATION_RACE.search(str(e))) or is_conflict(e),
-    )
-    return table
-
-
-def with_retries(
-    policy: "RetryPolicy",
-    what: str,
-    action: Callable[[], _T],
-    *,
-    retryable: Callable[[StoreError], bool] | None = None,
-    before_retry: Callable[[], Any] | None = None,
-) -> tuple[_T, int]:
-    """Run a LanceDB action, typing its errors and retrying the retryable ones with backoff.
-
-    The one retry loop of the store. Exceptions are typed by :func:`store_error`; by default
-    only commit conflicts are retried, and when the tries run out the last conflict is raised
-    as :class:`StoreConflictError` saying what to do.
-
-    Args:
-        policy: Tries and backoff.
-        what: What is being done, for messages (``"upsert 10 rows on table 'docs'"``).
-        action: The call.
-        retryable: Which typed errors to retry (default: conflicts).
-        before_retry: Called before each retry (e.g. re-read the latest table version).
-
-    Returns:
-        The action's result and the number of tries it took.
-
-    Raises:
-        StoreConflictError: Conflicts outlasted the retries.
-        StoreError: Any other store failure (typed: transient, corrupt or permanent).
-    """
-    should_retry = retryable or is_conflict
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return action(), attempt
-        except Qwen3PipelineError as e:
-            error: Qwen3PipelineError = e
-        except Exception as e:  # LanceDB raises RuntimeError/OSError/ValueError alike
-            error = store_error(e, what)
-        if not isinstance(error, StoreError) or not should_retry(error):
-            raise error
-        if attempt == policy.attempts:
-            if is_conflict(error):
-                raise StoreConflictError(
-                    f"{what} still conflicted with concurrent writers after {attempt} tries; "
-                    "serialise writers to this table (a Dagster concurrency pool) and re-run. "
-                    f"Last error: {error}"
-                ) from error
-            raise error
-        delay = policy.delay(attempt)
-        log.warning("%s failed (try %d), retrying in %.2fs: %s", what, attempt, delay, error)
-        time.sleep(delay)
-        if before_retry is not None:
-            _call(before_retry, "reload the table")
-    raise AssertionError("unreachable")
-
-
-def store_error(error: BaseException, what: str) -> StoreError:
-    """Type a LanceDB exception: conflict, missing file, transient I/O, or permanent.
-
-    Example:
-        >>> type(store_error(RuntimeError("Retryable commit conflict for version 3"), "x"))
-        <class 'qwen3_pipeline.core.errors.StoreConflictError'>
-        >>> type(store_error(RuntimeError("non-retryable: schema mismatch"), "x"))
-        <class 'qwen3_pipeline.core.errors.StoreError'>
-    """
-    message = f"LanceDB could not {what}: {error}"
-    text = str(error)
-    if _CONFLICT.search(text):
-        typed: StoreError = StoreConflictError(message)
-    elif _MISSING_FILE.search(text) and (".lance" in text or "_versions" in text):
-        typed = StoreCorruptError(
-            f"{message}. A file of the table is missing (deleted or lost by the object "
-            "store); the table cannot be read as it is. Recover by re-running the refresh "
-            "with --rebuild (rebuild=True), which re-embeds into a new table and swaps it in, "
-            "or restore the missing file from a backup"
-        )
-    elif _TRANSIENT_IO.search(text) or (
-        isinstance(error, OSError) and not isinstance(error, FileNotFoundError)
-    ):
-        typed = StoreTransientError(message)
-    else:
-        typed = StoreError(message)
-    typed.__cause__ = error
-    return typed
-
-
-def is_conflict(error: BaseException) -> bool:
-    """Whether ``error`` is a LanceDB commit conflict (a concurrent writer committed first)."""
-    return isinstance(error, StoreConflictError) or bool(_CONFLICT.search(str(error)))
-
-
-def _call(action: Callable[[], _T], what: str) -> _T:
-    try:
-        return action()
-    except Qwen3PipelineError:
-        raise
-    except Exception as e:  # LanceDB raises RuntimeError/OSError/ValueError for store failures
-        raise store_error(e, what) from e
-
-
-def _castable(source: pa.DataType, target: pa.DataType) -> bool:
-    same_family = (
-        (pa.types.is_integer(source) and pa.types.is_integer(target))
-        or (pa.types.is_floating(source) and pa.types.is_floating(target))
-        or (pa.types.is_timestamp(source) and pa.types.is_timestamp(target))
-    )
-    return same_family
-
-
-def _check_recorded_spec(table: Any, table_name: str, spec: EmbeddingSpec) -> None:
-    meta = table.schema.metadata or {}
-    recorded = meta.get(META_FINGERPRINT.encode())
-    if recorded is None:
-        raise SpecMismatchError(
-            f"table {table_name!r} has no recorded embedding spec (it was not written by "
-            "qwen3_pipeline); choose another table name, or rebuild it (rebuild=True / "
-            "--rebuild) to replace its contents"
-        )
-    if recorded.decode() == spec.fingerprint:
-        return
-    described = "another spec"
-    raw = meta.get(META_SPEC.encode())
-    if raw:
-        old = json.loads(raw.decode())
-        described = (
-            f"model={old.get('model')} revision={old.get('revision')} dim={old.get('dim')} "
-            f"max_length={old.get('max_length')}"
-        )
-    raise SpecMismatchError(
-        f"table {table_name!r} was embedded with {described} (fingerprint {recorded.decode()}), "
-        f"but the configured spec is model={spec.model} revision={spec.revision} "
-        f"dim={spec.dim} max_length={spec.max_length} (fingerprint {spec.fingerprint}). "
-        "Vectors of different specs are never mixed: re-run with rebuild=True (CLI: "
-        "--rebuild) to re-embed into a new table and swap it in when complete, or use "
-        "another table name"
-    )
-
-
-def _check_key_type(table: Any, table_name: str, key_type: pa.DataType, column: str) -> None:
-    have = table.schema.field(column).type
-    if have != key_type:
-        raise InputDataError(
-            f"the source key is {key_type} but table {table_name!r} stores {have} keys; keep "
-            "the key column's type, or rebuild the table (rebuild=True / --rebuild)"
-        )

@@ -49,7 +49,8 @@ from typing import Any, TypeVar
 
 from qwen3_pipeline.core.errors import ConfigError, Qwen3PipelineError
 from qwen3_pipeline.core.schema import validate_table_name, validate_uri
-from qwen3_pipeline.store.table import RetryPolicy, list_table_names, store_error, with_retries
+from qwen3_pipeline.store.connection import list_table_names
+from qwen3_pipeline.store.retries import RetryPolicy, store_error, with_retries
 
 log = logging.getLogger(__name__)
 
