@@ -43,9 +43,6 @@ class FakeEmbedder:
         (2, 64)
     """
 
-    # Vectors are a pure function of the text: nothing for the drift canary to guard.
-    deterministic = True
-
     def __init__(self, spec: EmbeddingSpec, *, fail_texts: Sequence[str] = ()) -> None:
         self._spec = spec
         self._fail_texts = frozenset(fail_texts)

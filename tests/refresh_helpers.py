@@ -108,6 +108,15 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 warnings.filterwarnings("ignore", message="lancedb fork support is experimental")
 
 
+def no_drift_guard(embedder: Any, canaries: Any, *, threshold: float, accept_drift: bool) -> None:
+    """A ``RefreshOptions.drift_guard`` that runs no guard.
+
+    For tests that count the fake's embed calls or texts: the real guard embeds the canary
+    texts with the same embedder (on the first fill, and before each later write).
+    """
+    return None
+
+
 def spec(dim: int = DIM, **kwargs: Any) -> EmbeddingSpec:
     return EmbeddingSpec(model=MODEL, dim=dim, **kwargs)
 

@@ -45,7 +45,7 @@ from qwen3_pipeline.dagster.embedding_asset import (
     build_embedding_asset,
     is_transient,
 )
-from qwen3_pipeline.dagster.metadata import run_counters
+from qwen3_pipeline.dagster.metadata import TABLE_CHECKED_VERSION, run_counters
 from qwen3_pipeline.dagster.resources import (
     EmbedderLoadFailure,
     FakeEmbedderResource,
@@ -168,9 +168,9 @@ def test_direct_invocation_returns_metadata_checks_and_data_version(
     )
     schema = first.metadata["dagster/column_schema"]
     assert {"key", "vector", "content_hash", "title"} <= {c.name for c in schema.columns}
-    assert sorted(r.check_name for r in first.check_results) == sorted(
-        [*checks.CHECK_NAMES, DRIFT_CHECK]
-    )
+    # The drift check compared nothing on the first fill (its canaries are recorded now): it
+    # yields no result, so it is skipped, never passed.
+    assert sorted(r.check_name for r in first.check_results) == sorted(checks.CHECK_NAMES)
     assert all(r.passed for r in first.check_results)
     # Nothing changed: nothing embedded, no commit, same data version.
     assert second.metadata["qwen3/rows_embedded"] == 0
@@ -756,9 +756,7 @@ def test_open_vectors_pins_the_materialized_version_and_search_uses_its_spec(
 
 
 class _DriftingFake(FakeEmbedder):
-    """A fake whose vectors depend on a 'weights' salt, and that admits it can drift."""
-
-    deterministic = False
+    """A fake whose vectors depend on a 'weights' salt (new weights under the same name)."""
 
     def __init__(self, spec, salt: str) -> None:  # type: ignore[no-untyped-def]
         super().__init__(spec)
@@ -780,10 +778,8 @@ def test_drift_fails_the_canary_check_before_any_write(tmp_path: Path, warehouse
     with dg.instance_for_test() as instance:
         first = _materialize([asset], _resources(tmp_path, _DriftingResource(dim=64)), instance)
         assert first.success
-        (evaluation,) = [
-            e for e in first.get_asset_check_evaluations() if e.check_name == DRIFT_CHECK
-        ]
-        assert evaluation.passed  # first fill: canaries recorded, nothing to compare yet
+        # First fill: canaries recorded, nothing to compare yet: skipped (no evaluation).
+        assert [e for e in first.get_asset_check_evaluations() if e.check_name == DRIFT_CHECK] == []
         tables = lancedb.connect(str(tmp_path / "lancedb")).list_tables().tables
         assert f"{TABLE}__canary" in tables
         version = _table(tmp_path).version
@@ -810,3 +806,59 @@ def test_drift_fails_the_canary_check_before_any_write(tmp_path: Path, warehouse
         assert _table(tmp_path).version == version  # nothing written
         types = [e.event_type_value for e in drifted.all_events]
         assert types.count("STEP_UP_FOR_RETRY") == 0
+
+
+def _drift_check_status(instance: dg.DagsterInstance, run_id: str) -> str:
+    """The drift check's status in run ``run_id`` as the UI resolves it (e.g. ``SKIPPED``)."""
+    import asyncio
+
+    from dagster._core.loader import LoadingContextForTest
+
+    key = dg.AssetCheckKey(dg.AssetKey("document_vectors"), DRIFT_CHECK)
+    history = instance.event_log_storage.get_asset_check_execution_history(key, limit=20)
+    (record,) = [r for r in history if r.run_id == run_id]
+    return asyncio.run(record.resolve_status(LoadingContextForTest(instance))).value
+
+
+def test_a_drift_check_that_compared_nothing_is_skipped_not_passed(
+    tmp_path: Path, warehouse: Path
+) -> None:
+    asset = _asset(warehouse, partitioning=None)
+    with dg.instance_for_test() as instance:
+        first = _materialize([asset], _resources(tmp_path), instance)
+        assert first.success
+        assert _drift_check_status(instance, first.run_id) == "SKIPPED"  # canaries recorded
+        _execute(
+            warehouse, "UPDATE documents SET text = text || ' (edited)' WHERE doc_id = 'doc:1'"
+        )
+        edited = _materialize([asset], _resources(tmp_path), instance)
+        assert _drift_check_status(instance, edited.run_id) == "SUCCEEDED"  # compared: passed
+
+        noop = _materialize([asset], _resources(tmp_path), instance)
+        assert noop.success
+        evaluations = noop.get_asset_check_evaluations()
+        assert DRIFT_CHECK not in {e.check_name for e in evaluations}
+        assert all(e.passed for e in evaluations)
+        assert _drift_check_status(instance, noop.run_id) == "SKIPPED"
+        # The checked-version tag follows the checks that evaluated, which all passed.
+        (event,) = noop.get_asset_materialization_events()
+        metadata = {k: getattr(v, "value", v) for k, v in event.materialization.metadata.items()}
+        assert metadata[TABLE_CHECKED_VERSION] == metadata["qwen3/table/lance_version"]
+
+        alone = dg.materialize(
+            [asset],
+            selection=dg.AssetSelection.checks_for_assets(asset),
+            resources=_resources(tmp_path),
+            instance=instance,
+        )
+        assert _drift_check_status(instance, alone.run_id) == "SKIPPED"  # the model never loads
+
+
+def test_report_warnings_are_shown_as_run_metadata() -> None:
+    from qwen3_pipeline.dagster.metadata import WARNINGS, run_metadata
+    from qwen3_pipeline.engine.report import RefreshReport
+
+    assert WARNINGS == "qwen3/warnings"
+    assert WARNINGS not in run_metadata(RefreshReport(table_name="docs"))
+    shown = run_metadata(RefreshReport(table_name="docs", warnings=["donor x could not be read"]))
+    assert shown[WARNINGS] == dg.MetadataValue.md("- donor x could not be read")

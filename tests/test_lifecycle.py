@@ -21,6 +21,7 @@ from qwen3_pipeline.engine.refresh import refresh
 from qwen3_pipeline.engine.reproject import can_reproject, project
 from qwen3_pipeline.sources import ArrowSource, SourceConfig
 from qwen3_pipeline.testing import FakeEmbedder
+from tests.refresh_helpers import no_drift_guard
 
 CONFIG = SourceConfig(key="id", text_columns=("body",))
 TEXTS = [
@@ -72,7 +73,8 @@ def test_in_place_rebuild_to_a_smaller_dim_reprojects_without_the_model(
     edited[5] = "A document rewritten while the dimension changes."
     fake = FakeEmbedder(small)  # would write wrong vectors: it must only see the edited row
     report = refresh(source=source(edited), config=CONFIG, embedder=fake, db_uri=str(db),
-                     table="docs", rebuild=True, progress=False)  # fmt: skip
+                     table="docs", rebuild=True, progress=False,
+                     drift_guard=no_drift_guard)  # fmt: skip
     assert (report.reprojected, report.embedded_rows, fake.calls) == (len(TEXTS) - 1, 1, [1])
     assert report.counters()["reprojected"] == len(TEXTS) - 1
     keys, stored = vectors_of(db, "docs")
@@ -119,6 +121,42 @@ def test_reproject_can_be_turned_off(tmp_path):
     report = refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(small),
                      db_uri=db, table="small", progress=False, reproject=False)  # fmt: skip
     assert (report.reprojected, report.embedded_rows) == (0, len(TEXTS))
+
+
+def _write_docs(db: str, table: str, spec: EmbeddingSpec) -> None:
+    refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(spec), db_uri=db,
+            table=table, progress=False)  # fmt: skip
+
+
+def test_a_donor_that_cannot_be_read_is_a_warning_of_the_report(tmp_path):
+    db = str(tmp_path / "db")
+    big = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
+    small = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)
+    _write_docs(db, "docs_64", big)
+    for data_file in (tmp_path / "db" / "docs_64.lance" / "data").iterdir():
+        data_file.unlink()  # lost by the object store: the donor's rows cannot be read
+    fake = FakeEmbedder(small)
+    report = refresh(source=source(TEXTS), config=CONFIG, embedder=fake, db_uri=db,
+                     table="docs_32", progress=False)  # fmt: skip
+    assert (report.reprojected, report.embedded_rows, report.inserted) == (0, 40, 40)
+    (warning,) = report.warnings
+    assert "stopped re-projecting from table 'docs_64'" in warning
+    assert "embedded by the model instead" in warning
+    assert report.as_dict()["warnings"] == [warning]
+
+
+def test_a_table_whose_spec_cannot_be_read_is_passed_over_with_a_warning(tmp_path):
+    from qwen3_pipeline.core.schema import META_SPEC
+
+    db = str(tmp_path / "db")
+    schema = pa.schema([pa.field("key", pa.int64())], metadata={META_SPEC: "{not json"})
+    lancedb.connect(db).create_table("damaged", schema=schema)
+    spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)
+    report = refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(spec),
+                     db_uri=db, table="docs", progress=False)  # fmt: skip
+    assert (report.inserted, report.reprojected) == (40, 0)
+    (warning,) = report.warnings
+    assert "table 'damaged' was not considered for re-projection" in warning
 
 
 # --------------------------------------------------------------------------- lazy model load
@@ -265,6 +303,62 @@ def test_changed_weights_under_the_same_path_are_refused_then_accepted(
     assert (after["drift_accepted"], after["canary_min_cosine"] >= 0.99999) == (False, True)
 
 
+class _Salted(FakeEmbedder):
+    """A fake whose vectors depend on a 'weights' salt, flagged as the old opt-out was."""
+
+    deterministic = True  # what used to turn the guard off: no flag of an embedder does now
+
+    def __init__(self, spec: EmbeddingSpec, salt: str) -> None:
+        super().__init__(spec)
+        self.salt = salt
+
+    def embed_documents(self, texts, *, on_batch=None):  # type: ignore[no-untyped-def]
+        return super().embed_documents([f"{self.salt}{t}" for t in texts], on_batch=on_batch)
+
+
+def test_the_drift_guard_runs_for_every_embedder_and_is_replaced_only_by_injection(tmp_path):
+    from qwen3_pipeline.core.errors import EmbeddingDriftError
+    from qwen3_pipeline.engine.canary import DriftGuard
+    from qwen3_pipeline.engine.options import RefreshOptions
+
+    assert RefreshOptions().drift_guard is DriftGuard
+    db = str(tmp_path / "db")
+    spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)
+
+    def run(texts, embedder, **options):  # type: ignore[no-untyped-def]
+        return refresh(source=source(texts), config=CONFIG, embedder=embedder, db_uri=db,
+                       table="docs", progress=False, **options)  # fmt: skip
+
+    first = run(TEXTS, FakeEmbedder(spec))  # the fake is guarded too: canaries recorded
+    assert first.canaries_recorded >= 16
+    assert "docs__canary" in lancedb.connect(db).list_tables().tables
+    edited = [*TEXTS]
+    edited[0] = "An edited document."
+    same = run(edited, _Salted(spec, ""))  # same vectors: the canaries pass
+    assert (same.canary_min_cosine or 0.0) >= 0.99999
+    edited[1] = "Another edited document."
+    version = lancedb.connect(db).open_table("docs").version
+    with pytest.raises(EmbeddingDriftError, match="no longer reproduces"):
+        run(edited, _Salted(spec, "new weights "))
+    assert lancedb.connect(db).open_table("docs").version == version
+    # Only the caller that builds the options can replace the guard (here: with none).
+    unguarded = run(edited, _Salted(spec, "new weights "), drift_guard=no_drift_guard)
+    assert (unguarded.updated, unguarded.canary_min_cosine) == (1, None)
+
+
+def test_canaries_that_cannot_be_recorded_are_a_warning_of_the_report(tmp_path):
+    db = tmp_path / "db"
+    db.mkdir()
+    (db / "docs__canary.lance").write_text("a file where the canary table would be")
+    spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)
+    report = refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(spec),
+                     db_uri=str(db), table="docs", progress=False)  # fmt: skip
+    assert (report.inserted, report.committed, report.canaries_recorded) == (40, True, 0)
+    (warning,) = [w for w in report.warnings if "canaries" in w]
+    assert "drift canaries of table 'docs' were not recorded" in warning
+    assert "warning(s)" in report.summary()
+
+
 # --------------------------------------------------------------------------- gated rebuilds
 
 
@@ -276,7 +370,8 @@ class _Mirror(FakeEmbedder):
 
 
 def test_a_gated_rebuild_swaps_only_a_better_table(tmp_path):
-    from qwen3_pipeline.lifecycle.gate import GateConfig, parse_golden_set
+    from qwen3_pipeline.lifecycle.gate import GateConfig
+    from qwen3_pipeline.lifecycle.golden import parse_golden_set
 
     db = str(tmp_path / "db")
     mirror_spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)

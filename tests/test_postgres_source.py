@@ -34,7 +34,7 @@ from qwen3_pipeline.core.errors import (
 from qwen3_pipeline.engine.refresh import refresh
 from qwen3_pipeline.sources import PostgresSource, SourceConfig, parse_source
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
-from tests.refresh_helpers import spec, table_rows, table_version
+from tests.refresh_helpers import no_drift_guard, spec, table_rows, table_version
 
 psycopg = pytest.importorskip("psycopg", reason="the postgres extra is not installed")
 
@@ -386,7 +386,7 @@ def test_fill_noop_edit_delete_cycle_with_exact_counts(pg, table, db):
     pg.execute(f"DELETE FROM {table} WHERE id >= 95")
     insert_docs(pg, table, doc_rows(range(200, 204)))
     embedder = FakeEmbedder(spec())
-    changed = run(db, source, embedder=embedder)
+    changed = run(db, source, embedder=embedder, drift_guard=no_drift_guard)
     assert counts(changed) == {
         "scanned": 99,
         "unchanged": 85,

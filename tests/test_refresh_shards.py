@@ -34,6 +34,7 @@ from tests.refresh_helpers import (
     expected_state,
     make_rows,
     mutate,
+    no_drift_guard,
     shard_label_of,
     spec,
     table_rows,
@@ -198,7 +199,7 @@ def test_edits_inserts_deletes_across_shards_are_counted_exactly(db, tmp_path):
     run_whole(whole_db, source)
     changes = mutate(source, seed=5)
     embedder = FakeEmbedder(spec())
-    report = run(db, changes.table, embedder=embedder)
+    report = run(db, changes.table, embedder=embedder, drift_guard=no_drift_guard)
     whole = run_whole(whole_db, changes.table)
 
     assert report.updated == len(changes.edited) > 0
@@ -462,6 +463,15 @@ def test_merge_reports_sums_counters_and_spans_versions():
         merge_reports([])
     with pytest.raises(ConfigError, match="different tables"):
         merge_reports([a, RefreshReport(table_name="other")])
+
+
+def test_merge_reports_keeps_every_shards_warnings_once():
+    a = RefreshReport(table_name="docs", warnings=["donor x unreadable", "canaries not recorded"])
+    b = RefreshReport(table_name="docs", warnings=["donor x unreadable", "donor y unreadable"])
+    merged = merge_reports([a, b, RefreshReport(table_name="docs")])
+    assert merged.warnings == ["donor x unreadable", "canaries not recorded", "donor y unreadable"]
+    assert merged.as_dict()["warnings"] == merged.warnings
+    assert merge_reports([RefreshReport(table_name="docs")]).warnings == []
 
 
 def test_arrow_ipc_source_rebatches_and_reports_key_problems(tmp_path):

@@ -24,6 +24,7 @@ from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.engine.refresh import refresh
 from qwen3_pipeline.sources import ArrowSource, SourceConfig
 from qwen3_pipeline.testing import FakeEmbedder, fake_vector
+from tests.refresh_helpers import no_drift_guard
 
 SPEC = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)
 TABLE = "docs"
@@ -57,8 +58,10 @@ def source(bodies: dict[object, str | None], key_type: pa.DataType | None = None
 
 def run(db, bodies, config=CONFIGS["text_columns"], key_type=None):
     embedder = RecordingEmbedder(SPEC)
+    # no_drift_guard: the texts recorded are the documents', without the canary texts.
     report = refresh(source=source(bodies, key_type), config=config, embedder=embedder,
-                     db_uri=str(db), table=TABLE, progress=False)  # fmt: skip
+                     db_uri=str(db), table=TABLE, progress=False,
+                     drift_guard=no_drift_guard)  # fmt: skip
     return report, embedder.texts
 
 

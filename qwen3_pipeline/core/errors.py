@@ -8,8 +8,8 @@ Whether a retry can help is part of the type, never guessed from a message: erro
 retry of the same work may fix (a commit conflict, an object-store hiccup, a file lock held by
 another process) derive from :class:`TransientError`; every other error is permanent. The
 boundaries to DuckDB, Arrow and LanceDB translate third-party exceptions into these types
-(``StoreError.from_lance``, the source readers), so orchestrators decide retries by
-``isinstance(error, TransientError)`` alone.
+(:func:`qwen3_pipeline.store.store_error` for LanceDB, the source readers), so orchestrators
+decide retries by ``isinstance(error, TransientError)`` alone.
 """
 
 

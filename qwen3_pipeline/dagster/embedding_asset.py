@@ -256,26 +256,24 @@ DRIFT_CHECK = "no_embedding_drift"
 DRIFT_DESCRIPTION = (
     "Before the refresh writes, the table's canary texts are embedded again with the loaded "
     "model and compared with their recorded vectors (minimum cosine >= the threshold); a drift "
-    "fails the step before anything is written. Not evaluated when the checks run alone (they "
-    "never load the model) or when the refresh embedded nothing."
+    "fails the step before anything is written. Skipped (not evaluated) when the checks run "
+    "alone (they never load the model), when the refresh embedded nothing, or on the first "
+    "fill (the canaries are recorded then)."
 )
 
 
-def drift_result(report: RefreshReport | None, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
-    """The drift canary's check result for a refresh that wrote (or a run of the checks alone)."""
+def drift_result(
+    report: RefreshReport | None, asset_key: dg.AssetKey
+) -> dg.AssetCheckResult | None:
+    """The drift canary's check result, or None when the canaries were not compared.
+
+    None (checks run alone, which never load the model; a refresh that embedded nothing; a
+    first fill, whose canaries are recorded now) means the result is not yielded: Dagster
+    then shows the selected check as *skipped* once the run succeeds (its planned evaluation
+    never completes, ``AssetCheckExecutionResolvedStatus.SKIPPED``), never as passed.
+    """
     if report is None or report.canary_min_cosine is None:
-        reason = (
-            "checks run alone never load the model"
-            if report is None
-            else "nothing was embedded, or the table has no canaries yet (recorded now)"
-        )
-        return dg.AssetCheckResult(
-            asset_key=asset_key,
-            check_name=DRIFT_CHECK,
-            passed=True,
-            description=f"not evaluated: {reason}",
-            metadata={"qwen3/canary_evaluated": False},
-        )
+        return None
     return dg.AssetCheckResult(
         asset_key=asset_key,
         check_name=DRIFT_CHECK,
@@ -361,9 +359,10 @@ class _EmbeddingStep:
         """Refresh the run's partitions (when the asset is selected), then run the checks."""
         report, written, checked, checked_version = yield from self._refresh_and_check(context)
         selected = context.selected_asset_check_keys
+        drift = drift_result(report, self.asset_key)  # None: not evaluated, left skipped
         results = [
             r
-            for r in [*check_results(checked, self.asset_key), drift_result(report, self.asset_key)]
+            for r in [*check_results(checked, self.asset_key), *([drift] if drift else [])]
             if dg.AssetCheckKey(self.asset_key, r.check_name or "") in selected
         ]
         served = (

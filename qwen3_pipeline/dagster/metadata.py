@@ -11,6 +11,9 @@ each named for what it covers:
 - ``qwen3/table/...``: the vector table after the run: its total rows, Lance version, URI, name
   and spec, so the asset page shows the table's state whichever shard ran last.
 
+``qwen3/warnings`` (only when there are any) lists what went wrong without failing the run
+(:attr:`~qwen3_pipeline.engine.report.RefreshReport.warnings`).
+
 Example:
     >>> rows_key("inserted"), run_rows_key("inserted")
     ('qwen3/rows_inserted', 'qwen3/run/rows_inserted')
@@ -39,6 +42,8 @@ RUN_COMMITTED = "qwen3/run/committed"
 RUN_TOKENS = "qwen3/run/tokens"
 RUN_BY_PARTITION = "qwen3/run/by_partition"
 FAILURES = "qwen3/run/failures"
+# What went wrong without failing the run (RefreshReport.warnings); present only when any did.
+WARNINGS = "qwen3/warnings"
 
 # The per-partition table shows these columns (the others are rarely non-zero).
 _TABLE_COUNTERS = ("embedded", "inserted", "updated", "deleted", "unchanged", "failed")
@@ -132,7 +137,14 @@ def run_metadata(report: RefreshReport, *, partitions: int = 0) -> dict[str, Any
         )
     if report.failures:
         metadata[FAILURES] = dg.MetadataValue.md(failures_markdown(report.failures))
+    if report.warnings:
+        metadata[WARNINGS] = dg.MetadataValue.md(warnings_markdown(report.warnings))
     return metadata
+
+
+def warnings_markdown(warnings: Sequence[str]) -> str:
+    """A Markdown list of the report's warnings."""
+    return "\n".join(f"- {warning}" for warning in warnings)
 
 
 def failures_markdown(failures: Sequence[tuple[str, str]]) -> str:

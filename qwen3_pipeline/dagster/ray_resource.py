@@ -25,21 +25,21 @@ Example:
 
 # No `from __future__ import annotations`: Dagster reads the field annotations at runtime.
 
-from typing import Any
-
 from dagster_ray import RayResource
 from pydantic import Field
 
-from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.dagster.resources import Qwen3EmbedderResource
-from qwen3_pipeline.embedding.engines import EngineOptions, build_embedder
-from qwen3_pipeline.embedding.interface import Embedder
+from qwen3_pipeline.embedding.engines import EngineOptions
 
 
 class RayEmbedderResource(Qwen3EmbedderResource):
     """Qwen3-Embedding on ``workers`` Ray actors (one model each), same asset, same checks.
 
     The device settings inherited from :class:`Qwen3EmbedderResource` apply inside each actor.
+    Only :meth:`engine_options` differs: the resource's
+    :class:`~qwen3_pipeline.embedding.lazy.LazyEmbedder` builds the Ray embedder from them (its
+    actors start on the first embed call), counts tokens with the driver's tokenizer, and
+    reports ``engine=ray``, the workers and the actors' model loads.
     """
 
     workers: int = Field(default=1, description="Ray actors, one model each.")
@@ -68,16 +68,3 @@ class RayEmbedderResource(Qwen3EmbedderResource):
             max_batch_tokens=self.max_batch_tokens,
             max_batch_rows=self.max_batch_rows,
         )
-
-    def load_embedder(self, spec: EmbeddingSpec) -> Embedder:
-        """Build the Ray embedder; its actors start on the first embed call.
-
-        Raises:
-            ConfigError: Ray is not installed, or a setting is invalid.
-        """
-        return build_embedder(spec, self.engine_options(), progress=False)
-
-    def engine_info(self) -> dict[str, Any]:
-        """``engine=ray``, the workers, and the model loads of this run's actors."""
-        info = super().engine_info()
-        return {**info, "engine": "ray", "workers": self.workers}

@@ -1,11 +1,14 @@
 """Dagster resources: the Qwen3 embedder (real and fake) and the LanceDB database.
 
-The embedder resources *are* :class:`qwen3_pipeline.embedding.interface.Embedder` implementations:
-an asset
-passes the resource straight to the refresh engine. The real one loads the model at most once
-per run process, on the first embed call (a run with nothing to embed never loads it; its plan
-counts tokens with the tokenizer alone), and frees it in ``teardown_after_execution``; torch is
-imported only then, so loading the code location never imports it.
+The embedder resources *are* :class:`qwen3_pipeline.embedding.interface.Embedder`
+implementations: an asset passes the resource straight to the refresh engine. Each holds a
+:class:`~qwen3_pipeline.embedding.lazy.LazyEmbedder` (created in ``setup_for_execution``, or on
+first use outside a run, and closed in ``teardown_after_execution``), the same lazy loader the
+CLI and the Airflow operator use: the model loads at most once per run process, on the first
+embed call (a run with nothing to embed never loads it; its plan counts tokens with the
+tokenizer alone), and is freed at teardown; torch is imported only then, so loading the code
+location never imports it. A resource only says what to build
+(:meth:`EmbedderResource.load_embedder`, :meth:`EmbedderResource.engine_options`).
 
 Which executor loads the model how often: resources are set up once per process that runs
 steps needing them. Under the in-process executor (the demo location's choice) that is once per
@@ -26,8 +29,6 @@ Example:
 
 # No `from __future__ import annotations`: Dagster reads the field annotations at runtime.
 
-import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -38,16 +39,8 @@ from pydantic import Field, PrivateAttr
 from qwen3_pipeline.core.errors import Qwen3PipelineError
 from qwen3_pipeline.core.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
 from qwen3_pipeline.embedding.engines import EngineOptions, build_embedder
-from qwen3_pipeline.embedding.interface import (
-    BatchDone,
-    Embedder,
-    EncodeResult,
-    TokenCounter,
-    embed_reporting,
-    engine_info,
-)
-
-logger = logging.getLogger(__name__)
+from qwen3_pipeline.embedding.interface import BatchDone, Embedder, EncodeResult, TokenCounter
+from qwen3_pipeline.embedding.lazy import LazyEmbedder
 
 DEFAULT_MODEL = "Qwen/Qwen3-Embedding-0.6B"
 _URI_SCHEME_SEP = "://"
@@ -78,9 +71,11 @@ class EmbedderLoadFailure(dg.Failure):
 class EmbedderResource(dg.ConfigurableResource):
     """Base of the embedder resources: the document-side spec settings and the Embedder API.
 
-    A subclass implements :meth:`load_embedder`. Assets type their parameter (or look up their
-    resource key) as this base class, so a test binds :class:`FakeEmbedderResource` where
-    production binds :class:`Qwen3EmbedderResource`.
+    A subclass implements :meth:`load_embedder` (and :meth:`engine_options` when it is not one
+    local model); loading on first use, counting tokens without the model, the engine facts
+    and closing are the :class:`~qwen3_pipeline.embedding.lazy.LazyEmbedder`'s it holds. Assets
+    type their parameter (or look up their resource key) as this base class, so a test binds
+    :class:`FakeEmbedderResource` where production binds :class:`Qwen3EmbedderResource`.
     """
 
     model: str = Field(
@@ -106,8 +101,7 @@ class EmbedderResource(dg.ConfigurableResource):
         description="Instruction used for queries; changing it needs no re-embedding.",
     )
 
-    _embedder: Embedder | None = PrivateAttr(default=None)
-    _token_counter: TokenCounter | None = PrivateAttr(default=None)
+    _lazy_embedder: LazyEmbedder | None = PrivateAttr(default=None)
     _spec: EmbeddingSpec | None = PrivateAttr(default=None)
 
     def embedding_spec(self) -> EmbeddingSpec:
@@ -128,19 +122,40 @@ class EmbedderResource(dg.ConfigurableResource):
             )
         return self._spec
 
+    def engine_options(self) -> EngineOptions:
+        """Where the embedder runs (the report's engine and workers); one local model here."""
+        return EngineOptions()
+
     def load_embedder(self, spec: EmbeddingSpec) -> Embedder:
         """Build the embedder for ``spec`` (subclasses load their model here)."""
         raise NotImplementedError
 
     def load_token_counter(self, spec: EmbeddingSpec) -> TokenCounter | None:
-        """Build a token counter for ``spec`` without the model (subclasses: the tokenizer).
+        """Build a token counter for ``spec`` that needs no model, or None for the engine's.
 
-        None (the default) makes a refresh plan estimate its token totals instead.
+        None (the default) lets :meth:`LazyEmbedder.token_counter` count with the model's
+        tokenizer alone.
         """
         return None
 
-    def close_embedder(self, embedder: Embedder) -> None:
-        """Release what :meth:`load_embedder` built (subclasses free their model here)."""
+    def lazy_embedder(self) -> LazyEmbedder:
+        """The lazy loader of this run process, created on first use.
+
+        Raises:
+            EmbedderLoadFailure: The settings are invalid or the model's config cannot be read
+                (not retried).
+        """
+        if self._lazy_embedder is None:
+            try:
+                self._lazy_embedder = LazyEmbedder(
+                    self.embedding_spec(),
+                    self.engine_options(),
+                    build=self.load_embedder,
+                    count_tokens=self.load_token_counter,
+                )
+            except Qwen3PipelineError as e:
+                raise EmbedderLoadFailure(e, self.model) from e
+        return self._lazy_embedder
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         """Validate the settings for this run process; the model itself loads on first use.
@@ -152,17 +167,13 @@ class EmbedderResource(dg.ConfigurableResource):
             EmbedderLoadFailure: The settings are invalid or the model's config cannot be read
                 (not retried).
         """
-        try:
-            self.embedding_spec()
-        except Qwen3PipelineError as e:
-            raise EmbedderLoadFailure(e, self.model) from e
+        self.lazy_embedder()
 
     def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
         """Release the model (and accelerator memory) at the end of the run process."""
-        embedder, self._embedder = self._embedder, None
-        self._token_counter = None
-        if embedder is not None:
-            self.close_embedder(embedder)
+        lazy, self._lazy_embedder = self._lazy_embedder, None
+        if lazy is not None:
+            lazy.close()
 
     def get_embedder(self) -> Embedder:
         """Return the embedder, loading it on first use (once per run process).
@@ -171,42 +182,28 @@ class EmbedderResource(dg.ConfigurableResource):
             EmbedderLoadFailure: The model cannot be found or loaded, or the settings are
                 invalid (not retried).
         """
-        if self._embedder is None:
-            started = time.perf_counter()
-            try:
-                self._embedder = self.load_embedder(self.embedding_spec())
-            except Qwen3PipelineError as e:
-                raise EmbedderLoadFailure(e, self.model) from e
-            logger.info(
-                "loaded embedder %s model=%s dim=%s in %.1fs",
-                type(self).__name__,
-                self.model,
-                self.embedding_spec().dim,
-                time.perf_counter() - started,
-            )
-        return self._embedder
+        lazy = self.lazy_embedder()
+        try:
+            return lazy.get_embedder()
+        except Qwen3PipelineError as e:
+            raise EmbedderLoadFailure(e, self.model) from e
 
     def token_counter(self) -> TokenCounter | None:
         """Return a document token counter that needs no model (for exact plan totals)."""
-        if isinstance(self._embedder, TokenCounter):
-            return self._embedder
-        if self._token_counter is None:
-            try:
-                self._token_counter = self.load_token_counter(self.embedding_spec())
-            except Qwen3PipelineError as e:
-                raise EmbedderLoadFailure(e, self.model) from e
-        return self._token_counter
+        lazy = self.lazy_embedder()
+        try:
+            return lazy.token_counter()
+        except Qwen3PipelineError as e:
+            raise EmbedderLoadFailure(e, self.model) from e
 
     def engine_info(self) -> dict[str, Any]:
-        """The loaded embedder's engine facts; ``model_loads`` is 0 while nothing was loaded."""
-        if self._embedder is None:
-            return {"engine": "local", "workers": 1, "model_loads": 0}
-        return engine_info(self._embedder)
+        """The engine facts; ``model_loads`` is 0 while nothing was loaded."""
+        return self.lazy_embedder().engine_info()
 
     @property
     def loaded(self) -> bool:
         """Whether the model is loaded in this process."""
-        return self._embedder is not None
+        return self._lazy_embedder is not None and self._lazy_embedder.loaded
 
     @property
     def spec(self) -> EmbeddingSpec:
@@ -217,7 +214,8 @@ class EmbedderResource(dg.ConfigurableResource):
         self, texts: Sequence[str], *, on_batch: BatchDone | None = None
     ) -> EncodeResult:
         """Embed documents (the :class:`Embedder` interface); loads the model on first use."""
-        return embed_reporting(self.get_embedder(), list(texts), on_batch)
+        self.get_embedder()  # a load failure is an EmbedderLoadFailure, not an embed error
+        return self.lazy_embedder().embed_documents(texts, on_batch=on_batch)
 
     def embed_queries(self, queries: Sequence[str]) -> EncodeResult:
         """Embed queries in the spec's instruction format (the :class:`Embedder` interface)."""
@@ -227,9 +225,8 @@ class EmbedderResource(dg.ConfigurableResource):
 class Qwen3EmbedderResource(EmbedderResource):
     """The Qwen3-Embedding model on this run's accelerator, loaded once per run process.
 
-    Builds :class:`qwen3_pipeline.embedding.encoder.Qwen3Encoder` in ``setup_for_execution`` (torch
-    is
-    imported only then) and releases it, freeing accelerator memory, in
+    Builds :class:`qwen3_pipeline.embedding.encoder.Qwen3Encoder` on the first embed call of the
+    run process (torch is imported only then) and releases it, freeing accelerator memory, in
     ``teardown_after_execution``.
 
     Example:
@@ -266,29 +263,13 @@ class Qwen3EmbedderResource(EmbedderResource):
         )
 
     def load_embedder(self, spec: EmbeddingSpec) -> Embedder:
-        """Load the Qwen3 encoder (imports torch).
+        """Load the Qwen3 encoder (imports torch), or the engine ``engine_options`` names.
 
         Raises:
             ModelLoadError: The checkpoint or tokenizer cannot be loaded.
             ConfigError: An unavailable device or attention kernel.
         """
         return build_embedder(spec, self.engine_options(), progress=False)
-
-    def load_token_counter(self, spec: EmbeddingSpec) -> TokenCounter | None:
-        """Load the tokenizer alone (a second or so; no weights, no accelerator memory).
-
-        Raises:
-            ModelLoadError: The tokenizer cannot be loaded.
-        """
-        from qwen3_pipeline.embedding.encoder import Qwen3Encoder
-
-        return Qwen3Encoder(spec, device="cpu", load_model=False, progress=False)
-
-    def close_embedder(self, embedder: Embedder) -> None:
-        """Free the model and the accelerator's cache."""
-        close = getattr(embedder, "close", None)
-        if close is not None:
-            close()
 
 
 class FakeEmbedderResource(EmbedderResource):

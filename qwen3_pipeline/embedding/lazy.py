@@ -1,13 +1,20 @@
 """An embedder that loads its model on first use: a refresh with nothing to embed never loads it.
 
-:class:`LazyEmbedder` wraps :func:`qwen3_pipeline.embedding.engines.build_embedder` (the one way to
-build
-the local or Ray embedder): the model is built on the first ``embed_*`` call, at most once,
-and a refresh plan counts tokens with the tokenizer alone (:meth:`LazyEmbedder.token_counter`).
+:class:`LazyEmbedder` is the one lazy loader of the package: the CLI and the Airflow operator use
+it directly, and the Dagster embedder resources hold one for the life of a run process. What it
+builds is :func:`qwen3_pipeline.embedding.engines.build_embedder` (the local or Ray embedder), or
+the ``build`` callable it is given (a resource's own, e.g. the test fake). It implements, once:
+
+- load on first embed: the embedder is built on the first ``embed_*`` call, at most once;
+- the token counter without weights (:meth:`LazyEmbedder.token_counter`), so a refresh plan
+  counts tokens exactly without loading the model;
+- the engine facts of the report (:meth:`LazyEmbedder.engine_info`: engine, workers,
+  model loads; 0 loads while nothing was built);
+- :meth:`LazyEmbedder.close`, which frees the model or the Ray actors.
+
 So an orchestrator task that finds nothing to change (a no-op refresh of a shard) takes no
 accelerator memory and spends no time loading weights, and a task that does embed loads the
-model exactly once. The Dagster embedder resources follow the same rules inside their
-resource life cycle; the Airflow operator uses this class.
+model exactly once.
 
 Example:
     >>> from qwen3_pipeline.embedding.engines import EngineOptions
@@ -18,7 +25,7 @@ Example:
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -35,6 +42,12 @@ from qwen3_pipeline.embedding.interface import (
 
 logger = logging.getLogger(__name__)
 
+EmbedderBuilder = Callable[[EmbeddingSpec], Embedder]
+"""Builds the embedder of a spec (loads the model)."""
+
+TokenCounterBuilder = Callable[[EmbeddingSpec], TokenCounter | None]
+"""Builds a token counter of a spec without the model, or returns None for the engine's own."""
+
 
 class LazyEmbedder:
     """The :class:`~qwen3_pipeline.embedding.interface.Embedder` of ``options``, built on first use.
@@ -44,12 +57,26 @@ class LazyEmbedder:
             config, so a bad model id or dimension fails before anything else).
         options: Engine settings, as for :func:`~qwen3_pipeline.embedding.engines.open_embedder`.
         progress: Let the model report its own progress (the refresh reports it anyway).
+        build: Builds the embedder on first use (default:
+            :func:`~qwen3_pipeline.embedding.engines.build_embedder` of ``options``).
+        count_tokens: Builds a token counter that needs no model; when it is not given or
+            returns None, the engine's own is used (see :meth:`token_counter`).
     """
 
-    def __init__(self, spec: EmbeddingSpec, options: EngineOptions, *, progress: bool = False):
+    def __init__(
+        self,
+        spec: EmbeddingSpec,
+        options: EngineOptions,
+        *,
+        progress: bool = False,
+        build: EmbedderBuilder | None = None,
+        count_tokens: TokenCounterBuilder | None = None,
+    ):
         self._spec = spec
         self._options = options
         self._progress = progress
+        self._build = build
+        self._count_tokens = count_tokens
         self._embedder: Embedder | None = None
         self._token_counter: TokenCounter | None = None
 
@@ -72,12 +99,15 @@ class LazyEmbedder:
         """
         if self._embedder is None:
             started = time.perf_counter()
-            self._embedder = build_embedder(self._spec, self._options, progress=self._progress)
+            if self._build is not None:
+                self._embedder = self._build(self._spec)
+            else:
+                self._embedder = build_embedder(self._spec, self._options, progress=self._progress)
             logger.info(
-                "loaded the %s embedder for model=%s dim=%s in %.1fs",
-                self._options.engine,
+                "loaded embedder for model=%s dim=%s (engine %s) in %.1fs",
                 self._spec.model,
                 self._spec.dim,
+                self._options.engine,
                 time.perf_counter() - started,
             )
         return self._embedder
@@ -85,15 +115,17 @@ class LazyEmbedder:
     def token_counter(self) -> TokenCounter | None:
         """Count document tokens without the model, for the refresh plan's exact totals.
 
-        The built embedder when it counts tokens itself (the local encoder), else the
-        tokenizer alone for the local engine (a second or so, no weights), else what the Ray
-        embedder hands out (building it starts no actor).
+        The built embedder when it counts tokens itself (the local encoder), else what
+        ``count_tokens`` builds, else the tokenizer alone for the local engine (a second or
+        so, no weights), else what the Ray embedder hands out (building it starts no actor).
 
         Raises:
             ModelLoadError: The tokenizer cannot be loaded.
         """
         if isinstance(self._embedder, TokenCounter):
             return self._embedder
+        if self._token_counter is None and self._count_tokens is not None:
+            self._token_counter = self._count_tokens(self._spec)
         if self._token_counter is None:
             if self._options.engine == "local":
                 from qwen3_pipeline.embedding.encoder import Qwen3Encoder
@@ -108,9 +140,16 @@ class LazyEmbedder:
         return self._token_counter
 
     def engine_info(self) -> dict[str, Any]:
-        """Engine facts for the refresh report; ``model_loads`` is 0 while nothing was built."""
+        """Engine facts for the refresh report; ``model_loads`` is 0 while nothing was built.
+
+        Before the build, ``workers`` is what the options ask for (the Ray actors to start).
+        """
         if self._embedder is None:
-            return {"engine": self._options.engine, "workers": 1, "model_loads": 0}
+            return {
+                "engine": self._options.engine,
+                "workers": self._options.workers,
+                "model_loads": 0,
+            }
         return engine_info(self._embedder)
 
     def embed_documents(

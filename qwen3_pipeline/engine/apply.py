@@ -157,13 +157,14 @@ def _writer_for(
     if plan.rows_to_embed:
         # Checked before the model's first call, so nothing is written by a drifted model.
         canaries = Canaries(store.connection, plan.table_name, spec)
-        guard = DriftGuard(
+        guard = options.drift_guard(
             request.embedder,
             canaries,
             threshold=options.drift_threshold,
             accept_drift=options.accept_drift,
         )
-        writer.embedder = guard
+        if guard is not None:
+            writer.embedder = guard
     return writer, guard
 
 
@@ -261,7 +262,13 @@ def _donor_for(
     db = lancedb.connect(plan.table_uri, storage_options=storage_options)
     # The table being written is no donor of itself (its rows to embed are new or changed).
     names = list_table_names(db) - {plan.target_table}
-    donor = find_donor(db, sorted(names), spec, prefer=plan.table_name if plan.rebuild else None)
+    donor = find_donor(
+        db,
+        sorted(names),
+        spec,
+        prefer=plan.table_name if plan.rebuild else None,
+        warnings=plan.work.tally.warnings,
+    )
     if donor is not None:
         logger.info(
             "re-projecting unchanged rows from table %s (dim %d -> %d) instead of embedding",
@@ -330,4 +337,5 @@ def _report(
         chunks_written=total["chunks_written"],
         chunks_reused=total["chunks_reused"],
         chunks_deleted=total["chunks_deleted"],
+        warnings=[*tally.warnings, *(guard.warnings if guard is not None else [])],
     )

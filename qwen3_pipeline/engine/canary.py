@@ -12,28 +12,39 @@ the threshold (minimum cosine, default 0.999) the refresh stops with
 
 The canaries live in a sidecar table of the same database, ``<table>__canary`` (one row per
 text: the text, its kind, its vector, the spec fingerprint, when and by which run it was
-recorded, and whether that recording accepted a drift). An embedder that declares
-``deterministic = True`` (the shipped fake, whose vectors are a pure function of the text) has
-no drift to guard and records none. The check runs right before the
+recorded, and whether that recording accepted a drift). The check runs right before the
 model's first real call of a refresh (:class:`DriftGuard`), so a refresh that embeds nothing,
 or only re-projects, never loads the model for it.
+
+The guard runs for every embedder: nothing an embedder declares turns it off (the shipped
+fake's vectors are a pure function of the text, so its canaries simply pass). Which guard a
+refresh uses is injected: ``RefreshOptions.drift_guard`` is a :data:`DriftGuardFactory`,
+:class:`DriftGuard` itself by default; a test that counts the model's calls, or wants another
+guard, passes its own factory there (one that returns None runs no guard). Drivers never set
+it, so a production refresh always has the real guard.
+
+Recording the canaries is upkeep that runs after the refresh's rows are committed: a store
+failure while recording does not fail the refresh (a re-run would find nothing to embed, so
+it would not record them either); it becomes a warning of the refresh report
+(:attr:`DriftGuard.warnings`), and a later refresh that embeds records them.
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
 
-from qwen3_pipeline.core.errors import EmbeddingDriftError, Qwen3PipelineError
+from qwen3_pipeline.core.errors import EmbeddingDriftError, Qwen3PipelineError, StoreError
 from qwen3_pipeline.core.schema import TIMESTAMP_TYPE, validate_table_name
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import BatchDone, Embedder, EncodeResult, embed_reporting
 
 logger = logging.getLogger("qwen3_pipeline")
+_T = TypeVar("_T")
 
 CANARY_SUFFIX = "__canary"
 DEFAULT_DRIFT_THRESHOLD = 0.999
@@ -125,12 +136,15 @@ class Canaries:
 
         if self.name not in list_table_names(self.db):
             return None
-        rows = self.db.open_table(self.name).to_arrow()
+        rows = _lance(f"read the canaries in {self.name!r}", self._read)
         if not rows.num_rows or set(rows["spec_fingerprint"].to_pylist()) != {
             self.spec.fingerprint
         }:
             return None
         return rows
+
+    def _read(self) -> pa.Table:
+        return self.db.open_table(self.name).to_arrow()
 
     def check(self, embedder: Embedder, threshold: float) -> CanaryCheck | None:
         """Embed the recorded canaries with ``embedder`` and compare (None: none recorded)."""
@@ -181,9 +195,15 @@ class Canaries:
         from qwen3_pipeline.store import list_table_names
 
         if self.name in list_table_names(self.db):
-            self.db.open_table(self.name).add(rows, mode="overwrite")
+            _lance(
+                f"overwrite the canaries in {self.name!r}",
+                lambda: self.db.open_table(self.name).add(rows, mode="overwrite"),
+            )
         else:
-            self.db.create_table(self.name, data=rows)
+            _lance(
+                f"create the canary table {self.name!r}",
+                lambda: self.db.create_table(self.name, data=rows),
+            )
         logger.info(
             "recorded %d drift canaries for %s%s",
             n,
@@ -191,6 +211,18 @@ class Canaries:
             " (re-recorded: drift accepted)" if accepted_drift else "",
         )
         return n
+
+
+def _lance(what: str, action: Callable[[], _T]) -> _T:
+    """Run a LanceDB call of the canary table, its errors typed as :class:`StoreError`."""
+    from qwen3_pipeline.store import store_error
+
+    try:
+        return action()
+    except Qwen3PipelineError:
+        raise
+    except Exception as e:  # LanceDB raises RuntimeError/OSError/ValueError alike
+        raise store_error(e, what) from e
 
 
 def drift_message(table: str, spec: EmbeddingSpec, check: CanaryCheck) -> str:
@@ -233,6 +265,7 @@ class DriftGuard:
         self.result: CanaryCheck | None = None
         self.checked = False
         self.samples: list[str] = []
+        self.warnings: list[str] = []
 
     @property
     def spec(self) -> EmbeddingSpec:
@@ -255,9 +288,6 @@ class DriftGuard:
 
     def _check(self) -> None:
         self.checked = True
-        if getattr(self.embedder, "deterministic", False):
-            # Vectors that are a pure function of the text (the shipped fake) cannot drift.
-            return
         self.result = self.canaries.check(self.embedder, self.threshold)
         if self.result is None or self.result.passed:
             return
@@ -281,12 +311,19 @@ class DriftGuard:
     def record_if_needed(self, *, run_id: str, wrote: bool) -> int:
         """Record canaries when there are none for this spec, or after an accepted drift.
 
+        A store failure while recording is added to :attr:`warnings` (the refresh report
+        carries it) instead of failing a refresh whose rows are committed; the next refresh
+        that embeds records the canaries. Any other error is raised.
+
         Args:
             run_id: The refresh's run id (lineage of the canaries).
             wrote: Whether the refresh wrote vectors made by the model (only then is the
                 loaded model known to be the one the table's vectors come from).
+
+        Returns:
+            How many canaries were recorded.
         """
-        if not wrote or not self.checked or getattr(self.embedder, "deterministic", False):
+        if not wrote or not self.checked:
             return 0
         if self.result is not None and not self.drift_accepted:
             return 0
@@ -294,8 +331,29 @@ class DriftGuard:
             return self.canaries.record(
                 self.embedder, self.samples, run_id=run_id, accepted_drift=self.drift_accepted
             )
-        except Qwen3PipelineError:
-            raise
-        except Exception as e:  # recording is upkeep: a failure must not fail a done refresh
-            logger.warning("could not record drift canaries for %s: %s", self.canaries.table, e)
+        except StoreError as e:
+            then = (
+                "the next refresh finds the same drift; accept it again to re-record them"
+                if self.drift_accepted
+                else "the next refresh that embeds records them"
+            )
+            warning = (
+                f"drift canaries of table {self.canaries.table!r} were not recorded ({e}); {then}"
+            )
+            logger.warning("%s", warning)
+            self.warnings.append(warning)
             return 0
+
+
+class DriftGuardFactory(Protocol):
+    """Makes a refresh's drift guard (``RefreshOptions.drift_guard``): :class:`DriftGuard`.
+
+    Called by the apply pass with the refresh's embedder and the table's canaries; None runs
+    the refresh without a guard (for tests that count the model's calls).
+    """
+
+    def __call__(
+        self, embedder: Embedder, canaries: Canaries, *, threshold: float, accept_drift: bool
+    ) -> DriftGuard | None:
+        """Return the guard that wraps ``embedder`` for one refresh, or None for none."""
+        ...

@@ -13,7 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from qwen3_pipeline.chunking.chunker import ChunkDiff, Chunker, chunk_rows, diff_chunks
+from qwen3_pipeline.chunking.chunker import Chunker
+from qwen3_pipeline.chunking.diff import ChunkDiff, diff_chunks
+from qwen3_pipeline.chunking.rows import chunk_rows
 from qwen3_pipeline.core.changes import RowStatus
 from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.core.schema import (

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.embedding.interface import Embedder
-from qwen3_pipeline.engine.canary import DEFAULT_DRIFT_THRESHOLD
+from qwen3_pipeline.engine.canary import DEFAULT_DRIFT_THRESHOLD, DriftGuard, DriftGuardFactory
 from qwen3_pipeline.sources import Source, SourceConfig
 
 if TYPE_CHECKING:  # the gate module loads LanceDB search; only a gated rebuild needs it
@@ -57,6 +57,10 @@ class RefreshOptions:
         drift_threshold: Minimum cosine between the table's recorded canary vectors and the
             loaded model's; below it the refresh stops before writing.
         accept_drift: Write anyway when the canaries drifted, and re-record them.
+        drift_guard: Makes the guard that checks the canaries before the model's first write
+            (:class:`~qwen3_pipeline.engine.canary.DriftGuard`, always, for every driver).
+            Injected, never switched by the embedder: a test passes its own factory (one
+            returning None runs no guard, for tests that count the model's calls).
         gate: With ``rebuild``: evaluate live and staging on a golden set and swap only if
             staging scores as well (:class:`~qwen3_pipeline.lifecycle.gate.GateConfig`).
         spill_dir: Where the plan spills its work, and a run over several shards its split of
@@ -73,6 +77,7 @@ class RefreshOptions:
     reproject: bool = True
     drift_threshold: float = DEFAULT_DRIFT_THRESHOLD
     accept_drift: bool = False
+    drift_guard: DriftGuardFactory = DriftGuard
     gate: "GateConfig | None" = None
     spill_dir: str | None = None
     progress: bool = True

@@ -140,7 +140,12 @@ def run_refresh(request: RefreshRequest) -> RefreshReport:
     """Run one refresh: validate -> plan -> guard -> canary -> apply (see the module docstring).
 
     Raises:
-        The errors of :func:`refresh`.
+        InputDataError: Bad keys, columns, templates or carry values (nothing written).
+        MassDeleteError: The refresh would delete too much (nothing written).
+        SpecMismatchError: The table holds another spec (use ``rebuild=True``).
+        EmbeddingDriftError: The loaded model no longer reproduces the table's canaries.
+        ConfigError: A partial rebuild, or a bad setting.
+        StoreError: LanceDB failed (the table stays at its last committed version).
     """
     options = request.options.with_run_id()  # one run id for every shard of the run
     request = replace(request, options=options)

@@ -46,6 +46,7 @@ class Tally:
         self.total: Counter[str] = Counter()
         self.encode = EncodeStats()
         self.failures: list[tuple[str, str]] = []
+        self.warnings: list[str] = []
         self.commits = 0
 
     def add(
@@ -128,6 +129,9 @@ class RefreshReport:
             document: they kept their vector, no model call.
         chunks_deleted: Stored chunks removed (cut differently, gone from a changed document,
             or of a deleted document).
+        warnings: What went wrong without failing the refresh and without changing what it
+            wrote: a re-projection donor that could not be read (its rows were embedded
+            instead), drift canaries that could not be recorded. Empty on a clean run.
     """
 
     scanned: int = 0
@@ -171,6 +175,7 @@ class RefreshReport:
     chunks_written: int = 0
     chunks_reused: int = 0
     chunks_deleted: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     def counters(self) -> dict[str, int]:
         """The run's totals of :data:`ROW_COUNTERS` (``embedded`` = rows sent to the model)."""
@@ -195,6 +200,7 @@ class RefreshReport:
             f"refreshed {self.table_name}: {shown}; {self.tokens} tokens at "
             f"{self.tokens_per_second:.0f} tokens/s; lance version {self.version_before} -> "
             f"{self.version_after}"
+            + (f"; {len(self.warnings)} warning(s)" if self.warnings else "")
         )
 
 
@@ -216,7 +222,8 @@ def merge_reports(reports: Sequence[RefreshReport]) -> RefreshReport:
 
     A run over many shards refreshes them one after another; its report is theirs merged:
     row counters, tokens and times are summed, ``per_partition`` merged, ``failures``
-    concatenated (the first :data:`MAX_SHOWN_FAILURES`), ``padding_efficiency`` and
+    concatenated (the first :data:`MAX_SHOWN_FAILURES`), ``warnings`` concatenated (each
+    once), ``padding_efficiency`` and
     ``tokens_per_second`` recomputed from the sums. The Lance versions span the run
     (``version_before`` of the first report, ``version_after`` of the last), ``committed`` is
     true if any report committed, and ``partition_keys`` lists every report's (None if any
@@ -293,4 +300,5 @@ def merge_reports(reports: Sequence[RefreshReport]) -> RefreshReport:
         drift_accepted=any(r.drift_accepted for r in reports),
         canaries_recorded=sum(r.canaries_recorded for r in reports),
         chunked=first.chunked,
+        warnings=list(dict.fromkeys(w for r in reports for w in r.warnings)),
     )

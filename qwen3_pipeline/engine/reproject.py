@@ -15,7 +15,6 @@ holds with the same content hash are re-projected, the rest go to the model. Onl
 (one vector per source row) are re-projected; a chunk table is embedded as usual.
 """
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -196,19 +195,34 @@ def find_donor(
     target: EmbeddingSpec,
     *,
     prefer: str | None = None,
+    warnings: list[str] | None = None,
 ) -> Donor | None:
     """The table of ``db`` whose vectors ``target`` can be re-projected from, if any.
 
     ``prefer`` (the live table of an in-place rebuild) is taken when it qualifies; otherwise
     the qualifying table with the smallest dim (the least data to read). Rebuild staging tables
-    are never donors (they may be incomplete).
+    and tables without a recorded spec (not written by this package, e.g. canary sidecars) are
+    never donors. A table that cannot be opened, or whose recorded spec cannot be read, is
+    passed over with a line saying why appended to ``warnings`` (the refresh report carries
+    it): re-projection only saves model calls, and another table's damage must not fail this
+    refresh.
 
     Args:
         db: A ``lancedb`` connection.
         table_names: The tables to consider (e.g. every table of the database).
         target: The spec being written.
         prefer: A table to take first when it qualifies.
+        warnings: Where to add a line for each table passed over because it could not be read
+            (None: logged only).
     """
+    from qwen3_pipeline.store import store_error
+
+    def pass_over(name: str, error: BaseException) -> None:
+        warning = f"table {name!r} was not considered for re-projection: {error}"
+        logger.warning("%s", warning)
+        if warnings is not None:
+            warnings.append(warning)
+
     candidates: list[Donor] = []
     for name in sorted(table_names, key=lambda n: (n != prefer, n)):
         if REBUILD_MARKER in name:
@@ -216,11 +230,15 @@ def find_donor(
         try:
             table = db.open_table(name)
             raw = (table.schema.metadata or {}).get(META_SPEC.encode())
-            if raw is None:
-                continue
-            stored = EmbeddingSpec(**json.loads(raw.decode()))
-        except Exception as e:  # an unreadable or foreign table is simply not a donor
-            logger.debug("table %s is not a re-projection donor: %s", name, e)
+        except Exception as e:  # LanceDB raises RuntimeError/OSError/ValueError alike
+            pass_over(name, store_error(e, f"open table {name!r}"))
+            continue
+        if raw is None:
+            continue
+        try:
+            stored = EmbeddingSpec.from_json(raw.decode())
+        except (Qwen3PipelineError, ValueError, TypeError) as e:  # bad JSON, unknown fields
+            pass_over(name, e)
             continue
         if can_reproject(target, stored):
             donor = Donor(table, name, stored, target)

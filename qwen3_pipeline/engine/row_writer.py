@@ -1,10 +1,11 @@
 """The row writer of the apply pass: embed (or re-project) a chunk of rows, upsert it.
 
 :class:`RowWriter` writes a table of one row per document: each chunk of the plan's rows is
-embedded in one call (rows a donor table holds unchanged are re-projected instead), the rows
-the model failed on are left out (they keep their old vectors and are counted as failed), and
-the rest is upserted in one ``merge_insert`` commit. Rows that only moved partition or changed
-carry-along columns get a column update, no model call.
+embedded in one call (rows a donor table holds unchanged are re-projected instead; a donor
+that cannot be read is dropped with a warning in the report), the rows the model failed on are
+left out (they keep their old vectors and are counted as failed), and the rest is upserted in
+one ``merge_insert`` commit. Rows that only moved partition or changed carry-along columns get
+a column update, no model call.
 """
 
 import logging
@@ -75,8 +76,14 @@ class RowWriter:
             try:
                 reprojected = self.donor.lookup(chunk.column("key"), chunk.column("content_hash"))
             except StoreError as e:
-                # Re-projection only saves work: a donor that cannot be read is dropped.
-                logger.warning("not re-projecting from %s: %s", self.donor.name, e)
+                # Re-projection only saves work: a donor that cannot be read is dropped, its
+                # rows go to the model, and the report says so.
+                warning = (
+                    f"stopped re-projecting from table {self.donor.name!r}, which could not be "
+                    f"read ({e}); its rows were embedded by the model instead"
+                )
+                logger.warning("%s", warning)
+                tally.warnings.append(warning)
                 self.donor = None
         if reprojected is not None:
             tally.add("reprojected", partitions, reprojected.found)
