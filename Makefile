@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   create .venv and run the demo pipeline end to end
-#   make test   create .venv and run lint, type checks and the test suite
+#   make test   create .venv and run lint, type checks, the docs build and the test suite
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -66,11 +66,19 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports --no-cache
 
-test: setup lint
-	$(PY) -m pytest -q
+# The documentation site (docs/, mkdocs.yml) into site/; --strict fails on any warning: a
+# broken link, a missing page, a docstring mkdocstrings cannot render.
+.PHONY: docs
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+# One pytest worker per core; a test file stays on one worker (its module fixtures, such as
+# the Ray instance of test_ray_engine.py, start once). --durations keeps the slowest in the log.
+test: setup lint docs
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=15
 
 bench: setup
 	$(PY) benchmarks/encode_bench.py
 
 clean:
-	rm -rf $(VENV) data dbt_models/target dbt_models/logs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) data dbt_models/target dbt_models/logs .pytest_cache .mypy_cache .ruff_cache site

@@ -48,7 +48,7 @@ from qwen3_pipeline.core.progress import engine_logs_at_info
 if TYPE_CHECKING:
     from airflow.sdk import Context
 
-    from qwen3_pipeline.chunking.chunker import ChunkingConfig
+    from qwen3_pipeline.chunking.config import ChunkingConfig
     from qwen3_pipeline.core.spec import EmbeddingSpec
     from qwen3_pipeline.embedding.engines import EngineOptions
     from qwen3_pipeline.engine.options import RefreshOptions
@@ -107,7 +107,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         chunking: Cut long documents into chunks, one vector each: a ``ChunkingConfig`` or
             its keyword arguments (``{"tokens": 512, "overlap": 0, "splitter": "text"}``).
         accept_drift: Write even if the loaded model no longer reproduces the table's canary
-            vectors (re-records them; see the README's drift canary).
+            vectors (re-records them; see the drift canary in docs/guides/operations.md).
         drift_threshold: Minimum cosine of the canaries to their recorded vectors (None: 0.999).
         **kwargs: :class:`~airflow.sdk.BaseOperator` arguments (``pool="gpu"``, ``retries``...).
 
@@ -454,7 +454,7 @@ def _chunking(value: "ChunkingConfig | Mapping[str, Any] | None") -> "ChunkingCo
     """
     if value is None:
         return None
-    from qwen3_pipeline.chunking.chunker import ChunkingConfig
+    from qwen3_pipeline.chunking.config import ChunkingConfig
 
     if isinstance(value, ChunkingConfig):
         return value
