@@ -26,10 +26,11 @@ from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import engine_info
 from qwen3_pipeline.engine.canary import Canaries, DriftGuard
 from qwen3_pipeline.engine.options import RefreshRequest
-from qwen3_pipeline.engine.plan import RefreshPlan, read_spill, table_spec_for
+from qwen3_pipeline.engine.plan import RefreshPlan, table_spec_for
 from qwen3_pipeline.engine.report import RefreshReport, Tally
 from qwen3_pipeline.engine.reproject import Donor, find_donor
 from qwen3_pipeline.engine.row_writer import RowWriter
+from qwen3_pipeline.engine.scan import read_spill
 from qwen3_pipeline.sources import carry_schema, output_schema
 from qwen3_pipeline.store import VectorStore, begin_rebuild, commit_rebuild
 
@@ -126,33 +127,24 @@ def _writer_for(
 ) -> tuple[RowWriter, DriftGuard | None]:
     """The writer of the plan's rows, its embedder behind the drift guard when it embeds."""
     config, options = request.config, request.options
+    lineage: dict[str, Any] = {
+        "carry_names": list(config.carry),
+        "label": request.source_label,
+        "run_id": str(options.run_id),
+    }
     writer: RowWriter
-    if config.chunking is not None:
+    if config.chunking is None:
+        writer = RowWriter(store, request.embedder, plan.work.tally, **lineage)
+        if options.reproject and plan.rows_to_embed:
+            writer.donor = _donor_for(plan, spec, request.storage_options)
+    else:
         # Imported here: the chunking module pulls in pandas and the splitter library.
         from qwen3_pipeline.chunking.chunker import Chunker
         from qwen3_pipeline.engine.chunk_writer import ChunkWriter
 
-        chunk_writer = ChunkWriter(
-            store,
-            request.embedder,
-            plan.work.tally,
-            carry_names=list(config.carry),
-            label=request.source_label,
-            run_id=str(options.run_id),
-        )
+        chunk_writer = ChunkWriter(store, request.embedder, plan.work.tally, **lineage)
         chunk_writer.chunker = Chunker(config.chunking)
         writer = chunk_writer
-    else:
-        writer = RowWriter(
-            store,
-            request.embedder,
-            plan.work.tally,
-            carry_names=list(config.carry),
-            label=request.source_label,
-            run_id=str(options.run_id),
-        )
-        if options.reproject and plan.rows_to_embed:
-            writer.donor = _donor_for(plan, spec, request.storage_options)
     guard = None
     if plan.rows_to_embed:
         # Checked before the model's first call, so nothing is written by a drifted model.

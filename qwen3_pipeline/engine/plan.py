@@ -17,37 +17,25 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from qwen3_pipeline.core.changes import (
-    EMBED_STATUSES,
-    UPDATE_STATUSES,
     ExistingIndex,
-    RowStatus,
-    ScopeTracker,
-    blank_mask,
-    content_hashes,
-    diff,
 )
-from qwen3_pipeline.core.errors import ConfigError, InputDataError, MassDeleteError
+from qwen3_pipeline.core.errors import ConfigError, MassDeleteError
 from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.core.schema import (
     DOC_KEY_COLUMN,
-    MOVED_COLUMN,
-    STATUS_COLUMN,
-    TEXT_COLUMN,
     rebuild_table_name,
     table_schema,
 )
 from qwen3_pipeline.core.spec import EmbeddingSpec
-from qwen3_pipeline.embedding.interface import Embedder, TokenCounter, token_counter_of
+from qwen3_pipeline.embedding.interface import Embedder, token_counter_of
 from qwen3_pipeline.engine.options import (
     DEFAULT_CHUNK_ROWS,  # noqa: F401  (re-exported: the default's old home)
     DEFAULT_MAX_DELETE_SHARE,
@@ -55,6 +43,7 @@ from qwen3_pipeline.engine.options import (
     RefreshRequest,
 )
 from qwen3_pipeline.engine.report import PLAN_COUNTERS, Tally
+from qwen3_pipeline.engine.scan import Scan, read_spill  # noqa: F401  (read_spill: its old home)
 from qwen3_pipeline.sources import (
     Source,
     SourceConfig,
@@ -69,9 +58,6 @@ from qwen3_pipeline.store import VectorStore
 
 logger = logging.getLogger("qwen3_pipeline")
 
-# Without a tokenizer the plan estimates tokens from characters (about 4 per Qwen token).
-_CHARS_PER_TOKEN_ESTIMATE = 4
-_SHOWN = 10
 # Tokens the encoder adds to a chunk besides its text: ``<|endoftext|>``, plus a margin for a
 # BPE merge across the chunk's boundary with the document prompt.
 _CHUNK_RESERVED_TOKENS = 2
@@ -382,10 +368,10 @@ class _StoredScope:
 
 def _scan_source(
     request: RefreshRequest, stored: _StoredScope, scope: list[str] | None, directory: Path
-) -> tuple["_Scan", PlannedWork]:
+) -> tuple[Scan, PlannedWork]:
     """Read the scope batch by batch into the diff; the work spilled under ``directory``."""
     source, config, options = request.source, request.config, request.options
-    scan = _Scan(
+    scan = Scan(
         existing=stored.existing,
         fingerprint=stored.spec.fingerprint,
         carry_names=list(config.carry),
@@ -468,172 +454,6 @@ def guard_plan(plan: RefreshPlan, options: RefreshOptions) -> None:
     )
 
 
-# --------------------------------------------------------------------------- the scan
-
-
-class _Spill:
-    """Rows appended batch by batch to an Arrow IPC file, written only when there are rows."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.rows = 0
-        self._writer: Any = None
-
-    def write(self, rows: pa.Table) -> None:
-        if not rows.num_rows:
-            return
-        if self._writer is None:
-            self._writer = pa.ipc.new_file(str(self.path), rows.schema)
-        self._writer.write_table(rows)
-        self.rows += rows.num_rows
-
-    def close(self) -> Path | None:
-        if self._writer is None:
-            return None
-        self._writer.close()
-        self._writer = None
-        return self.path
-
-
-class _Scan:
-    """Per-batch diff of the plan: counts, spills the work, tracks the scope's keys."""
-
-    def __init__(
-        self,
-        *,
-        existing: ExistingIndex,
-        fingerprint: str,
-        carry_names: list[str],
-        carry_targets: dict[str, pa.DataType],
-        token_counter: TokenCounter | None,
-        directory: Path,
-    ) -> None:
-        self.existing = existing
-        self.tracker = ScopeTracker(existing)
-        self.fingerprint = fingerprint
-        self.carry_names = carry_names
-        self.carry_targets = carry_targets
-        self.token_counter = token_counter
-        self.tally = Tally()
-        self.planned = Tally()
-        self.embed_spill = _Spill(directory / "embed.arrow")
-        self.update_spill = _Spill(directory / "update.arrow")
-        self.blank_keys: list[pa.Array] = []
-        self.rows_to_embed = 0
-        self.tokens_to_embed = 0
-
-    def add(self, batch: pa.RecordBatch) -> None:
-        batch = self._cast_carry(batch)
-        keys = batch.column("key")
-        texts = batch.column(TEXT_COLUMN)
-        partitions = batch.column("partition_key")
-        hashes = content_hashes(texts)
-        result = diff(
-            keys=keys,
-            content_hashes=hashes,
-            partition_keys=partitions,
-            existing=self.existing,
-            fingerprint=self.fingerprint,
-            # source_updated_at is compared like a carry column: a row whose updated_at alone
-            # changed gets a column update (no model call), so lineage never goes stale.
-            carry=batch.select([*self.carry_names, "source_updated_at"]),
-        )
-        self.tracker.observe(keys, result.existing_rows)
-        blank = blank_mask(texts)
-        live = ~blank
-        status = result.status
-        for tally in (self.tally, self.planned):
-            tally.add("scanned", partitions)
-            tally.add("skipped_empty", partitions, blank)
-            tally.add("unchanged", partitions, live & (status == RowStatus.UNCHANGED))
-        if blank.any():
-            # A row that became blank loses its old vector: it no longer says anything.
-            stored_blank = blank & (result.existing_rows >= 0)
-            self.blank_keys.append(keys.filter(pa.array(stored_blank)).cast(self.existing.key_type))
-        embed = live & result.mask(*EMBED_STATUSES)
-        self.planned.add("inserted", partitions, embed & (status == RowStatus.NEW))
-        self.planned.add("updated", partitions, embed & (status != RowStatus.NEW))
-        if embed.any():
-            take = pa.array(np.flatnonzero(embed))
-            rows = pa.Table.from_batches([batch]).take(take)
-            rows = rows.append_column("content_hash", hashes.take(take))
-            rows = rows.append_column(STATUS_COLUMN, pa.array(status[embed], pa.int8()))
-            self.embed_spill.write(rows)
-            self._count_tokens(rows.column(TEXT_COLUMN))
-        update = live & result.mask(*UPDATE_STATUSES)
-        moved = result.moved
-        self.planned.add("moved", partitions, update & moved)
-        self.planned.add("carry_updated", partitions, update & ~moved)
-        if update.any():
-            take = pa.array(np.flatnonzero(update))
-            columns = ["key", "partition_key", "source_updated_at", *self.carry_names]
-            rows = pa.Table.from_batches([batch.select(columns)]).take(take)
-            rows = rows.append_column(MOVED_COLUMN, pa.array(moved[update]))
-            self.update_spill.write(rows)
-
-    def _count_tokens(self, texts: pa.ChunkedArray) -> None:
-        values = texts.to_pylist()
-        self.rows_to_embed += len(values)
-        if self.token_counter is not None:
-            self.tokens_to_embed += int(np.sum(self.token_counter.count_document_tokens(values)))
-        else:
-            lengths = pc.utf8_length(texts.combine_chunks()).to_numpy(zero_copy_only=False)
-            self.tokens_to_embed += int(
-                np.sum(np.ceil(lengths / _CHARS_PER_TOKEN_ESTIMATE)) + len(values)
-            )
-
-    def _cast_carry(self, batch: pa.RecordBatch) -> pa.RecordBatch:
-        # Cast carry columns to the table's types now, so a value that does not fit is bad
-        # input found by the plan (naming the rows), not a failed write half-way through.
-        if not self.carry_names:
-            return batch
-        arrays = list(batch.columns)
-        fields = list(batch.schema)
-        for name in self.carry_names:
-            target = self.carry_targets[name]
-            index = batch.schema.get_field_index(name)
-            values = batch.column(index)
-            if values.type == target:
-                continue
-            try:
-                arrays[index] = values.cast(target)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-                bad = _rows_that_do_not_cast(values, target)
-                keys = batch.column("key").take(pa.array(bad)).to_pylist()
-                raise InputDataError(
-                    f"carry column {name!r} has value(s) that do not fit the table's {target} "
-                    f"column (keys {keys}): {e}. Fix or cast them in the source, or rebuild "
-                    "the table (rebuild=True / --rebuild). Nothing was written"
-                ) from e
-            fields[index] = fields[index].with_type(target)
-        return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
-
-    def deletions(
-        self, scope: list[str] | None, source: Source, config: SourceConfig, chunk_rows: int
-    ) -> tuple[pa.Array, pa.Array]:
-        """The stored keys to delete and their stored partitions (after the whole scan)."""
-        gone = self.tracker.unseen_keys(scope)
-        if isinstance(config.partition, TimeWindow) and len(gone):
-            gone = _not_in_source(gone, source, config, chunk_rows)
-        key_type = self.existing.key_type
-        keys = pa.concat_arrays([gone.cast(key_type), *self.blank_keys])
-        rows = self.existing.lookup(keys) if len(keys) else np.zeros(0, dtype=np.int64)
-        partitions = self.existing.column("partition_key").take(pa.array(rows, pa.int64()))
-        return keys, partitions
-
-
-def _rows_that_do_not_cast(values: pa.Array, target: pa.DataType) -> list[int]:
-    bad: list[int] = []
-    for i in range(len(values)):
-        try:
-            values.slice(i, 1).cast(target)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            bad.append(i)
-            if len(bad) == _SHOWN:
-                break
-    return bad
-
-
 def _state_carry(carry_targets: dict[str, pa.DataType]) -> pa.Schema:
     return pa.schema([pa.field(name, t) for name, t in carry_targets.items()])
 
@@ -643,40 +463,3 @@ def _stored_in_scope(existing: ExistingIndex, scope: list[str] | None) -> int:
         return len(existing)
     inside = pc.is_in(existing.column("partition_key"), value_set=pa.array(scope, pa.string()))
     return int(pc.sum(pc.fill_null(inside, False).cast(pa.int64())).as_py() or 0)
-
-
-def _not_in_source(
-    candidates: pa.Array, source: Source, config: SourceConfig, chunk_rows: int
-) -> pa.Array:
-    # A key missing from this time window may have moved to another window: only keys absent
-    # from the whole source are deleted; a moved row is moved by its new window's refresh.
-    present: list[pa.Array] = []
-    for raw in source.batches([config.key], chunk_rows):
-        column = raw.column(0)
-        hit = pc.is_in(column.cast(candidates.type), value_set=candidates)
-        present.append(column.filter(hit).cast(candidates.type))
-    if not present:
-        return candidates
-    return candidates.filter(pc.invert(pc.is_in(candidates, value_set=pa.concat_arrays(present))))
-
-
-def read_spill(path: Path | None, rows: int) -> Iterator[pa.Table]:
-    """Stream a plan's spill file in tables of at most ``rows`` rows (one batch read at a time)."""
-    if path is None:
-        return
-    with pa.OSFile(str(path)) as handle:
-        reader = pa.ipc.open_file(handle)
-        pending: list[pa.RecordBatch] = []
-        held = 0
-        for i in range(reader.num_record_batches):
-            batch = reader.get_batch(i)
-            pending.append(batch)
-            held += batch.num_rows
-            while held >= rows:
-                table = pa.Table.from_batches(pending)
-                yield table.slice(0, rows)
-                rest = table.slice(rows)
-                pending = rest.to_batches() if rest.num_rows else []
-                held = rest.num_rows
-        if held:
-            yield pa.Table.from_batches(pending)
