@@ -45,11 +45,13 @@ from datetime import datetime
 from typing import Any, cast
 
 import dagster as dg
+from pydantic import Field
 
 from qwen3_pipeline.consumers.checks import CHECK_DESCRIPTIONS, CheckReport, check_names, run_checks
 from qwen3_pipeline.core.errors import (
     ConfigError,
     EmbeddingDriftError,
+    MassDeleteError,
     failure_message,
     is_transient,
 )
@@ -218,6 +220,92 @@ def backfill_policy(partitions_per_run: int | None) -> dg.BackfillPolicy:
 # --------------------------------------------------------------------------- failures
 
 
+class RefreshRunConfig(dg.Config):
+    """What one run of the embedding asset may let through (its config in the launchpad).
+
+    Every refusal of the engine that the CLI can override can be overridden here, for one run.
+
+    Example:
+        Launchpad YAML that lets one run delete most of the table::
+
+            ops:
+              document_vectors:
+                config:
+                  allow_mass_delete: true
+    """
+
+    accept_drift: bool = Field(
+        default=False,
+        description=(
+            "Write even when the loaded model no longer reproduces the table's canary vectors, "
+            "and re-record the canaries with this model (the report says drift_accepted)."
+        ),
+    )
+    drift_threshold: float | None = Field(
+        default=None,
+        description="Minimum canary cosine accepted (default 0.999); in (0, 1].",
+    )
+    allow_mass_delete: bool = Field(
+        default=False,
+        description=(
+            "Let this run delete more than max_delete_share of the refreshed partitions (or "
+            "everything, for an empty source)."
+        ),
+    )
+    max_delete_share: float | None = Field(
+        default=None,
+        description="The largest share of the stored scope a run may delete (default 0.5).",
+    )
+    reproject: bool = Field(
+        default=True,
+        description=(
+            "Derive vectors of unchanged rows from a table of the same model at a larger dim "
+            "instead of embedding them (Matryoshka re-projection)."
+        ),
+    )
+
+    def options(self, base: RefreshOptions) -> RefreshOptions:
+        """``base`` with this run's overrides.
+
+        Raises:
+            ConfigError: A value out of range.
+        """
+        overrides: dict[str, Any] = {
+            "accept_drift": self.accept_drift,
+            "allow_mass_delete": self.allow_mass_delete,
+            "reproject": self.reproject,
+        }
+        if self.drift_threshold is not None:
+            overrides["drift_threshold"] = self.drift_threshold
+        if self.max_delete_share is not None:
+            overrides["max_delete_share"] = self.max_delete_share
+        return RefreshOptions.build(base, overrides)
+
+
+# The run config that lets each refusal through, named in the failure the UI shows.
+_WAY_OUT = {
+    MassDeleteError: "allow_mass_delete: true (or a larger max_delete_share)",
+    EmbeddingDriftError: "accept_drift: true (or rebuild the table with this model)",
+}
+
+
+def way_out_hint(error: BaseException, op_name: str) -> str:
+    """The launchpad config that lets ``error``'s refusal through, or "" for other errors.
+
+    Example:
+        >>> from qwen3_pipeline.core.errors import MassDeleteError
+        >>> way_out_hint(MassDeleteError("too many deletes"), "docs")[:40]
+        'To let it through from the launchpad, l'
+    """
+    for error_type, setting in _WAY_OUT.items():
+        if isinstance(error, error_type):
+            return (
+                f"To let it through from the launchpad, launch with run config "
+                f"ops: {{{op_name}: {{config: {{{setting.split(' (')[0]}}}}}}} ({setting})"
+            )
+    return ""
+
+
 class BadInputFailure(dg.Failure):
     """The refresh failed for a reason that a retry cannot fix; not retried.
 
@@ -226,9 +314,10 @@ class BadInputFailure(dg.Failure):
     what is wrong and what to do.
     """
 
-    def __init__(self, error: BaseException) -> None:
+    def __init__(self, error: BaseException, hint: str = "") -> None:
+        message = failure_message(error)
         super().__init__(
-            description=failure_message(error),
+            description=f"{message}. {hint}" if hint else message,
             metadata={"error": type(error).__name__},
             allow_retries=False,
         )
@@ -354,10 +443,12 @@ class _EmbeddingStep:
         return self.partitioning.partitions_def() if self.partitioning is not None else None
 
     def run(
-        self, context: dg.AssetExecutionContext
+        self, context: dg.AssetExecutionContext, config: RefreshRunConfig
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         """Refresh the run's partitions (when the asset is selected), then run the checks."""
-        report, written, checked, checked_version = yield from self._refresh_and_check(context)
+        report, written, checked, checked_version = yield from self._refresh_and_check(
+            context, config
+        )
         selected = context.selected_asset_check_keys
         drift = drift_result(report, self.asset_key)  # None: not evaluated, left skipped
         results = [
@@ -386,7 +477,7 @@ class _EmbeddingStep:
         yield self._materialize_result(context, report, written, checked, checked_version, results)
 
     def _refresh_and_check(
-        self, context: dg.AssetExecutionContext
+        self, context: dg.AssetExecutionContext, run_config: RefreshRunConfig
     ) -> Generator[
         dg.AssetCheckResult, None, tuple[RefreshReport | None, Any, CheckReport, int | None]
     ]:
@@ -408,7 +499,7 @@ class _EmbeddingStep:
                         db_uri=lancedb.resolved_uri(),
                         table=self.table,
                         storage_options=lancedb.options(),
-                        options=replace(self.options, run_id=run_id),
+                        options=replace(run_config.options(self.options), run_id=run_id),
                     )
             elif not lancedb.table_exists(self.table):
                 raise ConfigError(
@@ -444,13 +535,13 @@ class _EmbeddingStep:
                     description=str(e),
                     severity=dg.AssetCheckSeverity.ERROR,
                 )
-            raise BadInputFailure(e) from e
+            raise BadInputFailure(e, way_out_hint(e, context.op_execution_context.op.name)) from e
         except dg.Failure:
             raise
         except Exception as e:  # typed errors decide retries; bugs must not be retried
             if is_transient(e):
                 raise
-            raise BadInputFailure(e) from e
+            raise BadInputFailure(e, way_out_hint(e, context.op_execution_context.op.name)) from e
         return report, written, checked, checked_version
 
     def _check_resource(self, embedder: EmbedderResource) -> None:
@@ -603,9 +694,9 @@ def build_embedding_asset(
     )
 
     def _refresh_and_check(
-        context: dg.AssetExecutionContext,
+        context: dg.AssetExecutionContext, config: RefreshRunConfig
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
-        yield from step.run(context)
+        yield from step.run(context, config)
 
     asset_spec = dg.AssetSpec(
         key=asset_key,
