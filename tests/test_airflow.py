@@ -60,6 +60,7 @@ from qwen3_pipeline.airflow.hooks import (  # noqa: E402
 from qwen3_pipeline.core.errors import (  # noqa: E402
     ConfigError,
     InputDataError,
+    MassDeleteError,
     SourceUnavailableError,
     StoreConflictError,
     is_transient,
@@ -699,3 +700,36 @@ def test_operator_chunks_documents_when_asked(tmp_path: Path, tiny_model_dir: Pa
     assert (again["unchanged"], again["embedded_rows"]) == (3, 0)
     with pytest.raises(ConfigError, match="chunking"):
         _operator(db, lance, tiny_model_dir, chunking="512")
+
+
+def test_refusals_name_their_way_out_and_dag_params_let_them_through(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    db, lance = tmp_path / "src.duckdb", tmp_path / "lancedb"
+    _write_docs(db, DOCS)
+    _execute(_operator(db, lance, tiny_model_dir))
+    _write_docs(db, DOCS[:1])  # 5 of 6 rows gone: a mass delete
+
+    with pytest.raises(AirflowFailException, match="would delete") as refused:
+        _execute(_operator(db, lance, tiny_model_dir))
+    assert isinstance(refused.value.__cause__, MassDeleteError)
+    message = str(refused.value)
+    assert "allow_mass_delete=True on the operator" in message
+    assert '{"allow_mass_delete": true}' in message
+    assert lancedb.connect(str(lance)).open_table("docs").count_rows() == len(DOCS)
+
+    # What Jinja renders from `allow_mass_delete="{{ params.allow_mass_delete }}"` when the
+    # DAG is triggered with config {"allow_mass_delete": true}.
+    allowed, _ = _execute(_operator(db, lance, tiny_model_dir, allow_mass_delete="True"))
+    assert allowed["deleted"] == len(DOCS) - 1
+    op = _operator(db, lance, tiny_model_dir, accept_drift="false", drift_threshold="0.99",
+                   reproject="False", max_delete_share="None")  # fmt: skip
+    options = op.refresh_options()
+    assert (options.accept_drift, options.drift_threshold, options.reproject) == (
+        False,
+        0.99,
+        False,
+    )
+    assert options.max_delete_share == 0.5
+    with pytest.raises(ConfigError, match="accept_drift must be true or false"):
+        _operator(db, lance, tiny_model_dir, accept_drift="maybe").refresh_options()

@@ -42,7 +42,7 @@ from qwen3_pipeline.airflow.assets import lancedb_asset
 from qwen3_pipeline.airflow.errors import retry_only_transient
 from qwen3_pipeline.airflow.hooks import LanceDBDestination, LanceDBHook
 from qwen3_pipeline.airflow.provider_info import DEFAULT_CONNECTION_ID
-from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.core.errors import ConfigError, Qwen3PipelineError
 from qwen3_pipeline.core.progress import engine_logs_at_info
 
 if TYPE_CHECKING:
@@ -109,6 +109,8 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         accept_drift: Write even if the loaded model no longer reproduces the table's canary
             vectors (re-records them; see the drift canary in docs/guides/operations.md).
         drift_threshold: Minimum cosine of the canaries to their recorded vectors (None: 0.999).
+        reproject: Derive vectors of unchanged rows from a table of the same model at a larger
+            dim instead of embedding them (Matryoshka re-projection).
         **kwargs: :class:`~airflow.sdk.BaseOperator` arguments (``pool="gpu"``, ``retries``...).
 
     Raises:
@@ -132,6 +134,13 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         "ray_address",
         "shard",
         "source_name",
+        # The refusals' ways out, so a DAG can take them from its params at trigger time:
+        # allow_mass_delete="{{ params.allow_mass_delete }}".
+        "allow_mass_delete",
+        "max_delete_share",
+        "accept_drift",
+        "drift_threshold",
+        "reproject",
     )
     ui_color = "#e8f0fe"
 
@@ -164,14 +173,15 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         lancedb_conn_id: str | None = None,
         asset: Asset | bool = True,
         chunk_rows: int | None = None,
-        allow_mass_delete: bool = False,
-        max_delete_share: float | None = None,
+        allow_mass_delete: bool | str = False,
+        max_delete_share: float | str | None = None,
         rebuild: bool = False,
         source_name: str | None = None,
         spill_dir: str | None = None,
         chunking: "ChunkingConfig | Mapping[str, Any] | None" = None,
-        accept_drift: bool = False,
-        drift_threshold: float | None = None,
+        accept_drift: bool | str = False,
+        drift_threshold: float | str | None = None,
+        reproject: bool | str = True,
         **kwargs: Any,
     ) -> None:
         if (text is None or text == [] or text == ()) == (template is None):
@@ -210,6 +220,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         self.chunking = _chunking(chunking)
         self.accept_drift = accept_drift
         self.drift_threshold = drift_threshold
+        self.reproject = reproject
         self.shards = shards
         self.db_uri = db_uri
         self.lancedb_conn_id = lancedb_conn_id
@@ -348,16 +359,17 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         tuning: dict[str, Any] = {
             name: value
             for name, value in (
-                ("chunk_rows", self.chunk_rows),
-                ("max_delete_share", self.max_delete_share),
-                ("drift_threshold", self.drift_threshold),
+                ("chunk_rows", _optional_integer(self.chunk_rows, "chunk_rows")),
+                ("max_delete_share", _optional_number(self.max_delete_share, "max_delete_share")),
+                ("drift_threshold", _optional_number(self.drift_threshold, "drift_threshold")),
             )
             if value is not None
         }
         return Options(
             rebuild=self.rebuild,
-            allow_mass_delete=self.allow_mass_delete,
-            accept_drift=self.accept_drift,
+            allow_mass_delete=_flag(self.allow_mass_delete, "allow_mass_delete"),
+            accept_drift=_flag(self.accept_drift, "accept_drift"),
+            reproject=_flag(self.reproject, "reproject"),
             spill_dir=self.spill_dir,
             source_name=_optional_text(self.source_name),
             run_id=f"{self.dag_id}/{run_id}" if run_id else None,
@@ -366,6 +378,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
 
     def _refresh(self, context: "Context") -> "RefreshReport":
         from qwen3_pipeline.embedding.lazy import LazyEmbedder
+        from qwen3_pipeline.engine.options import override_for
         from qwen3_pipeline.engine.refresh import refresh
         from qwen3_pipeline.sources import parse_source
 
@@ -386,15 +399,26 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             options.engine,
         )
         with LazyEmbedder(spec, options) as embedder:
-            return refresh(
-                source=source,
-                config=config,
-                embedder=embedder,
-                db_uri=found.uri,
-                table=self.table,
-                storage_options=found.storage_options,
-                options=refresh_options,
-            )
+            try:
+                return refresh(
+                    source=source,
+                    config=config,
+                    embedder=embedder,
+                    db_uri=found.uri,
+                    table=self.table,
+                    storage_options=found.storage_options,
+                    options=refresh_options,
+                )
+            except Qwen3PipelineError as e:
+                field = override_for(e)
+                if field is None:
+                    raise
+                # The same error type (not retried), naming the argument that lets it through.
+                raise type(e)(
+                    f"{e}. To let it through from Airflow: {field}=True on the operator, or "
+                    f'{field}="{{{{ params.{field} }}}}" with the DAG param {field} and a '
+                    f'trigger with config {{"{field}": true}}'
+                ) from e
 
 
 # --------------------------------------------------------------------------- helpers
@@ -437,6 +461,22 @@ def _optional_text(value: Any) -> str | None:
 
 def _optional_integer(value: Any, name: str) -> int | None:
     return None if _is_unset(value) else _integer(value, name)
+
+
+def _optional_number(value: Any, name: str) -> float | None:
+    return None if _is_unset(value) else _number(value, name)
+
+
+def _flag(value: Any, name: str) -> bool:
+    # A templated flag renders to "True"/"False" (or "true"/"false" from a JSON param).
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off", "", "none"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
 
 
 def _number(value: Any, name: str) -> float:

@@ -51,7 +51,6 @@ from qwen3_pipeline.consumers.checks import CHECK_DESCRIPTIONS, CheckReport, che
 from qwen3_pipeline.core.errors import (
     ConfigError,
     EmbeddingDriftError,
-    MassDeleteError,
     failure_message,
     is_transient,
 )
@@ -66,7 +65,7 @@ from qwen3_pipeline.dagster.metadata import (
     table_metadata,
 )
 from qwen3_pipeline.dagster.resources import EmbedderResource
-from qwen3_pipeline.engine.options import DEFAULT_CHUNK_ROWS, RefreshOptions
+from qwen3_pipeline.engine.options import DEFAULT_CHUNK_ROWS, RefreshOptions, override_for
 from qwen3_pipeline.engine.refresh import RefreshReport, refresh, table_spec_for
 from qwen3_pipeline.sources import (
     Grain,
@@ -282,28 +281,21 @@ class RefreshRunConfig(dg.Config):
         return RefreshOptions.build(base, overrides)
 
 
-# The run config that lets each refusal through, named in the failure the UI shows.
-_WAY_OUT = {
-    MassDeleteError: "allow_mass_delete: true (or a larger max_delete_share)",
-    EmbeddingDriftError: "accept_drift: true (or rebuild the table with this model)",
-}
-
-
 def way_out_hint(error: BaseException, op_name: str) -> str:
-    """The launchpad config that lets ``error``'s refusal through, or "" for other errors.
+    """The launchpad run config that lets ``error``'s refusal through, or "" for other errors.
 
     Example:
         >>> from qwen3_pipeline.core.errors import MassDeleteError
-        >>> way_out_hint(MassDeleteError("too many deletes"), "docs")[:40]
-        'To let it through from the launchpad, l'
+        >>> way_out_hint(MassDeleteError("too many deletes"), "docs").split("config ")[1]
+        'ops: {docs: {config: {allow_mass_delete: true}}}'
     """
-    for error_type, setting in _WAY_OUT.items():
-        if isinstance(error, error_type):
-            return (
-                f"To let it through from the launchpad, launch with run config "
-                f"ops: {{{op_name}: {{config: {{{setting.split(' (')[0]}}}}}}} ({setting})"
-            )
-    return ""
+    field = override_for(error)
+    if field is None:
+        return ""
+    return (
+        "To let it through from the launchpad, launch with run config "
+        f"ops: {{{op_name}: {{config: {{{field}: true}}}}}}"
+    )
 
 
 class BadInputFailure(dg.Failure):

@@ -95,6 +95,17 @@ class RefreshOptions:
             or not 0.0 <= float(share) <= 1.0
         ):
             raise ConfigError(f"max_delete_share must be in 0..1, got {share!r}")
+        threshold = self.drift_threshold
+        if (
+            isinstance(threshold, bool)
+            or not isinstance(threshold, int | float)
+            or not 0.0 < float(threshold) <= 1.0  # NaN fails too
+        ):
+            # Above 1 no model passes; at 0 or below (cosines are >= -1) any model does.
+            raise ConfigError(
+                f"drift_threshold must be a cosine in (0, 1] (default {DEFAULT_DRIFT_THRESHOLD}), "
+                f"got {threshold!r}; to write despite a drift, pass accept_drift=True"
+            )
         if self.gate is not None and not self.rebuild:
             raise ConfigError("a gate applies to a rebuild only: pass rebuild=True (--rebuild)")
 
@@ -154,3 +165,23 @@ class RefreshRequest:
     def source_label(self) -> str:
         """The lineage label written on each row."""
         return self.options.source_name or self.source.name
+
+
+def override_for(error: BaseException) -> str | None:
+    """The :class:`RefreshOptions` field that lets ``error``'s refusal through, if any.
+
+    Drivers name it in their failure message, in their own terms (a CLI flag, a Dagster run
+    config key, an Airflow operator argument or DAG param).
+
+    Example:
+        >>> from qwen3_pipeline.core.errors import MassDeleteError
+        >>> override_for(MassDeleteError("would delete 90%")), override_for(ValueError())
+        ('allow_mass_delete', None)
+    """
+    from qwen3_pipeline.core.errors import EmbeddingDriftError, MassDeleteError
+
+    if isinstance(error, MassDeleteError):
+        return "allow_mass_delete"
+    if isinstance(error, EmbeddingDriftError):
+        return "accept_drift"
+    return None
