@@ -97,6 +97,9 @@ class Progress:
         self._log_every_s = progress_interval() if log_every_s is None else log_every_s
         self._started = time.perf_counter()
         self._last_log = self._started
+        # The rate behind the ETA is measured from the first report on: the time before it
+        # (a model loading, the drift canary) says nothing about the pace of the work.
+        self._first: tuple[float, int, int] | None = None
         self._bar: Any = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
@@ -107,6 +110,8 @@ class Progress:
         """Record ``n`` more units (and ``tokens``) done; ``postfix`` values are shown too."""
         self.done += n
         self.tokens_done += tokens
+        if self._first is None:
+            self._first = (time.perf_counter(), self.done, self.tokens_done)
         if not self._enabled:
             return
         if self._bar is not None:
@@ -122,13 +127,23 @@ class Progress:
             self._log(now, postfix)
 
     def eta_seconds(self, now: float | None = None) -> float | None:
-        """Seconds left at the current rate, or None when unknown (no total, nothing done)."""
-        elapsed = (now or time.perf_counter()) - self._started
-        if self.tokens_total and self.tokens_done:
+        """Seconds left at the pace since the first report; None until a pace is measured.
+
+        Example:
+            >>> progress = Progress(100, "work", enabled=False)
+            >>> progress.update(1)
+            >>> progress.eta_seconds() is None  # one report: no pace yet
+            True
+        """
+        if self._first is None:
+            return None
+        since, done, tokens = self._first
+        elapsed = (now or time.perf_counter()) - since
+        if self.tokens_total and self.tokens_done > tokens:
             left = max(self.tokens_total - self.tokens_done, 0)
-            return left * elapsed / self.tokens_done
-        if self.done and self.total >= self.done:
-            return (self.total - self.done) * elapsed / self.done
+            return left * elapsed / (self.tokens_done - tokens)
+        if self.done > done and self.total >= self.done:
+            return (self.total - self.done) * elapsed / (self.done - done)
         return None
 
     def _log(self, now: float, postfix: dict[str, Any]) -> None:
