@@ -52,6 +52,7 @@ Example:
 """
 
 import collections
+import functools
 import importlib
 import itertools
 import re
@@ -720,15 +721,48 @@ def _joins_previous(char: str) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=32)
+def check_chunking(config: ChunkingConfig) -> None:
+    """Check that documents can be cut with ``config`` here, before anything is written.
+
+    Builds a :class:`Chunker` once per settings: the splitter library, the tree-sitter grammar
+    of ``splitter="code"`` and the packaged tokenizer must all load. The refresh plan calls it
+    first, so a missing grammar is refused before a table (and its spec) exists.
+
+    Raises:
+        ConfigError: The splitter library or the grammar is not installed.
+        ModelLoadError: The packaged tokenizer does not load.
+
+    Example:
+        >>> check_chunking(ChunkingConfig(tokens=64, splitter="code", code_language="cobol"))
+        Traceback (most recent call last):
+        ...
+        qwen3_pipeline.core.errors.ConfigError: splitter='code' with code_language='cobol' ...
+    """
+    Chunker(config)
+
+
 def _load_language(config: ChunkingConfig) -> Any:
-    """The tree-sitter language object of ``config.code_language``."""
+    """The tree-sitter language object of ``config.code_language``.
+
+    Raises:
+        ConfigError: The grammar package is not installed, or is not a tree-sitter grammar.
+    """
     name = f"tree_sitter_{config.code_language}"
+    package = name.replace("_", "-")
     try:
         module = importlib.import_module(name)
     except ImportError as e:
         raise ConfigError(
             f"splitter='code' with code_language={config.code_language!r} needs the tree-sitter "
-            f"grammar package {name.replace('_', '-')} (python's comes with the 'chunking' "
-            f"extra: pip install 'qwen3-pipeline[chunking]')"
+            f"grammar package {package}, which is not installed: pip install {package} "
+            "(python's grammar comes with the 'chunking' extra: pip install "
+            "'qwen3-pipeline[chunking]')"
         ) from e
-    return module.language()
+    language = getattr(module, "language", None)
+    if not callable(language):
+        raise ConfigError(
+            f"module {name} (code_language={config.code_language!r}) is not a tree-sitter "
+            f"grammar package: it has no language(); install {package}"
+        )
+    return language()

@@ -37,6 +37,7 @@ from qwen3_pipeline.core.schema import (
     DOC_KEY_COLUMN,
     META_SPEC,
     RESERVED_COLUMNS,
+    SEARCH_OUTPUT_COLUMNS,
     validate_table_name,
     validate_uri,
 )
@@ -106,8 +107,17 @@ class VectorTable:
 
     @property
     def carry_columns(self) -> list[str]:
-        """The carry-along columns stored beside the vectors (title, url...)."""
-        return [f.name for f in self.table.schema if f.name not in RESERVED_COLUMNS]
+        """The carry-along columns stored beside the vectors (title, url...).
+
+        A column named like a search output (a table written before such names were refused,
+        see :data:`~qwen3_pipeline.core.schema.SEARCH_OUTPUT_COLUMNS`) is left out: search
+        results never hold it, so its value is never mistaken for the score.
+        """
+        return [
+            f.name
+            for f in self.table.schema
+            if f.name not in RESERVED_COLUMNS and f.name not in SEARCH_OUTPUT_COLUMNS
+        ]
 
     def query_embedder(self, **encoder_options: Any) -> Embedder:
         """Return (building once) a Qwen3 encoder for this table's spec, for queries.
@@ -231,9 +241,11 @@ def search(
 
     Raises:
         SpecMismatchError: ``embedder`` follows another spec than the table.
-        ConfigError: ``k`` is not positive, or ``chunks=True`` on a table of whole documents
+        ConfigError: ``k`` is not positive, ``chunks=True`` on a table of whole documents
             (its rows are already documents; asking for chunks there is a mistake worth
-            hearing about, e.g. a table built without chunking).
+            hearing about, e.g. a table built without chunking), ``columns`` asks for a name
+            search adds itself, or the table stores a ``_distance`` column (it cannot be
+            searched until that column is dropped).
 
     Example:
         >>> hits = search(vectors, "retry with backoff", k=5)  # doctest: +SKIP
@@ -248,6 +260,7 @@ def search(
             f"chunks=True needs a table of document chunks, but {vectors.name!r} holds one row "
             "per document (its spec has no chunking); search it without chunks=True"
         )
+    _check_output_names(vectors, columns)
     vector = _query_vector(vectors, query, embedder)
     if not vectors.chunked or chunks:
         hit = [DOC_KEY_COLUMN, *_SEARCH_CHUNK] if vectors.chunked else []
@@ -263,6 +276,25 @@ def search(
         if best.num_rows >= k or found.num_rows < limit:
             return _with_similarity(best.slice(0, k), wanted)
         limit *= 2
+
+
+def _check_output_names(vectors: VectorTable, columns: list[str] | None) -> None:
+    """Refuse requested or stored columns that collide with what search adds to its rows."""
+    asked = sorted(set(columns or ()) & set(SEARCH_OUTPUT_COLUMNS))
+    if asked:
+        raise ConfigError(
+            f"columns {asked} are names search adds to its results "
+            f"{list(SEARCH_OUTPUT_COLUMNS)}; 'similarity' is always returned, ask for stored "
+            "columns only"
+        )
+    if "_distance" in vectors.table.schema.names:
+        raise ConfigError(
+            f"table {vectors.name!r} stores a column '_distance', the name LanceDB gives the "
+            "distance of a vector search, so it cannot be searched (it was written before "
+            "such carry columns were refused). Drop the column (lancedb: "
+            "table.drop_columns(['_distance'])) or rebuild the table from a source that "
+            "renames it"
+        )
 
 
 def _query_vector(vectors: VectorTable, query: str, embedder: Embedder | None) -> np.ndarray:

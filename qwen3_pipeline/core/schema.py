@@ -63,6 +63,22 @@ CHUNK_FIELDS = (
     pa.field("chunk_hash", pa.string(), nullable=False),
 )
 RESERVED_COLUMNS = frozenset(LINEAGE_COLUMNS) | frozenset(CHUNK_COLUMNS)
+# Names that reading a table adds to its rows, so no stored column may take them: search's
+# score (``similarity``), LanceDB's scores (``_distance`` of a vector search, ``_score`` of a
+# full-text search, ``_relevance_score`` of a reranked hybrid search) and Lance's row system
+# columns. A carry column named so would make the table unsearchable ("Duplicate column
+# name") or be silently replaced by the score in search results.
+SEARCH_OUTPUT_COLUMNS = (
+    "similarity",
+    "_distance",
+    "_score",
+    "_relevance_score",
+    "_rowid",
+    "_rowaddr",
+    "_rowoffset",
+    "_row_created_at_version",
+    "_row_last_updated_at_version",
+)
 # Working columns of the engine (never stored, never a user's name).
 INTERNAL_PREFIX = "__qwen3_"
 TEXT_COLUMN = f"{INTERNAL_PREFIX}text"
@@ -254,7 +270,12 @@ def is_chunk_schema(schema: pa.Schema) -> bool:
 
 
 def check_carry_names(names: "tuple[str, ...] | list[str]") -> None:
-    """Refuse carry-along names that are lineage columns or in the engine's namespace.
+    """Refuse carry-along names that are lineage columns, search outputs or the engine's.
+
+    Lineage and chunk columns (:data:`RESERVED_COLUMNS`) are stored by the engine; the names
+    reading a table adds to its rows (:data:`SEARCH_OUTPUT_COLUMNS`: ``similarity``,
+    ``_distance``...) would break search or be replaced in its results; names starting with
+    :data:`INTERNAL_PREFIX` are the engine's working columns.
 
     Raises:
         ConfigError: A name is reserved (the message lists which and why).
@@ -268,6 +289,14 @@ def check_carry_names(names: "tuple[str, ...] | list[str]") -> None:
             f"carry column(s) {reserved} clash with the vector table's lineage or chunk "
             f"columns {sorted(RESERVED_COLUMNS)}; rename them in the source (e.g. in the dbt "
             "model)"
+        )
+    outputs = sorted(set(names) & set(SEARCH_OUTPUT_COLUMNS))
+    if outputs:
+        raise ConfigError(
+            f"carry column(s) {outputs} take names that search adds to its results "
+            f"{list(SEARCH_OUTPUT_COLUMNS)} (a stored '_distance' makes the table unsearchable, "
+            "a stored 'similarity' would be replaced by the score); rename them in the source "
+            "(e.g. in the dbt model)"
         )
     internal = sorted(n for n in names if n.startswith(INTERNAL_PREFIX))
     if internal:

@@ -140,6 +140,11 @@ class VectorStore:
         self._retry = retry
         self._open_args = open_args
         self._rebuild_target = rebuild_target
+        # Carry columns the configuration has and the table lacks (an inspecting store: the
+        # table is not altered, its stored state shows them all-null), and those this store
+        # added to the table when it was opened (a commit of its own).
+        self._absent_carry: tuple[pa.Field, ...] = ()
+        self._columns_added: tuple[str, ...] = ()
         # A table of document chunks: ``key`` is the chunk id, ``doc_key`` the document key.
         self._chunked = spec.chunking is not None
         self._doc_key = DOC_KEY_COLUMN if self._chunked else "key"
@@ -165,7 +170,8 @@ class VectorStore:
         A new table is created empty with :func:`table_schema`, its key declared with
         ``set_unenforced_primary_key`` and indexed with a BTree. An existing table is checked:
         same spec fingerprint, same key type, compatible carry columns (carry columns new to
-        the configuration are added, all-null, and filled by the next refresh).
+        the configuration are added, all-null, as one commit: :attr:`columns_added`; the
+        refresh that planned against :meth:`inspect` then fills them by a column update).
 
         Args:
             uri: Database directory or object-store URI (``s3://bucket/path``).
@@ -211,6 +217,7 @@ class VectorStore:
         ensure_key(store._table, table_name, policy=store._retry)
         if missing_carry:
             add_carry_columns(store._table, table_name, missing_carry, policy=store._retry)
+            store._columns_added = tuple(f.name for f in missing_carry)
         return store
 
     @classmethod
@@ -228,7 +235,9 @@ class VectorStore:
         """Open an existing table for reading and run every check of :meth:`open`; write nothing.
 
         The refresh plan reads through it: no table is created, no key declared, no column
-        added. Carry columns the table lacks are left out of :meth:`existing_state`.
+        added. Carry columns the table lacks appear in :meth:`existing_state` all-null (what
+        :meth:`open` will add), so the diff sees every non-null source value of a new carry
+        column as a carry change and the refresh fills the column.
 
         Returns:
             The store, or None when the table does not exist.
@@ -252,7 +261,8 @@ class VectorStore:
         )
         if store is not None:
             carry = carry_schema or pa.schema([])
-            missing = {f.name for f in missing_carry_columns(store._table, table_name, carry)}
+            store._absent_carry = tuple(missing_carry_columns(store._table, table_name, carry))
+            missing = {f.name for f in store._absent_carry}
             store._carry_names = tuple(n for n in store._carry_names if n not in missing)
         return store
 
@@ -389,6 +399,11 @@ class VectorStore:
         return self._carry_names
 
     @property
+    def columns_added(self) -> tuple[str, ...]:
+        """The carry columns :meth:`open` added to the table (one commit), in order."""
+        return self._columns_added
+
+    @property
     def version(self) -> int:
         """The latest committed version of the table."""
         return int(self._table.version)
@@ -416,7 +431,8 @@ class VectorStore:
         """Return the stored state of a scope: everything a diff needs, never the vectors.
 
         Columns: ``key, content_hash, spec_fingerprint, partition_key, source_updated_at``
-        and the configured carry columns. In a chunk table this is the state of each
+        and the configured carry columns (all-null for a carry column the table lacks, see
+        :meth:`inspect`). In a chunk table this is the state of each
         *document* (read from its chunk 0, which every stored document has; ``key`` is the
         document key), so the diff works on documents exactly as on rows.
 
@@ -454,9 +470,11 @@ class VectorStore:
         return self._as_state(pa.concat_tables(parts))
 
     def _as_state(self, table: pa.Table) -> pa.Table:
-        if not self._chunked:
-            return table
-        return table.rename_columns(["key", *table.column_names[1:]])
+        if self._chunked:
+            table = table.rename_columns(["key", *table.column_names[1:]])
+        for f in self._absent_carry:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+        return table
 
     def stored_chunks(
         self, doc_keys: pa.Array | Sequence[Any], *, batch_keys: int = 2_000
