@@ -94,17 +94,18 @@ def test_a_second_table_at_a_smaller_dim_is_filled_from_the_first(tiny_model_256
     encoder = Qwen3Encoder(full, device="cpu", progress=False)
     refresh(source=source(TEXTS), config=CONFIG, embedder=encoder, db_uri=db, table="docs_256",
             progress=False)  # fmt: skip
-    fake = FakeEmbedder(small)
-    report = refresh(source=source(TEXTS), config=CONFIG, embedder=fake, db_uri=db,
+    # The same model at dim 32 (a fake would not reproduce docs_256's canaries: no donor).
+    small_encoder = Qwen3Encoder(small, device="cpu", progress=False)
+    report = refresh(source=source(TEXTS), config=CONFIG, embedder=small_encoder, db_uri=db,
                      table="docs_32", progress=False)  # fmt: skip
-    assert (report.reprojected, report.embedded_rows, fake.calls) == (len(TEXTS), 0, [])
+    assert (report.reprojected, report.embedded_rows, report.warnings) == (len(TEXTS), 0, [])
     # Kept in sync afterwards: an edit embedded into the big table is re-projected into the small.
     edited = [*TEXTS]
     edited[0] = "An edited first document."
     big_run = refresh(source=source(edited), config=CONFIG, embedder=encoder, db_uri=db,
                       table="docs_256", progress=False)  # fmt: skip
     assert big_run.updated == 1
-    small_run = refresh(source=source(edited), config=CONFIG, embedder=fake, db_uri=db,
+    small_run = refresh(source=source(edited), config=CONFIG, embedder=small_encoder, db_uri=db,
                         table="docs_32", progress=False)  # fmt: skip
     assert (small_run.updated, small_run.reprojected, small_run.embedded_rows) == (1, 1, 0)
     keys, stored = vectors_of(tmp_path / "db", "docs_32")
@@ -222,7 +223,9 @@ def test_report_says_reprojected_in_the_cli_json(tmp_path, tiny_model_256_dir, c
     capsys.readouterr()
     assert main([*base, "--dim", str(dim), "--rebuild"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert (report["reprojected"], report["embedded_rows"], report["model_loaded"]) == (6, 0, False)
+    # The model is loaded (once) to verify the donor's canaries, yet embeds no row.
+    assert (report["reprojected"], report["embedded_rows"], report["model_loaded"]) == (6, 0, True)
+    assert report["model_loads"] == 1
 
 
 # --------------------------------------------------------------------------- drift canary
@@ -357,6 +360,206 @@ def test_canaries_that_cannot_be_recorded_are_a_warning_of_the_report(tmp_path):
     (warning,) = [w for w in report.warnings if "canaries" in w]
     assert "drift canaries of table 'docs' were not recorded" in warning
     assert "warning(s)" in report.summary()
+
+
+# ------------------------------------------------- re-projection needs a donor the model reproduces
+
+
+def test_a_rebuild_after_drift_embeds_every_row_and_never_reprojects(
+    tiny_model_dir, tmp_path, capsys
+):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    path = tmp_path / "s.parquet"
+    texts = [f"Drift test document {i} about topic {i % 5}." for i in range(12)]
+    pq.write_table(pa.table({"id": list(range(12)), "body": texts}), path)
+    db = tmp_path / "db"
+    args = [
+        "refresh", "--source", str(path), "--key", "id", "--text", "body", "--db", str(db),
+        "--table", "docs", "--model", str(model), "--dim", "32", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(args) == 0
+    capsys.readouterr()
+    _perturb_weights(model)
+    # The advised way out of the drift: a rebuild, with no edit to the source.
+    assert main([*args, "--rebuild"]) == 0
+    rebuilt = json.loads(capsys.readouterr().out)
+    assert (rebuilt["reprojected"], rebuilt["embedded_rows"]) == (0, 12)
+    assert rebuilt["model_loaded"] is True
+    (warning,) = [w for w in rebuilt["warnings"] if "re-projection" in w]
+    assert "'docs'" in warning
+    assert "minimum cosine" in warning
+    # Every stored vector is the new weights' own.
+    keys, stored = vectors_of(db, "docs")
+    fresh = Qwen3Encoder(EmbeddingSpec(model=str(model), dim=32), device="cpu", progress=False)
+    want = fresh.embed_documents([texts[k] for k in keys]).vectors
+    assert np.sum(stored * want, axis=1).min() >= 0.9999
+    # The canaries now describe the new weights: an edit is embedded without a drift error.
+    texts[0] = "An edit after the rebuild."
+    pq.write_table(pa.table({"id": list(range(12)), "body": texts}), path)
+    assert main(args) == 0
+    after = json.loads(capsys.readouterr().out)
+    assert (after["updated"], after["drift_accepted"]) == (1, False)
+    assert after["canary_min_cosine"] >= 0.9999
+
+
+class _CtrlC:
+    """Wraps an embedder; Ctrl-C (KeyboardInterrupt) lands in the call that embeds ``text``."""
+
+    def __init__(self, embedder: Qwen3Encoder, text: str) -> None:
+        self.embedder = embedder
+        self.text = text
+
+    @property
+    def spec(self) -> EmbeddingSpec:
+        return self.embedder.spec
+
+    def embed_documents(self, texts, *, on_batch=None):  # type: ignore[no-untyped-def]
+        if self.text in texts:
+            raise KeyboardInterrupt
+        return self.embedder.embed_documents(texts, on_batch=on_batch)
+
+    def embed_queries(self, queries):  # type: ignore[no-untyped-def]
+        return self.embedder.embed_queries(queries)
+
+
+def test_a_first_fill_interrupted_then_run_by_changed_weights_is_refused(tiny_model_dir, tmp_path):
+    import shutil
+
+    from qwen3_pipeline.core.errors import EmbeddingDriftError
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    db = str(tmp_path / "db")
+    model_spec = EmbeddingSpec(model=str(model), dim=32)
+
+    def run(embedder):  # type: ignore[no-untyped-def]
+        return refresh(source=source(TEXTS[:20]), config=CONFIG, embedder=embedder, db_uri=db,
+                       table="docs", chunk_rows=4, progress=False)  # fmt: skip
+
+    encoder = Qwen3Encoder(model_spec, device="cpu", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run(_CtrlC(encoder, TEXTS[10]))  # Ctrl-C in the third chunk: two chunks committed
+    assert lancedb.connect(db).open_table("docs").count_rows() == 8
+    _perturb_weights(model)
+    version = lancedb.connect(db).open_table("docs").version
+    with pytest.raises(EmbeddingDriftError, match="no longer reproduces"):
+        run(Qwen3Encoder(model_spec, device="cpu", progress=False))
+    assert lancedb.connect(db).open_table("docs").version == version
+
+
+class _StopAt(FakeEmbedder):
+    """A fake interrupted (Ctrl-C) in the call that embeds ``text``."""
+
+    def __init__(self, spec: EmbeddingSpec, text: str) -> None:
+        super().__init__(spec)
+        self.text = text
+
+    def embed_documents(self, texts, *, on_batch=None):  # type: ignore[no-untyped-def]
+        if self.text in texts:
+            raise KeyboardInterrupt
+        return super().embed_documents(texts, on_batch=on_batch)
+
+
+def test_a_resumed_rebuild_is_checked_against_its_staging_tables_canaries(tmp_path):
+    from qwen3_pipeline.core.errors import EmbeddingDriftError
+    from qwen3_pipeline.core.schema import rebuild_table_name
+
+    db = str(tmp_path / "db")
+    old = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)
+    new = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
+
+    def rebuild(embedder):  # type: ignore[no-untyped-def]
+        return refresh(source=source(TEXTS), config=CONFIG, embedder=embedder, db_uri=db,
+                       table="docs", rebuild=True, chunk_rows=8, progress=False)  # fmt: skip
+
+    refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(old), db_uri=db,
+            table="docs", progress=False)  # fmt: skip
+    staging = rebuild_table_name("docs", new)
+    with pytest.raises(KeyboardInterrupt):
+        rebuild(_StopAt(new, TEXTS[20]))  # two chunks of the staging table committed
+    assert f"{staging}__canary" in lancedb.connect(db).list_tables().tables
+    # Resumed by other weights: refused, the staging table would mix two models.
+    with pytest.raises(EmbeddingDriftError, match="drop the staging table"):
+        rebuild(_Salted(new, "new weights "))
+    # Resumed by the same weights: completed and swapped; the canaries go with it.
+    report = rebuild(FakeEmbedder(new))
+    assert (report.inserted, report.committed) == (len(TEXTS) - 16, True)
+    tables = set(lancedb.connect(db).list_tables().tables)
+    assert staging not in tables
+    assert f"{staging}__canary" not in tables
+    canaries = lancedb.connect(db).open_table("docs__canary").to_arrow()
+    assert set(canaries["spec_fingerprint"].to_pylist()) == {new.fingerprint}
+
+
+def test_a_donor_without_canaries_or_from_other_weights_is_not_used(tmp_path):
+    db = str(tmp_path / "db")
+    big = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
+    small = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)
+    # docs_64 was filled by other weights than the model now loaded.
+    refresh(source=source(TEXTS), config=CONFIG, embedder=_Salted(big, "old weights "),
+            db_uri=db, table="docs_64", progress=False)  # fmt: skip
+    report = refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(small),
+                     db_uri=db, table="docs_32", progress=False)  # fmt: skip
+    assert (report.reprojected, report.embedded_rows, report.inserted) == (0, 40, 40)
+    (warning,) = report.warnings
+    assert "table 'docs_64' is not used for re-projection" in warning
+    assert "minimum cosine" in warning
+    keys, stored = vectors_of(tmp_path / "db", "docs_32")
+    assert np.allclose(
+        stored, FakeEmbedder(small).embed_documents([TEXTS[k] for k in keys]).vectors
+    )
+
+    # A donor with no canaries cannot show where its vectors came from: not used either.
+    other = str(tmp_path / "other")
+    refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(big), db_uri=other,
+            table="docs_64", progress=False)  # fmt: skip
+    lancedb.connect(other).drop_table("docs_64__canary")
+    fresh = refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(small),
+                    db_uri=other, table="docs_32", progress=False)  # fmt: skip
+    assert (fresh.reprojected, fresh.embedded_rows) == (0, 40)
+    (warning,) = fresh.warnings
+    assert "table 'docs_64' is not used for re-projection" in warning
+    assert "no drift canaries" in warning
+
+    # A donor whose drift was accepted holds the vectors of two models (its canaries, of the
+    # new one, would pass): not used either, until it is rebuilt.
+    mixed = str(tmp_path / "mixed")
+    refresh(source=source(TEXTS), config=CONFIG, embedder=_Salted(big, "old weights "),
+            db_uri=mixed, table="docs_64", progress=False)  # fmt: skip
+    edited = [*TEXTS]
+    edited[0] = "One row embedded by the new weights."
+    accepted = refresh(source=source(edited), config=CONFIG, embedder=FakeEmbedder(big),
+                       db_uri=mixed, table="docs_64", accept_drift=True,
+                       progress=False)  # fmt: skip
+    assert (accepted.drift_accepted, accepted.updated) == (True, 1)
+    report = refresh(source=source(edited), config=CONFIG, embedder=FakeEmbedder(small),
+                     db_uri=mixed, table="docs_32", progress=False)  # fmt: skip
+    assert (report.reprojected, report.embedded_rows) == (0, 40)
+    (warning,) = report.warnings
+    assert "table 'docs_64' is not used for re-projection" in warning
+    assert "accepted drift" in warning
+
+
+def test_a_verified_donor_is_reprojected_and_the_new_table_gets_canaries(tmp_path):
+    from qwen3_pipeline.core.errors import EmbeddingDriftError
+
+    db = str(tmp_path / "db")
+    big = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
+    small = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=32)
+    refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(big), db_uri=db,
+            table="docs_64", progress=False)  # fmt: skip
+    report = refresh(source=source(TEXTS), config=CONFIG, embedder=FakeEmbedder(small),
+                     db_uri=db, table="docs_32", progress=False)  # fmt: skip
+    assert (report.reprojected, report.embedded_rows, report.warnings) == (40, 0, [])
+    assert report.canaries_recorded >= 16  # filled without embedding a row, guarded all the same
+    edited = [*TEXTS]
+    edited[0] = "An edit embedded by other weights."
+    with pytest.raises(EmbeddingDriftError, match="docs_32"):
+        refresh(source=source(edited), config=CONFIG, embedder=_Salted(small, "new weights "),
+                db_uri=db, table="docs_32", progress=False)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- gated rebuilds

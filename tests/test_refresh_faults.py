@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+from qwen3_pipeline.core.errors import EmbeddingDriftError
+from qwen3_pipeline.testing import FakeEmbedder
 from tests.refresh_helpers import (
     FAULT_TABLE,
     KillPoint,
@@ -110,6 +112,35 @@ def test_killed_rebuild_never_touches_the_live_table(scenarios, tmp_path):
                         rebuild=True)  # fmt: skip
     assert rerun.embedded_rows == 0
     assert_table_matches(db, TABLE, scenario.expected, embedding_spec=spec(64))
+
+
+class _OtherWeights(FakeEmbedder):
+    """The fake with perturbed 'weights': every vector differs from the stored ones."""
+
+    def embed_documents(self, texts, *, on_batch=None):  # type: ignore[no-untyped-def]
+        return super().embed_documents([f"perturbed {t}" for t in texts], on_batch=on_batch)
+
+
+def test_a_first_fill_killed_after_its_first_commits_keeps_its_drift_check(scenarios, tmp_path):
+    scenario = scenarios["initial"]
+    db = str(tmp_path / "db")
+    child = dict(db_uri=db, table=TABLE, source_path=scenario.source,
+                 chunk_rows=scenario.chunk_rows)  # fmt: skip
+    record = run_killed_child(KillPoint("after", 2, "upsert"), tmp_path, **child)
+    assert (record.phase, record.stage) == ("upsert #2", "after")
+    assert table_rows(db, TABLE).num_rows == 2 * scenario.chunk_rows
+    # The canaries were recorded with the first commit of vectors, not at the end of the fill.
+    assert table_rows(db, f"{TABLE}__canary").num_rows >= 16
+    version = table_version(db, TABLE)
+    # The weights changed before the re-run: it must not mix their vectors with the old ones.
+    with pytest.raises(EmbeddingDriftError, match="no longer reproduces"):
+        run_refresh(db, TABLE, scenario.source, chunk_rows=scenario.chunk_rows,
+                    embedder=_OtherWeights(spec()))  # fmt: skip
+    assert table_version(db, TABLE) == version
+    # With the same weights, the re-run converges.
+    rerun = run_refresh(db, TABLE, scenario.source, chunk_rows=scenario.chunk_rows)
+    assert rerun.embedded_rows == ROWS - 2 * scenario.chunk_rows
+    assert_table_matches(db, TABLE, scenario.expected)
 
 
 # ---------------------------------------------------------------- the kill points themselves

@@ -10,13 +10,15 @@
    merely not read yet);
 4. for a rebuild, the gate (if any) and the swap of the staging table into the live one.
 
-Before the model's first call the drift canary is checked (:mod:`.canary`). A plan with
-nothing to do makes no commit. Progress has exact totals (rows and tokens from the plan) and
-an ETA.
+Before the model's first call the drift canary is checked (:mod:`.canary`); the canaries of a
+table without any are recorded with its first commit of vectors; a re-projection donor is used
+only when the loaded model reproduces its canaries. A plan with nothing to do makes no commit.
+Progress has exact totals (rows and tokens from the plan) and an ETA.
 """
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -24,7 +26,12 @@ from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import engine_info
-from qwen3_pipeline.engine.canary import Canaries, DriftGuard
+from qwen3_pipeline.engine.canary import (
+    Canaries,
+    DriftGuard,
+    drop_canaries,
+    hand_over_canaries,
+)
 from qwen3_pipeline.engine.options import RefreshRequest
 from qwen3_pipeline.engine.plan import RefreshPlan, table_spec_for
 from qwen3_pipeline.engine.report import RefreshReport, Tally
@@ -74,7 +81,13 @@ def apply_plan(
         request = _with_run_id(request)
         started = time.perf_counter()
         store = _open_target(plan, request, spec)
+        if plan.rebuild and not plan.table_exists:
+            # A new staging table: canaries left by an abandoned one describe nothing here.
+            drop_canaries(store.connection, plan.target_table)
         writer, guard = _writer_for(plan, request, store, spec)
+        if store.columns_added:
+            # New carry columns were added (one commit); the updates below fill them.
+            writer.tally.commits += 1
         if bar is None:
             with _progress_of(plan, request) as own_bar:
                 _write_embedded(plan, request, writer, own_bar)
@@ -82,14 +95,13 @@ def apply_plan(
             _write_embedded(plan, request, writer, bar)
         _write_updates_and_deletes(plan, request, writer)
         store, decision = _finish_rebuild(plan, request, writer.store)
-        recorded = _record_canaries(plan, request, guard, writer.tally, decision)
         if writer.tally.commits:
             store.maybe_optimize()
         report = _report(
             writer.tally,
             gate=decision,
             guard=guard,
-            canaries_recorded=recorded,
+            canaries_recorded=0 if guard is None else guard.canaries_recorded,
             engine=engine_info(request.embedder),
             store=store,
             plan=plan,
@@ -125,18 +137,33 @@ def _open_target(plan: RefreshPlan, request: RefreshRequest, spec: EmbeddingSpec
 def _writer_for(
     plan: RefreshPlan, request: RefreshRequest, store: VectorStore, spec: EmbeddingSpec
 ) -> tuple[RowWriter, DriftGuard | None]:
-    """The writer of the plan's rows, its embedder behind the drift guard when it embeds."""
+    """The writer of the plan's rows, its embedder behind the drift guard when it embeds.
+
+    The guard checks the canaries of the table written: the live table, or a rebuild's
+    staging table (a rebuild is judged against its own vectors, never against the live
+    table's: it is the way out of a drift).
+    """
     config, options = request.config, request.options
     lineage: dict[str, Any] = {
         "carry_names": list(config.carry),
         "label": request.source_label,
         "run_id": str(options.run_id),
     }
+    guard = None
+    if plan.rows_to_embed:
+        # Checked before the model's first call, so nothing is written by a drifted model.
+        canaries = Canaries(store.connection, plan.target_table, spec)
+        guard = options.drift_guard(
+            request.embedder,
+            canaries,
+            threshold=options.drift_threshold,
+            accept_drift=options.accept_drift,
+        )
     writer: RowWriter
     if config.chunking is None:
         writer = RowWriter(store, request.embedder, plan.work.tally, **lineage)
         if options.reproject and plan.rows_to_embed:
-            writer.donor = _donor_for(plan, spec, request.storage_options)
+            writer.donor = _donor_for(plan, spec, request.storage_options, guard)
     else:
         # Imported here: the chunking module pulls in pandas and the splitter library.
         from qwen3_pipeline.chunking.chunker import Chunker
@@ -145,18 +172,9 @@ def _writer_for(
         chunk_writer = ChunkWriter(store, request.embedder, plan.work.tally, **lineage)
         chunk_writer.chunker = Chunker(config.chunking)
         writer = chunk_writer
-    guard = None
-    if plan.rows_to_embed:
-        # Checked before the model's first call, so nothing is written by a drifted model.
-        canaries = Canaries(store.connection, plan.table_name, spec)
-        guard = options.drift_guard(
-            request.embedder,
-            canaries,
-            threshold=options.drift_threshold,
-            accept_drift=options.accept_drift,
-        )
-        if guard is not None:
-            writer.embedder = guard
+    if guard is not None:
+        writer.embedder = guard
+        writer.guard = guard
     return writer, guard
 
 
@@ -217,8 +235,12 @@ def _finish_rebuild(
         )
         logger.info("%s", decision.summary())
     if decision is None or decision.passed:
+        staging = store.table_name
         store = commit_rebuild(store)
         plan.work.tally.commits += 1
+        warning = hand_over_canaries(store.connection, staging, plan.table_name)
+        if warning is not None:
+            plan.work.tally.warnings.append(warning)
     else:
         logger.error(
             "gate failed: %s is not swapped in; staging table %s is kept for inspection "
@@ -229,37 +251,35 @@ def _finish_rebuild(
     return store, None if decision is None else decision.as_dict()
 
 
-def _record_canaries(
-    plan: RefreshPlan,
-    request: RefreshRequest,
-    guard: DriftGuard | None,
-    tally: Tally,
-    decision: dict[str, Any] | None,
-) -> int:
-    """Record the canaries once vectors of this model are live (not after a failed gate)."""
-    wrote_live = not plan.rebuild or decision is None or bool(decision["passed"])
-    if guard is None or not wrote_live:
-        return 0
-    return guard.record_if_needed(run_id=str(request.options.run_id), wrote=tally.encode.rows > 0)
-
-
 def _donor_for(
-    plan: RefreshPlan, spec: EmbeddingSpec, storage_options: dict[str, str] | None
+    plan: RefreshPlan,
+    spec: EmbeddingSpec,
+    storage_options: dict[str, str] | None,
+    guard: DriftGuard | None,
 ) -> Donor | None:
-    """The table the plan's rows can be re-projected from: the live table of a rebuild first."""
+    """The table the plan's rows can be re-projected from: the live table of a rebuild first.
+
+    With a drift guard (always, outside tests that inject none), this table's canaries are
+    checked and the donor's verified first: both embed a few canary texts, so the model is
+    loaded here; this runs only for a plan with rows to embed or re-project.
+
+    Raises:
+        EmbeddingDriftError: This table's canaries drifted (and the drift is not accepted).
+    """
     import lancedb
 
     from qwen3_pipeline.store import list_table_names
 
     db = lancedb.connect(plan.table_uri, storage_options=storage_options)
     # The table being written is no donor of itself (its rows to embed are new or changed).
-    names = list_table_names(db) - {plan.target_table}
+    names = sorted(list_table_names(db) - {plan.target_table})
     donor = find_donor(
         db,
-        sorted(names),
+        names,
         spec,
         prefer=plan.table_name if plan.rebuild else None,
         warnings=plan.work.tally.warnings,
+        verify=None if guard is None else _verifier(guard),
     )
     if donor is not None:
         logger.info(
@@ -269,6 +289,18 @@ def _donor_for(
             spec.output_dim,
         )
     return donor
+
+
+def _verifier(guard: DriftGuard) -> Callable[[str, EmbeddingSpec], str | None]:
+    """``find_donor``'s check of a candidate donor, by the refresh's drift guard."""
+
+    def verify(name: str, donor_spec: EmbeddingSpec) -> str | None:
+        # Re-projected rows are written without a model call: this table's canaries are
+        # checked before any of them is (as the first embed call would), then the donor's.
+        guard.check_now()
+        return guard.verify_donor(name, donor_spec)
+
+    return verify
 
 
 def _report(

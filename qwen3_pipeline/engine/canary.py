@@ -13,8 +13,25 @@ the threshold (minimum cosine, default 0.999) the refresh stops with
 The canaries live in a sidecar table of the same database, ``<table>__canary`` (one row per
 text: the text, its kind, its vector, the spec fingerprint, when and by which run it was
 recorded, and whether that recording accepted a drift). The check runs right before the
-model's first real call of a refresh (:class:`DriftGuard`), so a refresh that embeds nothing,
-or only re-projects, never loads the model for it.
+model's first real call of a refresh (:class:`DriftGuard`), so a refresh that embeds nothing
+never loads the model for it.
+
+They are recorded with the *first commit* of vectors into a table that has none (or right
+after an accepted drift), not at the end of the fill: a first fill interrupted after some
+commits (Ctrl-C, a killed worker) is already guarded, so a re-run by changed weights is
+refused instead of mixing two vector spaces. A rebuild writes a staging table, and so records
+the canaries of the staging table (``<staging>__canary``), checked when an interrupted
+rebuild resumes; the swap hands them over to the live table (:func:`hand_over_canaries`). The
+live table's own canaries do not judge a rebuild: a rebuild is the way out of a drift.
+
+Re-projection copies vectors from a donor table (:mod:`.reproject`); they belong to this
+table's vector space only if the loaded model reproduces the donor's canaries.
+:meth:`DriftGuard.verify_donor` embeds the donor's canary texts and compares them (the
+recorded vectors cut to this table's dim); a donor without canaries, or whose canaries
+drifted, is not used, and the report's warnings say why. Verifying runs the model on those
+few texts, so a refresh that re-projects loads the model even when it embeds no row itself;
+only a refresh with rows to embed or re-project looks for a donor, so a refresh with nothing
+to do still never loads it.
 
 The guard runs for every embedder: nothing an embedder declares turns it off (the shipped
 fake's vectors are a pure function of the text, so its canaries simply pass). Which guard a
@@ -23,7 +40,7 @@ refresh uses is injected: ``RefreshOptions.drift_guard`` is a :data:`DriftGuardF
 guard, passes its own factory there (one that returns None runs no guard). Drivers never set
 it, so a production refresh always has the real guard.
 
-Recording the canaries is upkeep that runs after the refresh's rows are committed: a store
+Recording the canaries is upkeep that runs after a commit of the refresh's rows: a store
 failure while recording does not fail the refresh (a re-run would find nothing to embed, so
 it would not record them either); it becomes a warning of the refresh report
 (:attr:`DriftGuard.warnings`), and a later refresh that embeds records them.
@@ -39,7 +56,7 @@ import numpy as np
 import pyarrow as pa
 
 from qwen3_pipeline.core.errors import EmbeddingDriftError, Qwen3PipelineError, StoreError
-from qwen3_pipeline.core.schema import TIMESTAMP_TYPE, validate_table_name
+from qwen3_pipeline.core.schema import REBUILD_MARKER, TIMESTAMP_TYPE, validate_table_name
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import BatchDone, Embedder, EncodeResult, embed_reporting
 
@@ -146,15 +163,24 @@ class Canaries:
     def _read(self) -> pa.Table:
         return self.db.open_table(self.name).to_arrow()
 
-    def check(self, embedder: Embedder, threshold: float) -> CanaryCheck | None:
-        """Embed the recorded canaries with ``embedder`` and compare (None: none recorded)."""
-        rows = self.recorded()
+    def check(
+        self, embedder: Embedder, threshold: float, *, rows: pa.Table | None = None
+    ) -> CanaryCheck | None:
+        """Embed the recorded canaries with ``embedder`` and compare (None: none recorded).
+
+        Canaries recorded at a larger dim than ``embedder``'s (a re-projection donor's) are
+        compared by their first ``dim`` components: the Matryoshka vector at the smaller dim.
+        ``rows``: the :meth:`recorded` canaries when already read.
+        """
+        rows = self.recorded() if rows is None else rows
         if rows is None:
             return None
         texts = rows["text"].to_pylist()
-        fresh = embedder.embed_documents(texts)
+        fresh = np.asarray(embedder.embed_documents(texts).vectors, dtype=np.float32)
         recorded = np.stack(rows["vector"].to_numpy(zero_copy_only=False)).astype(np.float32)
-        cosines = compare(recorded, np.asarray(fresh.vectors, dtype=np.float32))
+        if recorded.shape[1] > fresh.shape[1]:
+            recorded = recorded[:, : fresh.shape[1]]  # compare() normalises again
+        cosines = compare(recorded, fresh)
         cosines = np.where(np.isfinite(cosines), cosines, -1.0)
         worst = int(np.argmin(cosines))
         return CanaryCheck(
@@ -213,6 +239,59 @@ class Canaries:
         return n
 
 
+def drop_canaries(db: Any, table: str) -> None:
+    """Remove the canaries of ``table`` (no error when there are none).
+
+    Raises:
+        StoreError: LanceDB failed.
+    """
+    from qwen3_pipeline.store import list_table_names
+
+    name = canary_table_name(table)
+    if name in list_table_names(db):
+        _lance(f"drop the canary table {name!r}", lambda: db.drop_table(name))
+
+
+def hand_over_canaries(db: Any, staging: str, live: str) -> str | None:
+    """After a rebuild's swap: the staging table's canaries become the live table's.
+
+    The live table's old canaries describe vectors it no longer holds, so they are replaced,
+    or dropped when the staging table has none (the next refresh that embeds records them).
+    The staging sidecar is removed.
+
+    Returns:
+        None, or a warning when the store failed (the swap itself is committed).
+    """
+    from qwen3_pipeline.store import list_table_names
+
+    source, target = canary_table_name(staging), canary_table_name(live)
+    try:
+        if source not in list_table_names(db):
+            drop_canaries(db, live)
+            return None
+        rows = _lance(f"read the canaries in {source!r}", lambda: db.open_table(source).to_arrow())
+        if target in list_table_names(db):
+            _lance(
+                f"overwrite the canaries in {target!r}",
+                lambda: db.open_table(target).add(rows, mode="overwrite"),
+            )
+        else:
+            _lance(
+                f"create the canary table {target!r}",
+                lambda: db.create_table(target, data=rows),
+            )
+        drop_canaries(db, staging)
+    except StoreError as e:
+        warning = (
+            f"the drift canaries of the rebuilt table {live!r} were not handed over from "
+            f"{source!r} ({e}); the next refresh may report a drift that is not there "
+            "(--accept-drift re-records them) or record them anew"
+        )
+        logger.warning("%s", warning)
+        return warning
+    return None
+
+
 def _lance(what: str, action: Callable[[], _T]) -> _T:
     """Run a LanceDB call of the canary table, its errors typed as :class:`StoreError`."""
     from qwen3_pipeline.store import store_error
@@ -227,6 +306,13 @@ def _lance(what: str, action: Callable[[], _T]) -> _T:
 
 def drift_message(table: str, spec: EmbeddingSpec, check: CanaryCheck) -> str:
     """What :class:`EmbeddingDriftError` says: what was found, the likely causes, the ways out."""
+    if REBUILD_MARKER in table:
+        way_out = (
+            f"drop the staging table {table!r} (and {canary_table_name(table)!r}) to start "
+            "the rebuild over with this model"
+        )
+    else:
+        way_out = "rebuild the table with this model (--rebuild)"
     return (
         f"the loaded model no longer reproduces the vectors of table {table!r}: its canary "
         f"texts now embed at a minimum cosine of {check.min_cosine:.6f} to the recorded vectors "
@@ -234,7 +320,7 @@ def drift_message(table: str, spec: EmbeddingSpec, check: CanaryCheck) -> str:
         f"(model={spec.model} revision={spec.revision} dim={spec.dim}). Likely causes: a "
         "library upgrade (transformers, torch, sentence-transformers), different weights under "
         "the same name or path, another dtype or attention implementation. Nothing was "
-        "written. Ways out: rebuild the table with this model (--rebuild), pin the old "
+        f"written. Ways out: {way_out}, pin the old "
         "weights/libraries again, or accept the drift (--accept-drift / accept_drift=True) to "
         "write anyway and re-record the canaries (the report says so)"
     )
@@ -242,6 +328,11 @@ def drift_message(table: str, spec: EmbeddingSpec, check: CanaryCheck) -> str:
 
 class DriftGuard:
     """An embedder that checks the table's canaries before its first real model call.
+
+    The writers also tell it of each commit of vectors (:meth:`after_commit`): the first one
+    records the canaries when the table has none (or after an accepted drift). Before vectors
+    of a donor table are re-projected, :meth:`verify_donor` checks that the loaded model
+    reproduces the donor's canaries, and :meth:`check_now` checks this table's.
 
     Args:
         embedder: The refresh's embedder.
@@ -266,6 +357,8 @@ class DriftGuard:
         self.checked = False
         self.samples: list[str] = []
         self.warnings: list[str] = []
+        self.canaries_recorded = 0
+        self._recording_done = False
 
     @property
     def spec(self) -> EmbeddingSpec:
@@ -278,13 +371,83 @@ class DriftGuard:
         """Check the canaries once, then embed ``texts`` (keeping a few as future samples)."""
         if not self.checked:
             self._check()
-        if len(self.samples) < SAMPLE_SIZE:
-            self.samples.extend(t for t in texts[: SAMPLE_SIZE - len(self.samples)] if t.strip())
+        self._add_samples(texts)
         return embed_reporting(self.embedder, list(texts), on_batch)
+
+    def _add_samples(self, texts: Sequence[str]) -> None:
+        for text in texts:
+            if len(self.samples) >= SAMPLE_SIZE:
+                return
+            if text.strip() and text not in self.samples:
+                self.samples.append(text)
 
     def embed_queries(self, queries: Sequence[str]) -> EncodeResult:
         """Embed queries (no check: queries write nothing)."""
         return self.embedder.embed_queries(queries)
+
+    def check_now(self) -> CanaryCheck | None:
+        """Check this table's canaries now, unless done (before re-projected rows are written).
+
+        Raises:
+            EmbeddingDriftError: They drifted and the drift is not accepted.
+        """
+        if not self.checked:
+            self._check()
+        return self.result
+
+    def verify_donor(self, table: str, spec: EmbeddingSpec) -> str | None:
+        """Why the vectors of ``table`` (holding ``spec``) must not be re-projected, or None.
+
+        They may be only when the loaded model reproduces that table's canaries (its recorded
+        vectors cut to this table's dim) at the threshold: otherwise they come from other
+        weights, libraries or settings than this refresh's, whatever the specs say. A table
+        whose canaries were re-recorded after an accepted drift holds vectors of two models
+        and is no donor either; an accepted drift of this table does not extend to a donor.
+
+        Returns:
+            None when the donor's canaries pass; else the reason, for the report's warning.
+        """
+        donor = Canaries(self.canaries.db, table, spec)
+        try:
+            rows = donor.recorded()
+            if rows is None:
+                return (
+                    "it has no drift canaries for its spec, so nothing shows that its vectors "
+                    "come from the loaded model"
+                )
+            if any(rows["accepted_drift"].to_pylist()):
+                return (
+                    "its drift canaries were re-recorded after an accepted drift, so it holds "
+                    "vectors of two models until it is rebuilt"
+                )
+            check = donor.check(self.embedder, self.threshold, rows=rows)
+        except StoreError as e:
+            return f"its drift canaries could not be read ({e})"
+        assert check is not None  # rows were recorded
+        if not check.passed:
+            return (
+                f"the loaded model reproduces its drift canaries only at a minimum cosine of "
+                f"{check.min_cosine:.6f} (threshold {self.threshold}): its vectors come from "
+                "other weights or libraries"
+            )
+        return None
+
+    def after_commit(self, texts: Sequence[str], *, run_id: str) -> int:
+        """Vectors were committed: with the first commit, record the canaries if needed.
+
+        Recorded when the table has none for this spec, or after an accepted drift, once per
+        refresh; ``texts`` (the committed documents) give the samples when the model has not
+        seen any (rows re-projected from a verified donor).
+
+        Returns:
+            How many canaries were recorded now.
+        """
+        self._add_samples(texts)
+        if self._recording_done or not self.checked:
+            return 0
+        self._recording_done = True
+        self.canaries_recorded = self.record_if_needed(run_id=run_id, wrote=True)
+        return self.canaries_recorded
 
     def _check(self) -> None:
         self.checked = True
@@ -317,8 +480,9 @@ class DriftGuard:
 
         Args:
             run_id: The refresh's run id (lineage of the canaries).
-            wrote: Whether the refresh wrote vectors made by the model (only then is the
-                loaded model known to be the one the table's vectors come from).
+            wrote: Whether the refresh committed vectors made by the model, or re-projected
+                from a donor it verified (only then is the loaded model known to be the one
+                the table's vectors come from).
 
         Returns:
             How many canaries were recorded.

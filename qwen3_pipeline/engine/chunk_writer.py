@@ -92,6 +92,8 @@ class ChunkWriter(RowWriter):
         if written is not None:
             tally.commits += 1
             tally.total["chunks_deleted"] += written.deleted
+            if self.guard is not None and rows.num_rows:
+                self.guard.after_commit((), run_id=self.run_id)
         tally.total["chunks_written"] += rows.num_rows
         tally.total["chunks_reused"] += int((~embed & row_ok).sum())
         bar.update(docs.num_rows)

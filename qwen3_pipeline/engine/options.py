@@ -53,7 +53,8 @@ class RefreshOptions:
         max_delete_share: The largest share of the stored scope a refresh may delete.
         reproject: Derive vectors from a table of the same database that holds the same model
             at a larger or equal dim, for rows whose text it holds unchanged (Matryoshka
-            re-projection, no model call).
+            re-projection, no model call for those rows); only from a table whose drift
+            canaries the loaded model reproduces (verifying them loads the model).
         drift_threshold: Minimum cosine between the table's recorded canary vectors and the
             loaded model's; below it the refresh stops before writing.
         accept_drift: Write anyway when the canaries drifted, and re-record them.

@@ -10,7 +10,9 @@ the stored-state index, whatever the scope's size. Nothing is written to the vec
 after a plan, nothing can fail for a reason the source could have told us.
 
 A dry run is the plan printed (``qwen3-pipeline refresh --dry-run``); :mod:`.apply` carries it
-out. :func:`check_mass_delete` refuses a plan that would delete too much of the table.
+out. :func:`check_mass_delete` refuses a plan that would delete too much of the table; for a
+rebuild, too much of the live table that its swap replaces (the plan of a rebuild counts the
+live rows the new table would not hold, by a key-only read of the live table).
 """
 
 import logging
@@ -21,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -43,7 +46,12 @@ from qwen3_pipeline.engine.options import (
     RefreshRequest,
 )
 from qwen3_pipeline.engine.report import PLAN_COUNTERS, Tally
-from qwen3_pipeline.engine.scan import Scan, read_spill  # noqa: F401  (read_spill: its old home)
+from qwen3_pipeline.engine.scan import (  # noqa: F401  (read_spill: its old home)
+    LiveKeys,
+    Scan,
+    key_codes,
+    read_spill,
+)
 from qwen3_pipeline.sources import (
     Source,
     SourceConfig,
@@ -71,10 +79,16 @@ def table_spec_for(spec: EmbeddingSpec, config: SourceConfig) -> EmbeddingSpec:
     that a full chunk fits the model's ``max_length``.
 
     Raises:
-        ConfigError: Chunks of ``config.chunking.tokens`` would be truncated.
+        ConfigError: Chunks of ``config.chunking.tokens`` would be truncated, or what cutting
+            needs (a code splitter's tree-sitter grammar) is not installed.
     """
     if config.chunking is None:
         return spec
+    # Checked here, the plan's first step, so nothing (no table, no spec) is written for a
+    # run that could not cut its documents. Imported here: the chunker pulls in the splitter.
+    from qwen3_pipeline.chunking.chunker import check_chunking
+
+    check_chunking(config.chunking)
     prompt_tokens = len(spec.document_prompt or "")  # an upper bound: >= 1 character per token
     config.chunking.check_fits(spec.max_length, _CHUNK_RESERVED_TOKENS + prompt_tokens)
     return spec.with_chunking(config.chunking.as_json())
@@ -117,7 +131,8 @@ class RefreshPlan:
         rebuild: Whether the apply rebuilds into a staging table and swaps it in.
         partition_keys: The scope (None: the whole table).
         table_exists: Whether the target table existed when planned.
-        stored_rows: Stored rows in the scope when planned.
+        stored_rows: Stored rows in the scope of the target table when planned (for a
+            rebuild: of the staging table, which a resumed rebuild finds part-filled).
         counts: Planned rows per counter of ``PLAN_COUNTERS``.
         rows_to_embed: Rows the model will embed (for a chunk table: documents to chunk,
             whose chunks not already stored are embedded).
@@ -126,6 +141,10 @@ class RefreshPlan:
         per_partition: Planned counters per partition key.
         seconds: Time the plan took.
         work: The listed work (spill files, delete keys).
+        live_rows: For a rebuild: rows (documents, in a chunk table) of the live table that
+            the swap replaces (0 when there is none yet, or it could not be read).
+        live_rows_dropped: For a rebuild: live rows the swap would drop, their key gone
+            from the source or their text now blank (a key-only comparison).
     """
 
     table_uri: str
@@ -144,10 +163,17 @@ class RefreshPlan:
     seconds: float
     work: PlannedWork = field(repr=False)
     spill_dir: Path | None = field(default=None, repr=False)
+    live_rows: int = 0
+    live_rows_dropped: int = 0
 
     @property
     def delete_share(self) -> float:
-        """Share of the stored rows in scope that the plan deletes (0 for an empty table)."""
+        """Share of the stored rows in scope that the plan deletes (0 for an empty table).
+
+        For a rebuild: the share of the live table's rows that the swap would drop.
+        """
+        if self.rebuild:
+            return self.live_rows_dropped / self.live_rows if self.live_rows else 0.0
         return self.counts["deleted"] / self.stored_rows if self.stored_rows else 0.0
 
     @property
@@ -159,7 +185,15 @@ class RefreshPlan:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        """The plan as JSON-ready data: the report's counters plus the work for the model."""
+        """The plan as JSON-ready data: the report's counters plus the work for the model.
+
+        A rebuild's plan adds ``live_rows`` and ``live_rows_dropped`` (what the swap drops).
+        """
+        swap = (
+            {"live_rows": self.live_rows, "live_rows_dropped": self.live_rows_dropped}
+            if self.rebuild
+            else {}
+        )
         return {
             **self.counts,
             "rows_to_embed": self.rows_to_embed,
@@ -167,6 +201,7 @@ class RefreshPlan:
             "tokens_estimated": self.tokens_estimated,
             "stored_rows": self.stored_rows,
             "delete_share": round(self.delete_share, 6),
+            **swap,
             "rebuild": self.rebuild,
             "table_uri": self.table_uri,
             "table_name": self.table_name,
@@ -182,11 +217,17 @@ class RefreshPlan:
         """One line for logs."""
         c = self.counts
         tokens = f"{'~' if self.tokens_estimated else ''}{self.tokens_to_embed}"
+        swap = (
+            f"; the swap drops {self.live_rows_dropped} of {self.live_rows} live rows"
+            if self.rebuild
+            else ""
+        )
         return (
             f"plan for {self.table_name}: {c['scanned']} scanned, {c['inserted']} to insert, "
             f"{c['updated']} to update, {c['moved']} to move, {c['carry_updated']} carry "
             f"updates, {c['deleted']} to delete, {c['unchanged']} unchanged, "
             f"{c['skipped_empty']} blank; {self.rows_to_embed} rows / {tokens} tokens to embed"
+            f"{swap}"
         )
 
     def close(self) -> None:
@@ -268,12 +309,15 @@ def plan_scope(request: RefreshRequest) -> RefreshPlan:
             "run the rebuild over all partitions"
         )
     stored = _StoredScope.read(request, scope)
+    live, unread = _live_keys(request, stored.source_key_type) if options.rebuild else (None, None)
     directory = Path(tempfile.mkdtemp(prefix="qwen3-plan-", dir=options.spill_dir))
     try:
-        scan, work = _scan_source(request, stored, scope, directory)
+        scan, work = _scan_source(request, stored, scope, directory, live)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
+    if unread is not None:
+        work.tally.warnings.append(unread)
     planned = scan.planned
     plan = RefreshPlan(
         table_uri=request.db_uri,
@@ -292,9 +336,59 @@ def plan_scope(request: RefreshRequest) -> RefreshPlan:
         seconds=time.perf_counter() - started,
         work=work,
         spill_dir=directory,
+        live_rows=0 if live is None else live.rows,
+        live_rows_dropped=0 if live is None else live.dropped,
     )
     logger.info("%s", plan.summary())
     return plan
+
+
+def _live_keys(
+    request: RefreshRequest, source_key_type: pa.DataType
+) -> tuple[LiveKeys | None, str | None]:
+    """The keys of the live table a rebuild replaces (None when it does not exist yet).
+
+    Only the key column is read (for a chunk table, the document key of each chunk 0), in
+    batches, into one 8-byte code per key. A live table that cannot be read (a rebuild is
+    the way out of a damaged table) is not judged: the second value is the warning that the
+    report carries.
+
+    Raises:
+        StoreError: The database could not be listed.
+    """
+    from lancedb.expr import col
+
+    from qwen3_pipeline.store import list_table_names, store_error
+    from qwen3_pipeline.store.connection import connect
+
+    db = connect(request.db_uri, request.storage_options)
+    if request.table not in list_table_names(db):
+        return None, None
+    try:
+        table = db.open_table(request.table)
+        chunked = DOC_KEY_COLUMN in table.schema.names
+        column = DOC_KEY_COLUMN if chunked else "key"
+        integer = pa.types.is_integer(table.schema.field(column).type) and pa.types.is_integer(
+            source_key_type
+        )
+        query = table.search().select([column])
+        if chunked:
+            query = query.where(col("chunk_seq") == 0)  # every stored document has chunk 0
+        codes = [
+            key_codes(batch.column(0), integer)
+            for batch in query.to_batches(batch_size=65_536)
+            if batch.num_rows
+        ]
+    except Exception as e:  # LanceDB raises RuntimeError/OSError/ValueError alike
+        error = store_error(e, f"read the keys of table {request.table!r}")
+        warning = (
+            f"the live table {request.table!r} could not be read ({error}), so the mass-delete "
+            "guard could not count the rows the rebuild's swap drops"
+        )
+        logger.warning("%s", warning)
+        return None, warning
+    codes_all = np.concatenate(codes) if codes else np.zeros(0, np.int64)
+    return LiveKeys(codes_all, integer=integer), None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -308,6 +402,7 @@ class _StoredScope:
         existing: The stored state (key, hashes, partition, carry) the diff reads.
         carry_targets: The type each carry column will be written as.
         rows: Stored rows in the scope.
+        source_key_type: The type of the source's keys.
     """
 
     spec: EmbeddingSpec
@@ -316,6 +411,7 @@ class _StoredScope:
     existing: ExistingIndex
     carry_targets: dict[str, pa.DataType]
     rows: int
+    source_key_type: pa.DataType
 
     @classmethod
     def read(cls, request: RefreshRequest, scope: list[str] | None) -> "_StoredScope":
@@ -363,11 +459,16 @@ class _StoredScope:
             existing=existing,
             carry_targets=carry_targets,
             rows=_stored_in_scope(existing, scope),
+            source_key_type=schema.field("key").type,
         )
 
 
 def _scan_source(
-    request: RefreshRequest, stored: _StoredScope, scope: list[str] | None, directory: Path
+    request: RefreshRequest,
+    stored: _StoredScope,
+    scope: list[str] | None,
+    directory: Path,
+    live: LiveKeys | None = None,
 ) -> tuple[Scan, PlannedWork]:
     """Read the scope batch by batch into the diff; the work spilled under ``directory``."""
     source, config, options = request.source, request.config, request.options
@@ -381,8 +482,9 @@ def _scan_source(
         # would cost as much as chunking them.
         token_counter=None if stored.spec.chunking else token_counter_of(request.embedder),
         directory=directory,
+        live=live,
     )
-    estimate = max(stored.rows, 1)
+    estimate = max(stored.rows, 0 if live is None else live.rows, 1)
     with Progress(estimate, f"planning {request.table}", enabled=options.progress) as bar:
         for batch in read_batches(source, config, batch_rows=options.chunk_rows):
             scan.add(batch)
@@ -410,6 +512,10 @@ def check_mass_delete(
     An empty source over a non-empty table is always refused (one broken upstream job must
     not empty a production index), whatever the share, unless ``allow_mass_delete``.
 
+    A rebuild is judged by its swap: the rows of the live table that the new table would not
+    hold (``live_rows_dropped`` of ``live_rows``), by the same rules, not by the staging
+    table it writes.
+
     Raises:
         ConfigError: ``max_delete_share`` is not in 0..1.
         MassDeleteError: The plan deletes too much (nothing has been written).
@@ -419,6 +525,9 @@ def check_mass_delete(
     """
     if isinstance(max_delete_share, bool) or not 0.0 <= float(max_delete_share) <= 1.0:
         raise ConfigError(f"max_delete_share must be in 0..1, got {max_delete_share!r}")
+    if plan.rebuild:
+        _check_swap(plan, max_delete_share=max_delete_share, allow_mass_delete=allow_mass_delete)
+        return
     if allow_mass_delete or not plan.stored_rows:
         return
     deleted, stored = plan.counts["deleted"], plan.stored_rows
@@ -438,6 +547,29 @@ def check_mass_delete(
             f"({plan.delete_share:.1%}, more than the allowed {max_delete_share:.0%}). Check "
             "the source; if the deletes are intended, re-run with --allow-mass-delete "
             "(allow_mass_delete=True) or raise max_delete_share. Nothing was written"
+        )
+
+
+def _check_swap(plan: RefreshPlan, *, max_delete_share: float, allow_mass_delete: bool) -> None:
+    """The mass-delete guard of a rebuild: the live rows its swap would drop."""
+    if allow_mass_delete or not plan.live_rows:
+        return
+    dropped, live = plan.live_rows_dropped, plan.live_rows
+    where = f"table {plan.table_name!r}"
+    if plan.counts["scanned"] == 0:
+        raise MassDeleteError(
+            f"the source has no rows but {where} holds {live} row(s): the rebuild would swap "
+            "in an empty table, deleting all of them. Check the upstream job that builds the "
+            "source; if the source is really empty now, re-run with --allow-mass-delete "
+            "(allow_mass_delete=True). Nothing was written"
+        )
+    if plan.delete_share > max_delete_share:
+        raise MassDeleteError(
+            f"the rebuild would drop {dropped} of the {live} row(s) of {where} when swapped "
+            f"in ({plan.delete_share:.1%}, more than the allowed {max_delete_share:.0%}): their "
+            "keys are gone from the source or their text is now blank. Check the source; if "
+            "the deletes are intended, re-run with --allow-mass-delete (allow_mass_delete=True) "
+            "or raise max_delete_share. Nothing was written"
         )
 
 

@@ -8,7 +8,8 @@ Dagster, Airflow) runs the same sequence in :func:`run_refresh`:
 2. **plan** (:func:`~.plan.plan_scope`): read the whole scope, hash, diff; exact counts, the
    work spilled to disk, nothing written (over several shards: every shard planned first,
    :mod:`.shards`);
-3. **guard** (:func:`~.plan.guard_plan`): refuse a plan that deletes too much;
+3. **guard** (:func:`~.plan.guard_plan`): refuse a plan that deletes too much (a rebuild: too
+   much of the live table its swap replaces);
 4. **canary**: before the model's first write, the drift guard re-embeds the table's canary
    texts (:mod:`.canary`);
 5. **apply** (:func:`~.apply.apply_plan`): embed new and changed rows, write in chunks,

@@ -116,8 +116,8 @@ class RefreshReport:
             loaded model's (None: not checked, nothing was embedded or none recorded yet).
         drift_accepted: The canaries drifted below the threshold and the refresh wrote anyway
             (``accept_drift``); they were re-recorded with this model.
-        canaries_recorded: Canaries recorded by this refresh (first fill, new spec, or after
-            an accepted drift).
+        canaries_recorded: Canaries recorded by this refresh, with its first commit of vectors
+            (first fill, new spec, a rebuild's staging table, or after an accepted drift).
         gate: For a gated rebuild, the decision (``GateDecision.as_dict()``: both tables'
             recall@k / nDCG@k, the deltas, ``passed`` and the reason); when it did not pass,
             live was not swapped and ``table_name`` is the staging table kept for inspection.
@@ -130,8 +130,10 @@ class RefreshReport:
         chunks_deleted: Stored chunks removed (cut differently, gone from a changed document,
             or of a deleted document).
         warnings: What went wrong without failing the refresh and without changing what it
-            wrote: a re-projection donor that could not be read (its rows were embedded
-            instead), drift canaries that could not be recorded. Empty on a clean run.
+            wrote: a re-projection donor that could not be read or whose drift canaries the
+            loaded model does not reproduce (its rows were embedded instead), drift canaries
+            that could not be recorded or handed over by a rebuild's swap, a live table whose
+            keys a rebuild could not count for the mass-delete guard. Empty on a clean run.
     """
 
     scanned: int = 0

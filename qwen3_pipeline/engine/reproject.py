@@ -13,6 +13,12 @@ A :class:`Donor` is such a table: the live table during an in-place rebuild
 ``docs_256`` is first filled). The apply pass asks it for each batch of rows to embed; rows it
 holds with the same content hash are re-projected, the rest go to the model. Only row tables
 (one vector per source row) are re-projected; a chunk table is embedded as usual.
+
+Equal specs do not make equal vectors: weights re-uploaded under the same name, or another
+library version, give other vectors under the same spec. So a donor is used only when the
+loaded model reproduces its drift canaries (``verify`` of :func:`find_donor`, which the
+refresh's :class:`~qwen3_pipeline.engine.canary.DriftGuard` provides); a rebuild after a
+drift therefore embeds every row instead of copying the old vectors.
 """
 
 import logging
@@ -196,6 +202,7 @@ def find_donor(
     *,
     prefer: str | None = None,
     warnings: list[str] | None = None,
+    verify: Callable[[str, EmbeddingSpec], str | None] | None = None,
 ) -> Donor | None:
     """The table of ``db`` whose vectors ``target`` can be re-projected from, if any.
 
@@ -207,18 +214,34 @@ def find_donor(
     it): re-projection only saves model calls, and another table's damage must not fail this
     refresh.
 
+    ``verify(name, spec)`` (the drift guard's :meth:`~qwen3_pipeline.engine.canary.DriftGuard.
+    verify_donor`) is asked about each qualifying table in that order until one passes; a
+    table it refuses is not used, with its reason in ``warnings``. Without it every
+    qualifying table is trusted (tests that inject no drift guard).
+
     Args:
         db: A ``lancedb`` connection.
         table_names: The tables to consider (e.g. every table of the database).
         target: The spec being written.
         prefer: A table to take first when it qualifies.
         warnings: Where to add a line for each table passed over because it could not be read
-            (None: logged only).
+            or was refused by ``verify`` (None: logged only).
+        verify: Says why a qualifying table must not be used (None: it may), e.g.
+            :meth:`~qwen3_pipeline.engine.canary.DriftGuard.verify_donor`; None trusts all.
     """
     from qwen3_pipeline.store import store_error
 
     def pass_over(name: str, error: BaseException) -> None:
         warning = f"table {name!r} was not considered for re-projection: {error}"
+        logger.warning("%s", warning)
+        if warnings is not None:
+            warnings.append(warning)
+
+    def refused(name: str, reason: str) -> None:
+        warning = (
+            f"table {name!r} is not used for re-projection: {reason}; its rows are embedded "
+            "by the model instead"
+        )
         logger.warning("%s", warning)
         if warnings is not None:
             warnings.append(warning)
@@ -241,10 +264,12 @@ def find_donor(
             pass_over(name, e)
             continue
         if can_reproject(target, stored):
-            donor = Donor(table, name, stored, target)
-            if name == prefer:
-                return donor
-            candidates.append(donor)
-    if not candidates:
-        return None
-    return min(candidates, key=lambda d: d.spec.output_dim)
+            candidates.append(Donor(table, name, stored, target))
+    # The preferred table first, then the smallest dim (a stable sort keeps names in order).
+    candidates.sort(key=lambda d: (d.name != prefer, d.spec.output_dim))
+    for donor in candidates:
+        reason = None if verify is None else verify(donor.name, donor.spec)
+        if reason is None:
+            return donor
+        refused(donor.name, reason)
+    return None

@@ -5,7 +5,9 @@ embedded in one call (rows a donor table holds unchanged are re-projected instea
 that cannot be read is dropped with a warning in the report), the rows the model failed on are
 left out (they keep their old vectors and are counted as failed), and the rest is upserted in
 one ``merge_insert`` commit. Rows that only moved partition or changed carry-along columns get
-a column update, no model call.
+a column update, no model call. After each commit of vectors the drift guard hears of it
+(:meth:`~qwen3_pipeline.engine.canary.DriftGuard.after_commit`): the first one records the
+table's canaries when it has none.
 """
 
 import logging
@@ -25,6 +27,7 @@ from qwen3_pipeline.core.schema import (
     TIMESTAMP_TYPE,
 )
 from qwen3_pipeline.embedding.interface import Embedder, EncodeResult, EncodeStats, embed_reporting
+from qwen3_pipeline.engine.canary import SAMPLE_SIZE, DriftGuard
 from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES, Tally
 from qwen3_pipeline.engine.reproject import Donor, Reprojected
 from qwen3_pipeline.store import VectorStore
@@ -52,6 +55,7 @@ class RowWriter:
         self.label = label
         self.run_id = run_id
         self.donor: Donor | None = None
+        self.guard: DriftGuard | None = None
 
     def write_updates(self, rows: pa.Table) -> None:
         """Update the moved or carry-only rows of ``rows`` (one commit, no model call)."""
@@ -133,7 +137,11 @@ class RowWriter:
                 None if encoded.embedded_at is None else encoded.embedded_at.filter(pa.array(ok))
             ),
         )
-        tally.commits += store.upsert(rows_to_write) is not None
+        committed = store.upsert(rows_to_write) is not None
+        tally.commits += committed
+        if committed and self.guard is not None:
+            samples = written.column(TEXT_COLUMN).slice(0, SAMPLE_SIZE).to_pylist()
+            self.guard.after_commit(samples, run_id=self.run_id)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,7 +4,8 @@
 the table's types (a value that does not fit is bad input, named by key), hashes the texts,
 diffs them against the stored index, counts every row, spills the rows to embed and the rows
 to update to Arrow IPC files (:class:`Spill`), and tracks which stored keys the scope still
-holds. :func:`read_spill` streams a spill file back in bounded tables for the apply pass.
+holds (for a rebuild, also which keys of the live table: :class:`LiveKeys`). :func:`read_spill`
+streams a spill file back in bounded tables for the apply pass.
 """
 
 import logging
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import xxhash
 
 from qwen3_pipeline.core.changes import (
     EMBED_STATUSES,
@@ -65,11 +67,59 @@ class Spill:
         return self.path
 
 
+def key_codes(keys: pa.Array | pa.ChunkedArray, integer: bool) -> np.ndarray:
+    """``int64`` codes of keys: integers as they are, else the 64-bit xxh3 of their text."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    if integer:
+        return np.asarray(keys.cast(pa.int64()).to_numpy(zero_copy_only=False), dtype=np.int64)
+    values = keys.cast(pa.string()).to_pylist()
+    digests = map(xxhash.xxh3_64_intdigest, map(str.encode, values))
+    return np.fromiter(digests, dtype=np.uint64, count=len(values)).view(np.int64)
+
+
+class LiveKeys:
+    """The keys of the live table a rebuild replaces, and which of them the source still has.
+
+    A rebuild fills a staging table and swaps it in whole, so every live row whose key the
+    source no longer has (or whose text is now blank) is dropped by the swap. The plan counts
+    them for the mass-delete guard by a key-only comparison: one 8-byte code per live key
+    (an integer key as it is; otherwise, or when the source's keys are of another kind, the
+    64-bit hash of the key's text), never the rows themselves.
+
+    Args:
+        codes: :func:`key_codes` of the live table's keys (documents, for a chunk table).
+        integer: Whether the codes are integer keys (else hashes of the keys' text).
+    """
+
+    def __init__(self, codes: np.ndarray, *, integer: bool) -> None:
+        self.integer = integer
+        self.rows = len(codes)
+        self._codes = np.unique(codes)  # sorted, for searchsorted
+        self._seen = np.zeros(len(self._codes), dtype=bool)
+
+    def observe(self, keys: pa.Array | pa.ChunkedArray) -> None:
+        """Mark the live keys among ``keys`` (source keys the new table will hold) as kept."""
+        if not len(keys) or not len(self._codes):
+            return
+        codes = key_codes(keys, self.integer)
+        at = np.searchsorted(self._codes, codes)
+        inside = at < len(self._codes)
+        at = at[inside]
+        self._seen[at[self._codes[at] == codes[inside]]] = True
+
+    @property
+    def dropped(self) -> int:
+        """Live keys not observed: the rows the swap would drop."""
+        return int(len(self._seen) - np.count_nonzero(self._seen))
+
+
 class Scan:
     """Per-batch diff of the plan: counts, spills the work, tracks the scope's keys.
 
     Feed it every batch of the scope with :meth:`add`; then :meth:`deletions` lists the
-    stored keys to delete (gone from the source, or now blank).
+    stored keys to delete (gone from the source, or now blank). For a rebuild, ``live``
+    follows which keys of the live table the new table keeps.
     """
 
     def __init__(
@@ -81,8 +131,10 @@ class Scan:
         carry_targets: dict[str, pa.DataType],
         token_counter: TokenCounter | None,
         directory: Path,
+        live: LiveKeys | None = None,
     ) -> None:
         self.existing = existing
+        self.live = live
         self.tracker = ScopeTracker(existing)
         self.fingerprint = fingerprint
         self.carry_names = carry_names
@@ -120,6 +172,8 @@ class Scan:
         self.tracker.observe(keys, result.existing_rows)
         blank = blank_mask(texts)
         live = ~blank
+        if self.live is not None:
+            self.live.observe(keys.filter(pa.array(live)))
         status = result.status
         for tally in (self.tally, self.planned):
             tally.add("scanned", partitions)
