@@ -10,19 +10,30 @@ and a non-zero exit status:
 - 1 (:data:`EXIT_FAILED_ROWS`): rows could not be embedded. ``embed`` writes nothing;
   ``refresh`` prints its report first (the failed rows keep their old vectors).
 - 1 (:data:`EXIT_INTERNAL`): a transient failure (commit conflicts outlasting the retries,
-  object-store I/O, a locked DuckDB file: re-running may succeed) or any other exception, a bug
-  or an environment problem; ``--debug`` adds the traceback.
+  object-store I/O, a locked DuckDB file, a Ray cluster that cannot be reached: re-running may
+  succeed) or any other exception, a bug or an environment problem; ``--debug`` adds the
+  traceback.
 - 130 (:data:`EXIT_INTERRUPTED`): Ctrl-C.
+- 143 (:data:`EXIT_TERMINATED`): SIGTERM. It is turned into an exception, so the run unwinds
+  as for Ctrl-C: the plan's spill files are removed and the table stays at its last commit.
+
+No error line repeats a secret: each goes through
+:func:`~qwen3_pipeline.core.errors.redact_secrets` (URL passwords, ``password=`` values).
 """
 
 import argparse
 import json
 import logging
+import math
 import os
+import re
+import signal
 import sys
 import tempfile
+import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +48,7 @@ from qwen3_pipeline.core.errors import (
     Qwen3PipelineError,
     SpecMismatchError,
     TransientError,
+    redact_secrets,
 )
 from qwen3_pipeline.core.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
 from qwen3_pipeline.embedding.engines import ENGINES, EngineOptions, open_embedder
@@ -50,6 +62,7 @@ EXIT_BAD_INPUT = 2
 EXIT_FAILED_ROWS = 1
 EXIT_INTERNAL = 1
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 # How many line numbers an error message lists before "(+N more)".
 _SHOWN = 10
@@ -65,9 +78,12 @@ _INTERRUPTED = {
 _DEBUG_HELP = "on an error, also print the full traceback on stderr"
 
 _EXIT_STATUSES = (
-    "exit status: 0 done; 1 rows could not be embedded, or an internal error; 2 bad input, "
-    "configuration or state (nothing written); 130 interrupted"
+    "exit status: 0 done; 1 rows could not be embedded, a transient failure (re-run) or an "
+    "internal error; 2 bad input, configuration or state (nothing written); 130 interrupted "
+    "(Ctrl-C); 143 terminated (SIGTERM)"
 )
+# What --ray-address accepts: auto, or [ray://]HOST:PORT (a bracketed IPv6 host too).
+_RAY_ADDRESS = re.compile(r"^(?:auto|(?:ray://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):\d{1,5})$")
 
 _EMBED_DESCRIPTION = """\
 Embed a file of texts into a float32 [rows, dim] .npy array, in input order.
@@ -257,11 +273,21 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     Raises:
         ConfigError: Ray flags without ``--engine ray``, or an invalid value.
     """
-    ray_flags = args.workers is not None or args.ray_address or args.gpus_per_worker is not None
+    ray_flags = (
+        args.workers is not None or args.ray_address is not None or args.gpus_per_worker is not None
+    )
     if args.engine == "local" and ray_flags:
         raise ConfigError(
             "--workers, --ray-address and --gpus-per-worker need --engine ray "
             "(the local engine is one model in this process)"
+        )
+    _require_positive("--workers", args.workers)
+    _require_positive("--max-batch-tokens", args.max_batch_tokens)
+    if args.ray_address is not None and not _RAY_ADDRESS.match(args.ray_address):
+        raise ConfigError(
+            f"--ray-address {args.ray_address!r} is not a Ray address: give auto (the cluster "
+            "this machine belongs to), ray://HEAD:10001 (Ray Client) or HEAD:6379 (the head "
+            "node's GCS)"
         )
     gpus = args.gpus_per_worker
     if args.engine == "ray" and gpus is None:
@@ -275,6 +301,64 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         dtype=args.dtype,
         max_batch_tokens=args.max_batch_tokens,
     )
+
+
+def _require_positive(flag: str, value: int | None) -> None:
+    """Refuse a count flag below 1 (0 would be silently read as "unset" or do nothing)."""
+    if value is not None and value < 1:
+        raise ConfigError(f"{flag} must be at least 1, got {value}")
+
+
+def _check_refresh_flags(args: argparse.Namespace) -> None:
+    """Refuse ``refresh`` flag values the engine would read as something else.
+
+    Raises:
+        ConfigError: ``--shards`` below 1, or a ``--drift-threshold`` outside (0, 1] (above 1
+            every model would fail the check; 0 or below would pass any model).
+    """
+    _require_positive("--shards", args.shards)
+    threshold = args.drift_threshold
+    if math.isnan(threshold) or not 0.0 < threshold <= 1.0:
+        raise ConfigError(
+            f"--drift-threshold must be a cosine in (0, 1] (default 0.999), got {threshold}: "
+            "above 1 no model could pass, at 0 or below any would; to write despite a drift, "
+            "pass --accept-drift"
+        )
+
+
+def _local_db(db: str) -> Path | None:
+    """The directory ``--db`` names, or None for an object-store or other URI."""
+    return None if "://" in db else Path(db).expanduser()
+
+
+def check_db(db: str, *, must_exist: bool) -> None:
+    """Check ``--db`` before LanceDB sees it (LanceDB creates a missing directory on connect).
+
+    Args:
+        db: The ``--db`` value (object-store URIs are not checked here).
+        must_exist: The command only reads (``search``, ``rollback``): a missing directory
+            is refused rather than created empty.
+
+    Raises:
+        ConfigError: ``--db`` is a regular file, lies under one, or (``must_exist``) does
+            not exist. Nothing is created.
+    """
+    path = _local_db(db)
+    if path is None:
+        return
+    if path.exists() and not path.is_dir():
+        raise ConfigError(
+            f"--db {db!r} is a file, not a LanceDB database directory; name a directory "
+            "(a refresh creates it)"
+        )
+    existing = next((p for p in path.parents if p.exists()), None)
+    if not path.exists() and existing is not None and not existing.is_dir():
+        raise ConfigError(f"--db {db!r} cannot be a directory: {str(existing)!r} is a file")
+    if must_exist and not path.exists():
+        raise ConfigError(
+            f"--db {db!r} does not exist, so it holds no table; check the path (a refresh "
+            "creates the database; nothing was created)"
+        )
 
 
 def _cuda_available() -> bool:
@@ -530,11 +614,13 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
     from qwen3_pipeline.engine.refresh import refresh
     from qwen3_pipeline.sources import Shard, Shards, SourceConfig, parse_shard, parse_source
 
+    _check_refresh_flags(args)
+    check_db(args.db, must_exist=False)
     options = engine_options(args)
     partition: Shard | Shards | None = None
     if args.shard:
         partition = Shard(*parse_shard(args.shard))
-    elif args.shards:
+    elif args.shards is not None:
         partition = Shards(args.shards)
     config = SourceConfig(
         key=args.key,
@@ -555,7 +641,7 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
 
     refresh_options = refresh_options_of(args)
     # Loaded on the first embed: a refresh with nothing to embed never loads the model.
-    with LazyEmbedder(spec, options) as embedder:
+    with _rebuild_lock(args), LazyEmbedder(spec, options) as embedder:
         report = refresh(
             source=source,
             config=config,
@@ -628,21 +714,80 @@ def _dry_run(args: argparse.Namespace, source: Any, config: Any, spec: Embedding
 
     tokenizer = Qwen3Encoder(spec, device="cpu", load_model=False, progress=False)
     options = refresh_options_of(args)
-    with plan_refresh(
-        source=source,
-        config=config,
-        embedder=tokenizer,
-        db_uri=args.db,
-        table=args.table,
-        options=options,
-    ) as plan:
+    with (
+        _database_to_plan(args.db) as db_uri,
+        plan_refresh(
+            source=source,
+            config=config,
+            embedder=tokenizer,
+            db_uri=db_uri,
+            table=args.table,
+            options=options,
+        ) as plan,
+    ):
         output = {"dry_run": True, **plan.as_dict(), "refused": None}
+        if db_uri != args.db:  # planned against an empty stand-in: show the real URI
+            output["table_uri"] = args.db
         try:
             guard_plan(plan, options)
         except MassDeleteError as e:
             print(json.dumps({**output, "refused": str(e)}, default=str))
             raise
     return output
+
+
+@contextmanager
+def _rebuild_lock(args: argparse.Namespace) -> Iterator[None]:
+    """Hold an exclusive lock on ``--db``/``--table`` while a ``--rebuild`` runs (local --db).
+
+    Two rebuilds of one table to one spec share its staging table (that is how an interrupted
+    rebuild resumes): run at once, the first to finish swaps it in and drops it under the
+    other, which then fails on files that vanished. The lock (an ``flock`` on a file in the
+    system temp directory, released when the process ends, however it ends) makes the second
+    rebuild stop before it starts, with a transient error: re-run it once the first is done.
+
+    Raises:
+        StoreConflictError: Another process holds the lock (exit 1, transient).
+    """
+    path = _local_db(args.db)
+    if not args.rebuild or path is None:
+        yield
+        return
+    import fcntl
+    import hashlib
+
+    from qwen3_pipeline.core.errors import StoreConflictError
+
+    locks = Path(tempfile.gettempdir()) / "qwen3-pipeline-locks"
+    locks.mkdir(exist_ok=True)
+    name = hashlib.sha256(f"{path.resolve()}\0{args.table}".encode()).hexdigest()[:24]
+    with open(locks / f"rebuild-{name}.lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreConflictError(
+                f"another rebuild of table {args.table!r} in {args.db!r} is running; run this "
+                "one when it is done (it resumes from the staging table, or finds nothing to do)"
+            ) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def _database_to_plan(db: str) -> Iterator[str]:
+    """``db``, or for a local database that does not exist yet an empty stand-in.
+
+    A dry run writes nothing, not even the database directory that connecting to LanceDB
+    would create: a first fill is planned against an empty temporary directory (removed after).
+    """
+    path = _local_db(db)
+    if path is None or path.exists():
+        yield db
+        return
+    with tempfile.TemporaryDirectory(prefix="qwen3-dry-run-") as empty:
+        yield empty
 
 
 def run_search(args: argparse.Namespace) -> dict[str, Any]:
@@ -652,6 +797,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     from qwen3_pipeline.consumers.vector_search import open_vector_table, search
     from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
+    check_db(args.db, must_exist=True)
     vectors = open_vector_table(args.db, args.table, version=args.version)
     if args.chunks and not vectors.chunked:
         # Refused before the model loads (search() would refuse it too, after).
@@ -697,6 +843,7 @@ def run_rollback(args: argparse.Namespace) -> dict[str, Any]:
     """
     from qwen3_pipeline.store import open_lance_table, rollback
 
+    check_db(args.db, must_exist=True)
     table = open_lance_table(args.db, args.table)
     return rollback(table, args.to).as_dict()
 
@@ -748,7 +895,40 @@ def _one_line(message: str) -> str:
 def _report_error(args: argparse.Namespace, error: BaseException, message: str) -> None:
     if getattr(args, "debug", False):
         traceback.print_exception(error, file=sys.stderr)
-    print(f"error: {_one_line(message)}", file=sys.stderr)
+    print(f"error: {redact_secrets(_one_line(message))}", file=sys.stderr)
+
+
+def _terminated_message(args: argparse.Namespace) -> str:
+    return _INTERRUPTED[args.command].replace("interrupted", "interrupted (SIGTERM)", 1)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that the run unwinds (context managers close).
+
+    A :class:`KeyboardInterrupt`, so that code which lets Ctrl-C through (``except
+    Exception`` does) lets it through too.
+    """
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into :class:`Terminated` while a command runs (main thread only).
+
+    A second SIGTERM during the unwinding ends the process at once (the default action).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -763,7 +943,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         0 on success, else :data:`EXIT_BAD_INPUT`, :data:`EXIT_FAILED_ROWS`,
-        :data:`EXIT_INTERNAL` or :data:`EXIT_INTERRUPTED`.
+        :data:`EXIT_INTERNAL`, :data:`EXIT_INTERRUPTED` or :data:`EXIT_TERMINATED`.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     args = build_parser().parse_args(argv)
@@ -774,7 +954,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rollback": run_rollback,
     }
     try:
-        output = handlers[args.command](args)
+        with _sigterm_raises():
+            output = handlers[args.command](args)
+    except Terminated as e:
+        _report_error(args, e, _terminated_message(args))
+        return EXIT_TERMINATED
+    except SystemExit as e:
+        # ray.init() replaces the SIGTERM handler with one that calls sys.exit(SIGTERM): with
+        # the Ray engine a SIGTERM arrives as this (the run has unwound the same way).
+        if getattr(args, "engine", None) != "ray" or e.code != signal.SIGTERM:
+            raise
+        _report_error(args, e, _terminated_message(args))
+        return EXIT_TERMINATED
     except KeyboardInterrupt as e:
         _report_error(args, e, _INTERRUPTED[args.command])
         return EXIT_INTERRUPTED
@@ -787,6 +978,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Qwen3PipelineError as e:
         _report_error(args, e, str(e))
         return EXIT_BAD_INPUT
+    except (ConnectionError, TimeoutError) as e:
+        # Raised by what the run connects to beyond the package's typed boundaries (a Ray
+        # cluster that is not up, a timeout): transient, as is_transient() decides it.
+        hint = " (check --ray-address)" if getattr(args, "ray_address", None) else ""
+        _report_error(
+            args,
+            e,
+            f"could not connect: {type(e).__name__}: {e}{hint} (a transient failure: "
+            "re-running may succeed)",
+        )
+        return EXIT_INTERNAL
     except Exception as e:
         detail = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
         hint = "" if args.debug else " (re-run with --debug for the traceback)"

@@ -591,3 +591,96 @@ def test_cli_refresh_from_postgres_end_to_end(
     assert "unavailable" in captured.err
     assert "transient" in captured.err
     assert PASSWORD not in captured.out + captured.err
+
+
+# --------------------------------------------------------------------------- hostile forms
+
+SECRET = "hunter2-S3cret"
+
+
+def _cli_refresh(source: str, model: Path, db: Path) -> list[str]:
+    return [
+        "refresh", "--source", source, "--key", "id", "--text", "body", "--db", str(db),
+        "--table", "docs", "--model", str(model), "--dim", "32", "--device", "cpu",
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("form", "source", "env", "expected"),
+    [
+        ("slash in password", f"postgresql://reader:ab/{SECRET}@127.0.0.1:1/app::docs", None,
+         "%2F"),
+        ("@ in password", f"postgresql://reader:ab@{SECRET}@127.0.0.1:1/app::docs", None, "%40"),
+        ("env, slash in password", "env:QWEN3_TEST_BAD_URL::docs",
+         f"postgresql://reader:ab/{SECRET}@127.0.0.1:1/app", "%2F"),
+        ("env, @ in password", "env:QWEN3_TEST_BAD_URL::docs",
+         f"postgres://reader:{SECRET}@x@127.0.0.1:1/app", "%40"),
+        ("SQLAlchemy URL", f"postgresql+psycopg://reader:{SECRET}@127.0.0.1:1/app::docs", None,
+         "SQLAlchemy"),
+        ("env, SQLAlchemy URL", "env:QWEN3_TEST_BAD_URL::docs",
+         f"postgresql+asyncpg://reader:{SECRET}@127.0.0.1:1/app", "SQLAlchemy"),
+        ("leading space, other scheme", f" pg://reader:{SECRET}@127.0.0.1:1/app::docs", None,
+         "not a PostgreSQL URL scheme"),
+        ("pg://", f"pg://reader:{SECRET}@127.0.0.1:1/app::docs", None,
+         "not a PostgreSQL URL scheme"),
+        ("one slash", f"postgresql:/reader:{SECRET}@127.0.0.1:1/app::docs", None,
+         "two slashes"),
+        ("space in password", f"postgresql://reader:ab {SECRET}@127.0.0.1:1/app::docs", None,
+         "%20"),
+        ("libpq key=value", f"host=127.0.0.1 port=1 user=reader password={SECRET} dbname=app::docs",
+         None, "key=value"),
+        ("JDBC URL", f"jdbc:postgresql://127.0.0.1:1/app?user=reader&password={SECRET}::docs",
+         None, "JDBC"),
+        ("no table", f"postgresql://reader:{SECRET}@127.0.0.1:1/app", None, "::TABLE_OR_QUERY"),
+        ("env, unparsable key=value", "env:QWEN3_TEST_BAD_URL::docs",
+         f"host=127.0.0.1 password={SECRET} {SECRET}-tail", "could not parse"),
+        ("Parquet path", f"parquet:/nowhere/password={SECRET}/docs.parquet", None,
+         "does not exist"),
+    ],
+)  # fmt: skip
+def test_no_source_form_prints_its_password(
+    form, source, env, expected, tiny_model_dir, tmp_path, monkeypatch, capsys
+):
+    if env is not None:
+        monkeypatch.setenv("QWEN3_TEST_BAD_URL", env)
+    db = tmp_path / "lancedb"
+    status = main(_cli_refresh(source, tiny_model_dir, db))
+    out, err = capsys.readouterr()
+    assert status == 2, err
+    assert SECRET not in out + err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, err
+    assert expected in errors[0]
+    assert "Traceback" not in err
+    assert not db.exists()  # refused before anything was created
+
+
+def test_the_scrubber_hides_passwords_of_every_form():
+    from qwen3_pipeline.core.errors import failure_message, redact_secrets
+
+    texts = [
+        f"postgresql://reader:{SECRET}@db:5432/app",
+        f"postgresql://reader:ab/{SECRET}@db:5432/app",
+        f"postgresql://reader:ab@{SECRET}@db:5432/app",
+        f"postgresql+psycopg://reader:{SECRET}@db/app",
+        f"host=db password={SECRET} dbname=app",
+        f"host=db password='{SECRET} with spaces' dbname=app",
+        f"jdbc:postgresql://db/app?user=reader&password={SECRET}&ssl=true",
+        f"PGPASSWORD={SECRET} psql",
+    ]
+    for text in texts:
+        assert SECRET not in redact_secrets(text), text
+        assert SECRET not in failure_message(RuntimeError(text))
+        assert SECRET not in failure_message(ConfigError(text))
+    assert redact_secrets("postgresql://reader@db:5432/app::docs") == (
+        "postgresql://reader@db:5432/app::docs"
+    )
+
+
+def test_a_source_spec_with_surrounding_spaces_is_read(pg, table, tiny_model_dir, tmp_path, capsys):
+    create_docs(pg, table, doc_rows(range(3)))
+    db = tmp_path / "lancedb"
+    assert main(_cli_refresh(f"  {pg.url()}::{table} ", tiny_model_dir, db)) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["inserted"] == 3
+    assert PASSWORD not in captured.out + captured.err

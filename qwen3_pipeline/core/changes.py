@@ -69,27 +69,65 @@ def sanitize_texts(texts: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Vectorised :func:`sanitize_text` over an Arrow string array; nulls become ``""``.
 
     Arrow strings cannot hold surrogates, but they can hold NUL bytes and (when a file was
-    written without validation) invalid UTF-8; the latter is decoded with U+FFFD replacement.
+    written without validation) invalid UTF-8; the latter is decoded with U+FFFD replacement
+    (:func:`decode_utf8`, which takes binary arrays too).
 
     Args:
-        texts: A string or large-string Arrow array.
+        texts: A string, large-string or binary Arrow array.
 
     Returns:
         A ``pa.string()`` array of the same length, without nulls.
     """
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
-    if pa.types.is_large_string(texts.type) or pa.types.is_string_view(texts.type):
-        texts = texts.cast(pa.string())
-    try:
-        texts.validate(full=True)
-    except pa.ArrowInvalid:
-        raw = texts.cast(pa.binary()).to_pylist()
-        texts = pa.array(
-            [None if b is None else b.decode("utf-8", "replace") for b in raw], pa.string()
-        )
+    texts = decode_utf8(texts)
     texts = pc.fill_null(texts, "")
     return pc.replace_substring(texts, "\x00", "")
+
+
+def is_binary_type(data_type: pa.DataType) -> bool:
+    """Whether ``data_type`` holds raw bytes (binary, large, view or fixed-size binary)."""
+    return (
+        pa.types.is_binary(data_type)
+        or pa.types.is_large_binary(data_type)
+        or pa.types.is_binary_view(data_type)
+        or pa.types.is_fixed_size_binary(data_type)
+    )
+
+
+def decode_utf8(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    r"""A ``pa.string()`` array of valid UTF-8 from string or binary values, nulls kept.
+
+    Invalid UTF-8 (in a binary column, or in a string column written without validation) is
+    decoded with U+FFFD replacement, byte for byte as Python's ``bytes.decode("utf-8",
+    "replace")``: deterministic, so the same bytes always hash the same.
+
+    Args:
+        values: A string, large-string, string-view or binary-like Arrow array.
+
+    Returns:
+        The values as a valid ``pa.string()`` array.
+
+    Example:
+        >>> decode_utf8(pa.array([b"caf\xc3\xa9", b"bad \xff", None])).to_pylist() == [
+        ...     "caf\xe9", "bad \ufffd", None
+        ... ]
+        True
+    """
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if is_binary_type(values.type):
+        # The same layout as a string array: a view skips the UTF-8 validation of a cast.
+        raw = values if pa.types.is_binary(values.type) else values.cast(pa.binary())
+        values = raw.view(pa.string())
+    elif not pa.types.is_string(values.type):
+        values = values.cast(pa.string())
+    try:
+        values.validate(full=True)
+    except pa.ArrowInvalid:
+        raw_bytes = values.view(pa.binary()).to_pylist()
+        values = pa.array(
+            [None if b is None else b.decode("utf-8", "replace") for b in raw_bytes], pa.string()
+        )
+    return values
 
 
 def is_blank(text: str) -> bool:

@@ -10,7 +10,26 @@ another process) derive from :class:`TransientError`; every other error is perma
 boundaries to DuckDB, Arrow and LanceDB translate third-party exceptions into these types
 (:func:`qwen3_pipeline.store.store_error` for LanceDB, the source readers), so orchestrators
 decide retries by ``isinstance(error, TransientError)`` alone.
+
+No message may carry a secret: :func:`redact_secrets` is the one scrubber every error path
+that could repeat a connection string uses (source specs, PostgreSQL URLs, the CLI's error
+line, the orchestrators' failure messages).
 """
+
+import re
+
+# ``scheme://user:SECRET@host``: the secret runs to the last "@" of the URL (a password may
+# hold a raw "/", "?", "#" or "@"), so it is redacted whole even when mistyped.
+_URL_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*:)[^\s]*@")
+# ``password=SECRET`` in a libpq key=value string, a URL query (``?password=``, JDBC), an
+# environment assignment (``PGPASSWORD=``) or similar (``sslpassword``, ``pwd``): the value up
+# to whitespace, "&" or ";", or a quoted value whole.
+_KEY_SECRET = re.compile(
+    r"(?P<head>[A-Za-z_]*(?:password|passwd|pwd|secret|token)\s*=\s*)"
+    r"(?P<value>'(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?|[^\s&;,'\"]+)",
+    re.IGNORECASE,
+)
+REDACTED = "***"
 
 
 class Qwen3PipelineError(Exception):
@@ -85,6 +104,24 @@ class StoreConflictError(StoreTransientError):
     """A concurrent writer committed first and the bounded retries were used up."""
 
 
+def redact_secrets(text: str) -> str:
+    """``text`` with every password-like part of a connection string replaced by ``***``.
+
+    Covers a URL's userinfo password (``postgresql://user:***@host/db``, up to the URL's last
+    ``@``, so a password holding an unencoded ``/`` or ``@`` is hidden whole), ``password=``
+    in a libpq key=value string or a URL query (``?password=``, JDBC URLs), and similar keys
+    (``sslpassword``, ``PGPASSWORD``, ``pwd``, ``secret``, ``token``). It errs on the side of
+    hiding too much: every message that may repeat a source spec or a database URI goes
+    through it before it is shown.
+
+    Example:
+        >>> print(redact_secrets("postgresql://u:p/w@db:5432/app and host=db password='a b' x=1"))
+        postgresql://u:***@db:5432/app and host=db password=*** x=1
+    """
+    text = _URL_USERINFO.sub(lambda m: f"{m.group('head')}{REDACTED}@", text)
+    return _KEY_SECRET.sub(lambda m: f"{m.group('head')}{REDACTED}", text)
+
+
 def is_transient(error: BaseException) -> bool:
     """Whether a retry may succeed, decided by the error's type alone.
 
@@ -113,5 +150,5 @@ def failure_message(error: BaseException) -> str:
         "internal error: KeyError: 'x'"
     """
     if isinstance(error, Qwen3PipelineError):
-        return str(error)
-    return f"internal error: {type(error).__name__}: {error}"
+        return redact_secrets(str(error))
+    return redact_secrets(f"internal error: {type(error).__name__}: {error}")

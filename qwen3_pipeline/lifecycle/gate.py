@@ -72,6 +72,7 @@ __all__ = [
     "GoldenSet",
     "Key",
     "QueryResult",
+    "check_golden_keys",
     "decide",
     "evaluate",
     "gate_rebuild",
@@ -84,6 +85,8 @@ __all__ = [
 
 # Queries listed in GateDecision.as_dict() as the worst regressions from live to staging.
 SHOWN_REGRESSIONS = 5
+# Golden keys looked up in the staging table per query of the table (an IN list each).
+_KEY_LOOKUP_BATCH = 1_000
 # Means are compared with this slack: 0.8 - 0.1 is 0.7000000000000001 in floating point, and a
 # tolerance of 0.1 must let a mean of 0.7 through against 0.8.
 _EPSILON = 1e-9
@@ -188,6 +191,51 @@ def _check_key_type(vectors: VectorTable, key_column: str, golden: GoldenSet) ->
         f"{item.relevant[0]!r}) but table {vectors.name!r} has {arrow_type} keys in column "
         f"{column}; no key would ever match. Write the keys as JSON "
         f"{'numbers' if table_type is int else 'strings'}, as the source's key column holds them"
+    )
+
+
+def check_golden_keys(vectors: VectorTable, golden: GoldenSet) -> None:
+    """Refuse a golden set whose relevant keys are not all in ``vectors``.
+
+    A key the table does not hold can never be found: a query whose keys are all missing
+    scores 0 on both tables, and a gate over such a set passes any rebuild at 0.000 >= 0.000.
+    The gate checks the staging table, which holds the whole current source (a live table
+    may lack documents added since, and that only lowers its score). On a table of document
+    chunks the keys are document keys (``doc_key``).
+
+    Raises:
+        ConfigError: Keys of another type than the table's, or keys the table does not hold
+            (the message names a few and says how many).
+        StoreError: LanceDB failed to read the key column.
+    """
+    from lancedb.expr import col
+
+    from qwen3_pipeline.store import store_error
+
+    key_column = DOC_KEY_COLUMN if vectors.chunked else "key"
+    _check_key_type(vectors, key_column, golden)
+    wanted = list(dict.fromkeys(key for item in golden.queries for key in item.relevant))
+    found: set[Key] = set()
+    try:
+        for start in range(0, len(wanted), _KEY_LOOKUP_BATCH):
+            part = wanted[start : start + _KEY_LOOKUP_BATCH]
+            query = vectors.table.search().where(col(key_column).isin(part)).select([key_column])
+            for batch in query.to_batches(batch_size=65_536):
+                found.update(batch.column(key_column).to_pylist())
+    except Exception as e:  # a missing data file, I/O: typed at the LanceDB boundary
+        raise store_error(e, f"read the keys of table {vectors.name!r}") from e
+    missing = [key for key in wanted if key not in found]
+    if not missing:
+        return
+    lines = {key: item.line for item in reversed(golden.queries) for key in item.relevant}
+    shown = ", ".join(f"{key!r} (line {lines[key]})" for key in missing[:SHOWN_KEYS])
+    more = f" and {len(missing) - SHOWN_KEYS} more" if len(missing) > SHOWN_KEYS else ""
+    raise ConfigError(
+        f"golden set {golden.source!r} lists {len(missing)} of its {len(wanted)} relevant "
+        f"key(s) that table {vectors.name!r} does not hold: {shown}{more}. A key that is "
+        "not in the table can never be found (such a gate would pass anything); fix or "
+        "remove those keys (they are the source's key values"
+        f"{', document keys of a chunk table' if vectors.chunked else ''})"
     )
 
 
@@ -459,7 +507,8 @@ def gate_rebuild(
     ``config.live_encoder`` and closed before this returns (or raises).
 
     Raises:
-        ConfigError: Golden keys of another type than the tables' keys, or a bad setting.
+        ConfigError: Golden keys of another type than the tables' keys, relevant keys that
+            the staging table does not hold (:func:`check_golden_keys`), or a bad setting.
         EmbeddingFailedError: A query could not be embedded.
         ModelLoadError: The live table's encoder could not be loaded.
         StoreError: LanceDB failed.
@@ -472,6 +521,7 @@ def gate_rebuild(
     staging = open_vector_table(
         uri, staging_table, version=staging_version, storage_options=storage_options
     )
+    check_golden_keys(staging, config.golden)
     staged = evaluate(staging, config.golden, staging_embedder, k=config.k)
     live_eval = None
     db = lancedb.connect(uri, storage_options=storage_options)

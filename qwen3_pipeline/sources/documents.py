@@ -8,10 +8,16 @@ partition is read. :func:`read_batches` turns any source into batches of at most
 - ``key``: the key column, as ``int64`` (any integer type) or ``string``;
 - ``TEXT_COLUMN``: the rendered document, sanitised (no NUL, valid UTF-8), never null;
 - ``partition_key``: the partition the row belongs to, never null;
-- ``source_updated_at``: ``timestamp[us, tz=UTC]`` from ``updated_at`` (null without one);
+- ``source_updated_at``: ``timestamp[us, tz=UTC]`` from ``updated_at`` (null without one;
+  nanosecond timestamps are floored to the microsecond, and a log line says so);
 - the carry-along columns under their own names.
+
+Text columns may be strings, binary (decoded as UTF-8, invalid bytes becoming U+FFFD exactly
+as in a string column), or scalars Arrow renders as text (numbers, booleans, dates...); a
+list, struct or map column is refused, naming it, before anything is read.
 """
 
+import logging
 import string
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qwen3_pipeline.chunking.config import ChunkingConfig
-from qwen3_pipeline.core.changes import sanitize_texts
+from qwen3_pipeline.core.changes import decode_utf8, is_binary_type, sanitize_texts
 from qwen3_pipeline.core.errors import ConfigError, InputDataError
 from qwen3_pipeline.core.schema import TEXT_COLUMN, TIMESTAMP_TYPE, check_carry_names
 from qwen3_pipeline.sources.partitions import (
@@ -35,6 +41,8 @@ from qwen3_pipeline.sources.partitions import (
     shard_label,
 )
 from qwen3_pipeline.sources.readers import Source
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_BATCH_ROWS = 50_000
 # The fixed columns of every batch read_batches yields (carry-along columns follow).
@@ -170,6 +178,7 @@ def output_schema(source: Source, config: SourceConfig) -> pa.Schema:
     """
     schema = source.schema()
     _check_columns(schema, config, source.name)
+    _check_text_types(schema, config)
     fields = [
         pa.field("key", _key_type(schema.field(config.key).type, config.key), nullable=False),
         pa.field(TEXT_COLUMN, pa.string(), nullable=False),
@@ -219,6 +228,7 @@ def read_batches(
     if isinstance(batch_rows, bool) or not isinstance(batch_rows, int) or batch_rows < 1:
         raise ConfigError(f"batch_rows must be a positive integer, got {batch_rows!r}")
     schema = output_schema(source, config)
+    _log_nanoseconds(source.schema(), config)
     render = _renderer(config)
     offset = 0
     for raw in source.batches(config.columns, batch_rows):
@@ -294,6 +304,54 @@ def _carry_type(source_type: pa.DataType) -> pa.DataType:
     return source_type
 
 
+def _text_fields(config: SourceConfig) -> tuple[str, ...]:
+    return config.text_columns or config.template_fields
+
+
+def _check_text_types(schema: pa.Schema, config: SourceConfig) -> None:
+    """Refuse text columns that cannot be rendered as text, naming them.
+
+    Strings and binary are text; other scalars are rendered by Arrow's cast (a template with a
+    format spec formats them in Python). Lists, structs and maps have no one text form.
+    """
+    vectorised = config.template is None or _template_is_plain(config.template)
+    for column in _text_fields(config):
+        source_type = schema.field(column).type
+        value_type = source_type.value_type if pa.types.is_dictionary(source_type) else source_type
+        if _is_string(value_type) or is_binary_type(value_type):
+            continue
+        nested = pa.types.is_nested(value_type) or pa.types.is_list_view(value_type)
+        if not nested and not vectorised:
+            continue
+        if not nested:
+            try:
+                pa.array([], value_type).cast(pa.string())
+                continue
+            except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+                pass
+        raise InputDataError(
+            f"text column {column!r} has type {source_type}, which has no text form; a "
+            "document is made of string columns (or numbers, dates, binary). Turn it into a "
+            f"string in the source query (e.g. array_to_string({column}, ', ') for a list in "
+            "PostgreSQL or DuckDB, or a JSON cast)"
+        )
+
+
+def _log_nanoseconds(schema: pa.Schema, config: SourceConfig) -> None:
+    columns = [config.updated_at]
+    if isinstance(config.partition, TimeWindow):
+        columns.append(config.partition.column)
+    for column in dict.fromkeys(c for c in columns if c):
+        source_type = schema.field(column).type
+        if pa.types.is_timestamp(source_type) and source_type.unit == "ns":
+            logger.info(
+                "column %r holds nanosecond timestamps (%s): they are floored to the "
+                "microsecond (the vector table stores timestamp[us, tz=UTC])",
+                column,
+                source_type,
+            )
+
+
 def _check_time_type(source_type: pa.DataType, column: str) -> None:
     if not (pa.types.is_timestamp(source_type) or pa.types.is_date(source_type)):
         raise InputDataError(
@@ -302,11 +360,21 @@ def _check_time_type(source_type: pa.DataType, column: str) -> None:
         )
 
 
-def _as_timestamps(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+def _as_timestamps(values: pa.Array | pa.ChunkedArray, column: str) -> pa.Array:
     if isinstance(values, pa.ChunkedArray):
         values = values.combine_chunks()
-    # Naive timestamps and dates are taken as UTC (casting only attaches the zone).
-    return values.cast(TIMESTAMP_TYPE)
+    if pa.types.is_timestamp(values.type) and values.type.unit == "ns":
+        # Floored (not rounded) to the microsecond the table stores: the same instant always
+        # gives the same value, and never a later one.
+        values = pc.floor_temporal(values, 1, "microsecond")
+    try:
+        # Naive timestamps and dates are taken as UTC (casting only attaches the zone).
+        return values.cast(TIMESTAMP_TYPE)
+    except pa.ArrowInvalid as e:
+        raise InputDataError(
+            f"time column {column!r} holds a value that does not fit {TIMESTAMP_TYPE}: {e}. "
+            "Filter or cast it in the source query"
+        ) from e
 
 
 def _as_strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -314,6 +382,9 @@ def _as_strings(values: pa.Array | pa.ChunkedArray) -> pa.Array:
         values = values.combine_chunks()
     if pa.types.is_dictionary(values.type):
         values = values.dictionary_decode()
+    if is_binary_type(values.type):
+        # Decoded as invalid UTF-8 in a string column is (U+FFFD), before rendering.
+        return decode_utf8(values)
     return values if values.type == pa.string() else values.cast(pa.string())
 
 
@@ -353,7 +424,7 @@ def _renderer(config: SourceConfig) -> Renderer:
     fields = config.template_fields
 
     def format_rows(batch: pa.RecordBatch) -> pa.Array:
-        data = {name: batch.column(name).to_pylist() for name in fields}
+        data = {name: _python_values(batch.column(name)) for name in fields}
         out = []
         for i in range(batch.num_rows):
             row = {name: "" if data[name][i] is None else data[name][i] for name in fields}
@@ -366,6 +437,23 @@ def _renderer(config: SourceConfig) -> Renderer:
         return pa.array(out, pa.string())
 
     return format_rows
+
+
+def _python_values(values: pa.Array | pa.ChunkedArray) -> list[Any]:
+    """A column as Python values for ``str.format``.
+
+    Text (string or binary) is decoded as valid UTF-8 first (invalid bytes become U+FFFD, as
+    on the vectorised paths): binary renders as text, not ``b'...'``, and a string column
+    written without UTF-8 validation does not fail the conversion.
+    """
+    value_type = values.type.value_type if pa.types.is_dictionary(values.type) else values.type
+    if _is_string(value_type) or is_binary_type(value_type):
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        if pa.types.is_dictionary(values.type):
+            values = values.dictionary_decode()
+        return decode_utf8(values).to_pylist()
+    return values.to_pylist()
 
 
 def _join_non_null(parts: list[pa.Array], separator: str, rows: int) -> pa.Array:
@@ -413,7 +501,7 @@ def _normalise(
     if partition is None:
         labels = pa.array([UNPARTITIONED] * raw.num_rows, pa.string())
     elif isinstance(partition, TimeWindow):
-        moments = _as_timestamps(raw.column(partition.column))
+        moments = _as_timestamps(raw.column(partition.column), partition.column)
         inside = pc.and_(
             pc.greater_equal(moments, pa.scalar(partition.start_utc, TIMESTAMP_TYPE)),
             pc.less(moments, pa.scalar(partition.end_utc, TIMESTAMP_TYPE)),
@@ -445,7 +533,7 @@ def _normalise(
 
     text = sanitize_texts(render(raw))
     updated = (
-        _as_timestamps(raw.column(config.updated_at))
+        _as_timestamps(raw.column(config.updated_at), config.updated_at)
         if config.updated_at
         else pa.nulls(raw.num_rows, TIMESTAMP_TYPE)
     )

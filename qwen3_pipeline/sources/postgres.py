@@ -8,7 +8,11 @@ snapshot from its first row to its last, whatever other sessions commit meanwhil
 
 Credentials never leave the URL: :attr:`PostgresSource.name` (the lineage label written on
 every row, and the source's name in messages) is the URL without its password, and every
-error raised here has the password scrubbed out.
+error raised here has the password scrubbed out (the password itself, and whatever
+:func:`~qwen3_pipeline.core.errors.redact_secrets` recognises). A URL that libpq would misread
+(an unencoded ``/``, ``@`` or space in the user or password, a scheme other than
+``postgresql://``/``postgres://``) is refused before it is parsed, so a password never ends
+up in a host or database name that a message would repeat.
 """
 
 import os
@@ -21,7 +25,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pyarrow as pa
 
-from qwen3_pipeline.core.errors import ConfigError, SourceReadError, SourceUnavailableError
+from qwen3_pipeline.core.errors import (
+    ConfigError,
+    SourceReadError,
+    SourceUnavailableError,
+    redact_secrets,
+)
 
 if TYPE_CHECKING:
     import psycopg
@@ -43,6 +52,14 @@ _PERMANENT_CONNECT = re.compile(
     re.IGNORECASE,
 )
 _URL_PASSWORD = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#@]*?:([^/?#@]*)@")
+# The whole userinfo password of a URL, mistyped or not: from the first ":" to the last "@".
+_URL_PASSWORD_GREEDY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*:(.*)@")
+_URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_SCHEMES = ("postgresql", "postgres")
+URL_EXAMPLE = "postgresql://USER:PASSWORD@HOST:5432/DBNAME"
+# libpq quotes the piece of a connection string it could not parse; that piece may be part of
+# a password, so it is masked (a connection option's name is kept: it is no secret).
+_QUOTED = re.compile(r'(?<!option )"([^"]*)"')
 
 # Arrow types of the PostgreSQL types read natively (by type OID); any other type (json,
 # enums, inet, interval, citext...) is read as its text form.
@@ -165,16 +182,18 @@ class PostgresSource:
         if not isinstance(table_or_query, str) or not table_or_query.strip():
             raise ConfigError("PostgresSource needs a table name or a query, got an empty string")
         self._secrets = _url_secrets(url)
+        check_url_form(url)
         try:
             params = conninfo_to_dict(url.strip())
         except Exception as e:
+            detail = _QUOTED.sub(lambda m: m.group(0) if m.group(1) == "=" else '"***"', str(e))
             raise ConfigError(
                 self._scrub(
-                    f"could not parse the PostgreSQL connection URL: {e}. Write it as "
-                    "postgresql://user:password@host:port/dbname (percent-encode special "
-                    "characters of the password)"
+                    f"could not parse the PostgreSQL connection URL: {_one_line(detail)}. "
+                    f"Write it as {URL_EXAMPLE} (percent-encode special characters of the "
+                    "password: %2F for /, %40 for @, %20 for a space)"
                 )
-            ) from self._safe_cause(e)
+            ) from None
         password = params.get("password")
         if password:
             self._secrets.add(str(password))
@@ -449,18 +468,100 @@ class PostgresSource:
     def _scrub(self, message: str) -> str:
         for secret in sorted(self._secrets, key=len, reverse=True):
             message = message.replace(secret, "***")
-        return message
+        return redact_secrets(message)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def _url_secrets(url: str) -> set[str]:
     """The password of a URL (raw and percent-decoded) and of ``password=`` parameters."""
     secrets: set[str] = set()
-    found = _URL_PASSWORD.match(url.strip())
-    if found and found.group(1):
-        secrets |= {found.group(1), urllib.parse.unquote(found.group(1))}
-    for match in re.finditer(r"password=([^&\s]+)", url):
-        secrets |= {match.group(1), urllib.parse.unquote(match.group(1))}
+    url = url.strip()
+    for pattern in (_URL_PASSWORD, _URL_PASSWORD_GREEDY):
+        found = pattern.match(url)
+        if found and found.group(1):
+            secrets |= {found.group(1), urllib.parse.unquote(found.group(1))}
+    for match in re.finditer(r"password\s*=\s*('[^']*'?|[^&\s]+)", url, re.IGNORECASE):
+        value = match.group(1).strip("'")
+        secrets |= {value, urllib.parse.unquote(value)}
     return {s for s in secrets if s}
+
+
+def check_url_form(url: str) -> None:
+    """Refuse a connection URL that libpq would misread, before it is parsed.
+
+    A ``key=value`` connection string passes (libpq parses its quoting). A URL must use the
+    ``postgresql://`` or ``postgres://`` scheme and hold no raw space, and its user and
+    password no raw ``/`` or ``@``: libpq ends the userinfo at the first ``@`` or ``/``, so
+    a password ``a/b`` would become a host and a database name, and ``a@b`` part of the host,
+    both repeated by later messages (and a connection attempt to a host that does not exist
+    looks transient). The messages name the expected form and never repeat the password.
+
+    Raises:
+        ConfigError: The URL's scheme or form is wrong; the message says what to write.
+
+    Example:
+        >>> check_url_form("postgresql://reader:p%2Fw@db:5432/app")
+        >>> check_url_form("postgresql://reader:p/w@db:5432/app")
+        Traceback (most recent call last):
+        ...
+        qwen3_pipeline.core.errors.ConfigError: the PostgreSQL URL postgresql://reader:***@db:5432/app has an '@' after its host: a '/' in the user or password must be percent-encoded as %2F (an '@' as %40)
+    """  # noqa: E501
+    url = url.strip()
+    if url.lower().startswith("jdbc:"):
+        _refuse_scheme("jdbc")
+    scheme = _URL_SCHEME.match(url)
+    if scheme is None:
+        if re.match(r"^(?:postgresql|postgres):", url, re.IGNORECASE):
+            raise ConfigError(
+                f"a PostgreSQL URL starts with postgresql:// (two slashes); write it as "
+                f"{URL_EXAMPLE}"
+            )
+        return  # a key=value connection string: libpq parses its quoting
+    name = scheme.group(1).lower()
+    if name not in _SCHEMES:
+        _refuse_scheme(name)
+    if any(c.isspace() for c in url):
+        raise ConfigError(
+            "the PostgreSQL URL holds a space; percent-encode it (%20), or put the URL in an "
+            "environment variable (env:VAR::TABLE_OR_QUERY) if a password holds spaces"
+        )
+    rest = url[scheme.end() :]
+    cut = min((i for i in (rest.find("@"), rest.find("/")) if i >= 0), default=len(rest))
+    shown = redact_secrets(url)
+    if cut < len(rest) and rest[cut] == "@":
+        host = re.split(r"[/?]", rest[cut + 1 :], maxsplit=1)[0]
+        if "@" in host:
+            raise ConfigError(
+                f"the PostgreSQL URL {shown} has more than one '@' before its host: an '@' in "
+                "the user or password must be percent-encoded as %40"
+            )
+        return
+    path = rest[cut:].split("?", 1)[0]
+    if "@" in path:
+        raise ConfigError(
+            f"the PostgreSQL URL {shown} has an '@' after its host: a '/' in the user or "
+            "password must be percent-encoded as %2F (an '@' as %40)"
+        )
+
+
+def _refuse_scheme(name: str) -> NoReturn:
+    if name.startswith(_SCHEMES) and "+" in name:
+        raise ConfigError(
+            f"{name}:// is a SQLAlchemy URL (driver suffix {name[name.index('+') :]!r}); "
+            f"the PostgreSQL source takes a libpq URL: write it as {URL_EXAMPLE}"
+        )
+    if name == "jdbc":
+        raise ConfigError(
+            "a JDBC URL (jdbc:postgresql://...) is not a libpq URL: drop the 'jdbc:' prefix "
+            f"and write it as {URL_EXAMPLE} (user and password may also be ?user=...&password=...)"
+        )
+    raise ConfigError(
+        f"{name}:// is not a PostgreSQL URL scheme; write it as {URL_EXAMPLE} (postgres:// "
+        "works too)"
+    )
 
 
 def _psycopg() -> Any:

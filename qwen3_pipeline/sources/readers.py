@@ -17,13 +17,36 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from qwen3_pipeline.core.changes import sanitize_text
-from qwen3_pipeline.core.errors import ConfigError, SourceReadError, SourceUnavailableError
-from qwen3_pipeline.sources.postgres import PostgresSource, split_postgres_spec
+from qwen3_pipeline.core.errors import (
+    ConfigError,
+    SourceReadError,
+    SourceUnavailableError,
+    redact_secrets,
+)
+from qwen3_pipeline.sources.postgres import (
+    URL_EXAMPLE,
+    PostgresSource,
+    check_url_form,
+    split_postgres_spec,
+)
 
 _LOCKED = re.compile(r"could not set lock|conflicting lock|database is locked", re.IGNORECASE)
 _BARE_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*){0,2}$")
 _POSTGRES_PREFIXES = ("postgresql:", "postgres:")
 _ENV_VARIABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# ``scheme://...`` or ``jdbc:scheme://...``: a URL of some kind, never a local path.
+_ANY_URL = re.compile(r"^(?:jdbc:)?[A-Za-z][A-Za-z0-9+.-]*://", re.IGNORECASE)
+# A libpq key=value connection string (``host=db port=5432 user=u password=...``).
+_LIBPQ_KEYWORD = re.compile(
+    r"^(?:host|hostaddr|port|dbname|user|password|passfile|service|sslmode|options|"
+    r"application_name|connect_timeout|target_session_attrs)\s*=",
+    re.IGNORECASE,
+)
+SOURCE_FORMS = (
+    "duckdb:PATH::TABLE_OR_QUERY, postgresql://USER@HOST:PORT/DB::TABLE_OR_QUERY, "
+    "env:VAR::TABLE_OR_QUERY (a PostgreSQL URL in environment variable VAR), or a Parquet "
+    "file or directory (parquet:PATH or a plain path)"
+)
 
 
 # --------------------------------------------------------------------------- sources
@@ -459,25 +482,35 @@ def _table_from_pandas(frame: pd.DataFrame) -> pa.Table:
 def parse_source(spec: str) -> DuckDBSource | ParquetSource | PostgresSource:
     """Build a source from its command-line form.
 
-    Forms:
+    Forms (surrounding whitespace is ignored):
 
     - ``duckdb:PATH::TABLE_OR_QUERY`` (e.g. ``duckdb:data/dw.duckdb::stg_documents``);
     - ``postgresql://USER[:PASSWORD]@HOST[:PORT]/DB::TABLE_OR_QUERY`` (``postgres://`` too; a
       table such as ``public.docs``, or a ``SELECT`` query);
-    - ``env:VAR::TABLE_OR_QUERY``: PostgreSQL, with the connection URL read from environment
-      variable ``VAR`` (keeps the password off the command line and out of configuration);
+    - ``env:VAR::TABLE_OR_QUERY``: PostgreSQL, with the connection URL (or a libpq
+      ``key=value`` string) read from environment variable ``VAR`` (keeps the password off
+      the command line and out of configuration);
     - ``parquet:PATH`` or a plain ``PATH`` to a Parquet file or directory.
 
+    Other connection forms are recognised and refused with the form to write instead: a
+    SQLAlchemy URL (``postgresql+psycopg://``), a JDBC URL, another scheme (``pg://``), a
+    libpq ``key=value`` string given inline, a PostgreSQL URL with an unencoded ``/``, ``@``
+    or space in its user or password.
+
     Raises:
-        ConfigError: The form is not recognised or the file does not exist. Messages about
-            a PostgreSQL form never repeat its password.
+        ConfigError: The form is not recognised or the file does not exist. No message
+            repeats a password (:func:`~qwen3_pipeline.core.errors.redact_secrets`).
 
     Example:
         >>> parse_source("duckdb:dw.duckdb::docs")  # doctest: +SKIP
         >>> parse_source("env:QWEN3_PIPELINE_PG_URL::public.docs")  # doctest: +SKIP
     """
+    spec = spec.strip()
+    if not spec:
+        raise ConfigError(f"empty source; give one of {SOURCE_FORMS}")
     if spec.lower().startswith(_POSTGRES_PREFIXES):
         url, target = split_postgres_spec(spec)
+        check_url_form(url)
         if not target:
             # The spec is not repeated: it may hold a password.
             raise ConfigError(
@@ -489,8 +522,9 @@ def parse_source(spec: str) -> DuckDBSource | ParquetSource | PostgresSource:
         variable, sep, target = spec[len("env:") :].partition("::")
         if not sep or not _ENV_VARIABLE.match(variable) or not target.strip():
             raise ConfigError(
-                f"source {spec!r}: write a PostgreSQL source whose URL is in an environment "
-                "variable as env:VAR::TABLE_OR_QUERY, e.g. env:QWEN3_PIPELINE_PG_URL::public.docs"
+                f"source {redact_secrets(spec)!r}: write a PostgreSQL source whose URL is in an "
+                "environment variable as env:VAR::TABLE_OR_QUERY, e.g. "
+                "env:QWEN3_PIPELINE_PG_URL::public.docs"
             )
         return PostgresSource.from_env(variable, target)
     if spec.startswith("duckdb:"):
@@ -498,15 +532,32 @@ def parse_source(spec: str) -> DuckDBSource | ParquetSource | PostgresSource:
         path, sep, target = body.partition("::")
         if not sep or not path or not target.strip():
             raise ConfigError(
-                f"source {spec!r}: write a DuckDB source as duckdb:PATH::TABLE_OR_QUERY, "
-                "e.g. duckdb:data/warehouse.duckdb::stg_documents"
+                f"source {redact_secrets(spec)!r}: write a DuckDB source as "
+                "duckdb:PATH::TABLE_OR_QUERY, e.g. duckdb:data/warehouse.duckdb::stg_documents"
             )
         return DuckDBSource(path, target)
+    if _ANY_URL.match(spec):
+        url, _ = split_postgres_spec(spec)
+        check_url_form(url)  # refuses every scheme but postgresql:// (checked above)
     path = spec[len("parquet:") :] if spec.startswith("parquet:") else spec
     if not path:
-        raise ConfigError("empty source; give a Parquet path or duckdb:PATH::TABLE_OR_QUERY")
-    if Path(path).suffix.lower() in {".duckdb", ".db", ".ddb"}:
+        raise ConfigError(f"empty Parquet path; give one of {SOURCE_FORMS}")
+    if _LIBPQ_KEYWORD.match(path) and not Path(path).exists():
         raise ConfigError(
-            f"source {spec!r} looks like a DuckDB file; write duckdb:{path}::TABLE_OR_QUERY"
+            "the source looks like a libpq key=value connection string (host=... "
+            "password=...); --source takes a URL: write it as "
+            f"{URL_EXAMPLE}::TABLE_OR_QUERY, or put the key=value string in an environment "
+            "variable and pass env:VAR::TABLE_OR_QUERY"
+        )
+    if Path(path).suffix.lower() in {".duckdb", ".db", ".ddb"}:
+        shown = redact_secrets(path)
+        raise ConfigError(
+            f"source {redact_secrets(spec)!r} looks like a DuckDB file; write "
+            f"duckdb:{shown}::TABLE_OR_QUERY"
+        )
+    if not Path(path).expanduser().exists():
+        raise ConfigError(
+            f"Parquet source {redact_secrets(path)!r} does not exist; check the path, or write "
+            f"the source as one of {SOURCE_FORMS}"
         )
     return ParquetSource(path)
