@@ -47,21 +47,21 @@ it would not record them either); it becomes a warning of the refresh report
 """
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 
-from qwen3_pipeline.core.errors import EmbeddingDriftError, Qwen3PipelineError, StoreError
+from qwen3_pipeline.core.errors import EmbeddingDriftError, StoreError
 from qwen3_pipeline.core.schema import REBUILD_MARKER, TIMESTAMP_TYPE, validate_table_name
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import BatchDone, Embedder, EncodeResult, embed_reporting
+from qwen3_pipeline.store.retries import run_typed
 
 logger = logging.getLogger("qwen3_pipeline")
-_T = TypeVar("_T")
 
 CANARY_SUFFIX = "__canary"
 DEFAULT_DRIFT_THRESHOLD = 0.999
@@ -153,7 +153,7 @@ class Canaries:
 
         if self.name not in list_table_names(self.db):
             return None
-        rows = _lance(f"read the canaries in {self.name!r}", self._read)
+        rows = run_typed(self._read, f"read the canaries in {self.name!r}")
         if not rows.num_rows or set(rows["spec_fingerprint"].to_pylist()) != {
             self.spec.fingerprint
         }:
@@ -221,14 +221,14 @@ class Canaries:
         from qwen3_pipeline.store import list_table_names
 
         if self.name in list_table_names(self.db):
-            _lance(
-                f"overwrite the canaries in {self.name!r}",
+            run_typed(
                 lambda: self.db.open_table(self.name).add(rows, mode="overwrite"),
+                f"overwrite the canaries in {self.name!r}",
             )
         else:
-            _lance(
-                f"create the canary table {self.name!r}",
+            run_typed(
                 lambda: self.db.create_table(self.name, data=rows),
+                f"create the canary table {self.name!r}",
             )
         logger.info(
             "recorded %d drift canaries for %s%s",
@@ -249,7 +249,7 @@ def drop_canaries(db: Any, table: str) -> None:
 
     name = canary_table_name(table)
     if name in list_table_names(db):
-        _lance(f"drop the canary table {name!r}", lambda: db.drop_table(name))
+        run_typed(lambda: db.drop_table(name), f"drop the canary table {name!r}")
 
 
 def hand_over_canaries(db: Any, staging: str, live: str) -> str | None:
@@ -269,16 +269,18 @@ def hand_over_canaries(db: Any, staging: str, live: str) -> str | None:
         if source not in list_table_names(db):
             drop_canaries(db, live)
             return None
-        rows = _lance(f"read the canaries in {source!r}", lambda: db.open_table(source).to_arrow())
+        rows = run_typed(
+            lambda: db.open_table(source).to_arrow(), f"read the canaries in {source!r}"
+        )
         if target in list_table_names(db):
-            _lance(
-                f"overwrite the canaries in {target!r}",
+            run_typed(
                 lambda: db.open_table(target).add(rows, mode="overwrite"),
+                f"overwrite the canaries in {target!r}",
             )
         else:
-            _lance(
-                f"create the canary table {target!r}",
+            run_typed(
                 lambda: db.create_table(target, data=rows),
+                f"create the canary table {target!r}",
             )
         drop_canaries(db, staging)
     except StoreError as e:
@@ -290,18 +292,6 @@ def hand_over_canaries(db: Any, staging: str, live: str) -> str | None:
         logger.warning("%s", warning)
         return warning
     return None
-
-
-def _lance(what: str, action: Callable[[], _T]) -> _T:
-    """Run a LanceDB call of the canary table, its errors typed as :class:`StoreError`."""
-    from qwen3_pipeline.store import store_error
-
-    try:
-        return action()
-    except Qwen3PipelineError:
-        raise
-    except Exception as e:  # LanceDB raises RuntimeError/OSError/ValueError alike
-        raise store_error(e, what) from e
 
 
 def drift_message(table: str, spec: EmbeddingSpec, check: CanaryCheck) -> str:

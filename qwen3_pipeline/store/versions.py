@@ -42,15 +42,14 @@ Example:
 
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any
 
-from qwen3_pipeline.core.errors import ConfigError, Qwen3PipelineError
+from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.core.schema import validate_table_name, validate_uri
 from qwen3_pipeline.store.connection import list_table_names
-from qwen3_pipeline.store.retries import RetryPolicy, store_error, with_retries
+from qwen3_pipeline.store.retries import RetryPolicy, run_typed, store_error, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,6 @@ _CHECKED = re.compile(r"^checked-v(\d+)$")
 _BEFORE_SWAP = re.compile(r"^before-swap-v(\d+)-(\d{8}T\d{6}Z)$")
 # Tags named in an error message before "(+N more)".
 _SHOWN = 20
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -311,7 +309,7 @@ def rollback(table: Any, to: str | int | None = None) -> RollbackResult:
         StoreError: LanceDB failed (``StoreConflictError`` when concurrent writers kept
             committing first); the table is then unchanged.
     """
-    _lance("move to the latest version", table.checkout_latest)
+    run_typed(table.checkout_latest, "move to the latest version")
     tags = _tags(table)
     target, tag = _rollback_target(table, tags, to)
     from_version = int(table.version)
@@ -372,15 +370,16 @@ def open_lance_table(uri: str, table: str, *, storage_options: dict[str, str] | 
 
     validate_uri(uri)
     validate_table_name(table)
-    db = _lance(
-        f"connect to {uri!r}", lambda: lancedb.connect(uri, storage_options=storage_options)
+    db = run_typed(
+        lambda: lancedb.connect(uri, storage_options=storage_options),
+        f"connect to {uri!r}",
     )
     if table not in list_table_names(db):
         raise ConfigError(
             f"vector table {table!r} does not exist under {uri!r}; check the database URI and "
             "the table name (CLI: --db, --table)"
         )
-    return _lance(f"open table {table!r}", lambda: db.open_table(table))
+    return run_typed(lambda: db.open_table(table), f"open table {table!r}")
 
 
 def _rollback_target(
@@ -403,7 +402,7 @@ def _rollback_target(
             f"number. {_available(tags)}"
         )
     number = _version_number(int(to))
-    versions = sorted(int(v["version"]) for v in _lance("list versions", table.list_versions))
+    versions = sorted(int(v["version"]) for v in run_typed(table.list_versions, "list versions"))
     if number not in versions:
         span = f"{versions[0]}..{versions[-1]}" if versions else "none"
         raise ConfigError(
@@ -447,7 +446,7 @@ def _name(table: Any) -> str:
 
 
 def _tags(table: Any) -> dict[str, int]:
-    listed = _lance("list tags", table.tags.list)
+    listed = run_typed(table.tags.list, "list tags")
     return {str(name): int(tag["version"]) for name, tag in listed.items()}
 
 
@@ -456,7 +455,7 @@ def _ensure_tag(table: Any, name: str, version: int) -> None:
     if tags.get(name) == version:
         return
     if name in tags:  # a tag of this name on another version: point it at this one
-        _lance(f"move tag {name!r}", lambda: table.tags.update(name, version))
+        run_typed(lambda: table.tags.update(name, version), f"move tag {name!r}")
         return
     try:
         table.tags.create(name, version)
@@ -474,12 +473,3 @@ def _delete_tag(table: Any, name: str) -> None:
         if name not in _tags(table):  # deleted by another process in between
             return
         raise store_error(e, f"delete tag {name!r} of table {_name(table)!r}") from e
-
-
-def _lance(what: str, action: Callable[[], _T]) -> _T:
-    try:
-        return action()
-    except Qwen3PipelineError:
-        raise
-    except Exception as e:  # LanceDB raises RuntimeError/OSError/ValueError for store failures
-        raise store_error(e, what) from e
