@@ -15,15 +15,29 @@ from qwen3_pipeline.consumers import checks
 from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.core.progress import PROGRESS_SECONDS_ENV
 from qwen3_pipeline.dagster.automation import all_partitions_tags
-from qwen3_pipeline.dagster.embedding_asset import DRIFT_CHECK, HashShards, build_embedding_asset
+from qwen3_pipeline.dagster.embedding_asset import (
+    DRIFT_CHECK,
+    HashShards,
+    build_embedding_asset,
+    drift_skip_reason,
+)
 from qwen3_pipeline.dagster.metadata import (
     RUN_BY_PARTITION,
+    SCOPE,
     TABLE_FINGERPRINT,
     TABLE_ROWS,
     TABLE_VERSION,
+    by_partition_markdown,
     run_counters,
 )
-from qwen3_pipeline.dagster.resources import FakeEmbedderResource, LanceDBResource
+from qwen3_pipeline.dagster.resources import (
+    HOW_TO_FIX_MODEL,
+    EmbedderLoadFailure,
+    FakeEmbedderResource,
+    LanceDBResource,
+    Qwen3EmbedderResource,
+)
+from qwen3_pipeline.engine.report import RefreshReport
 from qwen3_pipeline.sources import DuckDBSource, SourceConfig
 
 ROWS = 600
@@ -137,9 +151,14 @@ def test_each_partition_has_its_own_counts_and_the_run_and_table_figures(
     assert {run_counters(m)["inserted"] for m in events.values()} == {ROWS}
     assert {m["qwen3/run/partitions"] for m in events.values()} == {SHARDS}
     table_md = next(iter(events.values()))[RUN_BY_PARTITION]
-    assert "| partition |" in table_md
-    assert "**run total**" in table_md
+    assert table_md.startswith("| part | emb | ins |\n")
+    assert "**all**" in table_md
     assert f"**{ROWS}**" in table_md
+    # Each event says which partition it is and that qwen3/run/* are the run's totals.
+    for partition, metadata in events.items():
+        assert metadata[SCOPE].startswith(f"partition {partition} (")
+        assert f"of {SHARDS} in this run)" in metadata[SCOPE]
+        assert "qwen3/run/* are the run totals" in metadata[SCOPE]
     # The table's state is on every event, whichever shard the UI shows.
     version = lancedb.connect(str(tmp_path / "lancedb")).open_table(TABLE).version
     for metadata in events.values():
@@ -232,3 +251,79 @@ def test_the_backfill_shape_is_one_run_or_one_run_per_k_partitions(warehouse: Pa
     assert per_two == dg.BackfillPolicy.multi_run(max_partitions_per_run=2)
     with pytest.raises(ConfigError, match="partitions_per_run must be at least 1"):
         build(partitions_per_run=0)
+
+
+def test_the_by_partition_table_is_compact() -> None:
+    # Issue 17: shard names wrapped over three lines and the right columns were cut off.
+    report = RefreshReport(
+        table_name=TABLE,
+        embedded_rows=5,
+        inserted=3,
+        updated=2,
+        unchanged=4,
+        per_partition={
+            "shard-02-of-08": {"embedded": 2, "inserted": 0, "updated": 2, "unchanged": 1},
+            "shard-01-of-08": {"embedded": 3, "inserted": 3, "unchanged": 3, "deleted": 0},
+        },
+    )
+    assert by_partition_markdown(report) == (
+        "| part | emb | ins | upd | same |\n"
+        "|---|--:|--:|--:|--:|\n"
+        "| 01/08 | 3 | 3 | 0 | 3 |\n"
+        "| 02/08 | 2 | 0 | 2 | 1 |\n"
+        "| **all** | **5** | **3** | **2** | **4** |"
+    )
+
+
+def test_a_skipped_drift_check_says_its_own_reason(tmp_path: Path, warehouse: Path) -> None:
+    # Issue 17: the no-op message joined "nothing was embedded" and "no canaries yet".
+    instance = dg.DagsterInstance.ephemeral()
+    asset = _asset(warehouse)
+    first = _run_all_shards(asset, tmp_path, instance)
+    again = _run_all_shards(asset, tmp_path, instance)
+    alone = _run_checks_alone(asset, tmp_path, instance)
+    assert first.success
+    assert again.success
+    assert alone.success
+    prefix = f"{DRIFT_CHECK} skipped: "
+
+    def reasons(run_id: str) -> list[str]:
+        return [m for m in _messages(instance, run_id) if m.startswith(prefix)]
+
+    # A first fill records its canaries (a sharded one compares them in its later shards).
+    first_fill = drift_skip_reason(RefreshReport(table_name=TABLE, canaries_recorded=8))
+    assert first_fill.startswith("first fill: 8 canaries were recorded now")
+    assert reasons(again.run_id) == [
+        prefix + "the refresh embedded nothing, so the model was not loaded to compare"
+    ]
+    assert reasons(alone.run_id) == [
+        prefix + "the checks ran alone, without a refresh (they never load the model)"
+    ]
+    for run_id in (again.run_id, alone.run_id):
+        assert " or " not in reasons(run_id)[0]
+
+
+def test_a_bad_dim_is_refused_by_the_resource_and_says_only_what_is_wrong(
+    tmp_path: Path,
+) -> None:
+    # Issue 17: a bad dim passed the launchpad and its error appended a model/network hint.
+    # Dagster's config schema has no numeric ranges, so the bounds are checked when the
+    # resource is built (run start), before any model config is read.
+    for bad in ({"dim": 8}, {"max_length": 1}, {"max_batch_rows": 0}, {"max_batch_tokens": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Qwen3EmbedderResource(model=str(tmp_path), **bad)
+    # Above the hidden size (read from the checkpoint's config): the dim alone is named.
+    (tmp_path / "config.json").write_text('{"hidden_size": 64}')
+    too_wide = Qwen3EmbedderResource(model=str(tmp_path), dim=128)
+    with pytest.raises(EmbedderLoadFailure) as caught:
+        too_wide.setup_for_execution(dg.build_init_resource_context())
+    assert "dim=128" in caught.value.description
+    assert "from 32 to 64" in caught.value.description
+    assert HOW_TO_FIX_MODEL not in caught.value.description
+    assert "QWEN3_PIPELINE_MODEL" not in caught.value.description
+    # A load error still says how to point the model at a checkpoint.
+    with pytest.raises(EmbedderLoadFailure) as missing:
+        Qwen3EmbedderResource(model=str(tmp_path / "nope")).setup_for_execution(
+            dg.build_init_resource_context()
+        )
+    assert HOW_TO_FIX_MODEL in missing.value.description

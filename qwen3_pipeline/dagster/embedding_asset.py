@@ -60,6 +60,7 @@ from qwen3_pipeline.dagster.metadata import (
     TABLE_CHECKED_VERSION,
     lance_column_schema,
     partition_metadata,
+    partition_scope,
     rows_metadata,
     run_metadata,
     table_metadata,
@@ -343,6 +344,25 @@ DRIFT_DESCRIPTION = (
 )
 
 
+def drift_skip_reason(report: RefreshReport | None) -> str:
+    """Why the drift canaries were not compared: each case in its own words.
+
+    Example:
+        >>> drift_skip_reason(None)
+        'the checks ran alone, without a refresh (they never load the model)'
+    """
+    if report is None:
+        return "the checks ran alone, without a refresh (they never load the model)"
+    if report.canaries_recorded:
+        return (
+            f"first fill: {report.canaries_recorded} canaries were recorded now and are "
+            "compared from the next refresh on"
+        )
+    if report.embedded_rows == 0:
+        return "the refresh embedded nothing, so the model was not loaded to compare"
+    return "the table has no recorded canaries to compare with"
+
+
 def drift_result(
     report: RefreshReport | None, asset_key: dg.AssetKey
 ) -> dg.AssetCheckResult | None:
@@ -443,6 +463,8 @@ class _EmbeddingStep:
         )
         selected = context.selected_asset_check_keys
         drift = drift_result(report, self.asset_key)  # None: not evaluated, left skipped
+        if drift is None and dg.AssetCheckKey(self.asset_key, DRIFT_CHECK) in selected:
+            context.log.info(f"{DRIFT_CHECK} skipped: {drift_skip_reason(report)}")
         results = [
             r
             for r in [*check_results(checked, self.asset_key), *([drift] if drift else [])]
@@ -565,6 +587,7 @@ class _EmbeddingStep:
                     partition_metadata(
                         report.per_partition.get(partition_key, {}),
                         partition_rows=checked.rows_by_partition.get(partition_key, 0),
+                        scope=partition_scope(partition_key, context.partition_keys),
                     ),
                     partition_key=partition_key,
                 )

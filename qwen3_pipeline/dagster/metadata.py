@@ -5,7 +5,8 @@ and the Dagster UI shows whichever came last. So every event carries three group
 each named for what it covers:
 
 - ``qwen3/rows_<counter>`` and ``dagster/partition_row_count``: *this partition's* own counts
-  (in an unpartitioned asset, the whole table's);
+  (in an unpartitioned asset, the whole table's), with ``qwen3/scope`` saying in words which
+  partition of the run this event is and that ``qwen3/run/...`` are the run's totals;
 - ``qwen3/run/...``: the whole run (every partition it refreshed): row totals, tokens, tokens/s,
   seconds, the Lance versions before and after, and a per-partition table in Markdown;
 - ``qwen3/table/...``: the vector table after the run: its total rows, Lance version, URI, name
@@ -42,11 +43,21 @@ RUN_COMMITTED = "qwen3/run/committed"
 RUN_TOKENS = "qwen3/run/tokens"
 RUN_BY_PARTITION = "qwen3/run/by_partition"
 FAILURES = "qwen3/run/failures"
+# On a partition's event: which partition of the run it is, and which figures are the run's.
+SCOPE = "qwen3/scope"
 # What went wrong without failing the run (RefreshReport.warnings); present only when any did.
 WARNINGS = "qwen3/warnings"
 
-# The per-partition table shows these columns (the others are rarely non-zero).
-_TABLE_COUNTERS = ("embedded", "inserted", "updated", "deleted", "unchanged", "failed")
+# The per-partition table's candidate columns, with short headers so that it fits the UI's
+# metadata panel; only those non-zero somewhere in the run are shown.
+_TABLE_COUNTERS = {
+    "embedded": "emb",
+    "inserted": "ins",
+    "updated": "upd",
+    "deleted": "del",
+    "unchanged": "same",
+    "failed": "fail",
+}
 
 
 def rows_key(counter: str) -> str:
@@ -78,23 +89,74 @@ def rows_metadata(counts: Mapping[str, int]) -> dict[str, int]:
     return {rows_key(name): int(counts.get(name, 0)) for name in ROW_COUNTERS}
 
 
-def partition_metadata(counts: Mapping[str, int], *, partition_rows: int) -> dict[str, Any]:
-    """Return one partition's own figures: its row counters and its stored rows."""
-    return {**rows_metadata(counts), "dagster/partition_row_count": partition_rows}
+def partition_metadata(
+    counts: Mapping[str, int], *, partition_rows: int, scope: str | None = None
+) -> dict[str, Any]:
+    """Return one partition's own figures: its row counters, its stored rows, its scope."""
+    metadata: dict[str, Any] = {
+        **rows_metadata(counts),
+        "dagster/partition_row_count": partition_rows,
+    }
+    if scope is not None:
+        metadata[SCOPE] = scope
+    return metadata
+
+
+def partition_scope(partition: str, keys: Sequence[str]) -> str:
+    """Say which partition of the run an event is, and which of its figures are the run's.
+
+    Example:
+        >>> partition_scope("b", ["a", "b"])
+        'partition b (2 of 2 in this run): qwen3/rows_* are its own; qwen3/run/* are the run totals'
+    """
+    ordered = sorted(keys)
+    where = f" ({ordered.index(partition) + 1} of {len(ordered)} in this run)"
+    return f"partition {partition}{where}: qwen3/rows_* are its own; qwen3/run/* are the run totals"
+
+
+def _short_partition(partition: str) -> str:
+    """``shard-03-of-08`` as ``03/08``; any other key unchanged."""
+    parts = partition.split("-")
+    if len(parts) == 4 and parts[0] == "shard" and parts[2] == "of":
+        return f"{parts[1]}/{parts[3]}"
+    return partition
 
 
 def by_partition_markdown(report: RefreshReport) -> str:
-    """A Markdown table of the run's counts per partition, with a total row."""
-    header = "| partition | " + " | ".join(_TABLE_COUNTERS) + " |"
-    rule = "|---" * (len(_TABLE_COUNTERS) + 1) + "|"
-    lines = [header, rule]
-    for partition in sorted(report.per_partition):
+    """A compact Markdown table of the run's counts per partition, with a total row.
+
+    Shard keys are shortened (``shard-03-of-08`` is ``03/08``) and only the counters that are
+    non-zero somewhere in the run get a column, so that the table fits the metadata panel.
+
+    Example:
+        >>> from qwen3_pipeline.engine.report import RefreshReport
+        >>> report = RefreshReport(table_name="t", embedded_rows=3, inserted=3, per_partition={
+        ...     "shard-01-of-02": {"embedded": 2, "inserted": 2},
+        ...     "shard-02-of-02": {"embedded": 1, "inserted": 1}})
+        >>> print(by_partition_markdown(report))
+        | part | emb | ins |
+        |---|--:|--:|
+        | 01/02 | 2 | 2 |
+        | 02/02 | 1 | 1 |
+        | **all** | **3** | **3** |
+    """
+    partitions = sorted(report.per_partition)
+    totals = {name: int(report.counters().get(name, 0)) for name in _TABLE_COUNTERS}
+    shown = [
+        name
+        for name in _TABLE_COUNTERS
+        if totals[name] or any(report.per_partition[p].get(name, 0) for p in partitions)
+    ] or ["unchanged"]
+    lines = [
+        "| part | " + " | ".join(_TABLE_COUNTERS[name] for name in shown) + " |",
+        "|---" + "|--:" * len(shown) + "|",
+    ]
+    for partition in partitions:
         counts = report.per_partition[partition]
-        cells = " | ".join(str(int(counts.get(name, 0))) for name in _TABLE_COUNTERS)
-        lines.append(f"| {partition} | {cells} |")
-    totals = report.counters()
-    cells = " | ".join(f"**{totals[name]}**" for name in _TABLE_COUNTERS)
-    lines.append(f"| **run total** | {cells} |")
+        cells = " | ".join(str(int(counts.get(name, 0))) for name in shown)
+        lines.append(f"| {_short_partition(partition)} | {cells} |")
+    cells = " | ".join(f"**{totals[name]}**" for name in shown)
+    lines.append(f"| **all** | {cells} |")
     return "\n".join(lines)
 
 

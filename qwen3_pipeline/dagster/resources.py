@@ -36,8 +36,14 @@ from typing import Any, Literal
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
-from qwen3_pipeline.core.errors import Qwen3PipelineError
-from qwen3_pipeline.core.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
+from qwen3_pipeline.core.errors import ConfigError, Qwen3PipelineError
+from qwen3_pipeline.core.spec import (
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_QUERY_TASK,
+    MAX_CONTEXT,
+    MIN_DIM,
+    EmbeddingSpec,
+)
 from qwen3_pipeline.embedding.engines import EngineOptions, build_embedder
 from qwen3_pipeline.embedding.interface import BatchDone, Embedder, EncodeResult, TokenCounter
 from qwen3_pipeline.embedding.lazy import LazyEmbedder
@@ -56,13 +62,15 @@ HOW_TO_FIX_MODEL = (
 class EmbedderLoadFailure(dg.Failure):
     """The embedder could not be built: unknown model, missing checkpoint, bad settings.
 
-    Not retried: the same settings fail the same way. The description says how to point the
-    model setting at a local checkpoint.
+    Not retried: the same settings fail the same way. A load error's description says how to
+    point the model setting at a local checkpoint; a settings error (a ``ConfigError``, e.g. a
+    ``dim`` above the model's hidden size) says only what is wrong with the setting.
     """
 
     def __init__(self, error: Qwen3PipelineError, model: str) -> None:
+        hint = "" if isinstance(error, ConfigError) else f" -- {HOW_TO_FIX_MODEL}"
         super().__init__(
-            description=f"{error} -- {HOW_TO_FIX_MODEL}",
+            description=f"{error}{hint}",
             metadata={"error": type(error).__name__, "model": model},
             allow_retries=False,
         )
@@ -85,12 +93,18 @@ class EmbedderResource(dg.ConfigurableResource):
     revision: str | None = Field(
         default=None, description="Pinned hub revision (commit hash or tag); none by default."
     )
+    # Bounds Dagster's launchpad cannot check (its config schema has no numeric ranges) are
+    # checked when the resource is built, before the model config is read; the upper bound of
+    # `dim` (the model's hidden size) needs that config, so EmbeddingSpec checks it.
     dim: int | None = Field(
         default=None,
+        ge=MIN_DIM,
         description="Matryoshka output dimension, 32..hidden size; null means the hidden size.",
     )
     max_length: int = Field(
         default=DEFAULT_MAX_LENGTH,
+        ge=2,
+        le=MAX_CONTEXT,
         description="Token limit per document; longer ones are truncated and flagged.",
     )
     document_prompt: str | None = Field(
@@ -248,9 +262,10 @@ class Qwen3EmbedderResource(EmbedderResource):
     )
     max_batch_tokens: int | None = Field(
         default=None,
+        ge=1,
         description="Token budget per forward pass, padding included; null: 16384 CUDA, 4096 CPU.",
     )
-    max_batch_rows: int = Field(default=256, description="Most rows per forward pass.")
+    max_batch_rows: int = Field(default=256, ge=1, description="Most rows per forward pass.")
 
     def engine_options(self) -> EngineOptions:
         """The engine settings of this resource (one model in the run's process)."""
