@@ -12,7 +12,9 @@
   param loads a seeded sample);
 - ``dbt_build``: ``dbt build`` of ``dbt_models/`` (``stg_docstrings`` -> ``documents``);
 - ``refresh``: :class:`~qwen3_pipeline.airflow.Qwen3EmbeddingRefreshOperator` mapped over the 8
-  hash shards with ``.expand()``, in the ``gpu`` pool: each task loads the model at most once
+  hash shards with ``.expand()``, in the pool named by ``QWEN3_PIPELINE_AIRFLOW_POOL``
+  (``make airflow-demo`` sets ``gpu``; unset: ``default_pool``, with a warning when the DAG is
+  parsed): each task loads the model at most once
   (only when its shard has rows to embed) and emits the vector table's Asset with its refresh
   report as the event's extra;
 - ``index_upkeep``: the ANN index policy (exact search below 50k rows);
@@ -23,13 +25,20 @@
 sample search on the table at the Lance version the latest asset event reports.
 
 Run both once without a scheduler: ``make airflow-demo``. A second run embeds nothing and
-makes no Lance commit. Create the pool in a real deployment with
-``airflow pools set gpu 1 "Qwen3 model loads"`` (one slot per model that fits on the GPU).
+makes no Lance commit. Under a scheduler, create the pool (one slot per model that fits on the
+GPU) with ``airflow pools set gpu 1 "Qwen3 model loads"`` and set
+``QWEN3_PIPELINE_AIRFLOW_POOL=gpu`` for the DAG processor: a task in a pool that does not
+exist stays *Scheduled* forever, so this file never names one that was not asked for.
+
+The ``limit`` param loads a sample; a smaller sample than the previous run's deletes the other
+rows, which the refresh refuses (more than half the table) unless ``allow_mass_delete`` is
+checked too.
 
 Parsing this file imports Airflow and the operator only; the demo's settings and the engine
 are imported when the tasks run.
 """
 
+import logging
 import os
 import subprocess
 from datetime import timedelta
@@ -53,7 +62,17 @@ DATA_DIR = Path(os.environ.get("QWEN3_PIPELINE_DATA_DIR") or "data").expanduser(
 LANCEDB_URI = str((DATA_DIR / "lancedb").resolve())
 TABLE = "documents"
 SHARDS = 8
-GPU_POOL = "gpu"
+# The model-loading tasks' pool. Parsing has no metadata database to check that a pool
+# exists, and a task in a missing pool waits in Scheduled forever: the pool is opted into.
+POOL_ENV = "QWEN3_PIPELINE_AIRFLOW_POOL"
+GPU_POOL = os.environ.get(POOL_ENV, "").strip() or "default_pool"
+if GPU_POOL == "default_pool":
+    logging.getLogger(__name__).warning(
+        "qwen3_demo: the model-loading tasks use default_pool, so nothing limits how many "
+        'models load at once; create a pool (airflow pools set gpu 1 "Qwen3 model loads") and '
+        "set %s=gpu where the DAG is parsed",
+        POOL_ENV,
+    )
 VECTORS = lancedb_asset(TABLE, uri=LANCEDB_URI)
 NEAR_DUPLICATES_TABLE = "near_duplicates"
 DEFAULT_QUERY = "parse a JSON document into Python objects"
@@ -79,8 +98,21 @@ with DAG(
             None,
             type=["null", "integer"],
             minimum=0,
-            description="Load a seeded sample of this many docstrings (null: all of them).",
-        )
+            description=(
+                "Load a seeded sample of this many docstrings (null: all of them). A smaller "
+                "sample than the previous run's deletes the other rows from the vector table: "
+                "the refresh refuses that (more than half the table) unless allow_mass_delete "
+                "is checked."
+            ),
+        ),
+        "allow_mass_delete": Param(
+            False,
+            type="boolean",
+            description=(
+                "Let the refresh delete more than half of the stored rows (e.g. after a "
+                "smaller limit than the previous run's)."
+            ),
+        ),
     },
     tags=["qwen3", "demo", "lancedb"],
     doc_md=__doc__,
@@ -192,6 +224,7 @@ with DAG(
         workers=config["workers"],
         gpus_per_worker=config["gpus_per_worker"],
         ray_address=config["ray_address"],
+        allow_mass_delete="{{ params.allow_mass_delete }}",
         pool=GPU_POOL,
         map_index_template="{{ task.shard }}",
     ).expand(shard=[f"{i}/{SHARDS}" for i in range(SHARDS)])
@@ -215,6 +248,7 @@ with DAG(
     @task(inlets=[VECTORS], pool=GPU_POOL)
     def search() -> list[dict[str, Any]]:
         """Search the table at the Lance version of the latest refresh (its asset event)."""
+        from qwen3_pipeline.airflow.operators import quiet_model_progress_bars
         from qwen3_pipeline.consumers.vector_search import open_vector_table
         from qwen3_pipeline.consumers.vector_search import search as search_table
 
@@ -224,7 +258,7 @@ with DAG(
             raise RuntimeError(f"no refresh has written {VECTORS.uri} yet")
         report = events[-1].extra
         query = context["params"]["query"]
-        with retry_only_transient():
+        with retry_only_transient(), quiet_model_progress_bars():
             vectors = open_vector_table(
                 report["table_uri"], report["table_name"], version=report["version_after"]
             )

@@ -283,12 +283,19 @@ def test_connection_fields_map_to_storage_options_by_scheme(tmp_path: Path) -> N
 
 
 def test_operator_fills_then_does_nothing_then_applies_edits_with_exact_counts(
-    tmp_path: Path, tiny_model_dir: Path, model_loads: list[str]
+    tmp_path: Path,
+    tiny_model_dir: Path,
+    model_loads: list[str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     db, lance = tmp_path / "src.duckdb", tmp_path / "lancedb"
     _write_docs(db, DOCS)
 
+    caplog.set_level("INFO")
     fill, events = _execute(_operator(db, lance, tiny_model_dir))
+    summaries = [r for r in caplog.records if r.getMessage().startswith("refreshed docs:")]
+    assert len(summaries) == 1  # the engine's line, not repeated by the operator
+    caplog.clear()
     assert (fill["scanned"], fill["inserted"], fill["embedded_rows"]) == (6, 6, 6)
     assert fill["committed"]
     assert fill["version_before"] == 0
@@ -364,6 +371,59 @@ def test_bad_input_fails_without_retry_and_transient_errors_are_raised_for_retri
         _execute(_operator(db, lance, tiny_model_dir, source=LockedSource()))
     assert is_transient(StoreConflictError("busy"))
     assert not is_transient(ValueError("bug"))
+
+
+def test_model_progress_bars_are_off_only_inside_the_block() -> None:
+    from transformers.utils import logging as hf_logging
+
+    from qwen3_pipeline.airflow.operators import quiet_model_progress_bars
+
+    assert hf_logging.is_progress_bar_enabled()
+    with quiet_model_progress_bars():
+        assert not hf_logging.is_progress_bar_enabled()  # Airflow logs stderr bars as errors
+    assert hf_logging.is_progress_bar_enabled()
+
+
+def _parse_demo_dag() -> ModuleType:
+    import importlib.util
+
+    path = REPO / "airflow_dags" / "qwen3_demo.py"
+    spec = importlib.util.spec_from_file_location("parsed_qwen3_demo", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_dag_pool_is_opted_into_and_its_form_names_the_mass_delete_refusal(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv(airflow_demo.POOL_ENV, raising=False)
+    caplog.set_level("WARNING")
+    unset = _parse_demo_dag()
+    # A missing pool would leave the tasks Scheduled forever: unset, the default pool.
+    assert unset.qwen3_demo.get_task("refresh").pool == "default_pool"
+    assert unset.qwen3_demo_search.get_task("search").pool == "default_pool"
+    assert 'airflow pools set gpu 1 "Qwen3 model loads"' in caplog.text
+    assert airflow_demo.POOL_ENV in caplog.text
+
+    caplog.clear()
+    monkeypatch.setenv(airflow_demo.POOL_ENV, "gpu")
+    demo = _parse_demo_dag()
+    assert demo.qwen3_demo.get_task("refresh").pool == "gpu"
+    assert demo.qwen3_demo_search.get_task("search").pool == "gpu"
+    assert "default_pool" not in caplog.text
+    # make airflow-demo sets the variable (and creates the pool) unless it is set already.
+    assert airflow_demo.airflow_environment({})[airflow_demo.POOL_ENV] == "gpu"
+    kept = airflow_demo.airflow_environment({airflow_demo.POOL_ENV: "gpus"})
+    assert kept[airflow_demo.POOL_ENV] == "gpus"
+
+    params = demo.qwen3_demo.params
+    assert "allow_mass_delete" in params.get_param("limit").description
+    assert params["allow_mass_delete"] is False
+    refresh = demo.qwen3_demo.get_task("refresh")
+    assert refresh.partial_kwargs["allow_mass_delete"] == "{{ params.allow_mass_delete }}"
 
 
 def test_operator_arguments_are_checked_when_the_dag_is_parsed(tmp_path: Path) -> None:

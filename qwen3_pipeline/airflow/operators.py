@@ -7,8 +7,9 @@ Dagster assets run, adding no logic of its own:
   several shards' labels (``shards=8``, in one task), or the whole source;
 - the model is loaded at most once per task, and only when there is something to embed
   (:class:`~qwen3_pipeline.embedding.lazy.LazyEmbedder`): a no-op refresh loads no weights;
-- the refresh report (a small JSON dict) is the task's XCom ``return_value``, a one-line summary
-  and the engine's progress lines go to the task log;
+- the refresh report (a small JSON dict) is the task's XCom ``return_value``; the engine's
+  progress lines and its one-line summary (``refreshed ...``) go to the task log, and
+  transformers' progress bars are off while the task runs (Airflow logs stderr as errors);
 - the vector table's Asset (:func:`~qwen3_pipeline.airflow.assets.lancedb_asset`) is an outlet,
   and the asset event's ``extra`` is the report, so downstream DAGs scheduled on the table know
   what changed and which Lance version to read;
@@ -33,7 +34,8 @@ Example:
 """
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import Asset, BaseOperator
@@ -269,11 +271,12 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             AirflowFailException: Bad input or configuration (not retried).
             TransientError: A failure a retry may fix (the task's retries apply).
         """
-        with retry_only_transient(), engine_logs_at_info():
+        with retry_only_transient(), engine_logs_at_info(), quiet_model_progress_bars():
             report = self._refresh(context)
         values: dict[str, Any] = json.loads(json.dumps(report.as_dict()))
+        # The engine has logged the report's summary line ("refreshed ..."); add the scope.
         scope = f"shard {self.shard}" if self.shard else "all rows"
-        self.log.info("%s (%s, %d model load(s))", report.summary(), scope, int(report.model_loads))
+        self.log.info("done: %s, %d model load(s)", scope, int(report.model_loads))
         outlet_events = context.get("outlet_events")
         if self.asset is not None and outlet_events is not None:
             outlet_events[self.asset].extra = values
@@ -422,6 +425,29 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+@contextmanager
+def quiet_model_progress_bars() -> Iterator[None]:
+    """Turn off transformers' (and the hub's) progress bars while the block runs, then restore.
+
+    Their tqdm bars (``Loading weights``) write to stderr, which Airflow's task log records at
+    ERROR level; the engine's own progress lines are log records and are not affected. Use it
+    around model loads in tasks of one's own. A no-op when transformers is not installed.
+    """
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a core dependency
+        yield
+        return
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if was_enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _outlet(

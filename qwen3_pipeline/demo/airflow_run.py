@@ -12,10 +12,13 @@ Airflow's metadata database is SQLite under ``$AIRFLOW_HOME`` if set, else under
 ``<data_dir>/airflow_home`` (data directory ``QWEN3_PIPELINE_DATA_DIR``, default ``./data``);
 it is created or migrated first (``airflow db migrate``), and the ``gpu`` pool that the
 model-loading tasks use is created with ``QWEN3_PIPELINE_GPU_POOL_LIMIT`` slots (default 1)
-if missing. Point ``AIRFLOW_HOME`` there and start ``airflow standalone`` to see these runs in
-the UI. The demo's settings are the Dagster demo's environment variables
-(:mod:`qwen3_pipeline.demo.location`), with the same model fallback: a random-weight
-checkpoint, announced loudly, when the default hub model cannot be loaded.
+if missing. The DAG file takes its pool from ``QWEN3_PIPELINE_AIRFLOW_POOL`` (this runner sets
+``gpu`` unless it is set; unset, the DAG falls back to ``default_pool`` with a warning). Point
+``AIRFLOW_HOME`` there and start ``airflow standalone`` with the same variables to see these
+runs in the UI (docs/guides/airflow.md has the command). The demo's settings are the Dagster
+demo's environment variables (:mod:`qwen3_pipeline.demo.location`), with the same model
+fallback: a random-weight checkpoint, announced loudly, when the default hub model cannot be
+loaded.
 
 The helpers here that the DAG's tasks call (:func:`demo_settings`) import the demo's shared
 settings code when a task runs, never when the DAG is parsed.
@@ -42,6 +45,8 @@ SEARCH_TASK = "search"
 DAG_FILE = "qwen3_demo.py"
 GPU_POOL = "gpu"
 GPU_POOL_LIMIT_ENV = "QWEN3_PIPELINE_GPU_POOL_LIMIT"
+# The pool the demo DAG's model-loading tasks use (read by the DAG file when it is parsed).
+POOL_ENV = "QWEN3_PIPELINE_AIRFLOW_POOL"
 DATA_DIR_ENV = "QWEN3_PIPELINE_DATA_DIR"
 DEFAULT_DATA_DIR = "data"
 AIRFLOW_HOME_DIR = "airflow_home"
@@ -135,10 +140,12 @@ def dbt_build_command(settings: Mapping[str, Any], run_dir: Path) -> list[str]:
 
 
 def airflow_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    """The Airflow settings of the demo process: home, DAGs folder, no example DAGs.
+    """The Airflow settings of the demo process: home, DAGs folder, no example DAGs, the pool.
 
     ``AIRFLOW_HOME`` is kept if set, else ``<data_dir>/airflow_home``; the DAGs folder is kept
-    if set, else the repository's ``airflow_dags``.
+    if set, else the repository's ``airflow_dags``; the DAG's pool
+    (``QWEN3_PIPELINE_AIRFLOW_POOL``) is kept if set, else ``gpu`` (which :func:`run_demo`
+    creates).
     """
     data_dir = Path(environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR).expanduser()
     home = environ.get("AIRFLOW_HOME") or str((data_dir / AIRFLOW_HOME_DIR).resolve())
@@ -147,6 +154,7 @@ def airflow_environment(environ: Mapping[str, str]) -> dict[str, str]:
         "AIRFLOW_HOME": home,
         "AIRFLOW__CORE__DAGS_FOLDER": dags,
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        POOL_ENV: environ.get(POOL_ENV, "").strip() or GPU_POOL,
     }
 
 
@@ -256,7 +264,7 @@ def run_demo(*, limit: int | None, query: str) -> list[str]:
     """
     from qwen3_pipeline.demo.summary import DemoSummary, search_lines
 
-    ensure_pool()
+    ensure_pool(os.environ.get(POOL_ENV, "").strip() or GPU_POOL)
     module = load_dag_module()
     run = module.qwen3_demo.test(run_conf={"limit": limit})
     _check_succeeded(run)
