@@ -40,18 +40,12 @@ from qwen3_pipeline.core.schema import (
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import Embedder, token_counter_of
 from qwen3_pipeline.engine.options import (
-    DEFAULT_CHUNK_ROWS,  # noqa: F401  (re-exported: the default's old home)
     DEFAULT_MAX_DELETE_SHARE,
     RefreshOptions,
     RefreshRequest,
 )
 from qwen3_pipeline.engine.report import PLAN_COUNTERS, Tally
-from qwen3_pipeline.engine.scan import (  # noqa: F401  (read_spill: its old home)
-    LiveKeys,
-    Scan,
-    key_codes,
-    read_spill,
-)
+from qwen3_pipeline.engine.scan import LiveKeys, Scan, key_codes
 from qwen3_pipeline.sources import (
     Source,
     SourceConfig,

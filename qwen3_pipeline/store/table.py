@@ -38,11 +38,10 @@ the cut-off; ``list_versions()`` timestamps are naive local time.
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -522,39 +521,14 @@ class VectorStore:
 
     # ---- building rows
 
-    def build_rows(
-        self,
-        *,
-        keys: pa.Array | Sequence[Any],
-        vectors: np.ndarray,
-        content_hashes: pa.Array | Sequence[str],
-        n_tokens: np.ndarray | Sequence[int],
-        truncated: np.ndarray | Sequence[bool],
-        partition_keys: pa.Array | Sequence[str],
-        source: str,
-        run_id: str,
-        source_updated_at: pa.Array | None = None,
-        carry: pa.Table | pa.RecordBatch | None = None,
-        embedded_at: datetime | pa.Array | None = None,
-        chunks: pa.Table | None = None,
-    ) -> pa.Table:
-        """Assemble full rows in the table's schema from one embedded chunk.
+    def build_rows(self, **columns: Any) -> pa.Table:
+        """Assemble full rows in this table's schema from one embedded chunk.
 
         Args:
-            keys: The rows' keys.
-            vectors: ``float32 [n, dim]`` finite vectors (leave failed rows out).
-            content_hashes: Content hash per row.
-            n_tokens: Tokens per row after truncation.
-            truncated: Whether each row was truncated.
-            partition_keys: Partition key per row.
-            source: Lineage description of the source (asset key or table).
-            run_id: The run that embedded the rows.
-            source_updated_at: Per-row source timestamps (nulls when absent).
-            carry: Carry-along columns, aligned with ``keys``.
-            embedded_at: When the rows were embedded (default: now, UTC), one time or one per
-                row (a reused chunk vector keeps the time it was embedded).
-            chunks: For a chunk table, the chunk columns (``doc_key`` and the ``chunk_*``
-                columns), aligned with ``keys`` (the chunk ids).
+            **columns: The keyword arguments of :func:`qwen3_pipeline.store.rows.build_rows`
+                after ``table_name`` (``keys``, ``vectors``, ``content_hashes``, ``n_tokens``,
+                ``truncated``, ``partition_keys``, ``source``, ``run_id`` and the optional
+                ``source_updated_at``, ``carry``, ``embedded_at``, ``chunks``).
 
         Returns:
             A table ready for :meth:`upsert`.
@@ -563,23 +537,7 @@ class VectorStore:
             InputDataError: Lengths disagree or a vector has the wrong dimension.
             EmbeddingFailedError: A vector is not finite.
         """
-        return build_rows(
-            self._table.schema,
-            self._spec,
-            table_name=self._table_name,
-            keys=keys,
-            vectors=vectors,
-            content_hashes=content_hashes,
-            n_tokens=n_tokens,
-            truncated=truncated,
-            partition_keys=partition_keys,
-            source=source,
-            run_id=run_id,
-            source_updated_at=source_updated_at,
-            carry=carry,
-            embedded_at=embedded_at,
-            chunks=chunks,
-        )
+        return build_rows(self._table.schema, self._spec, table_name=self._table_name, **columns)
 
     # ---- writing
 
