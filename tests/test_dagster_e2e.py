@@ -188,6 +188,11 @@ def dagster_dev(
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text(INSTANCE_YAML)
+    # `dagster dev` starts the webserver and the daemon at once, and each creates a fresh
+    # instance's SQLite tables: racing, one can fail with "table secondary_indexes already
+    # exists" (seen in CI). Create the storage first, as `make dev` does (prepare_instance).
+    with dg.DagsterInstance.from_config(str(home)):
+        pass
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
