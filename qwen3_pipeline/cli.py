@@ -50,6 +50,12 @@ from qwen3_pipeline.core.errors import (
     TransientError,
     redact_secrets,
 )
+from qwen3_pipeline.core.failures import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RETRY_BACKOFF_S,
+    FailureStatus,
+    FailureStep,
+)
 from qwen3_pipeline.core.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
 from qwen3_pipeline.embedding.engines import ENGINES, EngineOptions, open_embedder
 
@@ -57,6 +63,7 @@ if TYPE_CHECKING:
     from qwen3_pipeline.chunking.config import ChunkingConfig
     from qwen3_pipeline.engine.options import RefreshOptions
     from qwen3_pipeline.lifecycle.gate import GateConfig
+    from qwen3_pipeline.store.failure_log import FailureLog
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED_ROWS = 1
@@ -73,6 +80,8 @@ _INTERRUPTED = {
     "search": "interrupted",
     "rollback": "interrupted; a rollback is one commit: the table holds its old or its "
     "restored version",
+    "failures": "interrupted",
+    "replay": "interrupted; a replay is one commit: the records are all due now or unchanged",
 }
 
 _DEBUG_HELP = "on an error, also print the full traceback on stderr"
@@ -386,6 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_refresh_command(commands, debug_after)
     _add_search_command(commands, debug_after)
     _add_rollback_command(commands, debug_after)
+    _add_failures_commands(commands, debug_after)
     return parser
 
 
@@ -431,8 +441,64 @@ def _add_refresh_command(commands: Any, debug_after: argparse.ArgumentParser) ->
         help="print the plan (exact counts, rows and tokens to embed) and write nothing",
     )
     _add_delete_guard_arguments(sync)
+    _add_retry_arguments(sync)
     _add_model_arguments(sync)
     _add_engine_arguments(sync)
+
+
+def _add_retry_arguments(sync: argparse.ArgumentParser) -> None:
+    """When rows the model failed on are tried again, and when they are quarantined."""
+    sync.add_argument(
+        "--max-attempts",
+        type=int,
+        default=DEFAULT_MAX_ATTEMPTS,
+        metavar="N",
+        help="failed attempts after which a row is quarantined: not sent to the model again "
+        f"until its text changes or it is replayed (default {DEFAULT_MAX_ATTEMPTS})",
+    )
+    sync.add_argument(
+        "--retry-backoff",
+        type=float,
+        default=DEFAULT_RETRY_BACKOFF_S,
+        metavar="SECONDS",
+        help="wait before retrying a failed row, doubling after each failure, capped at a day "
+        f"(default {DEFAULT_RETRY_BACKOFF_S:.0f}; 0 retries on every refresh)",
+    )
+
+
+def _add_failures_commands(commands: Any, debug_after: argparse.ArgumentParser) -> None:
+    listing = commands.add_parser(
+        "failures",
+        parents=[debug_after],
+        help="list the rows of a table that could not be embedded",
+        description="List the failure records of a vector table: rows the model could not "
+        "embed (they keep any previous vector), the step that failed, the error, attempts, "
+        "and whether they are retried (when) or quarantined.",
+        epilog=_EXIT_STATUSES,
+    )
+    listing.add_argument("--db", required=True, help="LanceDB directory or URI")
+    listing.add_argument("--table", required=True, help="vector table name")
+    listing.add_argument("--json", action="store_true", help="print the records as JSON")
+    listing.add_argument(
+        "--status", choices=[s.value for s in FailureStatus], help="only records in this state"
+    )
+    replay = commands.add_parser(
+        "replay",
+        parents=[debug_after],
+        help="make failed or quarantined rows due for the next refresh",
+        description="Make failure records due now: the next refresh sends their rows to the "
+        "model again (a quarantined row gets one more attempt; one whose text changed is "
+        "retried anyway).",
+        epilog=_EXIT_STATUSES,
+    )
+    replay.add_argument("--db", required=True, help="LanceDB directory or URI")
+    replay.add_argument("--table", required=True, help="vector table name")
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--key", action="extend", nargs="+", metavar="K", help="the keys to replay")
+    which.add_argument("--all", action="store_true", help="every record")
+    which.add_argument(
+        "--step", choices=[s.value for s in FailureStep], help="every record of this step"
+    )
 
 
 def _add_source_arguments(sync: argparse.ArgumentParser) -> None:
@@ -677,6 +743,8 @@ def refresh_options_of(args: argparse.Namespace) -> "RefreshOptions":
         drift_threshold=args.drift_threshold,
         accept_drift=args.accept_drift,
         gate=_gate_config(args),
+        max_attempts=args.max_attempts,
+        retry_backoff_s=args.retry_backoff,
     )
 
 
@@ -848,6 +916,90 @@ def run_rollback(args: argparse.Namespace) -> dict[str, Any]:
     return rollback(table, args.to).as_dict()
 
 
+def _failure_log(args: argparse.Namespace) -> "FailureLog":
+    """The failure log of ``--table`` in ``--db``, both checked to exist.
+
+    Raises:
+        ConfigError: No database at ``--db``, or no table ``--table`` in it.
+    """
+    from qwen3_pipeline.store import list_table_names
+    from qwen3_pipeline.store.failure_log import FailureLog
+
+    check_db(args.db, must_exist=True)
+    log = FailureLog.open(args.db, args.table)
+    names = list_table_names(log.db)
+    if args.table not in names:
+        tables = sorted(n for n in names if "__" not in n)
+        raise ConfigError(
+            f"no table {args.table!r} in {args.db!r}; its tables: {', '.join(tables) or 'none'}"
+        )
+    return log
+
+
+def run_failures(args: argparse.Namespace) -> dict[str, Any] | str:
+    """Run ``qwen3-pipeline failures``: the records as JSON (``--json``) or a text table.
+
+    Raises:
+        ConfigError: No such database or table.
+    """
+    rows = _failure_log(args).read().to_pylist()
+    if args.status is not None:
+        rows = [r for r in rows if r["status"] == args.status]
+    counts = {s.value: sum(r["status"] == s.value for r in rows) for s in FailureStatus}
+    if args.json:
+        return {"table": args.table, "counts": counts, "records": rows}
+    return format_failures(args.table, rows)
+
+
+def format_failures(table: str, rows: list[dict[str, Any]]) -> str:
+    """The failure records as a text table, one line per row, newest failure first.
+
+    Example:
+        >>> print(format_failures("docs", []))
+        docs: no failure records
+    """
+    if not rows:
+        return f"{table}: no failure records"
+    rows = sorted(rows, key=lambda r: r["last_failed_at"], reverse=True)
+    quarantined = sum(r["status"] == FailureStatus.QUARANTINED for r in rows)
+    lines = [
+        f"{table}: {len(rows)} failure record(s), {quarantined} quarantined",
+        f"{'key':<24} {'step':<9} {'attempts':>8}  {'status':<12} {'next retry':<20} error",
+    ]
+    for r in rows:
+        next_retry = (
+            "replay to retry"
+            if r["status"] == FailureStatus.QUARANTINED
+            else r["next_retry_at"].strftime("%Y-%m-%d %H:%M:%S")
+        )
+        error = f"{r['error_type']}: {r['message']}"
+        lines.append(
+            f"{r['key'][:24]:<24} {r['step']:<9} {r['attempts']:>8}  {r['status']:<12} "
+            f"{next_retry:<20} {error[:120]}"
+        )
+    return "\n".join(lines)
+
+
+def run_replay(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``qwen3-pipeline replay``: returns how many records were made due.
+
+    Raises:
+        ConfigError: No such database or table, or a ``--key`` without a failure record.
+    """
+    log = _failure_log(args)
+    if args.key is not None:
+        known = set(log.read().column("doc_key").to_pylist())
+        missing = [k for k in dict.fromkeys(args.key) if k not in known]
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise ConfigError(
+                f"no failure record for key(s) {shown} in table {args.table!r}; "
+                "list them with: qwen3-pipeline failures"
+            )
+    replayed = log.replay(keys=args.key, step=args.step)
+    return {"table": args.table, "replayed": replayed}
+
+
 def run_embed(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``qwen3-pipeline embed``: returns the stats printed on stdout.
 
@@ -952,6 +1104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "refresh": run_refresh,
         "search": run_search,
         "rollback": run_rollback,
+        "failures": run_failures,
+        "replay": run_replay,
     }
     try:
         with _sigterm_raises():
@@ -994,12 +1148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = "" if args.debug else " (re-run with --debug for the traceback)"
         _report_error(args, e, f"internal error: {detail}{hint}")
         return EXIT_INTERNAL
-    print(json.dumps(output, default=str))
-    failed = output.get("failed", 0) if args.command == "refresh" else 0
+    print(output if isinstance(output, str) else json.dumps(output, default=str))
+    failed = (
+        output.get("failed", 0) if isinstance(output, dict) and args.command == "refresh" else 0
+    )
     if failed:
         print(
-            f"error: {failed} row(s) could not be embedded (see 'failures' in the report; "
-            "they keep any previous vector); fix the cause and re-run",
+            f"error: {failed} row(s) could not be embedded; they keep any previous vector and "
+            f"are retried by later refreshes (list them: qwen3-pipeline failures --db "
+            f"{redact_secrets(args.db)} --table {args.table})",
             file=sys.stderr,
         )
         return EXIT_FAILED_ROWS

@@ -35,6 +35,7 @@ class FakeEmbedder:
 
     Attributes:
         calls: Rows per ``embed_*`` call, in order.
+        seen: Every text sent to the fake, formatted as the model would see it, in order.
         batch_rows: Rows per simulated forward pass reported to ``on_batch``.
 
     Example:
@@ -47,6 +48,7 @@ class FakeEmbedder:
         self._spec = spec
         self._fail_texts = frozenset(fail_texts)
         self.calls: list[int] = []
+        self.seen: list[str] = []
         self.batch_rows = 64
 
     @property
@@ -80,6 +82,7 @@ class FakeEmbedder:
     def _embed(self, texts: list[str]) -> EncodeResult:
         started = time.perf_counter()
         self.calls.append(len(texts))
+        self.seen.extend(texts)
         dim, limit = self._spec.output_dim, self._spec.max_length
         vectors = np.empty((len(texts), dim), dtype=np.float32)
         lengths = np.array([len(t.split()) + 1 for t in texts], dtype=np.int64)

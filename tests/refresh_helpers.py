@@ -21,7 +21,7 @@ import threading
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -572,8 +572,10 @@ class KillSwitch:
 class _TrackedEmbedder(FakeEmbedder):
     """A FakeEmbedder whose calls are phases of a :class:`KillSwitch` (which may kill in one)."""
 
-    def __init__(self, embedding_spec: EmbeddingSpec, switch: KillSwitch) -> None:
-        super().__init__(embedding_spec)
+    def __init__(
+        self, embedding_spec: EmbeddingSpec, switch: KillSwitch, fail_texts: Sequence[str] = ()
+    ) -> None:
+        super().__init__(embedding_spec, fail_texts=fail_texts)
         self._switch = switch
 
     def embed_documents(self, texts):
@@ -678,19 +680,22 @@ def child_refresh(
     barrier: Any = None,
     barrier_at: str = "start",
     result: Any = None,
+    fail_texts: Sequence[str] = (),
 ) -> None:
     """Child-process entry point: one refresh, maybe killed at ``kill``.
+
+    ``fail_texts``: texts the fake model fails on (rows that get failure records).
 
     ``record`` is the file the child writes its :class:`KillRecord` to when it kills itself.
     ``barrier`` (a multiprocessing Barrier) lines concurrent children up at the start of the
     refresh, or at ``VectorStore.open`` with ``barrier_at="open"``; ``result`` (a
     multiprocessing queue) receives the report as a dict.
     """
-    embedder: FakeEmbedder = FakeEmbedder(spec(dim))
+    embedder: FakeEmbedder = FakeEmbedder(spec(dim), fail_texts=fail_texts)
     switch: KillSwitch | None = None
     if kill is not None:
         switch = install_kill_switch(kill, record)
-        embedder = _TrackedEmbedder(spec(dim), switch)
+        embedder = _TrackedEmbedder(spec(dim), switch, fail_texts)
     if barrier is not None and barrier_at == "open":
         # Line the children up right where the table is opened (or created), so they race
         # on the creation itself rather than on reading the source.

@@ -186,6 +186,7 @@ def test_plan_counts_equal_the_refresh_report_and_write_nothing(db):
         expected = {
             **{"scanned": 1000, "unchanged": 830, "inserted": 100, "updated": 50},
             **{"moved": 0, "carry_updated": 20, "deleted": 100, "skipped_empty": 0},
+            **{"retried": 0, "quarantined": 0, "deferred": 0},
         }
         assert planned.counts == expected
         assert planned.rows_to_embed == 150

@@ -206,8 +206,11 @@ def test_failed_rows_keep_their_old_vector_and_are_retried_next_time(db):
     assert sorted(k for k, _ in report.failures) == ["5", "99"]
     # The old vector of 5 is kept; 99 is not written.
     assert_table_matches(db, TABLE, expected_state(source))
-    retry = run(db, inserted)
-    assert (retry.updated, retry.inserted, retry.failed) == (1, 1, 0)
+    # Not due yet (the default backoff is 300 s): left out, old vector kept.
+    waiting = run(db, inserted)
+    assert (waiting.deferred, waiting.updated, waiting.inserted, waiting.failed) == (2, 0, 0, 0)
+    retry = run(db, inserted, retry_backoff_s=0)
+    assert (retry.retried, retry.updated, retry.inserted, retry.failed) == (2, 1, 1, 0)
     assert_table_matches(db, TABLE, expected_state(inserted))
 
 

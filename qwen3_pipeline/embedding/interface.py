@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from qwen3_pipeline.core.errors import EmbeddingFailedError
+from qwen3_pipeline.core.failures import RowFailure
 from qwen3_pipeline.core.spec import EmbeddingSpec
 
 
@@ -79,14 +80,16 @@ class EncodeResult:
         vectors: float32 ``[n, dim]``; rows listed in ``failures`` are all-NaN.
         n_tokens: Tokens per row after truncation.
         truncated: Whether each row was truncated to ``max_length``.
-        failures: Row index -> reason, for rows that could not be embedded.
+        failures: Row index -> why it could not be embedded: a
+            :class:`~qwen3_pipeline.core.failures.RowFailure` (step, error type, message),
+            or plain text (read as an ``embed`` failure).
         stats: Counters of the call.
     """
 
     vectors: np.ndarray
     n_tokens: np.ndarray
     truncated: np.ndarray
-    failures: Mapping[int, str] = field(default_factory=dict)
+    failures: Mapping[int, "RowFailure | str"] = field(default_factory=dict)
     stats: EncodeStats = field(default_factory=EncodeStats)
 
     def raise_on_failure(self) -> np.ndarray:

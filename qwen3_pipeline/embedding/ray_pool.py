@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from qwen3_pipeline.core.errors import ConfigError, EmbeddingFailedError
+from qwen3_pipeline.core.failures import RowFailure
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import (
     BatchDone,
@@ -213,7 +214,7 @@ class RayEmbedder:
         vectors = np.full((len(texts), dim), np.nan, dtype=np.float32)
         n_tokens = np.zeros(len(texts), dtype=np.int64)
         truncated = np.zeros(len(texts), dtype=bool)
-        failures: dict[int, str] = {}
+        failures: dict[int, RowFailure | str] = {}
         stats = EncodeStats()
         if texts:
             lengths = np.asarray(self.token_counter().count_document_tokens(texts))

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
+import pyarrow as pa
+
 from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.core.spec import EmbeddingSpec
@@ -175,6 +177,7 @@ def _writer_for(
     if guard is not None:
         writer.embedder = guard
         writer.guard = guard
+    writer.failures = plan.work.failures
     return writer, guard
 
 
@@ -203,14 +206,18 @@ def _write_updates_and_deletes(
     work, tally, store = plan.work, writer.tally, writer.store
     for chunk in read_spill(work.update_file, request.options.chunk_rows):
         writer.write_updates(chunk)
-    if not len(work.delete_keys):
-        return
-    deleted = store.delete_keys(work.delete_keys)
-    if deleted is not None:
-        tally.commits += 1
-        tally.add("deleted", work.delete_partitions)
-        if store.chunked:
-            tally.total["chunks_deleted"] += deleted.deleted
+    if len(work.delete_keys):
+        deleted = store.delete_keys(work.delete_keys)
+        if deleted is not None:
+            tally.commits += 1
+            tally.add("deleted", work.delete_partitions)
+            if store.chunked:
+                tally.total["chunks_deleted"] += deleted.deleted
+    if work.failures is not None:
+        # Records of rows deleted, or found stored with their current text (a refresh killed
+        # between its vector commit and its record commit): nothing left to retry.
+        stale = [*work.stale_failures, work.delete_keys.cast(pa.string())]
+        work.failures.clear(pa.concat_arrays(stale))
 
 
 def _finish_rebuild(
@@ -329,6 +336,9 @@ def _report(
         truncated=total["truncated"],
         failed=total["failed"],
         reprojected=total["reprojected"],
+        retried=total["retried"],
+        quarantined=total["quarantined"],
+        deferred=total["deferred"],
         embedded_rows=encode.rows,
         tokens=encode.real_tokens,
         padded_tokens=encode.padded_tokens,

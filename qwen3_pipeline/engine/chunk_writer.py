@@ -17,6 +17,7 @@ from qwen3_pipeline.chunking.chunker import Chunker
 from qwen3_pipeline.chunking.diff import ChunkDiff, diff_chunks
 from qwen3_pipeline.chunking.rows import chunk_rows
 from qwen3_pipeline.core.changes import RowStatus
+from qwen3_pipeline.core.failures import RowFailure, as_row_failure
 from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.core.schema import (
     CHUNK_COLUMNS,
@@ -29,6 +30,7 @@ from qwen3_pipeline.core.schema import (
 from qwen3_pipeline.embedding.interface import embed_reporting
 from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES
 from qwen3_pipeline.engine.row_writer import RowWriter
+from qwen3_pipeline.store.failure_log import FailedRow
 
 logger = logging.getLogger("qwen3_pipeline")
 
@@ -51,7 +53,7 @@ class _ChunkVectors:
     truncated: np.ndarray
     stamps: np.ndarray
     embedded: np.ndarray
-    failures: dict[int, str] = field(default_factory=dict)
+    failures: dict[int, "RowFailure | str"] = field(default_factory=dict)
 
 
 class ChunkWriter(RowWriter):
@@ -78,7 +80,9 @@ class ChunkWriter(RowWriter):
         embed = matched.embed
         vectors = self._chunk_vectors(chunks, stored, matched, bar)
         doc_ok = np.ones(docs.num_rows, dtype=bool)
-        self._record_failures(vectors.failures, vectors.embedded, owner, chunks, doc_keys, doc_ok)
+        failed = self._failed_documents(
+            vectors.failures, vectors.embedded, owner, chunks, docs, doc_ok
+        )
         row_ok = doc_ok[owner]
         partitions = docs.column("partition_key").combine_chunks()
         chunk_partitions = partitions.take(pa.array(owner))
@@ -96,6 +100,9 @@ class ChunkWriter(RowWriter):
                 self.guard.after_commit((), run_id=self.run_id)
         tally.total["chunks_written"] += rows.num_rows
         tally.total["chunks_reused"] += int((~embed & row_ok).sum())
+        self.record_outcome(
+            failed, doc_keys.filter(pa.array(doc_ok)), partitions.filter(pa.array(~doc_ok))
+        )
         bar.update(docs.num_rows)
 
     def _chunk_vectors(
@@ -170,26 +177,44 @@ class ChunkWriter(RowWriter):
             chunks=chunk_columns.select(list(CHUNK_COLUMNS)),
         )
 
-    def _record_failures(
+    def _failed_documents(
         self,
-        failures: Mapping[int, str],
+        failures: Mapping[int, "RowFailure | str"],
         embed_rows: np.ndarray,
         owner: np.ndarray,
         chunks: pa.Table,
-        doc_keys: pa.Array,
+        docs: pa.Table,
         doc_ok: np.ndarray,
-    ) -> None:
+    ) -> list[FailedRow]:
+        """Mark the documents with a chunk the model failed on; one record each (its first)."""
         if not failures:
-            return
+            return []
         seqs = chunks.column("chunk_seq")
-        for index, reason in failures.items():
+        doc_keys = docs.column("key").cast(pa.string())
+        hashes = docs.column("content_hash")
+        failed: dict[int, FailedRow] = {}
+        for index, reason in sorted(failures.items()):
             row = int(embed_rows[index])
             doc = int(owner[row])
             doc_ok[doc] = False
+            if doc in failed:
+                continue
+            failure = as_row_failure(reason)
+            key = doc_keys[doc].as_py()
+            seq = seqs[row].as_py()
+            failed[doc] = FailedRow(
+                doc_key=key,
+                key=chunk_key(key, seq),
+                failure=RowFailure(
+                    failure.step, failure.error_type, f"chunk {seq}: {failure.message}"
+                ),
+                content_hash=hashes[doc].as_py(),
+                partition_key=docs.column("partition_key")[doc].as_py(),
+            )
             if len(self.tally.failures) < MAX_SHOWN_FAILURES:
-                key = doc_keys[doc].as_py()
-                self.tally.failures.append((str(key), f"chunk {seqs[row].as_py()}: {reason}"))
+                self.tally.failures.append((key, failed[doc].failure.message))
         logger.error(
             "%d document(s) have chunks that could not be embedded; they keep their old chunks",
             int((~doc_ok).sum()),
         )
+        return [failed[doc] for doc in sorted(failed)]

@@ -26,6 +26,11 @@ from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from qwen3_pipeline.core.errors import ConfigError
+from qwen3_pipeline.core.failures import (
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_RETRY_BACKOFF_S,
+    FailurePolicy,
+)
 from qwen3_pipeline.embedding.interface import Embedder
 from qwen3_pipeline.engine.canary import DEFAULT_DRIFT_THRESHOLD, DriftGuard, DriftGuardFactory
 from qwen3_pipeline.sources import Source, SourceConfig
@@ -64,6 +69,10 @@ class RefreshOptions:
             returning None runs no guard, for tests that count the model's calls).
         gate: With ``rebuild``: evaluate live and staging on a golden set and swap only if
             staging scores as well (:class:`~qwen3_pipeline.lifecycle.gate.GateConfig`).
+        max_attempts: Failed attempts after which a row is quarantined: recorded in the failure
+            log and not sent to the model again until its text changes or it is replayed.
+        retry_backoff_s: Seconds before a failed row is retried; each later retry waits twice
+            as long (capped at a day). 0: retry failed rows on every refresh.
         spill_dir: Where the plan spills its work, and a run over several shards its split of
             the source (default: the system temp directory).
         progress: Report progress (a bar on a terminal, log lines otherwise).
@@ -80,6 +89,8 @@ class RefreshOptions:
     accept_drift: bool = False
     drift_guard: DriftGuardFactory = DriftGuard
     gate: "GateConfig | None" = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    retry_backoff_s: float = DEFAULT_RETRY_BACKOFF_S
     spill_dir: str | None = None
     progress: bool = True
     source_name: str | None = None
@@ -109,6 +120,12 @@ class RefreshOptions:
             )
         if self.gate is not None and not self.rebuild:
             raise ConfigError("a gate applies to a rebuild only: pass rebuild=True (--rebuild)")
+        self.failure_policy  # noqa: B018  # validates max_attempts and retry_backoff_s
+
+    @property
+    def failure_policy(self) -> FailurePolicy:
+        """When failed rows are retried and when they are quarantined."""
+        return FailurePolicy(max_attempts=self.max_attempts, retry_backoff_s=self.retry_backoff_s)
 
     @classmethod
     def build(

@@ -39,6 +39,7 @@ from qwen3_pipeline.core.schema import (
 )
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import Embedder, token_counter_of
+from qwen3_pipeline.engine.failure_records import FailureRecords
 from qwen3_pipeline.engine.options import (
     DEFAULT_MAX_DELETE_SHARE,
     RefreshOptions,
@@ -57,6 +58,7 @@ from qwen3_pipeline.sources import (
     validate_keys,
 )
 from qwen3_pipeline.store import VectorStore
+from qwen3_pipeline.store.failure_log import FailureLog
 
 logger = logging.getLogger("qwen3_pipeline")
 
@@ -99,6 +101,9 @@ class PlannedWork:
         delete_keys: Stored keys to delete (gone from the source, or now blank).
         delete_partitions: The stored partition of each key in ``delete_keys``.
         tally: Read-side counters (scanned, unchanged, skipped_empty) per partition.
+        failures: The table's failure records (what the writers record and clear).
+        stale_failures: Keys (as text) stored with their current text that still have a
+            failure record (a refresh killed between its two commits): cleared by the apply.
     """
 
     embed_file: Path | None
@@ -106,6 +111,8 @@ class PlannedWork:
     delete_keys: pa.Array
     delete_partitions: pa.Array
     tally: Tally = field(repr=False)
+    failures: FailureRecords | None = field(default=None, repr=False)
+    stale_failures: list[pa.Array] = field(default_factory=list, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -477,6 +484,7 @@ def _scan_source(
         token_counter=None if stored.spec.chunking else token_counter_of(request.embedder),
         directory=directory,
         live=live,
+        failures=_failure_records(request, stored.spec),
     )
     estimate = max(stored.rows, 0 if live is None else live.rows, 1)
     with Progress(estimate, f"planning {request.table}", enabled=options.progress) as bar:
@@ -491,8 +499,26 @@ def _scan_source(
         delete_keys=delete_keys,
         delete_partitions=delete_partitions,
         tally=scan.tally,
+        failures=scan.failures,
+        # Records of rows the scope no longer holds (never stored, so no delete finds them).
+        stale_failures=[
+            *scan.stale_failures,
+            *([scan.failures.orphans(scope)] if scan.failures is not None else []),
+        ],
     )
     return scan, work
+
+
+def _failure_records(request: RefreshRequest, spec: EmbeddingSpec) -> FailureRecords:
+    """The live table's failure records of ``spec``: a rebuild holds no row back."""
+    options = request.options
+    log = FailureLog.open(request.db_uri, request.table, storage_options=request.storage_options)
+    return FailureRecords.read(
+        log,
+        policy=options.failure_policy,
+        spec_fingerprint=spec.fingerprint,
+        hold_back=not options.rebuild,
+    )
 
 
 def check_mass_delete(

@@ -32,9 +32,12 @@ ROW_COUNTERS = (
     "failed",
     "embedded",
     "reprojected",
+    "retried",
+    "quarantined",
+    "deferred",
 )
 # The counters a plan can know before anything is embedded (no truncated/failed yet).
-PLAN_COUNTERS = ROW_COUNTERS[:8]
+PLAN_COUNTERS = (*ROW_COUNTERS[:8], "retried", "quarantined", "deferred")
 MAX_SHOWN_FAILURES = 100
 
 
@@ -84,7 +87,14 @@ class RefreshReport:
         deleted: Stored rows removed (gone from the source, or now blank).
         skipped_empty: Source rows with empty or whitespace-only text (not embedded).
         truncated: Embedded rows cut to ``max_length`` tokens.
-        failed: Rows that could not be embedded (their old vector, if any, is kept).
+        failed: Rows that could not be embedded (their old vector, if any, is kept); each
+            gets a failure record (``<table>__failures``).
+        retried: Rows sent to the model again because their failure record was due.
+        quarantined: Rows left out because they failed ``max_attempts`` times with their
+            current text, plus rows quarantined by this refresh's failures (see
+            ``qwen3-pipeline failures``; replay or change the text to try them again).
+        deferred: Rows left out because they failed recently and their next retry is not
+            due yet (``next_retry_at``).
         reprojected: Rows whose vector was derived from a stored one at a larger dim
             (Matryoshka re-projection, no model call); not counted in ``embedded_rows``.
         embedded_rows: Rows sent to the model.
@@ -147,6 +157,9 @@ class RefreshReport:
     truncated: int = 0
     failed: int = 0
     reprojected: int = 0
+    retried: int = 0
+    quarantined: int = 0
+    deferred: int = 0
     embedded_rows: int = 0
     tokens: int = 0
     padded_tokens: int = 0

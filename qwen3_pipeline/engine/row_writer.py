@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from qwen3_pipeline.core.changes import RowStatus
 from qwen3_pipeline.core.errors import StoreError
+from qwen3_pipeline.core.failures import RowFailure, as_row_failure
 from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.core.schema import (
     MOVED_COLUMN,
@@ -28,9 +29,11 @@ from qwen3_pipeline.core.schema import (
 )
 from qwen3_pipeline.embedding.interface import Embedder, EncodeResult, EncodeStats, embed_reporting
 from qwen3_pipeline.engine.canary import SAMPLE_SIZE, DriftGuard
+from qwen3_pipeline.engine.failure_records import FailureRecords
 from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES, Tally
 from qwen3_pipeline.engine.reproject import Donor, Reprojected
 from qwen3_pipeline.store import VectorStore
+from qwen3_pipeline.store.failure_log import FailedRow
 
 logger = logging.getLogger("qwen3_pipeline")
 
@@ -56,6 +59,7 @@ class RowWriter:
         self.run_id = run_id
         self.donor: Donor | None = None
         self.guard: DriftGuard | None = None
+        self.failures: FailureRecords | None = None
 
     def write_updates(self, rows: pa.Table) -> None:
         """Update the moved or carry-only rows of ``rows`` (one commit, no model call)."""
@@ -106,12 +110,26 @@ class RowWriter:
             tally.encode = tally.encode + encoded.stats
         tally.add("embedded", partitions, to_embed)
         ok = np.ones(chunk.num_rows, dtype=bool)
+        failed: list[FailedRow] = []
         if encoded.failures:
-            failed_keys = chunk.column("key").to_pylist()
+            failed_keys = chunk.column("key").cast(pa.string()).to_pylist()
+            hashes = chunk.column("content_hash").to_pylist()
+            labels = partitions.to_pylist()
             for index, reason in encoded.failures.items():
                 ok[index] = False
+                failure = as_row_failure(reason)
+                key = failed_keys[index]
+                failed.append(
+                    FailedRow(
+                        doc_key=key,
+                        key=key,
+                        failure=failure,
+                        content_hash=hashes[index],
+                        partition_key=labels[index],
+                    )
+                )
                 if len(tally.failures) < MAX_SHOWN_FAILURES:
-                    tally.failures.append((str(failed_keys[index]), reason))
+                    tally.failures.append((key, failure.message))
             tally.add("failed", partitions, ~ok)
             logger.error("%d row(s) could not be embedded; their old vectors are kept", (~ok).sum())
         keep = pa.array(np.flatnonzero(ok))
@@ -142,6 +160,28 @@ class RowWriter:
         if committed and self.guard is not None:
             samples = written.column(TEXT_COLUMN).slice(0, SAMPLE_SIZE).to_pylist()
             self.guard.after_commit(samples, run_id=self.run_id)
+        failed_partitions = partitions.filter(pa.array(~ok))
+        self.record_outcome(failed, written.column("key"), failed_partitions)
+
+    def record_outcome(
+        self,
+        failed: list[FailedRow],
+        written_keys: pa.Array | pa.ChunkedArray,
+        failed_partitions: pa.Array,
+    ) -> None:
+        """After a commit of vectors: record the rows that failed, clear those written.
+
+        Done after the vector commit, so a kill between the two leaves a row retried (no
+        record yet) or a stale record that the next plan finds and clears: never a row
+        skipped for good.
+        """
+        if self.failures is None:
+            return
+        keys = written_keys.cast(pa.string())
+        quarantined = self.failures.after_commit(
+            failed, keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+        )
+        self.tally.add("quarantined", failed_partitions, quarantined)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +191,7 @@ class _Vectors:
     vectors: np.ndarray
     n_tokens: np.ndarray
     truncated: np.ndarray
-    failures: dict[int, str]
+    failures: dict[int, "RowFailure | str"]
     stats: EncodeStats
     embedded_at: pa.Array | None
 
@@ -168,7 +208,7 @@ def _merge_reprojected(
     n_tokens = np.zeros(n, dtype=np.int32)
     truncated = np.zeros(n, dtype=bool)
     rows = np.flatnonzero(embedded)
-    failures: dict[int, str] = {}
+    failures: dict[int, RowFailure | str] = {}
     if encoded is not None:
         vectors[rows] = encoded.vectors
         n_tokens[rows] = encoded.n_tokens

@@ -31,6 +31,7 @@ from qwen3_pipeline.core.changes import (
 from qwen3_pipeline.core.errors import InputDataError
 from qwen3_pipeline.core.schema import MOVED_COLUMN, STATUS_COLUMN, TEXT_COLUMN
 from qwen3_pipeline.embedding.interface import TokenCounter
+from qwen3_pipeline.engine.failure_records import FailureRecords
 from qwen3_pipeline.engine.report import Tally
 from qwen3_pipeline.sources import Source, SourceConfig, TimeWindow
 
@@ -132,8 +133,11 @@ class Scan:
         token_counter: TokenCounter | None,
         directory: Path,
         live: LiveKeys | None = None,
+        failures: FailureRecords | None = None,
     ) -> None:
         self.existing = existing
+        self.failures = failures
+        self.stale_failures: list[pa.Array] = []
         self.live = live
         self.tracker = ScopeTracker(existing)
         self.fingerprint = fingerprint
@@ -184,6 +188,8 @@ class Scan:
             stored_blank = blank & (result.existing_rows >= 0)
             self.blank_keys.append(keys.filter(pa.array(stored_blank)).cast(self.existing.key_type))
         embed = live & result.mask(*EMBED_STATUSES)
+        if self.failures is not None and len(self.failures):
+            embed = self._hold_back_failed(keys, hashes, partitions, embed, ~embed)
         self.planned.add("inserted", partitions, embed & (status == RowStatus.NEW))
         self.planned.add("updated", partitions, embed & (status != RowStatus.NEW))
         if embed.any():
@@ -203,6 +209,31 @@ class Scan:
             rows = pa.Table.from_batches([batch.select(columns)]).take(take)
             rows = rows.append_column(MOVED_COLUMN, pa.array(moved[update]))
             self.update_spill.write(rows)
+
+    def _hold_back_failed(
+        self,
+        keys: pa.Array,
+        hashes: pa.Array,
+        partitions: pa.Array,
+        embed: np.ndarray,
+        current: np.ndarray,
+    ) -> np.ndarray:
+        """``embed`` without the rows whose failure record says wait; counts them.
+
+        ``current``: rows not to embed (stored with their current text, or blank): their
+        records are stale.
+        """
+        assert self.failures is not None
+        doc_keys = _as_text(keys)
+        seen = self.failures.classify(doc_keys, hashes)
+        for tally in (self.tally, self.planned):
+            tally.add("quarantined", partitions, embed & seen.quarantined)
+            tally.add("deferred", partitions, embed & seen.deferred)
+            tally.add("retried", partitions, embed & seen.retried)
+        stale = current & seen.recorded
+        if stale.any():
+            self.stale_failures.append(doc_keys.filter(pa.array(stale)))
+        return embed & ~seen.held_back
 
     def _count_tokens(self, texts: pa.ChunkedArray) -> None:
         values = texts.to_pylist()
@@ -253,6 +284,13 @@ class Scan:
         rows = self.existing.lookup(keys) if len(keys) else np.zeros(0, dtype=np.int64)
         partitions = self.existing.column("partition_key").take(pa.array(rows, pa.int64()))
         return keys, partitions
+
+
+def _as_text(keys: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Keys as the failure log holds them (text)."""
+    if isinstance(keys, pa.ChunkedArray):
+        keys = keys.combine_chunks()
+    return keys.cast(pa.string())
 
 
 def _rows_that_do_not_cast(values: pa.Array, target: pa.DataType) -> list[int]:
