@@ -492,3 +492,22 @@ def test_arrow_ipc_source_rebatches_and_reports_key_problems(tmp_path):
     assert empty.key_problems("id", 10) == (0, [])
     with pytest.raises(ConfigError, match="name"):
         ArrowIPCSource([], schema=table.schema, name="")
+
+
+def test_a_run_over_many_shards_compacts_once_at_its_end(tmp_path, monkeypatch):
+    from qwen3_pipeline.store import VectorStore
+
+    calls: list[str] = []
+    original = VectorStore.maybe_optimize
+
+    def counting(self, **kwargs):
+        calls.append(self.table_name)
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(VectorStore, "maybe_optimize", counting)
+    report = run(tmp_path / "db", ArrowSource(make_rows(range(ROWS))), sharded())
+    assert report.inserted == ROWS
+    assert calls == [TABLE], "compaction ran per shard, not once per run"
+    calls.clear()
+    run(tmp_path / "db", ArrowSource(make_rows(range(ROWS))), sharded())  # a no-op
+    assert calls == []

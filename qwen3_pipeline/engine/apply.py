@@ -52,6 +52,8 @@ def apply_plan(
     *,
     version_before: int = 0,
     bar: Progress | None = None,
+    optimize: bool = True,
+    committed_before: bool = False,
 ) -> RefreshReport:
     """Carry out ``plan`` and return the refresh report; the plan's spill files are removed.
 
@@ -61,6 +63,10 @@ def apply_plan(
         version_before: The live table's version before the refresh (for the report).
         bar: The run's progress line (a run over several shards shares one); None opens one
             for this plan when ``request.options.progress``.
+        optimize: Compact the table at the end when it has piled up fragments (a run over
+            several shards asks only its last apply: compaction runs once per run).
+        committed_before: Earlier applies of the same run committed (so the last one
+            compacts even if it commits nothing itself).
 
     Returns:
         The :class:`RefreshReport`.
@@ -97,7 +103,7 @@ def apply_plan(
             _write_embedded(plan, request, writer, bar)
         _write_updates_and_deletes(plan, request, writer)
         store, decision = _finish_rebuild(plan, request, writer.store)
-        if writer.tally.commits:
+        if optimize and (writer.tally.commits or committed_before):
             store.maybe_optimize()
         report = _report(
             writer.tally,

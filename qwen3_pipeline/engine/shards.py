@@ -191,7 +191,15 @@ def apply_shards(
                 shard.split.label,
                 shard.plan.rows_to_embed,
             )
-            report = apply_plan(shard.unpark(), shard.request, version_before=version, bar=bar)
+            report = apply_plan(
+                shard.unpark(),
+                shard.request,
+                version_before=version,
+                bar=bar,
+                # Compaction rewrites files across shards: once, after the last one.
+                optimize=i == total,
+                committed_before=any(r.committed for r in reports),
+            )
             version = report.version_after if report.version_after is not None else version
             reports.append(report)
     merged = merge_reports(reports)
