@@ -61,6 +61,8 @@ NOT_STALE = "not_stale"
 SINGLE_SPEC = "single_spec"
 UNIT_VECTORS = "unit_vectors"
 CHUNKS_CONSISTENT = "chunks_consistent"
+NO_QUARANTINED_ROWS = "no_quarantined_rows"
+"""A warning-level check run beside :func:`run_checks` (:func:`check_no_quarantined_rows`)."""
 # The checks of a table of whole documents; a table of document chunks has one more.
 CHECK_NAMES = (UNIQUE_KEYS, COVERS_SOURCE, NOT_STALE, SINGLE_SPEC, UNIT_VECTORS)
 CHUNK_CHECK_NAMES = (*CHECK_NAMES, CHUNKS_CONSISTENT)
@@ -313,6 +315,7 @@ def check_coverage(
     stored_rows: pa.Table,
     *,
     failures: Sequence[tuple[str, str]] = (),
+    recorded: pa.Table | None = None,
 ) -> CheckOutcome:
     """Check that the stored keys of a scope are exactly the source's non-blank keys.
 
@@ -325,10 +328,13 @@ def check_coverage(
         stored_rows: :func:`stored_scope` of the same scope.
         failures: ``(key, reason)`` of rows the refresh could not embed, quoted in the
             description when they explain missing keys.
+        recorded: Source keys (as text) whose current text has a failure record
+            (:func:`recorded_failures`): accounted for by the failure log, so not missing.
     """
     chunked = _is_chunks(stored_rows)
     joined = _joined(source_rows, stored_rows)
     missing = joined.filter(pc.is_null(joined.column("stored"))).column("key")
+    missing, excused = _split_recorded(missing, recorded)
     extra = joined.filter(pc.is_null(joined.column("in_source"))).column("key")
     if chunked:
         extra = pc.unique(extra)  # one per document, not per chunk
@@ -339,6 +345,7 @@ def check_coverage(
         "extra": len(extra),
         "missing_keys": _shown(missing),
         "extra_keys": _shown(extra),
+        "recorded_failures": len(excused),
     }
     if chunked:
         metadata["stored_documents"] = _document_count(stored_rows)
@@ -348,10 +355,17 @@ def check_coverage(
             if chunked
             else "rows are stored"
         )
+        recorded_note = (
+            f" ({len(excused)} without a vector have a failure record: see "
+            "no_quarantined_rows and `qwen3-pipeline failures`)"
+            if len(excused)
+            else ""
+        )
+        covered = source_rows.num_rows - len(excused)
         return CheckOutcome(
             name=COVERS_SOURCE,
             passed=True,
-            description=f"all {source_rows.num_rows} source {found}, nothing extra",
+            description=f"all {covered} source {found}, nothing extra{recorded_note}",
             metadata=metadata,
         )
     why = ""
@@ -374,11 +388,85 @@ def check_coverage(
     )
 
 
-def check_not_stale(source_rows: pa.Table, stored_rows: pa.Table) -> CheckOutcome:
+def recorded_failures(source_rows: pa.Table, records: pa.Table | None) -> pa.Table:
+    """The source rows whose *current* text has a failure record: one column ``key`` (text).
+
+    A record for an older text no longer explains anything (the row changed since).
+    """
+    empty = pa.table({"key": pa.array([], pa.string())})
+    if records is None or not records.num_rows or not source_rows.num_rows:
+        return empty
+    current = pa.table(
+        {
+            "key": source_rows.column("key").cast(pa.string()),
+            "content_hash": source_rows.column("content_hash"),
+        }
+    )
+    failed = records.select(["doc_key", "content_hash"]).rename_columns(["key", "content_hash"])
+    return current.join(failed, keys=["key", "content_hash"], join_type="inner").select(["key"])
+
+
+def _split_recorded(
+    keys: pa.Array | pa.ChunkedArray, recorded: pa.Table | None
+) -> tuple[pa.Array | pa.ChunkedArray, pa.Array | pa.ChunkedArray]:
+    """``keys`` split into (without a failure record, with one)."""
+    if recorded is None or not recorded.num_rows or not len(keys):
+        return keys, pa.array([], pa.string())
+    has = pc.is_in(keys.cast(pa.string()), value_set=recorded["key"])
+    return keys.filter(pc.invert(has)), keys.filter(has)
+
+
+def check_no_quarantined_rows(
+    records: pa.Table, partition_keys: Sequence[str] | None = None
+) -> CheckOutcome:
+    """Check that no row of the scope is quarantined (the model failed it ``max_attempts`` times).
+
+    Meant as a warning: quarantined rows keep their old vector (or have none) until their
+    text changes or they are replayed; the metadata names a sample of them and their errors.
+
+    Args:
+        records: The table's failure records (``FailureLog.read()``).
+        partition_keys: The scope (None: the whole table).
+    """
+    rows = records
+    if partition_keys is not None and rows.num_rows:
+        rows = rows.filter(
+            pc.is_in(rows["partition_key"], value_set=pa.array(list(partition_keys)))
+        )
+    quarantined = rows.filter(pc.equal(rows["status"], "quarantined")) if rows.num_rows else rows
+    retrying = rows.num_rows - quarantined.num_rows
+    sample = [
+        {"key": r["doc_key"], "step": r["step"], "error": f"{r['error_type']}: {r['message']}"}
+        for r in quarantined.slice(0, _SHOWN).to_pylist()
+    ]
+    metadata = {"quarantined": quarantined.num_rows, "retrying": retrying, "sample": sample}
+    if not quarantined.num_rows:
+        return CheckOutcome(
+            name=NO_QUARANTINED_ROWS,
+            passed=True,
+            description=f"no quarantined rows ({retrying} failed row(s) still being retried)",
+            metadata=metadata,
+        )
+    return CheckOutcome(
+        name=NO_QUARANTINED_ROWS,
+        passed=False,
+        description=(
+            f"{quarantined.num_rows} row(s) quarantined after repeated failures (e.g. "
+            f"{sample[0]['key']!r}: {sample[0]['error']}); fix their text or the model, then "
+            "replay them (`qwen3-pipeline replay`, or the `replay` run config)"
+        ),
+        metadata=metadata,
+    )
+
+
+def check_not_stale(
+    source_rows: pa.Table, stored_rows: pa.Table, *, recorded: pa.Table | None = None
+) -> CheckOutcome:
     """Check that every stored row of a scope matches its source row's hash and partition.
 
     On a table of document chunks every chunk is compared with its document's source row;
-    the counts are chunks and the keys shown are documents (``doc_key``).
+    the counts are chunks and the keys shown are documents (``doc_key``). A row whose new
+    text has a failure record (``recorded``) keeps its old vector on purpose: not stale.
     """
     chunked = _is_chunks(stored_rows)
     joined = _joined(source_rows, stored_rows)
@@ -386,6 +474,9 @@ def check_not_stale(source_rows: pa.Table, stored_rows: pa.Table) -> CheckOutcom
         pc.and_(pc.is_valid(joined.column("stored")), pc.is_valid(joined.column("in_source")))
     )
     stale = both.filter(pc.not_equal(both.column("source_hash"), both.column("stored_hash")))
+    if recorded is not None and recorded.num_rows and stale.num_rows:
+        keep = pc.invert(pc.is_in(stale.column("key").cast(pa.string()), value_set=recorded["key"]))
+        stale = stale.filter(keep)
     misplaced = both.filter(
         pc.not_equal(both.column("source_partition"), both.column("stored_partition"))
     )
@@ -615,6 +706,7 @@ def run_checks(
     run_id: str | None = None,
     failures: Sequence[tuple[str, str]] = (),
     sample_rows: int = DEFAULT_SAMPLE_ROWS,
+    failure_records: pa.Table | None = None,
 ) -> CheckReport:
     """Run every check over the scope of ``config.partition``.
 
@@ -632,6 +724,8 @@ def run_checks(
         run_id: Lineage id of the refresh just made (its vectors are all checked).
         failures: Rows the refresh could not embed (quoted by the coverage check).
         sample_rows: Extra vectors of the scope checked for finiteness and norm.
+        failure_records: The table's failure records (``FailureLog.read()``): rows whose
+            current text failed are accounted for, not missing or stale.
 
     Returns:
         The outcomes and a digest of the stored scope.
@@ -640,10 +734,11 @@ def run_checks(
     source_rows, _ = source_scope(source, config)
     stored_rows = stored_scope(table, partition_keys)
     chunked = _is_chunks(stored_rows)
+    recorded = recorded_failures(source_rows, failure_records)
     outcomes = [
         check_unique_keys(table),
-        check_coverage(source_rows, stored_rows, failures=failures),
-        check_not_stale(source_rows, stored_rows),
+        check_coverage(source_rows, stored_rows, failures=failures, recorded=recorded),
+        check_not_stale(source_rows, stored_rows, recorded=recorded),
         check_single_spec(table, fingerprint),
         check_unit_vectors(
             table,
