@@ -63,6 +63,7 @@ if TYPE_CHECKING:
     from qwen3_pipeline.chunking.config import ChunkingConfig
     from qwen3_pipeline.engine.options import RefreshOptions
     from qwen3_pipeline.lifecycle.gate import GateConfig
+    from qwen3_pipeline.sources import Watermark
     from qwen3_pipeline.store.failure_log import FailureLog
 
 EXIT_BAD_INPUT = 2
@@ -274,13 +275,21 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="G",
         help="GPUs per Ray actor (default 1 when this machine has CUDA, else 0)",
     )
+    parser.add_argument(
+        "--embedder-factory",
+        default=None,
+        metavar="MODULE:CALLABLE",
+        help="build the embedder with this callable (spec -> Embedder) instead of the Qwen3 "
+        "encoder, e.g. a TEI/vLLM client; in this process, or in each actor with --engine ray",
+    )
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
     """Return the engine settings of ``embed``/``refresh`` arguments.
 
     Raises:
-        ConfigError: Ray flags without ``--engine ray``, or an invalid value.
+        ConfigError: Ray flags without ``--engine ray``, an invalid value, or an
+            ``--embedder-factory`` that cannot be imported or is not callable.
     """
     ray_flags = (
         args.workers is not None or args.ray_address is not None or args.gpus_per_worker is not None
@@ -298,6 +307,13 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
             "this machine belongs to), ray://HEAD:10001 (Ray Client) or HEAD:6379 (the head "
             "node's GCS)"
         )
+    if args.embedder_factory is not None:
+        from qwen3_pipeline.embedding.factory import import_embedder_factory
+
+        try:
+            import_embedder_factory(args.embedder_factory)
+        except ConfigError as e:
+            raise ConfigError(f"--embedder-factory: {e}") from e
     gpus = args.gpus_per_worker
     if args.engine == "ray" and gpus is None:
         gpus = 1.0 if args.device != "cpu" and _cuda_available() else 0.0
@@ -309,6 +325,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
         device=args.device,
         dtype=args.dtype,
         max_batch_tokens=args.max_batch_tokens,
+        embedder_factory=args.embedder_factory,
     )
 
 
@@ -516,6 +533,27 @@ def _add_source_arguments(sync: argparse.ArgumentParser) -> None:
     text.add_argument("--template", help="str.format template over columns, e.g. '{title}: {body}'")
     sync.add_argument("--carry", nargs="+", default=[], metavar="COL", help="columns kept beside")
     sync.add_argument("--updated-at", default=None, metavar="COL", help="last-modified column")
+    sync.add_argument(
+        "--watermark",
+        action="store_true",
+        help="read only rows whose --updated-at is later than the stored mark of this table "
+        "and scope (the first run reads everything and records the mark)",
+    )
+    sync.add_argument(
+        "--watermark-lag",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with --watermark: also read rows up to SECONDS before the mark (late commits; "
+        "default 0)",
+    )
+    sync.add_argument(
+        "--key-scan",
+        default=None,
+        metavar="every|N|never",
+        help="with --watermark: read the source's keys to find deletes on every refresh "
+        "(default), every N-th, or never",
+    )
     scope = sync.add_mutually_exclusive_group()
     scope.add_argument("--shard", default=None, metavar="K/N", help="refresh hash shard K of N")
     scope.add_argument(
@@ -696,6 +734,7 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
         updated_at=args.updated_at,
         partition=partition,
         chunking=chunking_config(args),
+        watermark=watermark_of(args),
     )
     source = parse_source(args.source)
     spec = EmbeddingSpec(
@@ -724,6 +763,27 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
             f"{report.table_name!r} is kept for inspection): {report.gate['reason']}"
         )
     return report.as_dict()
+
+
+def watermark_of(args: argparse.Namespace) -> "Watermark | None":
+    """The ``--watermark*`` and ``--key-scan`` options as a ``Watermark`` (None without one).
+
+    Raises:
+        ConfigError: ``--watermark-lag`` or ``--key-scan`` without ``--watermark``, or a bad
+            value.
+    """
+    from qwen3_pipeline.sources import Watermark
+
+    if not args.watermark:
+        stray = [f for f, v in (("--watermark-lag", args.watermark_lag),
+                                ("--key-scan", args.key_scan)) if v is not None]  # fmt: skip
+        if stray:
+            raise ConfigError(f"{' and '.join(stray)} need(s) --watermark")
+        return None
+    return Watermark(
+        lag_s=0.0 if args.watermark_lag is None else args.watermark_lag,
+        key_scan="every" if args.key_scan is None else args.key_scan,
+    )
 
 
 def refresh_options_of(args: argparse.Namespace) -> "RefreshOptions":

@@ -108,3 +108,17 @@ class FakeEmbedder:
         return EncodeResult(
             vectors=vectors, n_tokens=n_tokens, truncated=truncated, failures=failures, stats=stats
         )
+
+
+def fake_embedder_factory(spec: EmbeddingSpec) -> FakeEmbedder:
+    """Build a :class:`FakeEmbedder` for ``spec``: an embedder factory for tests and demos.
+
+    Named as ``qwen3_pipeline.testing:fake_embedder_factory``, it runs the engines (the Ray
+    actor pool included) without a model; see :mod:`qwen3_pipeline.embedding.factory`.
+
+    Example:
+        >>> spec = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
+        >>> fake_embedder_factory(spec).spec == spec
+        True
+    """
+    return FakeEmbedder(spec)

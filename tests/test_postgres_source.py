@@ -684,3 +684,23 @@ def test_a_source_spec_with_surrounding_spaces_is_read(pg, table, tiny_model_dir
     captured = capsys.readouterr()
     assert json.loads(captured.out)["inserted"] == 3
     assert PASSWORD not in captured.out + captured.err
+
+
+def test_a_watermark_read_is_a_where_on_the_server(pg, table, db):
+    from dataclasses import replace
+
+    from qwen3_pipeline.sources import Watermark
+
+    create_docs(pg, table, doc_rows(range(40)))
+    config = replace(CONFIG, watermark=Watermark())
+    source = PostgresSource(pg.url(), table)
+    first = run(db, source, config=config)
+    assert (first.read_rows, first.inserted) == (40, 40)
+    assert run(db, source, config=config).read_rows == 0
+    pg.execute(f"UPDATE {table} SET body = body || ' edited', updated_at = %s WHERE id < 3",
+               [BASE + timedelta(days=30)])  # fmt: skip
+    pg.execute(f"DELETE FROM {table} WHERE id = 39")
+    changed = run(db, source, config=config)
+    assert (changed.read_rows, changed.updated, changed.deleted) == (3, 3, 1)
+    assert changed.keys_scanned == 39
+    assert_holds(db, pg, table)

@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import dagster as dg
@@ -31,12 +32,14 @@ from qwen3_pipeline.dagster.embedding_asset import HashShards, build_embedding_a
 from qwen3_pipeline.dagster.metadata import run_counters  # noqa: E402
 from qwen3_pipeline.dagster.resources import LanceDBResource  # noqa: E402
 from qwen3_pipeline.embedding.encoder import Qwen3Encoder  # noqa: E402
-from qwen3_pipeline.embedding.engines import EngineOptions  # noqa: E402
+from qwen3_pipeline.embedding.engines import EngineOptions, build_embedder  # noqa: E402
 from qwen3_pipeline.embedding.ray_pool import EncoderOptions, RayEmbedder, plan_blocks  # noqa: E402
 from qwen3_pipeline.engine.refresh import refresh  # noqa: E402
 from qwen3_pipeline.sources import ArrowSource, SourceConfig  # noqa: E402
+from qwen3_pipeline.testing import FakeEmbedder  # noqa: E402
 
 CPU = EncoderOptions(device="cpu")
+FAKE_FACTORY = "qwen3_pipeline.testing:fake_embedder_factory"
 CONFIG = SourceConfig(key="id", text_columns=("text",))
 # Small blocks so that a few hundred rows make many blocks across the two actors.
 BLOCK_TOKENS = 1_500
@@ -183,7 +186,7 @@ def test_an_actor_killed_mid_refresh_is_restarted_and_the_refresh_completes(
 ) -> None:
     marker = tmp_path / "killed"
     db = str(tmp_path / "lancedb")
-    with _pool(spec, encoder_factory=KillOnce(marker)) as pool:
+    with _pool(spec, embedder_factory=KillOnce(marker)) as pool:
         report = refresh(
             source=_source(_texts(300)), config=CONFIG, embedder=pool, db_uri=db, table="docs"
         )
@@ -224,7 +227,7 @@ def test_a_block_failing_after_the_retries_is_reported_per_row_not_dropped(
     poison = texts[17]
     db = str(tmp_path / "lancedb")
     with _pool(
-        spec, encoder_factory=AlwaysDieOn(poison), max_restarts=1, max_task_retries=1
+        spec, embedder_factory=AlwaysDieOn(poison), max_restarts=1, max_task_retries=1
     ) as pool:
         report = refresh(
             source=_source(texts), config=CONFIG, embedder=pool, db_uri=db, table="docs"
@@ -312,6 +315,91 @@ def test_ray_flags_need_the_ray_engine(tmp_path: Path, capsys: pytest.CaptureFix
     )
     with pytest.raises(ConfigError, match="need engine='ray'"):
         EngineOptions(engine="local", workers=4)
+
+
+def test_a_named_factory_runs_on_the_pool_and_gives_its_vectors(spec: EmbeddingSpec) -> None:
+    texts = _texts(200)
+    expected = FakeEmbedder(spec)
+    options = EngineOptions(engine="ray", workers=2, embedder_factory=FAKE_FACTORY)
+    embedder = build_embedder(spec, options)
+    assert isinstance(embedder, RayEmbedder)
+    with embedder:
+        remote = embedder.embed_documents(texts)
+        queries = embedder.embed_queries(["where is topic 3?"])
+        info = embedder.engine_info()
+    local = expected.embed_documents(texts)
+    assert np.array_equal(remote.vectors, local.vectors)
+    assert np.array_equal(remote.n_tokens, local.n_tokens)
+    assert remote.stats.batches > 2  # really spread over blocks
+    assert np.array_equal(queries.vectors, expected.embed_queries(["where is topic 3?"]).vectors)
+    assert info == {"engine": "ray", "workers": 2, "model_loads": 2}
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        ("qwen3_pipeline.testing.fake_embedder_factory", "is not MODULE:CALLABLE"),
+        ("no_such_module_for_qwen3:build", "cannot be imported"),
+        ("qwen3_pipeline.testing:no_such_factory", "has no attribute 'no_such_factory'"),
+        ("qwen3_pipeline.testing:FakeEmbedder.spec", "is not callable"),
+    ],
+)
+def test_a_bad_factory_reference_fails_on_the_driver_before_any_actor_starts(
+    spec: EmbeddingSpec, reference: str, message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_actor(self: RayEmbedder) -> None:
+        raise AssertionError("an actor was started")
+
+    monkeypatch.setattr(RayEmbedder, "_new_actor", no_actor)
+    with pytest.raises(ConfigError, match=message) as caught:
+        RayEmbedder(spec, workers=2, embedder_factory=reference)
+    assert repr(reference) in str(caught.value)
+    with pytest.raises(ConfigError, match=message):
+        EngineOptions(engine="ray", workers=2, embedder_factory=reference)
+
+
+def other_dim_factory(spec: EmbeddingSpec) -> FakeEmbedder:
+    """A factory whose embedder ignores the requested dimension."""
+    return FakeEmbedder(replace(spec, dim=32))
+
+
+def test_a_factory_for_another_spec_fails_clearly_when_the_actors_start(
+    spec: EmbeddingSpec,
+) -> None:
+    with RayEmbedder(spec, workers=1, embedder_factory=other_dim_factory) as pool:
+        with pytest.raises(ConfigError, match="other_dim_factory") as caught:
+            pool.embed_documents(_texts(20))
+        assert pool.engine_info()["model_loads"] == 0
+    message = str(caught.value)
+    assert message.startswith("the Ray workers could not start: embedder factory")
+    assert "dim 32, asked for 64" in message
+    assert "Traceback" not in message  # the worker's error, not Ray's wrapping
+
+
+def test_cli_refresh_on_the_pool_with_a_named_factory(
+    spec: EmbeddingSpec, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    texts = _texts(120)
+    source = tmp_path / "docs.parquet"
+    pq.write_table(pa.table({"id": np.arange(120), "text": texts}), source)
+    argv = [
+        "refresh", "--source", str(source), "--key", "id", "--text", "text",
+        "--db", str(tmp_path / "db"), "--table", "docs", "--model", spec.model, "--dim", "64",
+        "--device", "cpu", "--engine", "ray", "--workers", "2",
+        "--embedder-factory", FAKE_FACTORY,
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["inserted"], report["engine"], report["workers"], report["model_loads"]) == (
+        120,
+        "ray",
+        2,
+        2,
+    )
+    stored = lancedb.connect(str(tmp_path / "db")).open_table("docs").to_arrow()
+    order = np.argsort(stored.column("key").to_numpy())
+    vectors = np.stack(stored.column("vector").to_numpy(zero_copy_only=False))[order]
+    assert np.array_equal(vectors, FakeEmbedder(spec).embed_documents(texts).vectors)
 
 
 def test_dagster_asset_on_local_ray_refreshes_a_range_of_shards_in_one_run(

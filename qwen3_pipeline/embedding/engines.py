@@ -3,7 +3,9 @@
 :class:`EngineOptions` is the one set of engine settings every driver accepts (the CLI's
 ``--engine/--workers/--ray-address/--gpus-per-worker``, the Dagster resources, the Airflow
 operator), and :func:`open_embedder` builds the matching
-:class:`~qwen3_pipeline.embedding.interface.Embedder` and releases it afterwards.
+:class:`~qwen3_pipeline.embedding.interface.Embedder` and releases it afterwards. The embedder
+is the Qwen3 encoder unless ``embedder_factory`` names another
+(:mod:`qwen3_pipeline.embedding.factory`), on either engine.
 
 Example:
     >>> options = EngineOptions(engine="local", device="cpu")
@@ -18,6 +20,7 @@ from typing import Literal
 
 from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.embedding.factory import build_embedder_with, import_embedder_factory
 from qwen3_pipeline.embedding.interface import Embedder
 from qwen3_pipeline.embedding.options import EncoderOptions
 
@@ -40,6 +43,11 @@ class EngineOptions:
         attention: ``auto``, ``sdpa``, ``eager`` or ``flash_attention_2``.
         max_batch_tokens: Token budget per forward pass (None: 16384 on CUDA, 4096 on CPU).
         max_batch_rows: Most rows per forward pass.
+        embedder_factory: ``MODULE:CALLABLE`` building the embedder from the spec instead of
+            the Qwen3 encoder (another backend: a TEI/vLLM client, a quantised model), in this
+            process or in each Ray actor; it is imported here, so a bad reference fails at
+            once. The device, dtype, attention and batch settings are the Qwen3 encoder's and
+            do not reach a factory.
     """
 
     engine: Engine = "local"
@@ -51,6 +59,7 @@ class EngineOptions:
     attention: str = "auto"
     max_batch_tokens: int | None = None
     max_batch_rows: int = 256
+    embedder_factory: str | None = None
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -64,6 +73,10 @@ class EngineOptions:
                 f"workers={self.workers} and ray_address={self.ray_address!r} need engine='ray' "
                 "(the local engine is one model in this process)"
             )
+        if self.embedder_factory is not None:
+            # Imported where the settings are read, so a typo fails before any model loads or
+            # any Ray actor starts (the actors import it again).
+            import_embedder_factory(self.embedder_factory)
 
     @property
     def encoder_options(self) -> EncoderOptions:
@@ -86,7 +99,8 @@ def build_embedder(
     its first embed call; close it with ``close()`` (or use :func:`open_embedder`).
 
     Raises:
-        ConfigError: Ray is not installed, or a setting is invalid.
+        ConfigError: Ray is not installed, a setting is invalid, or the local
+            ``embedder_factory`` built an embedder for another spec.
         ModelLoadError: The local model cannot be loaded.
     """
     if options.engine == "ray":
@@ -98,7 +112,11 @@ def build_embedder(
             gpus_per_worker=options.gpus_per_worker,
             address=options.ray_address,
             options=options.encoder_options,
+            embedder_factory=options.embedder_factory,
         )
+    if options.embedder_factory is not None:
+        factory = import_embedder_factory(options.embedder_factory)
+        return build_embedder_with(factory, spec, name=options.embedder_factory)
     return options.encoder_options.build(spec, progress=progress)
 
 

@@ -7,7 +7,10 @@ reads, hashes and diffs the source as always; only the texts to embed travel to 
 
 - **Workers.** ``workers`` long-lived actors, each holding one
   :class:`~qwen3_pipeline.embedding.encoder.Qwen3Encoder` (the model is loaded once per actor, with
-  ``gpus_per_worker`` GPUs each, or none for CPU actors).
+  ``gpus_per_worker`` GPUs each, or none for CPU actors), or the embedder that
+  ``embedder_factory`` builds from the spec (any backend; see
+  :mod:`qwen3_pipeline.embedding.factory`). A factory named ``"module:callable"`` is imported
+  on the driver before any actor starts; the embedder each actor builds must follow the spec.
 - **Blocks.** The driver counts each text's tokens with the tokenizer alone, sorts the rows by
   length and cuts them into blocks of about ``block_tokens`` tokens (smaller when a call is too
   small to give each worker four blocks), so every block is made of
@@ -35,7 +38,7 @@ Example:
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -45,6 +48,12 @@ import numpy as np
 from qwen3_pipeline.core.errors import ConfigError, EmbeddingFailedError
 from qwen3_pipeline.core.failures import RowFailure
 from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.embedding.factory import (
+    EmbedderFactory,
+    build_embedder_with,
+    factory_name,
+    import_embedder_factory,
+)
 from qwen3_pipeline.embedding.interface import (
     BatchDone,
     Embedder,
@@ -61,9 +70,6 @@ DEFAULT_MAX_RESTARTS = 3
 DEFAULT_MAX_TASK_RETRIES = 3
 _IN_FLIGHT_PER_WORKER = 2
 _BLOCKS_PER_WORKER = 4
-
-EncoderFactory = Callable[[EmbeddingSpec], Embedder]
-"""Builds the embedder inside an actor (default: a :class:`Qwen3Encoder` with the options)."""
 
 
 def plan_blocks(lengths: np.ndarray, block_tokens: int) -> list[np.ndarray]:
@@ -94,21 +100,39 @@ def plan_blocks(lengths: np.ndarray, block_tokens: int) -> list[np.ndarray]:
 class EncoderWorker:
     """The actor: one embedder per process, built once (again after a restart)."""
 
-    def __init__(self, spec: EmbeddingSpec, factory: EncoderFactory) -> None:
+    def __init__(self, spec: EmbeddingSpec, factory: EmbedderFactory, name: str) -> None:
         self.pid = os.getpid()
-        self.embedder = factory(spec)
+        self.embedder: Embedder | None = None
+        self.error: ConfigError | None = None
+        try:
+            self.embedder = build_embedder_with(factory, spec, name=name)
+        except ConfigError as e:
+            # Kept, not raised: an error raised here reaches the driver only as the text of
+            # an ActorDiedError, while one raised by a method arrives as a ConfigError.
+            self.error = e
 
     def process_id(self) -> int:
-        """The actor's process id (a new one after each restart: one model load)."""
+        """The actor's process id (a new one after each restart: one model load).
+
+        Raises:
+            ConfigError: The embedder could not be built as configured.
+        """
+        self._embedder()
         return self.pid
 
     def embed(self, texts: list[str]) -> tuple[EncodeResult, int]:
         """Embed one block of documents; returns the result and this process's id."""
-        return self.embedder.embed_documents(texts), self.pid
+        return self._embedder().embed_documents(texts), self.pid
 
     def embed_queries(self, queries: list[str]) -> EncodeResult:
         """Embed queries (small calls: one actor)."""
-        return self.embedder.embed_queries(queries)
+        return self._embedder().embed_queries(queries)
+
+    def _embedder(self) -> Embedder:
+        if self.error is not None:
+            raise self.error
+        assert self.embedder is not None  # built, or the error is set
+        return self.embedder
 
 
 @dataclass
@@ -128,16 +152,19 @@ class RayEmbedder:
         cpus_per_worker: CPUs reserved per actor.
         address: A running cluster to join (``ray://host:10001``, ``auto``); None starts a
             local Ray instance sized to this machine, shut down by :meth:`close`.
-        options: How each actor builds its encoder.
+        options: How each actor builds its Qwen3 encoder.
         block_tokens: Tokens per block sent to an actor.
         max_restarts: Restarts of a dead actor (each loads the model again).
         max_task_retries: Retries of a block whose actor died.
-        encoder_factory: Builds the embedder in each actor (default ``options.build``).
+        embedder_factory: Builds the embedder in each actor instead of the Qwen3 encoder:
+            ``"module:callable"`` (imported here, so a bad one fails before any actor starts)
+            or a callable, taking the spec and returning an embedder that follows it.
         token_counter: Counts tokens on the driver to form blocks (default: the model's
             tokenizer, no weights).
 
     Raises:
-        ConfigError: Ray is not installed, or a setting is out of range.
+        ConfigError: Ray is not installed, a setting is out of range, or
+            ``embedder_factory`` cannot be imported or is not callable.
 
     Example:
         >>> embedder = RayEmbedder(spec, workers=2)  # doctest: +SKIP
@@ -157,7 +184,7 @@ class RayEmbedder:
         block_tokens: int = DEFAULT_BLOCK_TOKENS,
         max_restarts: int = DEFAULT_MAX_RESTARTS,
         max_task_retries: int = DEFAULT_MAX_TASK_RETRIES,
-        encoder_factory: EncoderFactory | None = None,
+        embedder_factory: EmbedderFactory | str | None = None,
         token_counter: TokenCounter | None = None,
     ) -> None:
         if workers < 1:
@@ -179,7 +206,17 @@ class RayEmbedder:
         self.max_restarts = max_restarts
         self.max_task_retries = max_task_retries
         self._options = options or EncoderOptions()
-        self._factory = encoder_factory or self._options.build
+        self._factory: EmbedderFactory
+        if isinstance(embedder_factory, str):
+            # Imported on the driver too: a bad reference fails here, before any actor starts.
+            self._factory = import_embedder_factory(embedder_factory)
+            self._factory_name = embedder_factory
+        elif embedder_factory is not None:
+            self._factory = embedder_factory
+            self._factory_name = factory_name(embedder_factory)
+        else:
+            self._factory = self._options.build
+            self._factory_name = "the Qwen3 encoder"
         self._token_counter = token_counter
         self._started_ray = False
         self._pool: _Pool | None = None
@@ -207,6 +244,11 @@ class RayEmbedder:
         """Embed documents on the pool, in blocks of similar length; results in input order.
 
         Rows of a block that fails after Ray's retries are listed in ``failures``.
+
+        Raises:
+            ConfigError: The actors could not build the embedder as configured (e.g. the
+                factory's embedder follows another spec); no row is embedded.
+            EmbeddingFailedError: The actors could not start (the model could not load).
         """
         started = time.perf_counter()
         texts = list(texts)
@@ -255,6 +297,7 @@ class RayEmbedder:
         """Embed queries on one actor (queries are few and short).
 
         Raises:
+            ConfigError: The actors could not build the embedder as configured.
             EmbeddingFailedError: The actor failed after Ray's retries.
         """
         pool = self._ensure_pool()
@@ -324,14 +367,19 @@ class RayEmbedder:
         except ray.exceptions.RayError as e:
             for actor in actors:
                 ray.kill(actor)
+            # A worker's ConfigError arrives as a RayTaskError that is also a ConfigError:
+            # raised again as the package's own (not retried; the settings must change).
+            if isinstance(e, ConfigError):
+                raise ConfigError(f"the Ray workers could not start: {_cause(e)}") from e
             raise EmbeddingFailedError(f"the Ray workers could not load the model: {e}") from e
         self._pool = _Pool(actors=actors, seen_pids=set(pids))
         logger.info(
-            "started %d Ray worker(s) (%s GPU, %s CPU each) for %s in %.1fs",
+            "started %d Ray worker(s) (%s GPU, %s CPU each) for %s with %s in %.1fs",
             self.workers,
             self.gpus_per_worker,
             self.cpus_per_worker,
             self._spec.model,
+            self._factory_name,
             time.perf_counter() - started,
         )
         return self._pool
@@ -343,7 +391,7 @@ class RayEmbedder:
             max_restarts=self.max_restarts,
             max_task_retries=self.max_task_retries,
         )(EncoderWorker)
-        return worker.remote(self._spec, self._factory)
+        return worker.remote(self._spec, self._factory, self._factory_name)
 
     def _run_blocks(
         self, texts: list[str], blocks: list[np.ndarray]
@@ -396,6 +444,11 @@ class RayEmbedder:
             pool.actors[slot] = self._new_actor()
         else:
             pool.seen_pids.add(pid)
+
+
+def _cause(error: BaseException) -> str:
+    """The message of the exception a Ray task raised (without Ray's traceback)."""
+    return str(getattr(error, "cause", None) or error)
 
 
 def _short(error: BaseException) -> str:

@@ -102,6 +102,9 @@ def apply_plan(
         else:
             _write_embedded(plan, request, writer, bar)
         _write_updates_and_deletes(plan, request, writer)
+        if plan.work.watermark is not None:
+            # After the last commit of rows: the mark never covers rows not yet stored.
+            plan.work.watermark.record(run_id=str(request.options.run_id))
         store, decision = _finish_rebuild(plan, request, writer.store)
         if optimize and (writer.tally.commits or committed_before):
             store.maybe_optimize()
@@ -378,4 +381,6 @@ def _report(
         chunks_reused=total["chunks_reused"],
         chunks_deleted=total["chunks_deleted"],
         warnings=[*tally.warnings, *(guard.warnings if guard is not None else [])],
+        read_rows=total["scanned"],
+        **({} if plan.work.watermark is None else plan.work.watermark.as_dict()),
     )

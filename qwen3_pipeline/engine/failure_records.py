@@ -143,6 +143,10 @@ class FailureRecords:
         deferred = same_text & ~due & ~quarantined
         return Classified(due, quarantined, deferred, recorded)
 
+    def due_keys(self) -> pa.Array:
+        """``doc_key`` of the records due for a retry now (a watermark read adds them)."""
+        return self._doc_keys.filter(pa.array(self._due & ~self._quarantined))
+
     def orphans(self, scope: Sequence[str] | None) -> pa.Array:
         """Recorded keys of the scope that the source no longer holds (call after the scan).
 

@@ -47,6 +47,7 @@ from qwen3_pipeline.engine.options import (
 )
 from qwen3_pipeline.engine.report import PLAN_COUNTERS, Tally
 from qwen3_pipeline.engine.scan import LiveKeys, Scan, key_codes
+from qwen3_pipeline.engine.watermark import WatermarkRead, changed_keys, plan_watermark
 from qwen3_pipeline.sources import (
     Source,
     SourceConfig,
@@ -104,6 +105,7 @@ class PlannedWork:
         failures: The table's failure records (what the writers record and clear).
         stale_failures: Keys (as text) stored with their current text that still have a
             failure record (a refresh killed between its two commits): cleared by the apply.
+        watermark: A watermark refresh's read and the mark it records after its last commit.
     """
 
     embed_file: Path | None
@@ -113,6 +115,7 @@ class PlannedWork:
     tally: Tally = field(repr=False)
     failures: FailureRecords | None = field(default=None, repr=False)
     stale_failures: list[pa.Array] = field(default_factory=list, repr=False)
+    watermark: WatermarkRead | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,6 +181,17 @@ class RefreshPlan:
         return self.counts["deleted"] / self.stored_rows if self.stored_rows else 0.0
 
     @property
+    def source_empty(self) -> bool:
+        """Whether the source has no row in scope (as far as the plan read it).
+
+        A watermark read of no changed rows says nothing about that: only its key scan does.
+        """
+        watermark = self.work.watermark
+        if watermark is None or watermark.where is None:
+            return self.counts["scanned"] == 0
+        return watermark.key_scan and watermark.keys_scanned == 0
+
+    @property
     def has_writes(self) -> bool:
         """Whether applying the plan changes the table (a no-op plan makes no commit)."""
         c = self.counts
@@ -212,6 +226,8 @@ class RefreshPlan:
             "partition_keys": self.partition_keys,
             "per_partition": self.per_partition,
             "plan_seconds": round(self.seconds, 6),
+            "read_rows": self.counts["scanned"],
+            **({} if self.work.watermark is None else self.work.watermark.as_dict()),
         }
 
     def summary(self) -> str:
@@ -309,11 +325,22 @@ def plan_scope(request: RefreshRequest) -> RefreshPlan:
             f"rebuild needs the whole source, but the refresh is scoped to {scope}; "
             "run the rebuild over all partitions"
         )
-    stored = _StoredScope.read(request, scope)
+    spec = table_spec_for(request.embedder.spec, request.config)
+    failures = _failure_records(request, spec)
+    watermark = plan_watermark(request, spec.fingerprint, scope, failures)
+    keys = None
+    if watermark is not None and watermark.where is not None and not watermark.key_scan:
+        # Only the changed rows are diffed: their stored state alone is read.
+        keys = changed_keys(request.source, request.config, watermark.where, options.chunk_rows)
+    stored = _StoredScope.read(
+        request, scope, keys=keys, full_read=watermark is None or watermark.where is None
+    )
     live, unread = _live_keys(request, stored.source_key_type) if options.rebuild else (None, None)
     directory = Path(tempfile.mkdtemp(prefix="qwen3-plan-", dir=options.spill_dir))
     try:
-        scan, work = _scan_source(request, stored, scope, directory, live)
+        scan, work = _scan_source(
+            request, stored, scope, directory, live, failures=failures, watermark=watermark
+        )
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -415,12 +442,29 @@ class _StoredScope:
     source_key_type: pa.DataType
 
     @classmethod
-    def read(cls, request: RefreshRequest, scope: list[str] | None) -> "_StoredScope":
-        """Check the source's columns and keys and the table's spec; index the stored state."""
+    def read(
+        cls,
+        request: RefreshRequest,
+        scope: list[str] | None,
+        *,
+        keys: pa.Array | None = None,
+        full_read: bool = True,
+    ) -> "_StoredScope":
+        """Check the source's columns and keys and the table's spec; index the stored state.
+
+        Args:
+            request: The refresh.
+            scope: Its partitions (None: everything).
+            keys: Index only the stored rows of these keys (a watermark read's changed rows);
+                ``rows`` still counts the whole scope, for the mass-delete guard.
+            full_read: The whole source is read: check it for null and duplicate keys first
+                (a watermark read checks the rows it reads as it goes).
+        """
         source, config = request.source, request.config
         spec = table_spec_for(request.embedder.spec, config)
         schema = output_schema(source, config)
-        validate_keys(source, config)
+        if full_read:
+            validate_keys(source, config)
         target = (
             rebuild_table_name(request.table, spec) if request.options.rebuild else request.table
         )
@@ -451,15 +495,20 @@ class _StoredScope:
         time_windows = isinstance(config.partition, TimeWindow)
         if store is None:
             existing = ExistingIndex.empty(key_type, _state_carry(carry_targets))
+        elif keys is not None:
+            existing = ExistingIndex(store.existing_state(scope, keys=keys))
         else:
             existing = ExistingIndex(store.existing_state(None if time_windows else scope))
+        rows = _stored_in_scope(existing, scope)
+        if keys is not None and store is not None:
+            rows = store.count_rows(scope, documents=True)
         return cls(
             spec=spec,
             target=target,
             exists=store is not None,
             existing=existing,
             carry_targets=carry_targets,
-            rows=_stored_in_scope(existing, scope),
+            rows=rows,
             source_key_type=schema.field("key").type,
         )
 
@@ -470,6 +519,9 @@ def _scan_source(
     scope: list[str] | None,
     directory: Path,
     live: LiveKeys | None = None,
+    *,
+    failures: FailureRecords | None = None,
+    watermark: WatermarkRead | None = None,
 ) -> tuple[Scan, PlannedWork]:
     """Read the scope batch by batch into the diff; the work spilled under ``directory``."""
     source, config, options = request.source, request.config, request.options
@@ -484,14 +536,22 @@ def _scan_source(
         token_counter=None if stored.spec.chunking else token_counter_of(request.embedder),
         directory=directory,
         live=live,
-        failures=_failure_records(request, stored.spec),
+        failures=failures,
+        watermark=watermark,
     )
     estimate = max(stored.rows, 0 if live is None else live.rows, 1)
     with Progress(estimate, f"planning {request.table}", enabled=options.progress) as bar:
-        for batch in read_batches(source, config, batch_rows=options.chunk_rows):
+        where = None if watermark is None else watermark.where
+        for batch in read_batches(source, config, batch_rows=options.chunk_rows, where=where):
             scan.add(batch)
             bar.update(batch.num_rows)
-    delete_keys, delete_partitions = scan.deletions(scope, source, config, options.chunk_rows)
+    if where is None:
+        delete_keys, delete_partitions = scan.deletions(scope, source, config, options.chunk_rows)
+    else:
+        assert watermark is not None
+        delete_keys, delete_partitions = scan.watermark_deletions(
+            source, config, options.chunk_rows, watermark
+        )
     scan.planned.add("deleted", delete_partitions)
     work = PlannedWork(
         embed_file=scan.embed_spill.close(),
@@ -499,11 +559,17 @@ def _scan_source(
         delete_keys=delete_keys,
         delete_partitions=delete_partitions,
         tally=scan.tally,
+        watermark=watermark,
         failures=scan.failures,
         # Records of rows the scope no longer holds (never stored, so no delete finds them).
         stale_failures=[
             *scan.stale_failures,
-            *([scan.failures.orphans(scope)] if scan.failures is not None else []),
+            *(
+                [scan.failures.orphans(scope)]
+                # A watermark read sees only changed rows: absent ones are not gone.
+                if scan.failures is not None and where is None
+                else []
+            ),
         ],
     )
     return scan, work
@@ -554,7 +620,7 @@ def check_mass_delete(
     where = f"table {plan.table_name!r}" + (
         f" (partitions {plan.partition_keys})" if plan.partition_keys else ""
     )
-    if plan.counts["scanned"] == 0:
+    if plan.source_empty:
         raise MassDeleteError(
             f"the source has no rows in scope but {where} holds {stored} row(s): the refresh "
             "would delete all of them. Check the upstream job that builds the source; if the "
@@ -576,7 +642,7 @@ def _check_swap(plan: RefreshPlan, *, max_delete_share: float, allow_mass_delete
         return
     dropped, live = plan.live_rows_dropped, plan.live_rows
     where = f"table {plan.table_name!r}"
-    if plan.counts["scanned"] == 0:
+    if plan.source_empty:
         raise MassDeleteError(
             f"the source has no rows but {where} holds {live} row(s): the rebuild would swap "
             "in an empty table, deleting all of them. Check the upstream job that builds the "

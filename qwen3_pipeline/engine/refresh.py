@@ -151,7 +151,9 @@ def run_refresh(request: RefreshRequest) -> RefreshReport:
     options = request.options.with_run_id()  # one run id for every shard of the run
     request = replace(request, options=options)
     version_before = live_version(request.db_uri, request.table, request.storage_options)
-    if not options.rebuild and several_shards(request.config):
+    # A watermark refresh reads only changed rows: one plan over the scope, no per-shard split
+    # (whose reason, bounding memory over a whole table, does not apply).
+    if not options.rebuild and request.config.watermark is None and several_shards(request.config):
         shard_plans = plan_shards(request)
         if shard_plans is not None:
             with shard_plans:

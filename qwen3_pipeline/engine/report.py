@@ -139,6 +139,11 @@ class RefreshReport:
             document: they kept their vector, no model call.
         chunks_deleted: Stored chunks removed (cut differently, gone from a changed document,
             or of a deleted document).
+        read_rows: Source rows read with their text (all of the scope, or a watermark
+            refresh's changed rows).
+        keys_scanned: Keys a watermark refresh read (the key column only) to find deletes.
+        watermark_before: The scope's mark before a watermark refresh (ISO time), if any.
+        watermark_after: Its mark after the refresh's last commit.
         warnings: What went wrong without failing the refresh and without changing what it
             wrote: a re-projection donor that could not be read or whose drift canaries the
             loaded model does not reproduce (its rows were embedded instead), drift canaries
@@ -191,6 +196,10 @@ class RefreshReport:
     chunks_reused: int = 0
     chunks_deleted: int = 0
     warnings: list[str] = field(default_factory=list)
+    read_rows: int = 0
+    keys_scanned: int = 0
+    watermark_before: str | None = None
+    watermark_after: str | None = None
 
     def counters(self) -> dict[str, int]:
         """The run's totals of :data:`ROW_COUNTERS` (``embedded`` = rows sent to the model)."""
@@ -222,6 +231,8 @@ class RefreshReport:
 # Counters and times of consecutive refreshes that add up in a merged report.
 _SUMMED = (
     *(name for name in ROW_COUNTERS if name != "embedded"),
+    "read_rows",
+    "keys_scanned",
     "embedded_rows",
     "tokens",
     "padded_tokens",

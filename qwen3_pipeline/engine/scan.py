@@ -33,6 +33,7 @@ from qwen3_pipeline.core.schema import MOVED_COLUMN, STATUS_COLUMN, TEXT_COLUMN
 from qwen3_pipeline.embedding.interface import TokenCounter
 from qwen3_pipeline.engine.failure_records import FailureRecords
 from qwen3_pipeline.engine.report import Tally
+from qwen3_pipeline.engine.watermark import WatermarkRead, scan_keys
 from qwen3_pipeline.sources import Source, SourceConfig, TimeWindow
 
 logger = logging.getLogger("qwen3_pipeline")
@@ -134,8 +135,10 @@ class Scan:
         directory: Path,
         live: LiveKeys | None = None,
         failures: FailureRecords | None = None,
+        watermark: WatermarkRead | None = None,
     ) -> None:
         self.existing = existing
+        self.watermark = watermark
         self.failures = failures
         self.stale_failures: list[pa.Array] = []
         self.live = live
@@ -174,6 +177,8 @@ class Scan:
             carry=batch.select([*self.carry_names, "source_updated_at"]),
         )
         self.tracker.observe(keys, result.existing_rows)
+        if self.watermark is not None:
+            self.watermark.observe(batch.column("source_updated_at"))
         blank = blank_mask(texts)
         live = ~blank
         if self.live is not None:
@@ -281,6 +286,27 @@ class Scan:
             gone = not_in_source(gone, source, config, chunk_rows)
         key_type = self.existing.key_type
         keys = pa.concat_arrays([gone.cast(key_type), *self.blank_keys])
+        rows = self.existing.lookup(keys) if len(keys) else np.zeros(0, dtype=np.int64)
+        partitions = self.existing.column("partition_key").take(pa.array(rows, pa.int64()))
+        return keys, partitions
+
+    def watermark_deletions(
+        self, source: Source, config: SourceConfig, chunk_rows: int, watermark: WatermarkRead
+    ) -> tuple[pa.Array, pa.Array]:
+        """A watermark read's deletes: rows read blank, and (with a key scan) keys gone.
+
+        Without a key scan, a key gone from the source stays stored until a refresh that
+        scans keys (or a plain refresh) runs.
+        """
+        key_type = self.existing.key_type
+        parts = list(self.blank_keys)
+        if watermark.key_scan:
+            seen, watermark.keys_scanned = scan_keys(self.existing, source, config, chunk_rows)
+            parts.append(self.existing.keys.filter(pa.array(~seen)).cast(key_type))
+        keys = (
+            pa.concat_arrays([p.cast(key_type) for p in parts]) if parts else pa.array([], key_type)
+        )
+        keys = pc.unique(keys) if len(keys) else keys
         rows = self.existing.lookup(keys) if len(keys) else np.zeros(0, dtype=np.int64)
         partitions = self.existing.column("partition_key").take(pa.array(rows, pa.int64()))
         return keys, partitions

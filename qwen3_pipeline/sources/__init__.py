@@ -8,7 +8,9 @@
   streamed from one snapshot; needs the ``postgres`` extra);
 - :mod:`qwen3_pipeline.sources.partitions`: stable hash shards and time windows;
 - :mod:`qwen3_pipeline.sources.documents`: :class:`SourceConfig` and :func:`read_batches`,
-  which renders, sanitises and labels rows into the engine's normalised batches.
+  which renders, sanitises and labels rows into the engine's normalised batches;
+- :mod:`qwen3_pipeline.sources.watermark`: :class:`Watermark` change capture (read only rows
+  whose ``updated_at`` passed the stored mark) and the :class:`RowFilter` sources push down.
 """
 
 from qwen3_pipeline.sources.documents import (
@@ -42,6 +44,7 @@ from qwen3_pipeline.sources.readers import (
     Source,
     parse_source,
 )
+from qwen3_pipeline.sources.watermark import RowFilter, Watermark
 
 __all__ = [
     "DEFAULT_BATCH_ROWS",
@@ -53,11 +56,13 @@ __all__ = [
     "ParquetSource",
     "Partition",
     "PostgresSource",
+    "RowFilter",
     "Shard",
     "Shards",
     "Source",
     "SourceConfig",
     "TimeWindow",
+    "Watermark",
     "carry_schema",
     "output_schema",
     "parse_shard",

@@ -41,6 +41,7 @@ from qwen3_pipeline.sources.partitions import (
     shard_label,
 )
 from qwen3_pipeline.sources.readers import Source
+from qwen3_pipeline.sources.watermark import RowFilter, Watermark, filtered_batches
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ class SourceConfig:
         partition: Which rows to read and how to label them; ``None`` reads everything.
         chunking: Cut each document into chunks (a ``ChunkingConfig``), one vector per chunk;
             ``None`` (the default) embeds each row as one vector, truncated at ``max_length``.
+        watermark: Read only rows whose ``updated_at`` moved past the scope's stored mark
+            (a :class:`~qwen3_pipeline.sources.watermark.Watermark`; needs ``updated_at``).
 
     Raises:
         ConfigError: Both or neither of ``text_columns``/``template``, a malformed template,
@@ -93,6 +96,7 @@ class SourceConfig:
     carry: tuple[str, ...] = ()
     partition: Partition | None = None
     chunking: ChunkingConfig | None = None
+    watermark: Watermark | None = None
     template_fields: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:
@@ -117,6 +121,22 @@ class SourceConfig:
             raise ConfigError(
                 f"partition must be a Shard, Shards or TimeWindow, got {self.partition!r}"
             )
+        if self.watermark is not None:
+            if not isinstance(self.watermark, Watermark):
+                raise ConfigError(
+                    f"watermark must be a Watermark (e.g. Watermark(lag_s=60)), got "
+                    f"{self.watermark!r}"
+                )
+            if not self.updated_at:
+                raise ConfigError(
+                    "a watermark needs updated_at: the column whose value moves forward when a "
+                    "row changes (--updated-at COL)"
+                )
+            if isinstance(self.partition, TimeWindow):
+                raise ConfigError(
+                    "a watermark cannot be combined with time-window partitions (rows move "
+                    "between windows as updated_at changes); use hash shards or none"
+                )
         if self.chunking is not None and not isinstance(self.chunking, ChunkingConfig):
             raise ConfigError(
                 f"chunking must be a ChunkingConfig (e.g. ChunkingConfig(tokens=512)), "
@@ -199,7 +219,11 @@ def carry_schema(schema: pa.Schema) -> pa.Schema:
 
 
 def read_batches(
-    source: Source, config: SourceConfig, *, batch_rows: int = DEFAULT_BATCH_ROWS
+    source: Source,
+    config: SourceConfig,
+    *,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+    where: RowFilter | None = None,
 ) -> Iterator[pa.RecordBatch]:
     """Stream the source as normalised batches (see the module docstring for the columns).
 
@@ -210,6 +234,8 @@ def read_batches(
         source: Where the rows come from.
         config: Key, text, carry and partition settings.
         batch_rows: Most rows per batch read from the source.
+        where: Read only the rows it selects (a watermark read), filtered by the source
+            where it can.
 
     Yields:
         Record batches matching :func:`output_schema`.
@@ -231,7 +257,12 @@ def read_batches(
     _log_nanoseconds(source.schema(), config)
     render = _renderer(config)
     offset = 0
-    for raw in source.batches(config.columns, batch_rows):
+    raws = (
+        source.batches(config.columns, batch_rows)
+        if where is None
+        else filtered_batches(source, config.columns, batch_rows, where)
+    )
+    for raw in raws:
         batch = _normalise(raw, config, schema, render, offset)
         offset += raw.num_rows
         if batch.num_rows:

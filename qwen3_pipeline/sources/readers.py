@@ -8,6 +8,7 @@ DuckDB and Arrow are typed here, at the boundary.
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ from qwen3_pipeline.sources.postgres import (
     check_url_form,
     split_postgres_spec,
 )
+from qwen3_pipeline.sources.watermark import RowFilter
 
 _LOCKED = re.compile(r"could not set lock|conflicting lock|database is locked", re.IGNORECASE)
 _BARE_TABLE = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*){0,2}$")
@@ -144,11 +146,11 @@ class DuckDBSource:
         finally:
             con.close()
 
-    def _sql(self, con: Any, query: str) -> Any:
+    def _sql(self, con: Any, query: str, params: list[Any] | None = None) -> Any:
         import duckdb
 
         try:
-            return con.sql(query)
+            return con.sql(query, params=params) if params else con.sql(query)
         except duckdb.CatalogException as e:
             tables = [
                 ".".join(row)
@@ -177,6 +179,20 @@ class DuckDBSource:
             reader = self._sql(con, f"SELECT {projection} FROM {self.relation}").to_arrow_reader(
                 batch_rows
             )
+            yield from _typed_read(reader, self.name)
+
+    def batches_where(
+        self, columns: Sequence[str], batch_rows: int, where: RowFilter
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream the rows ``where`` selects, by a ``WHERE`` DuckDB evaluates.
+
+        An index on the ``updated_at`` column, or a table sorted by it, makes it cheap.
+        """
+        projection = ", ".join(_quote(c) for c in columns)
+        clause, params = where.sql(self.schema().field(where.column).type, _quote)
+        query = f"SELECT {projection} FROM {self.relation} WHERE {clause}"
+        with self._connect() as con:
+            reader = self._sql(con, query, params).to_arrow_reader(batch_rows)
             yield from _typed_read(reader, self.name)
 
     def key_problems(self, key: str, limit: int) -> tuple[int, list[tuple[Any, int]]]:
@@ -291,6 +307,34 @@ class ParquetSource:
                             arrays.append(column if column.type == target else column.cast(target))
                     yield pa.RecordBatch.from_arrays(arrays, names=wanted)
 
+    def batches_where(
+        self, columns: Sequence[str], batch_rows: int, where: RowFilter
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream the rows ``where`` selects, with a dataset filter.
+
+        Row groups whose ``updated_at`` statistics lie before the mark are skipped unread
+        (write the files sorted by it, or partitioned by day, and most are).
+        """
+        column_type = self._dataset.schema.field(where.column).type
+        if not pa.types.is_timestamp(column_type):
+            # Dates, strings: compared after the engine's own cast, in memory.
+            yield from filtered_in_memory(self, columns, batch_rows, where)
+            return
+        since = where.since if column_type.tz else where.since.astimezone(UTC).replace(tzinfo=None)
+        expression = ds.field(where.column) > pa.scalar(since, column_type)
+        if where.keys:
+            key_type = self._dataset.schema.field(where.key_column).type
+            expression = expression | ds.field(where.key_column).isin(
+                pa.array(list(where.keys)).cast(key_type)
+            )
+        scanner = self._dataset.scanner(
+            columns=list(columns), filter=expression, batch_size=batch_rows, use_threads=False
+        )
+        yield from _typed_read(
+            _rebatch(scanner.to_batches(), _projected(self._dataset.schema, columns), batch_rows),
+            self.name,
+        )
+
     def key_problems(self, key: str, limit: int) -> tuple[int, list[tuple[Any, int]]]:
         """Null and duplicated keys, computed by DuckDB over the dataset."""
         return _arrow_key_problems(self._dataset, key, limit)
@@ -341,6 +385,13 @@ class ArrowSource:
     def batches(self, columns: Sequence[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
         """Slices of the table (zero-copy)."""
         yield from self._table.select(list(columns)).to_batches(max_chunksize=batch_rows)
+
+    def batches_where(
+        self, columns: Sequence[str], batch_rows: int, where: RowFilter
+    ) -> Iterator[pa.RecordBatch]:
+        """The rows ``where`` selects (an Arrow filter over the table in memory)."""
+        kept = self._table.filter(where.mask(self._table)).select(list(columns))
+        yield from kept.to_batches(max_chunksize=batch_rows)
 
     def key_problems(self, key: str, limit: int) -> tuple[int, list[tuple[Any, int]]]:
         """Null and duplicated keys, computed by DuckDB over the table."""
@@ -397,6 +448,12 @@ class ArrowIPCSource:
         wanted = list(columns)
         schema = pa.schema([self._schema.field(c) for c in wanted])
         yield from _typed_read(_rebatch(self._read(wanted), schema, batch_rows), self._name)
+
+    def batches_where(
+        self, columns: Sequence[str], batch_rows: int, where: RowFilter
+    ) -> Iterator[pa.RecordBatch]:
+        """The rows ``where`` selects (an Arrow filter over each batch read)."""
+        yield from filtered_in_memory(self, columns, batch_rows, where)
 
     def _read(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
         for path in self.paths:
@@ -561,3 +618,18 @@ def parse_source(spec: str) -> DuckDBSource | ParquetSource | PostgresSource:
             f"the source as one of {SOURCE_FORMS}"
         )
     return ParquetSource(path)
+
+
+def _projected(schema: pa.Schema, columns: Sequence[str]) -> pa.Schema:
+    return pa.schema([schema.field(c) for c in columns])
+
+
+def filtered_in_memory(
+    source: Any, columns: Sequence[str], batch_rows: int, where: RowFilter
+) -> Iterator[pa.RecordBatch]:
+    """Read ``source`` batch by batch and keep the rows ``where`` selects (bounded memory)."""
+    wanted = list(dict.fromkeys([*columns, where.column, where.key_column]))
+    for batch in source.batches(wanted, batch_rows):
+        kept = batch.filter(where.mask(batch))
+        if kept.num_rows:
+            yield kept.select(list(columns))

@@ -36,6 +36,7 @@ from qwen3_pipeline.core.failures import (
 from qwen3_pipeline.core.schema import TIMESTAMP_TYPE, validate_table_name
 from qwen3_pipeline.store.connection import connect, list_table_names
 from qwen3_pipeline.store.retries import RetryPolicy, run_typed, with_retries
+from qwen3_pipeline.store.side_tables import read_side_table, upsert_side_rows
 
 FAILURES_SUFFIX = "__failures"
 
@@ -130,11 +131,7 @@ class FailureLog:
         Records of another spec describe another model's failures: a rebuild with a new
         spec starts without them.
         """
-        if not self.exists():
-            return FAILURE_SCHEMA.empty_table()
-        rows = run_typed(
-            lambda: self.db.open_table(self.name).to_arrow(), f"read the failures in {self.name!r}"
-        )
+        rows = read_side_table(self.db, self.name, FAILURE_SCHEMA)
         if spec_fingerprint is not None:
             rows = rows.filter(pc.equal(rows["spec_fingerprint"], spec_fingerprint))
         return rows.select(FAILURE_SCHEMA.names).sort_by("doc_key")
@@ -265,22 +262,8 @@ class FailureLog:
         return rows.num_rows
 
     def _upsert(self, records: pa.Table) -> None:
-        if not self.exists():
-            created = run_typed(
-                lambda: self.db.create_table(self.name, schema=FAILURE_SCHEMA, exist_ok=True),
-                f"create the failure log {self.name!r}",
-            )
-            del created
-        table = run_typed(lambda: self.db.open_table(self.name), f"open {self.name!r}")
-        with_retries(
-            self.retry,
-            f"record {records.num_rows} failure(s) in {self.name!r}",
-            lambda: (
-                table.merge_insert("doc_key")
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-                .execute(records)
-            ),
+        upsert_side_rows(
+            self.db, self.name, FAILURE_SCHEMA, records, on="doc_key", retry=self.retry
         )
 
 

@@ -407,16 +407,29 @@ class VectorStore:
         """The latest committed version of the table."""
         return int(self._table.version)
 
-    def count_rows(self, partition_keys: Sequence[str] | None = None) -> int:
-        """Rows in the table, or in the given partitions."""
-        if partition_keys is None:
-            return int(self._table.count_rows())
-        if not partition_keys:
+    def count_rows(
+        self, partition_keys: Sequence[str] | None = None, *, documents: bool = False
+    ) -> int:
+        """Rows in the table, or in the given partitions.
+
+        Args:
+            partition_keys: Only these partitions (None: the whole table).
+            documents: In a chunk table, count documents (their chunk 0) rather than chunks.
+        """
+        if partition_keys is not None and not partition_keys:
             return 0
         from lancedb.expr import col
 
+        where = None
+        if partition_keys is not None:
+            where = col("partition_key").isin(list(partition_keys))
+        if documents and self._chunked:
+            first = col("chunk_seq") == 0
+            where = first if where is None else where & first
         # Expr.to_sql() renders the literals with LanceDB's own escaping.
-        return int(self._table.count_rows(col("partition_key").isin(list(partition_keys)).to_sql()))
+        if where is None:
+            return int(self._table.count_rows())
+        return int(self._table.count_rows(where.to_sql()))
 
     # ---- reading
 

@@ -1,0 +1,248 @@
+"""Watermark change capture: a refresh reads only rows whose updated_at passed the mark.
+
+Real DuckDB, Parquet and LanceDB in tmp_path; the fake model. Every watermark result is
+checked against what a plain (full) refresh makes of the same source.
+"""
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+
+from qwen3_pipeline.cli import main
+from qwen3_pipeline.core.errors import ConfigError, MassDeleteError
+from qwen3_pipeline.engine.refresh import plan_refresh, refresh
+from qwen3_pipeline.sources import (
+    ArrowSource,
+    DuckDBSource,
+    ParquetSource,
+    Shard,
+    Shards,
+    SourceConfig,
+    TimeWindow,
+    Watermark,
+)
+from qwen3_pipeline.sources.watermark import RowFilter
+from qwen3_pipeline.store.watermark_log import WatermarkLog
+from qwen3_pipeline.testing import FakeEmbedder
+from tests.refresh_helpers import (
+    KillPoint,
+    assert_table_matches,
+    expected_state,
+    make_rows,
+    no_drift_guard,
+    run_killed_child,
+    spec,
+    write_parquet,
+)
+
+CONFIG = SourceConfig(key="id", template="{title}\n\n{body}", carry=("title", "url"),
+                      updated_at="updated_at", watermark=Watermark())  # fmt: skip
+LATER = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def run(db, source, config=CONFIG, **options):
+    return refresh(source=source, config=config, embedder=FakeEmbedder(spec()), db_uri=str(db),
+                   table="docs", progress=False, drift_guard=no_drift_guard, chunk_rows=64,
+                   **options)  # fmt: skip
+
+
+def plain(config=CONFIG):
+    return replace(config, watermark=None)
+
+
+def duck(path: Path, rows: pa.Table) -> DuckDBSource:
+    con = duckdb.connect(str(path))
+    con.register("rows", rows)
+    con.execute("CREATE OR REPLACE TABLE docs AS SELECT * FROM rows")
+    con.close()
+    return DuckDBSource(path, "docs")
+
+
+def change(rows: pa.Table) -> pa.Table:
+    """5 edits, 3 inserts and 2 deletes, the edited and inserted rows stamped LATER."""
+    out = []
+    for r in rows.to_pylist():
+        if r["id"] in (90, 91):
+            continue
+        if r["id"] < 5:
+            r = {**r, "body": r["body"] + " edited", "updated_at": LATER}
+        out.append(r)
+    new = make_rows(range(1000, 1003)).to_pylist()
+    out += [{**r, "updated_at": LATER} for r in new]
+    return pa.Table.from_pylist(out, schema=rows.schema)
+
+
+def test_only_changed_rows_are_read_and_the_result_equals_a_full_refresh(tmp_path):
+    rows = make_rows(range(100))
+    first = run(tmp_path / "db", duck(tmp_path / "a.duckdb", rows))
+    assert (first.read_rows, first.inserted, first.watermark_before) == (100, 100, None)
+    assert first.watermark_after == max(rows["updated_at"].to_pylist()).isoformat()
+
+    noop = run(tmp_path / "db", duck(tmp_path / "a.duckdb", rows))
+    assert (noop.read_rows, noop.committed, noop.keys_scanned) == (0, False, 100)
+
+    changed = change(rows)
+    report = run(tmp_path / "db", duck(tmp_path / "a.duckdb", changed))
+    assert (report.read_rows, report.updated, report.inserted, report.deleted) == (8, 5, 3, 2)
+    assert report.unchanged == 0
+    assert report.watermark_after == LATER.isoformat()
+    assert_table_matches(str(tmp_path / "db"), "docs", expected_state(changed))
+    # A full refresh afterwards finds nothing missed.
+    full = run(tmp_path / "db", duck(tmp_path / "a.duckdb", changed), plain())
+    assert (full.committed, full.unchanged) == (False, 101)
+
+
+def test_a_dry_run_shows_what_a_watermark_refresh_reads(tmp_path):
+    rows = make_rows(range(50))
+    run(tmp_path / "db", ArrowSource(rows))
+    with plan_refresh(source=ArrowSource(change(rows)), config=CONFIG,
+                      embedder=FakeEmbedder(spec()), db_uri=str(tmp_path / "db"), table="docs",
+                      progress=False) as plan:  # fmt: skip
+        shown = plan.as_dict()
+    assert (shown["read_rows"], shown["keys_scanned"], shown["deleted"]) == (8, 53, 0)
+    assert shown["watermark_before"] == max(rows["updated_at"].to_pylist()).isoformat()
+
+
+def test_parquet_row_groups_before_the_mark_are_skipped(tmp_path):
+    rows = make_rows(range(4000)).sort_by("updated_at")
+    path = tmp_path / "s.parquet"
+    pq.write_table(rows, path, row_group_size=500)
+    source = ParquetSource(path)
+    since = rows["updated_at"][3600].as_py()
+    where = RowFilter(column="updated_at", since=since, key_column="id")
+    read = sum(b.num_rows for b in source.batches_where(["id"], 1000, where))
+    assert read == sum(1 for t in rows["updated_at"].to_pylist() if t > since)
+    # The dataset filter prunes by statistics: of 8 row groups, the one holding the mark and
+    # those after it are decoded, the others are skipped unread.
+    fragment = next(iter(source._dataset.get_fragments()))
+    kept = fragment.split_by_row_group(filter=ds.field("updated_at") > since)
+    assert len(kept) <= 2
+
+
+def test_key_scan_every_n_and_never(tmp_path):
+    rows = make_rows(range(60))
+    every2 = replace(CONFIG, watermark=Watermark(key_scan=2))
+    run(tmp_path / "db", ArrowSource(rows), every2)
+    fewer = rows.slice(0, 50)
+    first = run(tmp_path / "db", ArrowSource(fewer), every2)
+    assert (first.keys_scanned, first.deleted) == (0, 0)  # 1 refresh since the last scan
+    second = run(tmp_path / "db", ArrowSource(fewer), every2)
+    assert (second.keys_scanned, second.deleted) == (50, 10)
+    never = replace(CONFIG, watermark=Watermark(key_scan="never"))
+    run(tmp_path / "db2", ArrowSource(rows), never)
+    assert run(tmp_path / "db2", ArrowSource(fewer), never).deleted == 0
+    assert run(tmp_path / "db2", ArrowSource(fewer), plain()).deleted == 10  # reconciles
+
+
+def test_late_commits_within_the_lag_are_read(tmp_path):
+    rows = make_rows(range(30))
+    lagged = replace(CONFIG, watermark=Watermark(lag_s=3600))
+    run(tmp_path / "db", ArrowSource(rows), lagged)
+    mark = max(rows["updated_at"].to_pylist())
+    late = [
+        {**r, "body": r["body"] + " late", "updated_at": mark - timedelta(minutes=30)}
+        if r["id"] == 7 else r
+        for r in rows.to_pylist()
+    ]  # fmt: skip
+    report = run(tmp_path / "db", ArrowSource(pa.Table.from_pylist(late, rows.schema)), lagged)
+    assert report.updated == 1
+    # Without a lag, the same late commit is missed until a full refresh.
+    run(tmp_path / "db2", ArrowSource(rows))
+    missed = run(tmp_path / "db2", ArrowSource(pa.Table.from_pylist(late, rows.schema)))
+    assert missed.updated == 0
+    caught = run(tmp_path / "db2", ArrowSource(pa.Table.from_pylist(late, rows.schema)), plain())
+    assert caught.updated == 1
+
+
+def test_null_and_backwards_updated_at(tmp_path):
+    rows = make_rows(range(20)).to_pylist()
+    rows[3]["updated_at"] = None
+    table = pa.Table.from_pylist(rows, make_rows([]).schema)
+    first = run(tmp_path / "db", ArrowSource(table))
+    assert first.inserted == 20  # the first watermark refresh reads everything, nulls too
+    rows[3]["body"] += " edited"  # a null-time row edited: not read by the watermark
+    rows[4]["body"] += " edited"
+    rows[4]["updated_at"] -= timedelta(days=30)  # moved backwards: not read either
+    edited = pa.Table.from_pylist(rows, table.schema)
+    quiet = run(tmp_path / "db", ArrowSource(edited))
+    assert (quiet.read_rows, quiet.updated, quiet.deleted) == (0, 0, 0)  # the key scan keeps 3
+    assert run(tmp_path / "db", ArrowSource(edited), plain()).updated == 2
+
+
+def test_failed_rows_are_read_again_when_due_whatever_their_time(tmp_path):
+    rows = make_rows(range(20))
+    text = "Title 5\n\n" + rows["body"][5].as_py()
+    poison = FakeEmbedder(spec(), fail_texts=[text])
+    db = str(tmp_path / "db")
+    refresh(source=ArrowSource(rows), config=CONFIG, embedder=poison, db_uri=db, table="docs",
+            progress=False, drift_guard=no_drift_guard, retry_backoff_s=0)  # fmt: skip
+    retry = run(tmp_path / "db", ArrowSource(rows), retry_backoff_s=0)
+    assert (retry.read_rows, retry.retried, retry.inserted) == (1, 1, 1)
+
+
+def test_each_scope_keeps_its_own_mark(tmp_path):
+    rows = make_rows(range(80))
+    for shard in (Shard(0, 2), Shard(1, 2)):
+        run(tmp_path / "db", ArrowSource(rows), replace(CONFIG, partition=shard))
+    log = WatermarkLog.open(str(tmp_path / "db"), "docs")
+    assert log.read("shard-00-of-02") is not None
+    assert log.read("shard-01-of-02") is not None
+    both = run(tmp_path / "db", ArrowSource(rows), replace(CONFIG, partition=Shards(2)))
+    assert both.read_rows == 80  # a new scope: read once, then by its own mark
+    assert (
+        run(tmp_path / "db", ArrowSource(rows), replace(CONFIG, partition=Shards(2))).read_rows == 0
+    )
+
+
+def test_a_key_scan_of_an_empty_source_is_refused_as_a_mass_delete(tmp_path):
+    rows = make_rows(range(30))
+    run(tmp_path / "db", ArrowSource(rows))
+    with pytest.raises(MassDeleteError):
+        run(tmp_path / "db", ArrowSource(rows.slice(0, 0)))
+
+
+def test_bad_watermark_settings(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="needs updated_at"):
+        SourceConfig(key="id", text_columns=("body",), watermark=Watermark())
+    window = TimeWindow(column="u", start=datetime(2024, 1, 1), end=datetime(2024, 1, 2))
+    with pytest.raises(ConfigError, match="time-window"):
+        SourceConfig(key="id", text_columns=("body",), updated_at="u", watermark=Watermark(),
+                     partition=window)  # fmt: skip
+    with pytest.raises(ConfigError, match="key_scan"):
+        Watermark(key_scan="sometimes")
+    with pytest.raises(ConfigError, match="lag"):
+        Watermark(lag_s=-1)
+    source = write_parquet(make_rows(range(3)), tmp_path / "s.parquet")
+    base = ["refresh", "--source", source, "--key", "id", "--text", "body", "--db",
+            str(tmp_path / "db"), "--table", "docs", "--model", "m", "--dim", "32"]  # fmt: skip
+    assert main([*base, "--watermark-lag", "5"]) == 2
+    assert "--watermark-lag need(s) --watermark" in capsys.readouterr().err
+    assert main([*base, "--watermark"]) == 2
+    assert "needs updated_at" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- killed refreshes
+
+KILLS = [KillPoint("embed", 1), KillPoint("after", 1, "upsert"), KillPoint("before", 1, "delete"),
+         KillPoint("after", 1, "delete")]  # fmt: skip
+
+
+@pytest.mark.parametrize("kill", KILLS, ids=str)
+def test_a_killed_watermark_refresh_converges(kill, tmp_path):
+    rows = make_rows(range(300))
+    db = str(tmp_path / "db")
+    run(db, ArrowSource(rows))
+    target = change(rows)
+    path = write_parquet(target, tmp_path / "target.parquet")
+    child = {"db_uri": db, "table": "docs", "source_path": path, "chunk_rows": 4, "config": CONFIG}
+    run_killed_child(kill, tmp_path, **child)
+    rerun = run(db, ParquetSource(path))
+    assert rerun.read_rows >= 8  # the old mark: the changed rows are read again
+    assert_table_matches(db, "docs", expected_state(target))
+    assert not run(db, ParquetSource(path), plain()).committed
