@@ -32,7 +32,11 @@ exist stays *Scheduled* forever, so this file never names one that was not asked
 
 The ``limit`` param loads a sample; a smaller sample than the previous run's deletes the other
 rows, which the refresh refuses (more than half the table) unless ``allow_mass_delete`` is
-checked too.
+checked too. ``accept_drift`` lets a refresh write after the model's weights changed under the
+same name (the drift canaries no longer match). Rows the model fails on never fail a task:
+they are counted in its XCom, retried by later runs and quarantined after ``max_attempts``
+failures (``retry_backoff_s`` apart, doubling); ``replay`` (``all`` or keys) sends them to the
+model again in this run.
 
 Parsing this file imports Airflow and the operator only; the demo's settings and the engine
 are imported when the tasks run.
@@ -111,6 +115,42 @@ with DAG(
             description=(
                 "Let the refresh delete more than half of the stored rows (e.g. after a "
                 "smaller limit than the previous run's)."
+            ),
+        ),
+        "accept_drift": Param(
+            False,
+            type="boolean",
+            description=(
+                "Write even though the model no longer reproduces the table's drift canaries "
+                "(its weights changed under the same name); the canaries are re-recorded."
+            ),
+        ),
+        "max_attempts": Param(
+            5,
+            type="integer",
+            minimum=1,
+            description=(
+                "Failed attempts after which a row the model fails on is quarantined (not sent "
+                "to the model again until its text changes or it is replayed)."
+            ),
+        ),
+        "retry_backoff_s": Param(
+            300,
+            type="number",
+            minimum=0,
+            maximum=86400,
+            description=(
+                "Seconds before a failed row is retried, doubling after each failure (0: every "
+                "run)."
+            ),
+        ),
+        "replay": Param(
+            None,
+            type=["null", "string", "array"],
+            description=(
+                "Failure records to retry in this run, quarantined ones included: all, or keys "
+                "separated by commas (list them: qwen3-pipeline failures --db "
+                f"{LANCEDB_URI} --table {TABLE})."
             ),
         ),
     },
@@ -225,6 +265,10 @@ with DAG(
         gpus_per_worker=config["gpus_per_worker"],
         ray_address=config["ray_address"],
         allow_mass_delete="{{ params.allow_mass_delete }}",
+        accept_drift="{{ params.accept_drift }}",
+        max_attempts="{{ params.max_attempts }}",
+        retry_backoff_s="{{ params.retry_backoff_s }}",
+        replay="{{ params.replay }}",
         pool=GPU_POOL,
         map_index_template="{{ task.shard }}",
     ).expand(shard=[f"{i}/{SHARDS}" for i in range(SHARDS)])

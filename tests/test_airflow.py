@@ -423,7 +423,17 @@ def test_demo_dag_pool_is_opted_into_and_its_form_names_the_mass_delete_refusal(
     assert "allow_mass_delete" in params.get_param("limit").description
     assert params["allow_mass_delete"] is False
     refresh = demo.qwen3_demo.get_task("refresh")
-    assert refresh.partial_kwargs["allow_mass_delete"] == "{{ params.allow_mass_delete }}"
+    # The refusals' ways out and the failed rows' settings come from the trigger form.
+    for name, default in (
+        ("allow_mass_delete", False),
+        ("accept_drift", False),
+        ("max_attempts", 5),
+        ("retry_backoff_s", 300),
+        ("replay", None),
+    ):
+        assert params[name] == default
+        assert refresh.partial_kwargs[name] == f"{{{{ params.{name} }}}}"
+        assert name in refresh.template_fields
 
 
 def test_operator_arguments_are_checked_when_the_dag_is_parsed(tmp_path: Path) -> None:
@@ -517,7 +527,7 @@ import logging
 import os
 
 import pendulum
-from airflow.sdk import DAG, task
+from airflow.sdk import DAG, Param, task
 
 from qwen3_pipeline.airflow import LanceDBHook, Qwen3EmbeddingRefreshOperator, lancedb_asset
 from qwen3_pipeline.core.errors import SourceUnavailableError
@@ -563,6 +573,39 @@ with DAG("qwen3_test_consumer", schedule=[VECTORS], start_date=START) as qwen3_t
         return None
 
     consume()
+
+# The refusals' and failed rows' settings, from DAG params (a trigger's conf sets them).
+WAYS_OUT_PARAMS = {
+    "allow_mass_delete": Param(False, type="boolean"),
+    "accept_drift": Param(False, type="boolean"),
+    "max_attempts": Param(5, type="integer", minimum=1),
+    "retry_backoff_s": Param(300, type="number", minimum=0),
+    "replay": Param(None, type=["null", "string", "array"]),
+}
+WAYS_OUT = {name: "{{ params.%s }}" % name for name in WAYS_OUT_PARAMS}
+LANCE = os.environ.get("QWEN3_TEST_LANCE", "/nowhere")
+
+
+def poisoned_embedder(spec):
+    from qwen3_pipeline.testing import FakeEmbedder
+
+    poison = os.environ.get("QWEN3_TEST_POISON", "")
+    return FakeEmbedder(spec, fail_texts=poison.split("|") if poison else ())
+
+
+with DAG("qwen3_test_ways_out", schedule=None, start_date=START,
+         params=WAYS_OUT_PARAMS) as qwen3_test_ways_out:
+    Qwen3EmbeddingRefreshOperator(
+        task_id="refresh", source=SOURCE, table="docs", db_uri=LANCE, retries=3,
+        retry_delay=0, **COMMON, **WAYS_OUT,
+    )
+
+with DAG("qwen3_test_poison", schedule=None, start_date=START,
+         params=WAYS_OUT_PARAMS) as qwen3_test_poison:
+    Qwen3EmbeddingRefreshOperator(
+        task_id="refresh", source=SOURCE, table="docs", db_uri=LANCE, retries=3,
+        retry_delay=0, embedder_factory=poisoned_embedder, **COMMON, **WAYS_OUT,
+    )
 
 with DAG("qwen3_test_retries", schedule=None, start_date=START) as qwen3_test_retries:
     Qwen3EmbeddingRefreshOperator(
@@ -793,3 +836,198 @@ def test_refusals_name_their_way_out_and_dag_params_let_them_through(
     assert options.max_delete_share == 0.5
     with pytest.raises(ConfigError, match="accept_drift must be true or false"):
         _operator(db, lance, tiny_model_dir, accept_drift="maybe").refresh_options()
+
+
+# --------------------------------------------------------------------------- ways out, from conf
+
+
+def _perturb_weights(model_dir: Path, scale: float = 0.05) -> None:
+    """Change the checkpoint's weights in place, under the same path (a silent re-upload)."""
+    import torch  # the checkpoint is bf16, which numpy cannot hold
+    from safetensors.torch import load_file, save_file
+
+    (path,) = model_dir.glob("*.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    weights = load_file(str(path))
+    for name, value in weights.items():
+        if value.is_floating_point() and value.ndim == 2:
+            noise = torch.randn(value.shape, generator=generator) * value.float().std() * scale
+            weights[name] = (value.float() + noise).to(value.dtype)
+    save_file(weights, str(path), metadata={"format": "pt"})
+
+
+def _run_logged(
+    dag: Any, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture, **conf: Any
+) -> tuple[Any, str]:
+    """``dag.test()`` triggered with ``conf``; the run and its logs."""
+    capfd.readouterr()
+    caplog.clear()
+    run = dag.test(run_conf=conf or None)
+    output = capfd.readouterr()
+    return run, output.out + output.err + caplog.text
+
+
+def _refused_at_once(run: Any) -> None:
+    (ti,) = run.get_task_instances()
+    # retries=3 on the task: a refusal is not retried.
+    assert (str(run.state), str(ti.state), ti.try_number, ti.max_tries) == (
+        "failed",
+        "failed",
+        1,
+        3,
+    )
+
+
+def test_a_mass_delete_refused_by_a_run_is_let_through_by_a_trigger_config(
+    airflow_db: Path,
+    test_dag_env: dict[str, Path],
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO")
+    _write_docs(test_dag_env["db"], DOCS)
+    dags = _load_dags("qwen3_test_dags")
+    fill, _ = _run_logged(dags.qwen3_test_ways_out, capfd, caplog)
+    assert str(fill.state) == "success"
+    version = lancedb.connect(str(test_dag_env["lance"])).open_table("docs").version
+
+    _write_docs(test_dag_env["db"], DOCS[:1])  # 5 of 6 rows gone
+    refused, logs = _run_logged(dags.qwen3_test_ways_out, capfd, caplog)
+    _refused_at_once(refused)
+    assert "would delete 5 of the 6 row(s)" in logs
+    assert "allow_mass_delete=True on the operator" in logs
+    assert '{"allow_mass_delete": true}' in logs
+    assert airflow_demo.task_result(refused, "refresh") is None
+    table = lancedb.connect(str(test_dag_env["lance"])).open_table("docs")
+    assert (table.version, table.count_rows()) == (version, len(DOCS))
+
+    allowed, _ = _run_logged(dags.qwen3_test_ways_out, capfd, caplog, allow_mass_delete=True)
+    assert str(allowed.state) == "success"
+    report = airflow_demo.task_result(allowed, "refresh")
+    assert (report["deleted"], report["unchanged"]) == (len(DOCS) - 1, 1)
+    assert lancedb.connect(str(test_dag_env["lance"])).open_table("docs").count_rows() == 1
+
+
+def test_a_drift_refused_by_a_run_is_accepted_by_a_trigger_config(
+    airflow_db: Path,
+    test_dag_env: dict[str, Path],
+    tiny_model_quick_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO")
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_quick_dir, model)
+    monkeypatch.setenv("QWEN3_TEST_MODEL", str(model))
+    _write_docs(test_dag_env["db"], DOCS)
+    dags = _load_dags("qwen3_test_dags")
+    fill, _ = _run_logged(dags.qwen3_test_ways_out, capfd, caplog)
+    assert airflow_demo.task_result(fill, "refresh")["canaries_recorded"] > 0
+
+    _perturb_weights(model)  # new weights under the same path: the same spec
+    edited = [(1, "Open", "Open a file for reading or writing.", "u1"), *DOCS[1:]]
+    _write_docs(test_dag_env["db"], edited)
+    version = lancedb.connect(str(test_dag_env["lance"])).open_table("docs").version
+    refused, logs = _run_logged(dags.qwen3_test_ways_out, capfd, caplog)
+    _refused_at_once(refused)
+    assert "no longer reproduces" in logs
+    assert "accept_drift=True on the operator" in logs
+    assert '{"accept_drift": true}' in logs
+    assert lancedb.connect(str(test_dag_env["lance"])).open_table("docs").version == version
+
+    accepted, _ = _run_logged(dags.qwen3_test_ways_out, capfd, caplog, accept_drift=True)
+    assert str(accepted.state) == "success"
+    report = airflow_demo.task_result(accepted, "refresh")
+    assert (report["updated"], report["drift_accepted"]) == (1, True)
+    assert report["canary_min_cosine"] < 0.999
+
+
+def test_poison_rows_are_counted_quarantined_and_replayed_without_failing_the_task(
+    airflow_db: Path,
+    test_dag_env: dict[str, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from qwen3_pipeline.store.failure_log import FailureLog
+
+    caplog.set_level("INFO")
+    poison = {3: "Sleep\n\nSuspend execution for the given number of seconds.",
+              5: "Sort\n\nReturn a new sorted list from the items in iterable."}  # fmt: skip
+    monkeypatch.setenv("QWEN3_TEST_POISON", "|".join(poison.values()))
+    _write_docs(test_dag_env["db"], DOCS)
+    dags = _load_dags("qwen3_test_dags")
+    log = FailureLog.open(str(test_dag_env["lance"]), "docs")
+
+    first, logs = _run_logged(dags.qwen3_test_poison, capfd, caplog, max_attempts=1)
+    (ti,) = first.get_task_instances()
+    assert (str(first.state), ti.try_number) == ("success", 1)
+    report = airflow_demo.task_result(first, "refresh")
+    assert (report["inserted"], report["failed"], report["quarantined"]) == (4, 2, 2)
+    assert sorted(key for key, _ in report["failures"]) == ["3", "5"]
+    assert "2 row(s) could not be embedded (3: fake failure; 5: fake failure)" in logs
+    # The operator's own lines reach the task log (stdout here), not the logging module.
+    (quarantined,) = [line for line in logs.splitlines() if "row(s) quarantined:" in line]
+    assert "warning" in quarantined
+    assert "replay='all' or a list of keys" in quarantined
+    records = log.read()
+    assert records["status"].to_pylist() == ["quarantined", "quarantined"]
+
+    # Quarantined: left out (the model is not called), reported, the task succeeds.
+    again, _ = _run_logged(dags.qwen3_test_poison, capfd, caplog, max_attempts=1)
+    report = airflow_demo.task_result(again, "refresh")
+    assert str(again.state) == "success"
+    assert (report["failed"], report["quarantined"], report["embedded_rows"]) == (0, 2, 0)
+
+    # The model is fixed: replay one key (from a list param), then all.
+    monkeypatch.delenv("QWEN3_TEST_POISON")
+    one, logs = _run_logged(dags.qwen3_test_poison, capfd, caplog, replay=["3"])
+    report = airflow_demo.task_result(one, "refresh")
+    assert (report["retried"], report["inserted"], report["quarantined"]) == (1, 1, 1)
+    assert "replay: 1 failure record(s) of table 'docs' made due" in logs
+    assert log.read()["doc_key"].to_pylist() == ["5"]
+    rest, _ = _run_logged(dags.qwen3_test_poison, capfd, caplog, replay="all")
+    report = airflow_demo.task_result(rest, "refresh")
+    assert (report["retried"], report["inserted"], report["quarantined"]) == (1, 1, 0)
+    assert log.read().num_rows == 0
+    assert lancedb.connect(str(test_dag_env["lance"])).open_table("docs").count_rows() == 6
+
+
+def test_failed_row_settings_come_from_params_and_bad_values_fail_without_retry(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from qwen3_pipeline.airflow.operators import _replay_selection
+
+    db, lance = tmp_path / "src.duckdb", tmp_path / "lancedb"
+    _write_docs(db, DOCS)
+    # What Jinja renders from "{{ params.max_attempts }}" and friends.
+    options = _operator(db, lance, tiny_model_dir, max_attempts="3",
+                        retry_backoff_s="60").refresh_options()  # fmt: skip
+    assert (options.max_attempts, options.retry_backoff_s) == (3, 60.0)
+    unset = _operator(db, lance, tiny_model_dir, max_attempts="None", retry_backoff_s="")
+    assert (unset.refresh_options().max_attempts, unset.refresh_options().retry_backoff_s) == (
+        5,
+        300.0,
+    )
+    assert _replay_selection("all") == "all"
+    assert _replay_selection("['3', '7']") == _replay_selection('["3", 7]') == ("3", "7")
+    assert _replay_selection(" 3, 7,3 ") == ("3", "7")
+    assert _replay_selection(["3"]) == ("3",)
+    assert _replay_selection("None") is None
+    assert _replay_selection("[]") is None
+    for bad, match in (
+        ({"max_attempts": "0"}, "max_attempts must be a positive integer"),
+        ({"max_attempts": "two"}, "max_attempts must be an integer"),
+        ({"max_attempts": 1.5}, "max_attempts must be an integer"),
+        ({"retry_backoff_s": "-1"}, "retry_backoff_s must be seconds"),
+        ({"retry_backoff_s": "soon"}, "retry_backoff_s must be a number"),
+        ({"replay": "[1.5]"}, "replay must be 'all', a list of keys"),
+        ({"replay": "[3"}, "replay must be 'all', a list of keys"),
+        ({"replay": {"3": 1}}, "replay must be 'all', a list of keys"),
+    ):
+        with pytest.raises(AirflowFailException, match=match) as failed:
+            _execute(_operator(db, lance, tiny_model_dir, **bad))
+        assert isinstance(failed.value.__cause__, ConfigError)
+    assert not lance.exists() or not list_table_names(lancedb.connect(str(lance)))

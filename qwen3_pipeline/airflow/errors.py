@@ -8,6 +8,9 @@ model that cannot be loaded, an invalid setting, or a bug) becomes
 object-store hiccup, a DuckDB file locked by a writer) is raised as is, so the task's
 ``retries``/``retry_delay`` apply.
 
+A refusal (a mass delete, a drift of the model) is permanent too, and its message says which
+operator argument, DAG param and trigger config let it through (:func:`way_out_hint`).
+
 Example:
     >>> @task(retries=3)  # doctest: +SKIP
     ... def upkeep():
@@ -45,3 +48,27 @@ def retry_only_transient() -> Iterator[None]:
             raise
         logger.error("%s is permanent; failing without retry", type(e).__name__)
         raise AirflowFailException(failure_message(e)) from e
+
+
+def way_out_hint(error: BaseException) -> str:
+    """How to let ``error``'s refusal through from Airflow, or "" for other errors.
+
+    The operator argument, the DAG param it can be templated from, and the trigger config.
+
+    Example:
+        >>> from qwen3_pipeline.core.errors import MassDeleteError
+        >>> way_out_hint(MassDeleteError("would delete 90%")).split(", or ")[0]
+        'To let it through from Airflow: allow_mass_delete=True on the operator'
+        >>> way_out_hint(ValueError("bug"))
+        ''
+    """
+    from qwen3_pipeline.engine.options import override_for  # the engine loads at run time
+
+    field = override_for(error)
+    if field is None:
+        return ""
+    return (
+        f"To let it through from Airflow: {field}=True on the operator, or "
+        f'{field}="{{{{ params.{field} }}}}" with the DAG param {field} and a trigger with '
+        f'config {{"{field}": true}}'
+    )

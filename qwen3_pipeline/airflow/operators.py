@@ -14,7 +14,13 @@ Dagster assets run, adding no logic of its own:
   and the asset event's ``extra`` is the report, so downstream DAGs scheduled on the table know
   what changed and which Lance version to read;
 - bad input fails the task without retry (``AirflowFailException``), transient errors use the
-  task's ``retries`` (:func:`~qwen3_pipeline.airflow.errors.retry_only_transient`);
+  task's ``retries`` (:func:`~qwen3_pipeline.airflow.errors.retry_only_transient`); a refused
+  mass delete or drift fails it without retry too, naming the argument (and DAG param) that
+  lets it through;
+- rows the model fails on never fail the task: they are counted in the report (``failed``,
+  ``retried``, ``quarantined``, ``deferred``, ``failures``), logged, recorded in the table's
+  failure log and retried by later refreshes (``max_attempts``, ``retry_backoff_s``);
+  ``replay`` makes their records due before the refresh;
 - the destination is a LanceDB connection (:class:`~qwen3_pipeline.airflow.hooks.LanceDBHook`)
   and/or a URI stated in the DAG; credentials never appear in the DAG, its XComs or its logs.
 
@@ -33,18 +39,19 @@ Example:
     ... ).expand(shard=[f"{i}/8" for i in range(8)])
 """
 
+import ast
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from airflow.sdk import Asset, BaseOperator
 
 from qwen3_pipeline.airflow.assets import lancedb_asset
-from qwen3_pipeline.airflow.errors import retry_only_transient
+from qwen3_pipeline.airflow.errors import retry_only_transient, way_out_hint
 from qwen3_pipeline.airflow.hooks import LanceDBDestination, LanceDBHook
 from qwen3_pipeline.airflow.provider_info import DEFAULT_CONNECTION_ID
-from qwen3_pipeline.core.errors import ConfigError, Qwen3PipelineError
+from qwen3_pipeline.core.errors import ConfigError, Qwen3PipelineError, redact_secrets
 from qwen3_pipeline.core.progress import engine_logs_at_info
 
 if TYPE_CHECKING:
@@ -53,12 +60,18 @@ if TYPE_CHECKING:
     from qwen3_pipeline.chunking.config import ChunkingConfig
     from qwen3_pipeline.core.spec import EmbeddingSpec
     from qwen3_pipeline.embedding.engines import EngineOptions
+    from qwen3_pipeline.embedding.lazy import EmbedderBuilder
     from qwen3_pipeline.engine.options import RefreshOptions
     from qwen3_pipeline.engine.report import RefreshReport
     from qwen3_pipeline.sources import Shard, Shards, Source, SourceConfig
 
 # Airflow re-parses a DAG file often: the engine (torch, lancedb, duckdb) is imported in
 # execute(), never at module import.
+
+ReplaySelection = tuple[str, ...] | Literal["all"] | None
+"""The failure records ``replay`` asks for: these doc keys, every one, or none."""
+
+_SHOWN_FAILED_ROWS = 10  # failed rows named in the task log (the XCom lists up to 100)
 
 
 class Qwen3EmbeddingRefreshOperator(BaseOperator):
@@ -113,7 +126,24 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         drift_threshold: Minimum cosine of the canaries to their recorded vectors (None: 0.999).
         reproject: Derive vectors of unchanged rows from a table of the same model at a larger
             dim instead of embedding them (Matryoshka re-projection).
+        max_attempts: Failed attempts after which a row the model fails on is quarantined:
+            not sent to the model again until its text changes or it is replayed (None: 5).
+            Templated.
+        retry_backoff_s: Seconds before a failed row is retried; each later retry waits twice
+            as long, capped at a day (None: 300; 0: retry on every refresh). Templated.
+        replay: Failure records to make due before the refresh, so that it sends their rows to
+            the model again (quarantined ones included): ``"all"``, a list of keys, or keys
+            separated by commas (None: none). A task with a ``shard`` replays the records of
+            its shard only. Templated.
+        embedder_factory: Builds the embedder of the spec on first use, instead of the local or
+            Ray engine of ``engine``/``device``...: a callable ``spec -> Embedder`` (an embedding
+            service's client, or :class:`~qwen3_pipeline.testing.FakeEmbedder` in tests).
         **kwargs: :class:`~airflow.sdk.BaseOperator` arguments (``pool="gpu"``, ``retries``...).
+
+    Rows the model fails on never fail the task: the refresh writes the others, and the task
+    succeeds with the counts in its XCom (``failed``, ``quarantined``...); the failed rows are
+    logged as errors, quarantined ones as a warning (docs/guides/airflow.md, *Rows the model
+    fails on*).
 
     Raises:
         ConfigError: Both or neither of ``text``/``template``, both ``shard`` and ``shards``,
@@ -143,6 +173,10 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         "accept_drift",
         "drift_threshold",
         "reproject",
+        # Failed rows: max_attempts="{{ params.max_attempts }}", replay="{{ params.replay }}".
+        "max_attempts",
+        "retry_backoff_s",
+        "replay",
     )
     ui_color = "#e8f0fe"
 
@@ -184,6 +218,10 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         accept_drift: bool | str = False,
         drift_threshold: float | str | None = None,
         reproject: bool | str = True,
+        max_attempts: int | str | None = None,
+        retry_backoff_s: float | str | None = None,
+        replay: str | Sequence[str | int] | None = None,
+        embedder_factory: "EmbedderBuilder | None" = None,
         **kwargs: Any,
     ) -> None:
         if (text is None or text == [] or text == ()) == (template is None):
@@ -233,6 +271,10 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         self.rebuild = rebuild
         self.source_name = source_name
         self.spill_dir = spill_dir
+        self.max_attempts = max_attempts
+        self.retry_backoff_s = retry_backoff_s
+        self.replay = replay
+        self.embedder_factory = embedder_factory
 
     @classmethod
     def partial(cls, **kwargs: Any) -> Any:
@@ -267,6 +309,8 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
     def execute(self, context: "Context") -> dict[str, Any]:
         """Run the refresh; return its report (also the outlet's asset event extra).
 
+        Rows the model failed on do not fail the task (they are in the report and the log).
+
         Raises:
             AirflowFailException: Bad input or configuration (not retried).
             TransientError: A failure a retry may fix (the task's retries apply).
@@ -277,6 +321,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         # The engine has logged the report's summary line ("refreshed ..."); add the scope.
         scope = f"shard {self.shard}" if self.shard else "all rows"
         self.log.info("done: %s, %d model load(s)", scope, int(report.model_loads))
+        self._log_row_failures(report)
         outlet_events = context.get("outlet_events")
         if self.asset is not None and outlet_events is not None:
             outlet_events[self.asset].extra = values
@@ -365,6 +410,8 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
                 ("chunk_rows", _optional_integer(self.chunk_rows, "chunk_rows")),
                 ("max_delete_share", _optional_number(self.max_delete_share, "max_delete_share")),
                 ("drift_threshold", _optional_number(self.drift_threshold, "drift_threshold")),
+                ("max_attempts", _optional_integer(self.max_attempts, "max_attempts")),
+                ("retry_backoff_s", _optional_number(self.retry_backoff_s, "retry_backoff_s")),
             )
             if value is not None
         }
@@ -379,9 +426,79 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             **tuning,
         )
 
+    def replay_selection(self) -> ReplaySelection:
+        """The failure records ``replay`` names: a tuple of keys, ``"all"``, or None.
+
+        Raises:
+            ConfigError: ``replay`` is neither ``"all"``, keys, nor unset.
+        """
+        return _replay_selection(self.replay)
+
+    def _replay_failures(self, found: LanceDBDestination, selection: ReplaySelection) -> int:
+        from qwen3_pipeline.sources import scope_partition_keys
+        from qwen3_pipeline.store.failure_log import FailureLog
+
+        log = FailureLog.open(found.uri, self.table, storage_options=found.storage_options)
+        records = log.read()
+        asked = None if selection == "all" else set(selection or ())
+        if asked is not None:
+            # A warning, not an error: another shard's task (or this task's previous try) may
+            # have embedded the row and cleared its record already.
+            missing = sorted(asked - set(records.column("doc_key").to_pylist()))
+            if missing:
+                self.log.warning(
+                    "replay: no failure record for key(s) %s in table %r (embedded since, or "
+                    "never failed); list the records: qwen3-pipeline failures --db %s --table %s",
+                    ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""),
+                    self.table,
+                    redact_secrets(found.uri),
+                    self.table,
+                )
+        # A shard's task replays its own shard's records: the other shards' tasks replay theirs,
+        # and none overwrites a record that another one's refresh is updating.
+        scope = scope_partition_keys(self.partition())
+        keys = [
+            key
+            for key, partition in zip(
+                records.column("doc_key").to_pylist(),
+                records.column("partition_key").to_pylist(),
+                strict=True,
+            )
+            if (asked is None or key in asked) and (scope is None or partition in scope)
+        ]
+        replayed = log.replay(keys=keys) if keys else 0
+        self.log.info(
+            "replay: %d failure record(s) of %s made due for this refresh",
+            replayed,
+            f"shard {self.shard}" if scope is not None else f"table {self.table!r}",
+        )
+        return replayed
+
+    def _log_row_failures(self, report: "RefreshReport") -> None:
+        # The task succeeds: the other rows are written, and a retry would find the failed
+        # rows deferred (not due yet) and pass without trying them.
+        if report.failed:
+            shown = report.failures[:_SHOWN_FAILED_ROWS]
+            self.log.error(
+                "%d row(s) could not be embedded (%s%s); they keep any previous vector, are "
+                "retried by later refreshes (after retry_backoff_s, doubling) and quarantined "
+                "after max_attempts; the task succeeds with failed/failures in its XCom",
+                report.failed,
+                "; ".join(f"{key}: {reason}" for key, reason in shown),
+                " ..." if report.failed > len(shown) else "",
+            )
+        if report.quarantined:
+            self.log.warning(
+                "%d row(s) quarantined: not sent to the model until their text changes or they "
+                "are replayed (replay='all' or a list of keys, e.g. from a DAG param); list "
+                "them: qwen3-pipeline failures --db %s --table %s",
+                report.quarantined,
+                redact_secrets(report.table_uri),
+                self.table,
+            )
+
     def _refresh(self, context: "Context") -> "RefreshReport":
         from qwen3_pipeline.embedding.lazy import LazyEmbedder
-        from qwen3_pipeline.engine.options import override_for
         from qwen3_pipeline.engine.refresh import refresh
         from qwen3_pipeline.sources import parse_source
 
@@ -390,6 +507,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         spec = self.embedding_spec()
         found = self.destination()
         refresh_options = self.refresh_options(context.get("run_id"))
+        replay = self.replay_selection()
         source = parse_source(self.source) if isinstance(self.source, str) else self.source
         self.log.info(
             "refreshing %s/%s from %s (%s), model %s dim %s on %s",
@@ -401,7 +519,9 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             spec.dim,
             options.engine,
         )
-        with LazyEmbedder(spec, options) as embedder:
+        if replay is not None:
+            self._replay_failures(found, replay)
+        with LazyEmbedder(spec, options, build=self.embedder_factory) as embedder:
             try:
                 return refresh(
                     source=source,
@@ -413,15 +533,11 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
                     options=refresh_options,
                 )
             except Qwen3PipelineError as e:
-                field = override_for(e)
-                if field is None:
+                hint = way_out_hint(e)
+                if not hint:
                     raise
                 # The same error type (not retried), naming the argument that lets it through.
-                raise type(e)(
-                    f"{e}. To let it through from Airflow: {field}=True on the operator, or "
-                    f'{field}="{{{{ params.{field} }}}}" with the DAG param {field} and a '
-                    f'trigger with config {{"{field}": true}}'
-                ) from e
+                raise type(e)(f"{e}. {hint}") from e
 
 
 # --------------------------------------------------------------------------- helpers
@@ -468,7 +584,7 @@ def _uri(outlet: Any) -> Any:
 
 def _integer(value: Any, name: str) -> int:
     # A templated field renders to a string ("8"); an XComArg or a literal stays an int.
-    if isinstance(value, bool):
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ConfigError(f"{name} must be an integer, got {value!r}")
     try:
         return int(str(value).strip()) if isinstance(value, str) else int(value)
@@ -510,6 +626,61 @@ def _number(value: Any, name: str) -> float:
         return float(value)
     except (TypeError, ValueError):
         raise ConfigError(f"{name} must be a number, got {value!r}") from None
+
+
+def _replay_selection(value: Any) -> ReplaySelection:
+    """``replay`` as given or as Jinja rendered it: ``"all"``, keys, or None.
+
+    A list param renders as its Python repr (``"['3', '7']"``), a JSON conf list as the same;
+    a string param may hold ``all`` or keys separated by commas.
+
+    Raises:
+        ConfigError: Not ``"all"``, a list of keys (strings or integers), keys separated by
+            commas, or unset.
+
+    Example:
+        >>> _replay_selection("all"), _replay_selection("None"), _replay_selection("['3', 7]")
+        ('all', None, ('3', '7'))
+        >>> _replay_selection(" 3, 7 ")
+        ('3', '7')
+    """
+    if _is_unset(value):
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "all":
+            return "all"
+        if not text.startswith("["):
+            return _replay_keys([part for part in text.split(",") if part.strip()], value)
+        try:
+            parsed = json.loads(text)
+        except ValueError:
+            try:
+                parsed = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                raise ConfigError(_replay_hint(value)) from None
+        return _replay_keys(parsed, value)
+    return _replay_keys(value, value)
+
+
+def _replay_keys(items: Any, given: Any) -> ReplaySelection:
+    if isinstance(items, str | bytes) or not isinstance(items, Sequence):
+        raise ConfigError(_replay_hint(given))
+    keys: list[str] = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, str | int):
+            raise ConfigError(_replay_hint(given))
+        key = str(item).strip()
+        if key:
+            keys.append(key)
+    return tuple(dict.fromkeys(keys)) or None
+
+
+def _replay_hint(given: Any) -> str:
+    return (
+        f"replay must be 'all', a list of keys, or keys separated by commas "
+        f"(None: replay nothing), got {given!r}"
+    )
 
 
 def _chunking(value: "ChunkingConfig | Mapping[str, Any] | None") -> "ChunkingConfig | None":

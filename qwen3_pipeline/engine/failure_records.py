@@ -184,7 +184,8 @@ class FailureRecords:
                 dtype=bool,
             )
             if quarantined.any():
-                logger.error(
+                # A warning: the rows are reported and held back, the run did all it could.
+                logger.warning(
                     "%d row(s) quarantined after %d failed attempts: not sent to the model again "
                     "until their text changes or they are replayed (qwen3-pipeline failures)",
                     int(quarantined.sum()),
