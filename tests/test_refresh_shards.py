@@ -511,3 +511,40 @@ def test_a_run_over_many_shards_compacts_once_at_its_end(tmp_path, monkeypatch):
     calls.clear()
     run(tmp_path / "db", ArrowSource(make_rows(range(ROWS))), sharded())  # a no-op
     assert calls == []
+
+
+def test_a_drift_stops_a_run_over_many_shards_before_any_shard_writes(tmp_path):
+    from dataclasses import replace as replaced
+
+    import numpy as np
+
+    from qwen3_pipeline.core.errors import EmbeddingDriftError
+    from qwen3_pipeline.sources import shard_of
+
+    class Drifted(FakeEmbedder):
+        """Other weights under the same name: every vector turned a little."""
+
+        def embed_documents(self, texts, *, on_batch=None):
+            result = super().embed_documents(texts, on_batch=on_batch)
+            vectors = result.vectors + 0.3
+            vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+            return replaced(result, vectors=vectors.astype(np.float32))
+
+    db = tmp_path / "db"
+    rows = make_rows(range(ROWS))
+    config = sharded(Shards(4))
+    # The real drift guard: the canaries are recorded by the first fill.
+    refresh(source=ArrowSource(rows), config=config, embedder=FakeEmbedder(spec()),
+            db_uri=str(db), table=TABLE, progress=False)  # fmt: skip
+    version = table_version(str(db), TABLE)
+    keys = rows.column("id").to_pylist()
+    gone = [k for k in keys if shard_of(k, 4) == 0][:5]  # deletes in the first shard applied
+    edited = [k for k in keys if shard_of(k, 4) == 3][:3]  # edits only in the last one
+    from tests.refresh_helpers import edit_body
+
+    changed = drop_keys(edit_body(rows, edited), gone)
+    with pytest.raises(EmbeddingDriftError):
+        refresh(source=ArrowSource(changed), config=config, embedder=Drifted(spec()),
+                db_uri=str(db), table=TABLE, progress=False)  # fmt: skip
+    assert table_version(str(db), TABLE) == version, "a shard wrote before the drift check"
+    assert table_rows(str(db), TABLE).num_rows == ROWS

@@ -135,9 +135,11 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             the model again (quarantined ones included): ``"all"``, a list of keys, or keys
             separated by commas (None: none). A task with a ``shard`` replays the records of
             its shard only. Templated.
-        embedder_factory: Builds the embedder of the spec on first use, instead of the local or
-            Ray engine of ``engine``/``device``...: a callable ``spec -> Embedder`` (an embedding
+        embedder_factory: Builds the embedder of the spec instead of the Qwen3 encoder: an
+            importable ``"module:callable"`` (run in the task's process, or in each Ray actor
+            with ``engine="ray"``), or a callable ``spec -> Embedder`` (an embedding
             service's client, or :class:`~qwen3_pipeline.testing.FakeEmbedder` in tests).
+            Not templated (Airflow would call a callable template field).
         **kwargs: :class:`~airflow.sdk.BaseOperator` arguments (``pool="gpu"``, ``retries``...).
 
     Rows the model fails on never fail the task: the refresh writes the others, and the task
@@ -221,7 +223,7 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         max_attempts: int | str | None = None,
         retry_backoff_s: float | str | None = None,
         replay: str | Sequence[str | int] | None = None,
-        embedder_factory: "EmbedderBuilder | None" = None,
+        embedder_factory: "EmbedderBuilder | str | None" = None,
         **kwargs: Any,
     ) -> None:
         if (text is None or text == [] or text == ()) == (template is None):
@@ -394,6 +396,13 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             attention=self.attention,
             max_batch_tokens=self.max_batch_tokens,
             max_batch_rows=self.max_batch_rows,
+            # A "module:callable" travels in the options (to Ray actors too); a callable
+            # object is handed to the lazy embedder instead (see execute).
+            embedder_factory=(
+                _optional_text(self.embedder_factory)
+                if isinstance(self.embedder_factory, str)
+                else None
+            ),
         )
 
     def refresh_options(self, run_id: str | None = None) -> "RefreshOptions":
@@ -521,7 +530,8 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         )
         if replay is not None:
             self._replay_failures(found, replay)
-        with LazyEmbedder(spec, options, build=self.embedder_factory) as embedder:
+        build = None if isinstance(self.embedder_factory, str) else self.embedder_factory
+        with LazyEmbedder(spec, options, build=build) as embedder:
             try:
                 return refresh(
                     source=source,

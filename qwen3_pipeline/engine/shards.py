@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.engine.apply import apply_plan
+from qwen3_pipeline.engine.canary import Canaries
 from qwen3_pipeline.engine.options import RefreshRequest
 from qwen3_pipeline.engine.plan import RefreshPlan, plan_scope, table_spec_for
 from qwen3_pipeline.engine.report import PLAN_COUNTERS, RefreshReport, merge_reports
@@ -30,6 +31,7 @@ from qwen3_pipeline.sources import (
 )
 from qwen3_pipeline.sources.split import ShardSplit, split_by_shard
 from qwen3_pipeline.store import VectorStore
+from qwen3_pipeline.store.connection import connect
 
 logger = logging.getLogger("qwen3_pipeline")
 
@@ -173,6 +175,10 @@ def apply_shards(
     version = version_before
     reports: list[RefreshReport] = []
     to_embed = sum(p.plan.rows_to_embed for p in planned.shards)
+    if to_embed:
+        # Before the first shard writes anything (its deletes, its column updates): a drift
+        # found at a later shard's first model call would leave the run half applied.
+        _check_drift_first(request)
     tokens = sum(p.plan.tokens_to_embed for p in planned.shards)
     total = len(planned.shards)
     # One progress line for the whole run (exact totals over every shard, one ETA) rather
@@ -278,3 +284,22 @@ def plan_totals(plans: list[RefreshPlan], scope: list[str] | None) -> RefreshPla
         tokens_to_embed=sum(p.tokens_to_embed for p in plans),
         spill_dir=None,
     )
+
+
+def _check_drift_first(request: RefreshRequest) -> None:
+    """Check the table's drift canaries with the run's model (the model is loaded here).
+
+    Raises:
+        EmbeddingDriftError: They drifted and the drift is not accepted.
+    """
+    options = request.options
+    spec = table_spec_for(request.embedder.spec, request.config)
+    canaries = Canaries(connect(request.db_uri, request.storage_options), request.table, spec)
+    guard = options.drift_guard(
+        request.embedder,
+        canaries,
+        threshold=options.drift_threshold,
+        accept_drift=options.accept_drift,
+    )
+    if guard is not None:
+        guard.check_now()
