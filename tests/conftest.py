@@ -99,6 +99,7 @@ def dbt_runs(tmp_path_factory: pytest.TempPathFactory) -> "DbtRuns":
 # worker per core with --dist loadfile (a file stays on one worker), handing out files in
 # collection order: starting the longest first keeps the run from ending on one long file.
 LONGEST_FILES_FIRST = (
+    "test_dagster_e2e_way_out.py",
     "test_ray_engine.py",
     "test_airflow.py",
     "test_dagster_e2e.py",

@@ -46,6 +46,7 @@ from qwen3_pipeline.dagster.embedding_asset import (
     is_transient,
 )
 from qwen3_pipeline.dagster.metadata import TABLE_CHECKED_VERSION, run_counters
+from qwen3_pipeline.dagster.rebuild_gate import REBUILD_GATE_CHECK
 from qwen3_pipeline.dagster.resources import (
     EmbedderLoadFailure,
     FakeEmbedderResource,
@@ -191,7 +192,7 @@ def test_definition_carries_partitions_policies_and_checks(warehouse: Path) -> N
     assert asset.op.pool == "gpu"
     assert asset.op.retry_policy.max_retries == 3
     specs = list(asset.check_specs)
-    assert {s.name for s in specs} == {*checks.CHECK_NAMES, DRIFT_CHECK}
+    assert {s.name for s in specs} == {*checks.CHECK_NAMES, DRIFT_CHECK, REBUILD_GATE_CHECK}
     assert all(s.blocking for s in specs)
     with pytest.raises(ConfigError, match="partition must be None"):
         build_embedding_asset(

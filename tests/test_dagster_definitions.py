@@ -57,6 +57,8 @@ print(json.dumps({
     "model": defs.resources["embedder"].model,
     "lancedb_uri": defs.resources["lancedb"].uri,
     "schedules": {s.name: s.default_status.value for s in repo.schedule_defs},
+    "jobs": sorted(j.name for j in repo.get_all_jobs() if not j.name.startswith("__")
+                   and not j.name.endswith("_hourly_job")),
     "sensors": {s.name: s.default_status.value for s in repo.sensor_defs},
 }))
 """
@@ -125,8 +127,10 @@ def test_definitions_load_in_a_fresh_process_without_torch(tmp_path: Path) -> No
             "near_duplicate_documents",
             "long_documents",
             "document_chunks",
+            "golden_queries",
         ]
     )
+    assert loaded["jobs"] == ["document_vectors_gated_rebuild", "document_vectors_rollback"]
     assert loaded["resources"] == {
         "dbt": "WarehouseDbtCliResource",
         "embedder": "Qwen3EmbedderResource",

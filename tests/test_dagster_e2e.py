@@ -6,15 +6,7 @@ UI sends (`launchPartitionBackfill`), and the incremental refresh with `launchRu
 hourly schedule's job with the tags the schedule sets (one run over every shard).
 """
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,218 +21,30 @@ from qwen3_pipeline.dagster.automation import all_partitions_tags
 from qwen3_pipeline.dagster.embedding_asset import HashShards
 from qwen3_pipeline.dagster.metadata import run_counters
 from qwen3_pipeline.demo.dbt import dbt_cli_resource, dbt_models_assets, raw_docstrings
+from tests.dagster_dev import (
+    AUTOMATION_STATUS,
+    BACKFILL_STATUS,
+    LAUNCH_BACKFILL,
+    LAUNCH_RUN,
+    POLL_SECONDS,
+    RUN_STATUS,
+    DagsterDev,
+    dagster_dev_server,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 LIMIT = 100
 VECTORS = dg.AssetKey("document_vectors")
 CHANGED = 3
 BACKFILL_TAG = "dagster/backfill"
 STARTED = 0.0
-# How often the test polls the server and the instance.
-POLL_SECONDS = 0.5
-# Dequeue queued runs every second (default 5 s) so the test waits less. The asset daemon keeps
-# its 30 s cadence (its interval would otherwise follow the backfill daemon's, see below).
-INSTANCE_YAML = """
-telemetry:
-  enabled: false
-run_coordinator:
-  module: dagster.core.run_coordinator
-  class: QueuedRunCoordinator
-  config:
-    dequeue_interval_seconds: 1
-auto_materialize:
-  minimum_interval_seconds: 30
-"""
-# The backfill daemon ticks every 30 s (dagster._daemon.controller.DEFAULT_DAEMON_INTERVAL_SECONDS,
-# no setting): it starts a requested backfill's runs and marks the backfill complete on a tick,
-# so the test would wait up to 30 s twice. This sitecustomize, on the PYTHONPATH of the
-# `dagster dev` processes only, sets that constant to BACKFILL_TICK_SECONDS when dagster imports
-# it (nothing else changes; if dagster moves the constant, the daemon just keeps 30 s).
-BACKFILL_TICK_SECONDS = 5
-SITECUSTOMIZE = f"""
-import importlib.abc
-import importlib.util
-import sys
-
-_MODULE = "dagster._daemon.controller"
-
-
-class _ShortDaemonInterval(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name != _MODULE:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_and_patch(module):
-            exec_module(module)
-            if hasattr(module, "DEFAULT_DAEMON_INTERVAL_SECONDS"):
-                module.DEFAULT_DAEMON_INTERVAL_SECONDS = {BACKFILL_TICK_SECONDS}
-
-        spec.loader.exec_module = exec_and_patch
-        return spec
-
-
-sys.meta_path.insert(0, _ShortDaemonInterval())
-"""
-
-LAUNCH_BACKFILL = """
-mutation ($params: LaunchBackfillParams!) {
-  launchPartitionBackfill(backfillParams: $params) {
-    __typename
-    ... on LaunchBackfillSuccess { backfillId }
-    ... on Error { message }
-  }
-}
-"""
-BACKFILL_STATUS = """
-query ($id: String!) {
-  partitionBackfillOrError(backfillId: $id) {
-    __typename
-    ... on PartitionBackfill { status }
-    ... on Error { message }
-  }
-}
-"""
-LAUNCH_RUN = """
-mutation ($params: ExecutionParams!) {
-  launchRun(executionParams: $params) {
-    __typename
-    ... on LaunchRunSuccess { run { runId } }
-    ... on Error { message }
-  }
-}
-"""
-RUN_STATUS = """
-query ($id: ID!) {
-  runOrError(runId: $id) { __typename ... on Run { status } ... on Error { message } }
-}
-"""
-AUTOMATION_STATUS = """
-query ($selector: RepositorySelector!) {
-  schedulesOrError(repositorySelector: $selector) {
-    __typename ... on Schedules { results { name scheduleState { status } } }
-  }
-  sensorsOrError(repositorySelector: $selector) {
-    __typename ... on Sensors { results { name sensorState { status } } }
-  }
-}
-"""
-REPOSITORIES = """
-{ repositoriesOrError { __typename ... on RepositoryConnection { nodes { name location { name } } }
-  ... on Error { message } } }
-"""
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class _Server:
-    def __init__(self, port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}/graphql"
-        self.process = process
-        self.log = log
-
-    def graphql(self, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-        body = json.dumps({"query": query, "variables": variables or {}}).encode()
-        request = urllib.request.Request(
-            self.url, data=body, headers={"Content-Type": "application/json"}
-        )
-        with urllib.request.urlopen(request, timeout=60) as response:
-            payload = json.loads(response.read())
-        assert "errors" not in payload, payload
-        return payload["data"]
-
-    def wait_until_loaded(self, timeout: float) -> tuple[str, str]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()[-5000:]
-            try:
-                nodes = self.graphql(REPOSITORIES)["repositoriesOrError"].get("nodes")
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                nodes = None
-            if nodes:
-                return nodes[0]["location"]["name"], nodes[0]["name"]
-            time.sleep(POLL_SECONDS)
-        raise AssertionError(f"dagster dev did not load in {timeout}s:\n{self.log.read_text()}")
-
-    def wait_for(self, what: str, query: str, variables: dict, pick, done: set, timeout: float):
-        deadline = time.monotonic() + timeout
-        status = None
-        while time.monotonic() < deadline:
-            status = pick(self.graphql(query, variables))
-            if status in done:
-                return status
-            time.sleep(POLL_SECONDS)
-        raise AssertionError(f"{what} still {status} after {timeout}s:\n{self.log.read_text()}")
 
 
 @pytest.fixture
 def dagster_dev(
     tmp_path: Path, tiny_model_quick_dir: Path
-) -> Iterator[tuple[_Server, dict[str, str]]]:
-    home = tmp_path / "dagster_home"
-    home.mkdir()
-    (home / "dagster.yaml").write_text(INSTANCE_YAML)
-    # `dagster dev` starts the webserver and the daemon at once, and each creates a fresh
-    # instance's SQLite tables: racing, one can fail with "table secondary_indexes already
-    # exists" (seen in CI). Create the storage first, as `make dev` does (prepare_instance).
-    with dg.DagsterInstance.from_config(str(home)):
-        pass
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
-        "DAGSTER_HOME": str(home),
-        "QWEN3_PIPELINE_DATA_DIR": str(tmp_path / "data"),
-        "QWEN3_PIPELINE_MODEL": str(tiny_model_quick_dir),
-        "HF_HUB_OFFLINE": "1",
-        # A progress line per forward pass (the demo corpus takes seconds, not minutes).
-        "QWEN3_PIPELINE_PROGRESS_SECONDS": "0.000001",
-    }
-    port = _free_port()
-    log = tmp_path / "dagster_dev.log"
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [
-                str(Path(sys.executable).with_name("dagster")),
-                "dev",
-                "-w",
-                "workspace.yaml",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(port),
-            ],
-            cwd=REPO,
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        yield _Server(port, process, log), env
-    finally:
-        _stop(process)
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+) -> Iterator[tuple[DagsterDev, dict[str, str]]]:
+    with dagster_dev_server(tmp_path, tiny_model_quick_dir) as started:
+        yield started
 
 
 def _documents(warehouse: Path) -> dict[str, str]:
@@ -305,7 +109,7 @@ def _assert_progress_while_embedding(logs: list[Any]) -> None:
 
 @pytest.mark.slow
 def test_backfill_from_the_ui_then_incremental_refresh(
-    dagster_dev: tuple[_Server, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+    dagster_dev: tuple[DagsterDev, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     server, env = dagster_dev
     global STARTED

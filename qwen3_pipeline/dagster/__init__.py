@@ -9,6 +9,8 @@ from the launchpad config and turns the refresh report into metadata and check r
 - :mod:`qwen3_pipeline.dagster.embedding_asset`: :func:`build_embedding_asset` (the asset,
   its partitions, checks and backfill policy);
 - :mod:`qwen3_pipeline.dagster.automation`: the refresh schedule and sensor;
+- :mod:`qwen3_pipeline.dagster.lifecycle_jobs`: the gated rebuild job and the rollback job
+  (:mod:`qwen3_pipeline.dagster.rebuild_gate`: the gate's settings and its asset check);
 - :mod:`qwen3_pipeline.dagster.consumer_assets`: downstream assets (ANN index, near duplicates);
 - :mod:`qwen3_pipeline.dagster.vectors`: open the vectors at the materialized version;
 - :mod:`qwen3_pipeline.dagster.metadata`: the report as namespaced metadata;
@@ -31,11 +33,15 @@ _WHERE = {
     "LanceDBResource": "qwen3_pipeline.dagster.resources",
     "Qwen3EmbedderResource": "qwen3_pipeline.dagster.resources",
     "RayEmbedderResource": "qwen3_pipeline.dagster.ray_resource",
+    "RefreshRunConfig": "qwen3_pipeline.dagster.embedding_asset",
+    "RollbackConfig": "qwen3_pipeline.dagster.lifecycle_jobs",
     "TimePartitioning": "qwen3_pipeline.dagster.embedding_asset",
     "build_automation_sensor": "qwen3_pipeline.dagster.automation",
     "build_embedding_asset": "qwen3_pipeline.dagster.embedding_asset",
     "build_near_duplicates_asset": "qwen3_pipeline.dagster.consumer_assets",
+    "build_rebuild_job": "qwen3_pipeline.dagster.lifecycle_jobs",
     "build_refresh_schedule": "qwen3_pipeline.dagster.automation",
+    "build_rollback_job": "qwen3_pipeline.dagster.lifecycle_jobs",
     "build_vector_index_asset": "qwen3_pipeline.dagster.consumer_assets",
     "open_vectors": "qwen3_pipeline.dagster.vectors",
 }

@@ -18,9 +18,14 @@ partitions in the run, followed in the same step (no second model load) by the c
 - ``code_version`` = the spec fingerprint, a data version = a digest of the stored keys and
   content hashes of the refreshed partitions, and materialisation metadata namespaced
   ``qwen3/...`` (counts per partition via ``context.add_asset_metadata(partition_key=...)``);
-- five asset checks (blocking by default: a failed check stops downstream assets of the run);
+- asset checks (blocking by default: a failed check stops downstream assets of the run);
   when all of them pass, the version they read is tagged ``checked-v{N}`` (older checked tags
-  pruned, :mod:`qwen3_pipeline.store.versions`), and readers read the newest checked version.
+  pruned, :mod:`qwen3_pipeline.store.versions`), and readers read the newest checked version;
+  ``no_embedding_drift`` and ``rebuild_gate`` are evaluated only by the runs that compare
+  canaries or gate a rebuild, and skipped by the others;
+- launch-time run config (:class:`RefreshRunConfig`) for each refusal's way out and for a
+  gated rebuild (:mod:`qwen3_pipeline.dagster.rebuild_gate`), whose refused swap fails the step
+  naming the ``gate_tolerance`` that would pass.
 
 Example:
     >>> from qwen3_pipeline.sources import DuckDBSource, SourceConfig
@@ -42,7 +47,7 @@ from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import dagster as dg
 from pydantic import Field
@@ -65,6 +70,17 @@ from qwen3_pipeline.dagster.metadata import (
     run_metadata,
     table_metadata,
 )
+from qwen3_pipeline.dagster.rebuild_gate import (
+    REBUILD_GATE_CHECK,
+    REBUILD_GATE_DESCRIPTION,
+    REBUILD_TAG,
+    GateSettings,
+    gate_check_result,
+    gate_refusal,
+    gate_settings,
+    gate_way_out,
+    rebuild_gate,
+)
 from qwen3_pipeline.dagster.resources import EmbedderResource
 from qwen3_pipeline.engine.options import DEFAULT_CHUNK_ROWS, RefreshOptions, override_for
 from qwen3_pipeline.engine.refresh import RefreshReport, refresh, table_spec_for
@@ -78,6 +94,9 @@ from qwen3_pipeline.sources import (
     shard_label,
 )
 from qwen3_pipeline.store import latest_checked_version, prune_checked_tags, tag_checked
+
+if TYPE_CHECKING:  # the gate loads LanceDB search: only a gated rebuild imports it
+    from qwen3_pipeline.lifecycle.gate import GateConfig
 
 DEFAULT_SHARDS = 8
 DEFAULT_POOL = "gpu"
@@ -263,17 +282,81 @@ class RefreshRunConfig(dg.Config):
             "instead of embedding them (Matryoshka re-projection)."
         ),
     )
+    rebuild: bool = Field(
+        default=False,
+        description=(
+            "Embed the whole source into a staging table and swap it in when complete (a spec "
+            "change, or a re-embed after a drift); the live table is untouched until the swap. "
+            "The run must cover every partition. Runs of the rebuild job rebuild whatever this "
+            "says (their qwen3/rebuild tag)."
+        ),
+    )
+    gate_golden_set: str | None = Field(
+        default=None,
+        description=(
+            'With rebuild: the path of a golden set (JSONL, one {"query": ..., "relevant": '
+            "[keys]} per line); staging is swapped in only if its mean recall@k and nDCG@k are "
+            "at least live's minus gate_tolerance (the rebuild_gate check shows the scores). "
+            "Default: the run's qwen3/gate_golden_set tag (set by the gated rebuild job)."
+        ),
+    )
+    gate_tolerance: float | None = Field(
+        default=None,
+        description=(
+            "How much lower than live's the staging means may be, from 0 (not worse) to 1. "
+            "Default: the run's qwen3/gate_tolerance tag, else 0."
+        ),
+    )
+    gate_k: int | None = Field(
+        default=None,
+        description=(
+            "Documents ranked and scored per golden query. Default: the run's qwen3/gate_k "
+            "tag, else 10."
+        ),
+    )
 
-    def options(self, base: RefreshOptions) -> RefreshOptions:
-        """``base`` with this run's overrides.
+    def rebuilds(self, tags: Mapping[str, str]) -> bool:
+        """Whether the run rebuilds: ``rebuild: true``, or the rebuild job's run tag."""
+        return self.rebuild or tags.get(REBUILD_TAG) == "true"
+
+    def gate_settings(self, tags: Mapping[str, str]) -> GateSettings | None:
+        """The run's gate (config keys first, then the run's tags), or None.
 
         Raises:
-            ConfigError: A value out of range.
+            ConfigError: A golden set without a rebuild, or an invalid value.
+        """
+        return gate_settings(
+            golden_set=self.gate_golden_set,
+            tolerance=self.gate_tolerance,
+            k=self.gate_k,
+            rebuild=self.rebuilds(tags),
+            tags=tags,
+        )
+
+    def options(
+        self,
+        base: RefreshOptions,
+        gate: "GateConfig | None" = None,
+        *,
+        tags: Mapping[str, str] | None = None,
+    ) -> RefreshOptions:
+        """``base`` with this run's overrides.
+
+        Args:
+            base: The asset's own options.
+            gate: The gate of a rebuild (:func:`~.rebuild_gate.rebuild_gate` builds it from
+                :meth:`gate_settings`).
+            tags: The run's tags (the rebuild job's runs rebuild by their tag).
+
+        Raises:
+            ConfigError: A value out of range, or a gate without a rebuild.
         """
         overrides: dict[str, Any] = {
             "accept_drift": self.accept_drift,
             "allow_mass_delete": self.allow_mass_delete,
             "reproject": self.reproject,
+            "rebuild": self.rebuilds(tags or {}),
+            "gate": gate,
         }
         if self.drift_threshold is not None:
             overrides["drift_threshold"] = self.drift_threshold
@@ -392,6 +475,14 @@ def drift_result(
     )
 
 
+def _run_tags(context: dg.AssetExecutionContext) -> Mapping[str, str]:
+    """The run's tags; none when the asset is called directly (``build_asset_context``)."""
+    try:
+        return context.run.tags
+    except dg.DagsterError:  # a direct invocation has no run (DagsterInvalidPropertyError)
+        return {}
+
+
 class _ForwardToDagster(logging.Handler):
     def __init__(self, log: logging.Logger) -> None:
         super().__init__(logging.INFO)
@@ -465,10 +556,20 @@ class _EmbeddingStep:
         drift = drift_result(report, self.asset_key)  # None: not evaluated, left skipped
         if drift is None and dg.AssetCheckKey(self.asset_key, DRIFT_CHECK) in selected:
             context.log.info(f"{DRIFT_CHECK} skipped: {drift_skip_reason(report)}")
+        # Only a gated rebuild evaluates the gate; every other run leaves its check skipped.
+        gate = report.gate if report is not None else None
+        if gate is None and dg.AssetCheckKey(self.asset_key, REBUILD_GATE_CHECK) in selected:
+            context.log.info(
+                f"{REBUILD_GATE_CHECK} skipped: not a gated rebuild (run config rebuild: true "
+                "with gate_golden_set, as the rebuild job launches it)"
+            )
+        evaluated = [
+            *check_results(checked, self.asset_key),
+            *([drift] if drift else []),
+            *([gate_check_result(gate, self.asset_key)] if gate else []),
+        ]
         results = [
-            r
-            for r in [*check_results(checked, self.asset_key), *([drift] if drift else [])]
-            if dg.AssetCheckKey(self.asset_key, r.check_name or "") in selected
+            r for r in evaluated if dg.AssetCheckKey(self.asset_key, r.check_name or "") in selected
         ]
         served = (
             f"readers read checked version {checked_version}"
@@ -505,16 +606,9 @@ class _EmbeddingStep:
             rows = self.make_source()
             report = None
             if self.asset_key in context.selected_asset_keys:
-                with _engine_logs_to(context.log):
-                    report = refresh(
-                        source=rows,
-                        config=config,
-                        embedder=embedder,
-                        db_uri=lancedb.resolved_uri(),
-                        table=self.table,
-                        storage_options=lancedb.options(),
-                        options=replace(run_config.options(self.options), run_id=run_id),
-                    )
+                report = self._refresh(context, run_config, rows, config, embedder, lancedb)
+                if report.gate is not None and not report.gate["passed"]:
+                    yield from self._refuse_swap(context, run_config, report)
             elif not lancedb.table_exists(self.table):
                 raise ConfigError(
                     f"table {self.table!r} does not exist yet: materialize "
@@ -557,6 +651,51 @@ class _EmbeddingStep:
                 raise
             raise BadInputFailure(e, way_out_hint(e, context.op_execution_context.op.name)) from e
         return report, written, checked, checked_version
+
+    def _refresh(
+        self,
+        context: dg.AssetExecutionContext,
+        run_config: RefreshRunConfig,
+        rows: Source,
+        config: SourceConfig,
+        embedder: EmbedderResource,
+        lancedb: Any,
+    ) -> RefreshReport:
+        """The engine's refresh (or gated rebuild) of the run's scope, logged to the run."""
+        tags = _run_tags(context)
+        settings = run_config.gate_settings(tags)
+        with (
+            rebuild_gate(settings, embedder=embedder, lancedb=lancedb, table=self.table) as gate,
+            _engine_logs_to(context.log),
+        ):
+            options = run_config.options(self.options, gate, tags=tags)
+            return refresh(
+                source=rows,
+                config=config,
+                embedder=embedder,
+                db_uri=lancedb.resolved_uri(),
+                table=self.table,
+                storage_options=lancedb.options(),
+                options=replace(options, run_id=context.op_execution_context.run_id),
+            )
+
+    def _refuse_swap(
+        self, context: dg.AssetExecutionContext, run_config: RefreshRunConfig, report: RefreshReport
+    ) -> Iterator[dg.AssetCheckResult]:
+        """Show the refused gate's scores as its check's result, then fail the step.
+
+        The live table was not swapped, so nothing is materialized: the step fails, naming
+        the ``gate_tolerance`` that would let the rebuild through.
+        """
+        decision = cast(dict[str, Any], report.gate)
+        if dg.AssetCheckKey(self.asset_key, REBUILD_GATE_CHECK) in (
+            context.selected_asset_check_keys
+        ):
+            yield gate_check_result(decision, self.asset_key)
+        error = gate_refusal(decision, table=self.table, version=report.version_before)
+        settings = cast(GateSettings, run_config.gate_settings(_run_tags(context)))
+        hint = gate_way_out(decision, context.op_execution_context.op.name, settings)
+        raise BadInputFailure(error, hint)
 
     def _check_resource(self, embedder: EmbedderResource) -> None:
         if embedder.spec.fingerprint != self.spec.fingerprint:
@@ -696,12 +835,20 @@ def build_embedding_asset(
         options=RefreshOptions(chunk_rows=chunk_rows, source_name=asset_key.to_user_string()),
         vector_sample_rows=vector_sample_rows,
     )
-    descriptions = {**CHECK_DESCRIPTIONS, DRIFT_CHECK: DRIFT_DESCRIPTION}
+    descriptions = {
+        **CHECK_DESCRIPTIONS,
+        DRIFT_CHECK: DRIFT_DESCRIPTION,
+        REBUILD_GATE_CHECK: REBUILD_GATE_DESCRIPTION,
+    }
     check_specs = [
         dg.AssetCheckSpec(
             name, asset=asset_key, description=descriptions[name], blocking=blocking_checks
         )
-        for name in [*check_names(chunked=source_config.chunking is not None), DRIFT_CHECK]
+        for name in [
+            *check_names(chunked=source_config.chunking is not None),
+            DRIFT_CHECK,
+            REBUILD_GATE_CHECK,
+        ]
     ]
     description = description or (
         f"Qwen3 embeddings of the source rows in LanceDB table {table!r} "

@@ -8,6 +8,11 @@ Assets (lineage left to right)::
                                                                              (DuckDB table)
                                     documents -> long_documents -> document_chunks
                                                  (dbt table)       (LanceDB, one row per chunk)
+                                    documents -> golden_queries  (the gate's golden set, JSONL)
+
+Jobs launched from the UI besides the assets': ``document_vectors_gated_rebuild`` (rebuild the
+vector table into staging, gate the swap on ``golden_queries``) and ``document_vectors_rollback``
+(restore an earlier version), see :mod:`qwen3_pipeline.dagster.lifecycle_jobs`.
 
 Settings come from the environment (:meth:`DemoSettings.from_env`):
 
@@ -30,8 +35,10 @@ The executor is in-process: a run is one process, so the model is loaded once pe
 steps it holds (Dagster's default multiprocess executor would start a process per step).
 """
 
+import hashlib
+import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +53,7 @@ from qwen3_pipeline.dagster.consumer_assets import (
     build_vector_index_asset,
 )
 from qwen3_pipeline.dagster.embedding_asset import HashShards, build_embedding_asset
+from qwen3_pipeline.dagster.lifecycle_jobs import build_rebuild_job, build_rollback_job
 from qwen3_pipeline.dagster.resources import (
     DEFAULT_MODEL,
     EmbedderResource,
@@ -86,6 +94,14 @@ DOCUMENT_CONFIG = SourceConfig(
 LONG_DOCUMENTS_TABLE = "main.long_documents"
 # The long documents again, one vector per chunk of at most 256 Qwen tokens.
 CHUNK_CONFIG = replace(DOCUMENT_CONFIG, chunking=ChunkingConfig(tokens=256))
+
+EVALUATION_GROUP = "evaluation"
+GOLDEN_SET_FILENAME = "golden_set.jsonl"
+GOLDEN_QUERIES = 20
+# The demo gate lets staging score up to 0.05 below live: rebuilding with the same model gives
+# the same vectors up to float noise of batching, which can swap near-tied neighbours of a
+# random-weight model; a real model upgrade would set its own tolerance in the launchpad.
+DEMO_GATE_TOLERANCE = 0.05
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -164,6 +180,11 @@ class DemoSettings:
         """The LanceDB directory, absolute."""
         return str((self.data_dir.expanduser() / "lancedb").resolve())
 
+    @property
+    def golden_set_path(self) -> Path:
+        """Where ``golden_queries`` writes the gate's golden set, absolute."""
+        return (self.data_dir.expanduser() / GOLDEN_SET_FILENAME).resolve()
+
 
 def _number(env: Mapping[str, str], name: str, kind: type, default: float) -> Any:
     raw = env.get(name, "").strip()
@@ -210,6 +231,86 @@ def documents_source() -> Source:
 def long_documents_source() -> Source:
     """The dbt model ``long_documents`` in the warehouse (the documents the demo chunks)."""
     return DuckDBSource(duckdb_warehouse_path(), LONG_DOCUMENTS_TABLE)
+
+
+def golden_queries_from_documents(
+    documents: Iterable[tuple[str, str]], count: int = GOLDEN_QUERIES
+) -> list[dict[str, Any]]:
+    r"""A known-item golden set: each query is a docstring's summary line, answered by its doc.
+
+    A docstring's first line is how its author would describe the object in a search box,
+    and its document is the one known answer. Documents are picked in a stable pseudo-random
+    order (by a digest of the key, so the pick does not follow module order), skipping
+    summaries of fewer than four words and repeated ones (generated modules share theirs).
+
+    Args:
+        documents: ``(doc_id, text)`` pairs; a text is the title, a blank line, the body.
+        count: The most queries to return.
+
+    Returns:
+        Golden-set items ``{"query": ..., "relevant": [doc_id]}``.
+
+    Example:
+        >>> golden_queries_from_documents([("json:dumps", "dumps\n\nSerialize obj to JSON.")])
+        [{'query': 'Serialize obj to JSON.', 'relevant': ['json:dumps']}]
+    """
+    picked: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    ordered = sorted(documents, key=lambda d: hashlib.sha256(d[0].encode()).hexdigest())
+    for doc_id, text in ordered:
+        body = text.split("\n\n", 1)[-1]
+        summary = " ".join(body.strip().split("\n", 1)[0].split())
+        if len(summary.split()) < 4 or summary.lower() in seen:
+            continue
+        seen.add(summary.lower())
+        picked.append({"query": summary, "relevant": [doc_id]})
+        if len(picked) == count:
+            break
+    return picked
+
+
+def build_golden_queries_asset(path: Path) -> dg.AssetsDefinition:
+    """The asset that writes the demo's golden set to ``path`` from the ``documents`` model.
+
+    Rematerialize it after the corpus changes: the gate refuses a golden set whose documents
+    are no longer in the table.
+    """
+
+    @dg.asset(
+        key="golden_queries",
+        deps=[documents_asset_key()],
+        group_name=EVALUATION_GROUP,
+        kinds={"python", "duckdb"},
+        description=(
+            f"The golden set of the gated rebuild: {GOLDEN_QUERIES} docstring summary lines, "
+            "each answered by its own document (known-item search), as JSONL."
+        ),
+    )
+    def golden_queries(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        import duckdb
+
+        con = duckdb.connect(str(duckdb_warehouse_path()), read_only=True)
+        try:
+            rows = con.execute(f"SELECT doc_id, text FROM {DOCUMENTS_TABLE}").fetchall()
+        finally:
+            con.close()
+        items = golden_queries_from_documents(rows)
+        if not items:
+            # Not a failure of `make demo --limit 3`: the gate alone needs the set, and it
+            # refuses an empty one with a message naming the file.
+            context.log.warning(
+                f"{DOCUMENTS_TABLE} holds no document with a summary line of four words or "
+                f"more: {path} is empty; load more of the corpus (raw_docstrings limit) and "
+                "materialize golden_queries again before a gated rebuild"
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+        context.log.info(f"wrote {len(items)} golden queries to {path}")
+        return dg.MaterializeResult(
+            metadata={"path": dg.MetadataValue.path(str(path)), "queries": len(items)}
+        )
+
+    return golden_queries
 
 
 def build_definitions(
@@ -267,7 +368,20 @@ def build_definitions(
     )
     vector_assets = [document_vectors, vector_index, near_duplicates, document_chunks]
     return dg.Definitions(
-        assets=[raw_docstrings, load_dbt_models_assets(), *vector_assets],
+        assets=[
+            raw_docstrings,
+            load_dbt_models_assets(),
+            *vector_assets,
+            build_golden_queries_asset(settings.golden_set_path),
+        ],
+        jobs=[
+            build_rebuild_job(
+                document_vectors,
+                golden_set=str(settings.golden_set_path),
+                tolerance=DEMO_GATE_TOLERANCE,
+            ),
+            build_rollback_job(document_vectors),
+        ],
         resources={
             "dbt": dbt_cli_resource(),
             "embedder": embedder,
