@@ -171,7 +171,9 @@ def test_direct_invocation_returns_metadata_checks_and_data_version(
     assert {"key", "vector", "content_hash", "title"} <= {c.name for c in schema.columns}
     # The drift check compared nothing on the first fill (its canaries are recorded now): it
     # yields no result, so it is skipped, never passed.
-    assert sorted(r.check_name for r in first.check_results) == sorted(checks.CHECK_NAMES)
+    assert sorted(r.check_name for r in first.check_results) == sorted(
+        [*checks.CHECK_NAMES, checks.NO_QUARANTINED_ROWS]
+    )
     assert all(r.passed for r in first.check_results)
     # Nothing changed: nothing embedded, no commit, same data version.
     assert second.metadata["qwen3/rows_embedded"] == 0
@@ -192,8 +194,15 @@ def test_definition_carries_partitions_policies_and_checks(warehouse: Path) -> N
     assert asset.op.pool == "gpu"
     assert asset.op.retry_policy.max_retries == 3
     specs = list(asset.check_specs)
-    assert {s.name for s in specs} == {*checks.CHECK_NAMES, DRIFT_CHECK, REBUILD_GATE_CHECK}
-    assert all(s.blocking for s in specs)
+    assert {s.name for s in specs} == {
+        *checks.CHECK_NAMES,
+        DRIFT_CHECK,
+        REBUILD_GATE_CHECK,
+        checks.NO_QUARANTINED_ROWS,
+    }
+    # Quarantined rows are a warning: that check never blocks downstream assets.
+    assert not next(s for s in specs if s.name == checks.NO_QUARANTINED_ROWS).blocking
+    assert all(s.blocking for s in specs if s.name != checks.NO_QUARANTINED_ROWS)
     with pytest.raises(ConfigError, match="partition must be None"):
         build_embedding_asset(
             key="x",

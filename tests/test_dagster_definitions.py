@@ -130,7 +130,11 @@ def test_definitions_load_in_a_fresh_process_without_torch(tmp_path: Path) -> No
             "golden_queries",
         ]
     )
-    assert loaded["jobs"] == ["document_vectors_gated_rebuild", "document_vectors_rollback"]
+    assert loaded["jobs"] == [
+        "document_vectors_gated_rebuild",
+        "document_vectors_nightly_reconcile_job",
+        "document_vectors_rollback",
+    ]
     assert loaded["resources"] == {
         "dbt": "WarehouseDbtCliResource",
         "embedder": "Qwen3EmbedderResource",
@@ -138,7 +142,10 @@ def test_definitions_load_in_a_fresh_process_without_torch(tmp_path: Path) -> No
     }
     assert loaded["model"] == "Qwen/Qwen3-Embedding-0.6B"
     assert loaded["lancedb_uri"] == str((tmp_path / "data" / "lancedb").resolve())
-    assert loaded["schedules"] == {"document_vectors_hourly": "STOPPED"}
+    assert loaded["schedules"] == {
+        "document_vectors_hourly": "STOPPED",
+        "document_vectors_nightly_reconcile": "STOPPED",
+    }
     assert loaded["sensors"] == {"document_vectors_automation": "STOPPED"}
 
 

@@ -99,3 +99,75 @@ def test_a_drift_is_refused_naming_the_config_then_accepted_from_the_launchpad(
         ]
         assert evaluation.passed
         assert evaluation.metadata["qwen3/drift_accepted"].value is True
+
+
+def test_poison_rows_warn_are_quarantined_and_replayed_from_the_launchpad(
+    tmp_path: Path,
+    warehouse: Path,  # noqa: F811
+) -> None:
+    from tests.test_dagster_assets import _fake
+
+    asset = _asset(warehouse, partitioning=None)
+    poison = ["Document number 3 about topic 3", "Document number 5 about topic 5"]
+    broken = _resources(tmp_path, _fake(fail_texts=poison))
+    with dg.instance_for_test() as instance:
+        first = _run([asset], broken, instance, max_attempts=1)
+        assert first.success, "failed rows never fail the run"
+        metadata = first.asset_materializations_for_node(OP)[0].metadata
+        assert metadata["qwen3/run/rows_failed"].value == 2
+        assert metadata["qwen3/run/rows_quarantined"].value == 2
+        (warning,) = [
+            e for e in first.get_asset_check_evaluations() if e.check_name == "no_quarantined_rows"
+        ]
+        assert not warning.passed
+        assert warning.severity == dg.AssetCheckSeverity.WARN
+        assert warning.metadata["quarantined"].value == 2
+        # The error checks account for the failure records: the run stays checked.
+        assert all(
+            e.passed
+            for e in first.get_asset_check_evaluations()
+            if e.check_name != warning.check_name
+        )
+
+        held = _run([asset], broken, instance, max_attempts=1)
+        held_metadata = held.asset_materializations_for_node(OP)[0].metadata
+        assert held_metadata["qwen3/run/rows_quarantined"].value == 2
+        assert held_metadata["qwen3/run/rows_embedded"].value == 0
+
+        healed = _resources(tmp_path)  # the model was fixed: replay them from the launchpad
+        replayed = _run([asset], healed, instance, replay=["all"])
+        replayed_metadata = replayed.asset_materializations_for_node(OP)[0].metadata
+        assert replayed_metadata["qwen3/run/rows_retried"].value == 2
+        assert replayed_metadata["qwen3/run/rows_inserted"].value == 2
+        assert _table(tmp_path).count_rows() == ROWS
+
+
+def test_a_watermark_asset_reads_changes_and_a_full_reconcile_reads_everything(
+    tmp_path: Path,
+    warehouse: Path,  # noqa: F811
+) -> None:
+    from dataclasses import replace
+
+    from qwen3_pipeline.dagster.embedding_asset import build_embedding_asset
+    from qwen3_pipeline.sources import DuckDBSource, Watermark
+    from tests.test_dagster_assets import CONFIG, NO_RETRY, SPEC, TABLE
+
+    asset = build_embedding_asset(
+        key="document_vectors", source=lambda: DuckDBSource(warehouse, "documents"),
+        source_config=replace(CONFIG, watermark=Watermark()), spec=SPEC, table=TABLE,
+        partitioning=None, retry_policy=NO_RETRY,
+    )  # fmt: skip
+    with dg.instance_for_test() as instance:
+        assert _run([asset], _resources(tmp_path), instance).success
+        _execute(warehouse, "UPDATE documents SET text = text || ' edited', updated_at = "
+                 "TIMESTAMP '2030-01-01' WHERE doc_id = 'doc:1'")  # fmt: skip
+        changed = _run([asset], _resources(tmp_path), instance)
+        metadata = changed.asset_materializations_for_node(OP)[0].metadata
+        assert metadata["qwen3/run/read_rows"].value == 1
+        assert metadata["qwen3/run/rows_updated"].value == 1
+        assert metadata["qwen3/run/watermark_after"].value.startswith("2030-01-01")
+        full = _run([asset], _resources(tmp_path), instance, full_reconcile=True)
+        assert (
+            full.asset_materializations_for_node(OP)[0].metadata["qwen3/run/rows_scanned"].value
+            == ROWS
+        )

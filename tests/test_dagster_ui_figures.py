@@ -208,7 +208,9 @@ def test_checks_run_alone_read_the_table_without_refreshing_or_loading_the_model
     assert alone.get_asset_materialization_events() == []
     evaluations = alone.get_asset_check_evaluations()
     # The drift check needs the model: run alone it evaluates nothing, so it is skipped.
-    assert sorted(e.check_name for e in evaluations) == sorted(checks.CHECK_NAMES)
+    assert sorted(e.check_name for e in evaluations) == sorted(
+        [*checks.CHECK_NAMES, checks.NO_QUARANTINED_ROWS]
+    )
     assert DRIFT_CHECK not in {e.check_name for e in evaluations}
     assert all(e.passed for e in evaluations)
     assert FakeEmbedderResource.loads() == loads

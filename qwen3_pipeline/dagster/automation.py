@@ -16,7 +16,8 @@ Example:
     ... )
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import dagster as dg
 
@@ -45,6 +46,8 @@ def build_refresh_schedule(
     cron_schedule: str = HOURLY,
     default_status: dg.DefaultScheduleStatus = dg.DefaultScheduleStatus.STOPPED,
     execution_timezone: str = "UTC",
+    run_config: Mapping[str, Any] | None = None,
+    job_name: str | None = None,
 ) -> dg.ScheduleDefinition:
     """Build a schedule that refreshes ``embedding_asset`` (and ``downstream``) on a cron.
 
@@ -58,9 +61,12 @@ def build_refresh_schedule(
         cron_schedule: When (default hourly, on the hour).
         default_status: Whether it starts running when the code location loads.
         execution_timezone: Timezone of the cron.
+        run_config: Run config of each run (e.g. ``full_reconcile: true`` for the embedding
+            asset's op, for a nightly reconcile beside an hourly watermark refresh).
+        job_name: The job's name (default ``<name>_job``).
     """
     job = dg.define_asset_job(
-        f"{name}_job",
+        job_name or f"{name}_job",
         selection=dg.AssetSelection.assets(embedding_asset, *downstream),
         description=f"Refresh {embedding_asset.key.to_user_string()} and its consumers.",
     )
@@ -83,14 +89,17 @@ def build_refresh_schedule(
             if context.scheduled_execution_time
             else None
         )
+        config = dict(run_config or {})
         if partitions_def is None:
-            return dg.RunRequest(run_key=tick)
+            return dg.RunRequest(run_key=tick, run_config=config)
         if isinstance(partitions_def, dg.TimeWindowPartitionsDefinition):
             latest = partitions_def.get_last_partition_key()
             if latest is None:
-                return dg.RunRequest(run_key=tick)
-            return dg.RunRequest(run_key=tick, partition_key=latest)
-        return dg.RunRequest(run_key=tick, tags=all_partitions_tags(partitions_def))
+                return dg.RunRequest(run_key=tick, run_config=config)
+            return dg.RunRequest(run_key=tick, partition_key=latest, run_config=config)
+        return dg.RunRequest(
+            run_key=tick, tags=all_partitions_tags(partitions_def), run_config=config
+        )
 
     return _refresh_schedule
 

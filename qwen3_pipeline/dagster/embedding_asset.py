@@ -52,7 +52,15 @@ from typing import TYPE_CHECKING, Any, cast
 import dagster as dg
 from pydantic import Field
 
-from qwen3_pipeline.consumers.checks import CHECK_DESCRIPTIONS, CheckReport, check_names, run_checks
+from qwen3_pipeline.consumers.checks import (
+    CHECK_DESCRIPTIONS,
+    NO_QUARANTINED_ROWS,
+    CheckOutcome,
+    CheckReport,
+    check_names,
+    check_no_quarantined_rows,
+    run_checks,
+)
 from qwen3_pipeline.core.errors import (
     ConfigError,
     EmbeddingDriftError,
@@ -91,9 +99,11 @@ from qwen3_pipeline.sources import (
     Source,
     SourceConfig,
     TimeWindow,
+    scope_partition_keys,
     shard_label,
 )
 from qwen3_pipeline.store import latest_checked_version, prune_checked_tags, tag_checked
+from qwen3_pipeline.store.failure_log import FailureLog
 
 if TYPE_CHECKING:  # the gate loads LanceDB search: only a gated rebuild imports it
     from qwen3_pipeline.lifecycle.gate import GateConfig
@@ -315,6 +325,36 @@ class RefreshRunConfig(dg.Config):
         ),
     )
 
+    max_attempts: int | None = Field(
+        default=None,
+        description=(
+            "Failed attempts after which a row is quarantined (not sent to the model again "
+            "until its text changes or it is replayed); default 5."
+        ),
+    )
+    retry_backoff_s: float | None = Field(
+        default=None,
+        description=(
+            "Seconds before a failed row is retried, doubling after each failure (capped at a "
+            "day); 0 retries on every run. Default 300."
+        ),
+    )
+    replay: list[str] = Field(
+        default=[],
+        description=(
+            "Failure records to make due before this run, so that it sends their rows to the "
+            'model again (quarantined ones included): their keys, or ["all"].'
+        ),
+    )
+    full_reconcile: bool = Field(
+        default=False,
+        description=(
+            "With a watermark source: read every row this run (not only those whose "
+            "updated_at passed the mark), to pick up edits the watermark cannot see. The "
+            "nightly reconcile schedule sets it."
+        ),
+    )
+
     def rebuilds(self, tags: Mapping[str, str]) -> bool:
         """Whether the run rebuilds: ``rebuild: true``, or the rebuild job's run tag."""
         return self.rebuild or tags.get(REBUILD_TAG) == "true"
@@ -362,7 +402,17 @@ class RefreshRunConfig(dg.Config):
             overrides["drift_threshold"] = self.drift_threshold
         if self.max_delete_share is not None:
             overrides["max_delete_share"] = self.max_delete_share
+        if self.max_attempts is not None:
+            overrides["max_attempts"] = self.max_attempts
+        if self.retry_backoff_s is not None:
+            overrides["retry_backoff_s"] = self.retry_backoff_s
         return RefreshOptions.build(base, overrides)
+
+    def replay_keys(self) -> list[str] | None:
+        """The keys to replay, None for every record (``["all"]``), [] for none."""
+        if [k.strip().lower() for k in self.replay] == ["all"]:
+            return None
+        return [k for k in self.replay if k.strip()]
 
 
 def way_out_hint(error: BaseException, op_name: str) -> str:
@@ -400,6 +450,25 @@ class BadInputFailure(dg.Failure):
 
 
 # --------------------------------------------------------------------------- checks
+
+
+QUARANTINE_DESCRIPTION = (
+    "No row of the refreshed partitions is quarantined: the model failed it max_attempts times "
+    "with its current text, so it is no longer sent (a warning, never blocking: fix the text or "
+    "the model, then replay it)."
+)
+
+
+def quarantine_result(outcome: CheckOutcome, asset_key: dg.AssetKey) -> dg.AssetCheckResult:
+    """The ``no_quarantined_rows`` outcome as a WARN-severity check result."""
+    return dg.AssetCheckResult(
+        asset_key=asset_key,
+        check_name=outcome.name,
+        passed=outcome.passed,
+        description=outcome.description,
+        metadata=outcome.metadata,
+        severity=dg.AssetCheckSeverity.WARN,
+    )
 
 
 def check_results(report: CheckReport, asset_key: dg.AssetKey) -> list[dg.AssetCheckResult]:
@@ -549,8 +618,8 @@ class _EmbeddingStep:
         self, context: dg.AssetExecutionContext, config: RefreshRunConfig
     ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
         """Refresh the run's partitions (when the asset is selected), then run the checks."""
-        report, written, checked, checked_version = yield from self._refresh_and_check(
-            context, config
+        report, written, checked, checked_version, quarantine = yield from (
+            self._refresh_and_check(context, config)
         )
         selected = context.selected_asset_check_keys
         drift = drift_result(report, self.asset_key)  # None: not evaluated, left skipped
@@ -565,6 +634,7 @@ class _EmbeddingStep:
             )
         evaluated = [
             *check_results(checked, self.asset_key),
+            quarantine_result(quarantine, self.asset_key),
             *([drift] if drift else []),
             *([gate_check_result(gate, self.asset_key)] if gate else []),
         ]
@@ -594,7 +664,9 @@ class _EmbeddingStep:
     def _refresh_and_check(
         self, context: dg.AssetExecutionContext, run_config: RefreshRunConfig
     ) -> Generator[
-        dg.AssetCheckResult, None, tuple[RefreshReport | None, Any, CheckReport, int | None]
+        dg.AssetCheckResult,
+        None,
+        tuple[RefreshReport | None, Any, CheckReport, int | None, CheckOutcome],
     ]:
         """The refresh (if selected) and the checks; errors typed for Dagster's retry policy."""
         lancedb = getattr(context.resources, self.lancedb_key)
@@ -603,9 +675,17 @@ class _EmbeddingStep:
             embedder = getattr(context.resources, self.embedder_key)
             self._check_resource(embedder)
             config = replace(self.source_config, partition=run_scope(context, self.partitioning))
+            if run_config.full_reconcile:
+                config = replace(config, watermark=None)
             rows = self.make_source()
             report = None
+            failure_log = FailureLog.open(
+                lancedb.resolved_uri(), self.table, storage_options=lancedb.options()
+            )
             if self.asset_key in context.selected_asset_keys:
+                if run_config.replay:
+                    replayed = failure_log.replay(keys=run_config.replay_keys())
+                    context.log.info(f"replay: {replayed} failure record(s) made due now")
                 report = self._refresh(context, run_config, rows, config, embedder, lancedb)
                 if report.gate is not None and not report.gate["passed"]:
                     yield from self._refuse_swap(context, run_config, report)
@@ -616,6 +696,7 @@ class _EmbeddingStep:
                 )
             written = lancedb.open_table(self.table if report is None else report.table_name)
             read_version = int(written.version)
+            records = failure_log.read(self.table_fingerprint)
             checked = run_checks(
                 table=written,
                 source=rows,
@@ -626,7 +707,9 @@ class _EmbeddingStep:
                 run_id=run_id if report is not None else None,
                 failures=report.failures if report is not None else (),
                 sample_rows=self.vector_sample_rows,
+                failure_records=records,
             )
+            quarantine = check_no_quarantined_rows(records, scope_partition_keys(config.partition))
             # Readers read the newest checked version: tag the version the checks read only
             # when every check passed (whether or not they block), never after a failure.
             if checked.passed:
@@ -650,7 +733,7 @@ class _EmbeddingStep:
             if is_transient(e):
                 raise
             raise BadInputFailure(e, way_out_hint(e, context.op_execution_context.op.name)) from e
-        return report, written, checked, checked_version
+        return report, written, checked, checked_version, quarantine
 
     def _refresh(
         self,
@@ -850,6 +933,12 @@ def build_embedding_asset(
             REBUILD_GATE_CHECK,
         ]
     ]
+    # A warning, never blocking: quarantined rows are reported, the run did all it could.
+    check_specs.append(
+        dg.AssetCheckSpec(
+            NO_QUARANTINED_ROWS, asset=asset_key, description=QUARANTINE_DESCRIPTION, blocking=False
+        )
+    )
     description = description or (
         f"Qwen3 embeddings of the source rows in LanceDB table {table!r} "
         f"(model {spec.model}, dim {spec.dim}), refreshed incrementally by content hash."

@@ -197,6 +197,16 @@ def run_metadata(report: RefreshReport, *, partitions: int = 0) -> dict[str, Any
                 "qwen3/run/chunks_written": report.chunks_written,
             }
         )
+    if report.watermark_before is not None or report.watermark_after is not None:
+        # A watermark refresh: what it read, and the marks (ISO times).
+        metadata.update(
+            {
+                "qwen3/run/read_rows": report.read_rows,
+                "qwen3/run/keys_scanned": report.keys_scanned,
+                "qwen3/run/watermark_before": report.watermark_before or "",
+                "qwen3/run/watermark_after": report.watermark_after or "",
+            }
+        )
     if report.failures:
         metadata[FAILURES] = dg.MetadataValue.md(failures_markdown(report.failures))
     if report.warnings:

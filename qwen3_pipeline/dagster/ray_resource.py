@@ -67,4 +67,5 @@ class RayEmbedderResource(Qwen3EmbedderResource):
             attention=self.attention,
             max_batch_tokens=self.max_batch_tokens,
             max_batch_rows=self.max_batch_rows,
+            embedder_factory=self.embedder_factory,
         )

@@ -266,6 +266,14 @@ class Qwen3EmbedderResource(EmbedderResource):
         description="Token budget per forward pass, padding included; null: 16384 CUDA, 4096 CPU.",
     )
     max_batch_rows: int = Field(default=256, ge=1, description="Most rows per forward pass.")
+    embedder_factory: str | None = Field(
+        default=None,
+        description=(
+            "MODULE:CALLABLE building the embedder from the spec instead of the Qwen3 encoder "
+            "(a TEI/vLLM client, a quantised model); in the run's process, or in each Ray "
+            "actor. Imported at set-up; must be installed on every Ray node."
+        ),
+    )
 
     def engine_options(self) -> EngineOptions:
         """The engine settings of this resource (one model in the run's process)."""
@@ -275,6 +283,7 @@ class Qwen3EmbedderResource(EmbedderResource):
             attention=self.attention,
             max_batch_tokens=self.max_batch_tokens,
             max_batch_rows=self.max_batch_rows,
+            embedder_factory=self.embedder_factory,
         )
 
     def load_embedder(self, spec: EmbeddingSpec) -> Embedder:

@@ -71,7 +71,7 @@ from qwen3_pipeline.demo.dbt import (
     raw_docstrings,
 )
 from qwen3_pipeline.embedding.engines import ENGINES
-from qwen3_pipeline.sources import DuckDBSource, Source, SourceConfig
+from qwen3_pipeline.sources import DuckDBSource, Source, SourceConfig, Watermark
 
 MODEL_ENV = "QWEN3_PIPELINE_MODEL"
 DEVICE_ENV = "QWEN3_PIPELINE_DEVICE"
@@ -84,12 +84,17 @@ RAY_ADDRESS_ENV = "QWEN3_PIPELINE_RAY_ADDRESS"
 _SWITCH_VALUES = {"on": True, "1": True, "true": True, "off": False, "0": False, "false": False}
 
 EMBEDDING_GROUP = "embeddings"
+# The full reconcile beside the hourly watermark refresh: 03:00 UTC.
+NIGHTLY = "0 3 * * *"
 DOCUMENTS_TABLE = "main.documents"
 DOCUMENT_CONFIG = SourceConfig(
     key="doc_id",
     text_columns=("text",),
     updated_at="updated_at",
     carry=("title", "module", "kind", "source_path"),
+    # Hourly runs read only rows whose updated_at moved (the dbt model stamps it); the
+    # nightly reconcile schedule reads everything (full_reconcile).
+    watermark=Watermark(),
 )
 LONG_DOCUMENTS_TABLE = "main.long_documents"
 # The long documents again, one vector per chunk of at most 256 Qwen tokens.
@@ -332,6 +337,11 @@ def build_definitions(
     settings = settings or DemoSettings.from_env()
     embedder = embedder or demo_embedder(settings)
     eager = dg.AutomationCondition.eager()
+    schedule_status = (
+        dg.DefaultScheduleStatus.RUNNING
+        if settings.automation
+        else dg.DefaultScheduleStatus.STOPPED
+    )
     document_vectors = build_embedding_asset(
         key="document_vectors",
         source=documents_source,
@@ -392,12 +402,20 @@ def build_definitions(
                 name="document_vectors_hourly",
                 embedding_asset=document_vectors,
                 downstream=[vector_index, near_duplicates],
-                default_status=(
-                    dg.DefaultScheduleStatus.RUNNING
-                    if settings.automation
-                    else dg.DefaultScheduleStatus.STOPPED
-                ),
-            )
+                default_status=schedule_status,
+            ),
+            # The watermark misses edits that leave updated_at alone or move it backwards:
+            # a nightly run reads every row and fixes them.
+            build_refresh_schedule(
+                name="document_vectors_nightly_reconcile",
+                embedding_asset=document_vectors,
+                downstream=[vector_index, near_duplicates],
+                cron_schedule=NIGHTLY,
+                default_status=schedule_status,
+                run_config={
+                    "ops": {document_vectors.op.name: {"config": {"full_reconcile": True}}}
+                },
+            ),
         ],
         sensors=[
             build_automation_sensor(
