@@ -474,8 +474,12 @@ class KillSwitch:
     """The phases of a child refresh, and the SIGKILL that ends it at ``kill``.
 
     Phases (the refresh, each embed call, each hooked LanceDB commit call) are pushed on entry
-    and popped on exit under a lock. A kill takes that lock and never gives it back, so the
-    phase it records cannot end between the record and the SIGKILL.
+    and popped on exit under a lock, one stack per thread: the apply pass embeds on the thread
+    that runs the refresh while a writer thread commits, so an embed call and a commit can be
+    active at once. A kill records the refresh's outermost phase followed by the phases of the
+    thread it landed in (for a ``during`` kill, the thread in the commit; for a ``time`` kill,
+    the refresh's thread). It takes the lock and never gives it back, so the phase it records
+    cannot end between the record and the SIGKILL.
 
     Args:
         kill: Where to die; None only counts embed calls and commits (a census).
@@ -486,36 +490,54 @@ class KillSwitch:
         self.kill = kill
         self.record_path = record_path
         self.counts: Counter[str] = Counter()
-        self._stack: list[str] = []
+        self._stacks: dict[int, list[str]] = {}
+        self._root: int | None = None  # the thread that entered the first phase (the refresh)
         self._lock = threading.Lock()
         self._in_commit = threading.local()
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        thread = threading.get_ident()
         with self._lock:
-            self._stack.append(name)
+            if self._root is None:
+                self._root = thread
+            self._stacks.setdefault(thread, []).append(name)
         try:
             yield
         finally:
             with self._lock:
-                self._stack.pop()
+                self._stacks[thread].pop()
 
-    def die(self, stage: str, files: Iterable[str] = ()) -> NoReturn:
+    def _stack(self, thread: int) -> list[str]:
+        root = self._stacks.get(self._root, []) if self._root is not None else []
+        own = self._stacks.get(thread, [])
+        if thread == self._root or not own:
+            return list(root)
+        return [*root[:1], *own]
+
+    def die(self, stage: str, files: Iterable[str] = (), *, thread: int | None = None) -> NoReturn:
+        """Record where the kill landed (in ``thread``: default this one), then SIGKILL."""
         self._lock.acquire()  # never released: the recorded phase stays active until the end
         if self.record_path is not None:
-            record = {"stack": self._stack, "stage": stage, "files": sorted(files)}
+            stack = self._stack(threading.get_ident() if thread is None else thread)
+            record = {"stack": stack, "stage": stage, "files": sorted(files)}
             Path(self.record_path).write_text(json.dumps(record))
         os.kill(os.getpid(), signal.SIGKILL)
         while True:  # SIGKILL cannot be caught; this thread only waits for it to land
             time.sleep(1)
+
+    def _count(self, op: str) -> int:
+        # Under the lock: the refresh's thread and its writer thread both count.
+        with self._lock:
+            self.counts[op] += 1
+            return self.counts[op]
 
     def _aims_at(self, where: str, op: str, nth: int) -> bool:
         kill = self.kill
         return kill is not None and (kill.where, kill.op, kill.nth) == (where, op, nth)
 
     def embed(self, call: Callable[[], Any]) -> Any:
-        self.counts["embed"] += 1
-        nth = self.counts["embed"]
+        nth = self._count("embed")
         with self.phase(f"embed #{nth}"):
             if self._aims_at("embed", "", nth):
                 self.die("embedding")
@@ -525,8 +547,7 @@ class KillSwitch:
         """Run one LanceDB commit call ``call`` of ``op`` on ``table_dir``, maybe dying in it."""
         if getattr(self._in_commit, "active", False):
             return call()  # a hooked LanceDB method calling another: one commit
-        self.counts[op] += 1
-        nth = self.counts[op]
+        nth = self._count(op)
         where = next((w for w in ("before", "after", "during") if self._aims_at(w, op, nth)), None)
         self._in_commit.active = True
         try:
@@ -539,7 +560,9 @@ class KillSwitch:
                     call()
                     self.die("after")
                 before = _table_files(table_dir)
-                watcher = threading.Thread(target=self._watch, args=(table_dir, before))
+                watcher = threading.Thread(
+                    target=self._watch, args=(table_dir, before, threading.get_ident())
+                )
                 watcher.daemon = True
                 watcher.start()
                 try:
@@ -549,11 +572,12 @@ class KillSwitch:
         finally:
             self._in_commit.active = False
 
-    def _watch(self, table_dir: str, before: set[str]) -> None:
+    def _watch(self, table_dir: str, before: set[str], committer: int) -> None:
         while True:
             new = _table_files(table_dir) - before
             if new:
-                self.die("committed" if any(map(_is_manifest, new)) else "writing", new)
+                stage = "committed" if any(map(_is_manifest, new)) else "writing"
+                self.die(stage, new, thread=committer)
             time.sleep(0.0001)
 
     def start_timer(self) -> None:

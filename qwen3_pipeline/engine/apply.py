@@ -4,7 +4,9 @@
 
 1. rows to embed, ``chunk_rows`` at a time: one embed call and one ``merge_insert`` commit
    each (:mod:`.row_writer`; whole documents of a chunk table: :mod:`.chunk_writer`), so a
-   crash loses at most the chunk in flight and a re-run skips every row whose hash is stored;
+   crash loses at most the chunks in flight and a re-run skips every row whose hash is
+   stored; reading the next chunk, embedding one and committing the one before overlap
+   (:mod:`.pipeline`), the commits still one at a time and in order;
 2. rows that only moved partition or changed carry-along columns: a column update, no model;
 3. deletes, only now that the whole scope was read (a crash can never delete rows that were
    merely not read yet);
@@ -20,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any
 
 import pyarrow as pa
@@ -28,6 +31,7 @@ from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import engine_info
+from qwen3_pipeline.engine import pipeline
 from qwen3_pipeline.engine.canary import (
     Canaries,
     DriftGuard,
@@ -38,7 +42,7 @@ from qwen3_pipeline.engine.options import RefreshRequest
 from qwen3_pipeline.engine.plan import RefreshPlan, table_spec_for
 from qwen3_pipeline.engine.report import RefreshReport, Tally
 from qwen3_pipeline.engine.reproject import Donor, find_donor
-from qwen3_pipeline.engine.row_writer import RowWriter
+from qwen3_pipeline.engine.row_writer import RowWriter, TableWriter
 from qwen3_pipeline.engine.scan import read_spill
 from qwen3_pipeline.sources import carry_schema, output_schema
 from qwen3_pipeline.store import VectorStore, begin_rebuild, commit_rebuild
@@ -147,7 +151,7 @@ def _open_target(plan: RefreshPlan, request: RefreshRequest, spec: EmbeddingSpec
 
 def _writer_for(
     plan: RefreshPlan, request: RefreshRequest, store: VectorStore, spec: EmbeddingSpec
-) -> tuple[RowWriter, DriftGuard | None]:
+) -> tuple[TableWriter[Any, Any], DriftGuard | None]:
     """The writer of the plan's rows, its embedder behind the drift guard when it embeds.
 
     The guard checks the canaries of the table written: the live table, or a rebuild's
@@ -170,11 +174,12 @@ def _writer_for(
             threshold=options.drift_threshold,
             accept_drift=options.accept_drift,
         )
-    writer: RowWriter
+    writer: TableWriter[Any, Any]
     if config.chunking is None:
-        writer = RowWriter(store, request.embedder, plan.work.tally, **lineage)
+        row_writer = RowWriter(store, request.embedder, plan.work.tally, **lineage)
         if options.reproject and plan.rows_to_embed:
-            writer.donor = _donor_for(plan, spec, request.storage_options, guard)
+            row_writer.donor = _donor_for(plan, spec, request.storage_options, guard)
+        writer = row_writer
     else:
         # Imported here: the chunking module pulls in pandas and the splitter library.
         from qwen3_pipeline.chunking.chunker import Chunker
@@ -202,14 +207,26 @@ def _progress_of(plan: RefreshPlan, request: RefreshRequest) -> Progress:
 
 
 def _write_embedded(
-    plan: RefreshPlan, request: RefreshRequest, writer: RowWriter, bar: Progress
+    plan: RefreshPlan, request: RefreshRequest, writer: TableWriter[Any, Any], bar: Progress
 ) -> None:
-    for chunk in read_spill(plan.work.embed_file, request.options.chunk_rows):
-        writer.embed_and_write(chunk, bar)
+    """Embed and commit the plan's rows, chunk by chunk: read, embed and write overlap.
+
+    The chunks are committed in the order of the spill, each in one commit (see
+    :mod:`.pipeline`); ``pipeline.PIPELINE_DEPTH = 0`` runs them one after another.
+    """
+    chunks = read_spill(plan.work.embed_file, request.options.chunk_rows)
+    with pipeline.one_model_call_at_a_time(writer.guard):
+        pipeline.run_pipeline(
+            chunks,
+            prepare=writer.prepare,
+            embed=partial(writer.embed, bar=bar),
+            write=writer.write,
+            depth=pipeline.PIPELINE_DEPTH,
+        )
 
 
 def _write_updates_and_deletes(
-    plan: RefreshPlan, request: RefreshRequest, writer: RowWriter
+    plan: RefreshPlan, request: RefreshRequest, writer: TableWriter[Any, Any]
 ) -> None:
     """Column updates (moved, carry-only rows), then the deletes: the scope was all read."""
     work, tally, store = plan.work, writer.tally, writer.store

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from qwen3_pipeline.chunking.chunker import Chunker
-from qwen3_pipeline.chunking.diff import ChunkDiff, diff_chunks
+from qwen3_pipeline.chunking.diff import diff_chunks
 from qwen3_pipeline.chunking.rows import chunk_rows
 from qwen3_pipeline.core.changes import RowStatus
 from qwen3_pipeline.core.failures import RowFailure, as_row_failure
@@ -27,9 +27,9 @@ from qwen3_pipeline.core.schema import (
     TIMESTAMP_TYPE,
     chunk_key,
 )
-from qwen3_pipeline.embedding.interface import embed_reporting
+from qwen3_pipeline.embedding.interface import EncodeResult, embed_reporting
 from qwen3_pipeline.engine.report import MAX_SHOWN_FAILURES
-from qwen3_pipeline.engine.row_writer import RowWriter
+from qwen3_pipeline.engine.row_writer import TableWriter
 from qwen3_pipeline.store.failure_log import FailedRow
 
 logger = logging.getLogger("qwen3_pipeline")
@@ -38,6 +38,9 @@ logger = logging.getLogger("qwen3_pipeline")
 @dataclass(kw_only=True)
 class _ChunkVectors:
     """One batch's chunk vectors in chunk order, reused or embedded.
+
+    Made by :meth:`ChunkWriter.prepare` with the reused vectors in place; the model's are
+    filled in by :meth:`ChunkWriter.write`.
 
     Attributes:
         vectors: One row per chunk.
@@ -56,7 +59,39 @@ class _ChunkVectors:
     failures: dict[int, "RowFailure | str"] = field(default_factory=dict)
 
 
-class ChunkWriter(RowWriter):
+@dataclass(frozen=True, kw_only=True)
+class PreparedDocs:
+    """One batch of documents cut into chunks, the stored vectors they keep in place.
+
+    Attributes:
+        docs: The documents as the plan spilled them.
+        chunks: Their chunks (``key`` is the document key).
+        owner: Per chunk, the row of its document in ``docs``.
+        vectors: The chunk vectors, those reused from the table already in place.
+        texts: The texts of the chunks to embed (``vectors.embedded``), in that order.
+    """
+
+    docs: pa.Table
+    chunks: pa.Table
+    owner: np.ndarray
+    vectors: _ChunkVectors
+    texts: list[str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddedDocs:
+    """One batch of documents after the model: what :meth:`ChunkWriter.write` commits.
+
+    Attributes:
+        prepared: The batch before the model.
+        encoded: What the model gave for ``prepared.texts`` (None: every chunk was reused).
+    """
+
+    prepared: PreparedDocs
+    encoded: EncodeResult | None
+
+
+class ChunkWriter(TableWriter[PreparedDocs, EmbeddedDocs]):
     """Writes documents of a chunk table: chunk, reuse stored chunks, one commit per batch.
 
     Each changed document is cut again; a chunk whose text is already stored for that
@@ -64,21 +99,70 @@ class ChunkWriter(RowWriter):
     documents are replaced in one commit (their chunks that are no longer cut are deleted in
     the same commit), so every document is wholly old or wholly new at every version. A
     document with a chunk the model could not embed keeps all its old chunks.
+
+    Cutting the documents and reading their stored chunks is :meth:`prepare`: the documents
+    of two batches are distinct, so reading one batch's stored chunks while the batch before
+    it is being committed finds the same rows at either version.
     """
 
     chunker: Chunker
 
-    def embed_and_write(self, docs: pa.Table, bar: Progress) -> None:
-        """Chunk, embed what is new and replace one batch of documents; ``bar`` counts them."""
-        tally = self.tally
-        doc_keys = docs.column("key").combine_chunks()
-        chunks = chunk_rows(self.chunker, doc_keys, docs.column(TEXT_COLUMN))
+    def prepare(self, rows: pa.Table) -> PreparedDocs:
+        """Cut the documents, read their stored chunks, put the reusable vectors in place."""
+        doc_keys = rows.column("key").combine_chunks()
+        chunks = chunk_rows(self.chunker, doc_keys, rows.column(TEXT_COLUMN))
         owner = np.asarray(pc.index_in(chunks.column("key"), value_set=doc_keys), dtype=np.int64)
-        statuses = np.asarray(docs.column(STATUS_COLUMN).to_numpy(), dtype=np.int8)
+        statuses = np.asarray(rows.column(STATUS_COLUMN).to_numpy(), dtype=np.int8)
         stored = self.store.stored_chunks(doc_keys.filter(pa.array(statuses != RowStatus.NEW)))
         matched = diff_chunks(chunks, stored)
-        embed = matched.embed
-        vectors = self._chunk_vectors(chunks, stored, matched, bar)
+        n, dim = chunks.num_rows, self.store.spec.output_dim
+        vectors = _ChunkVectors(
+            vectors=np.zeros((n, dim), dtype=np.float32),
+            n_tokens=np.zeros(n, dtype=np.int32),
+            truncated=np.zeros(n, dtype=bool),
+            stamps=np.full(n, np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us")),
+            embedded=np.flatnonzero(matched.embed),
+        )
+        reused = np.flatnonzero(~matched.embed)
+        if len(reused):
+            source_rows = matched.vector_row[reused]
+            flat = stored.column("vector").combine_chunks().flatten()
+            stored_vectors = flat.to_numpy(zero_copy_only=False).reshape(-1, dim)
+            vectors.vectors[reused] = stored_vectors[source_rows]
+            vectors.n_tokens[reused] = stored.column("n_tokens").to_numpy()[source_rows]
+            vectors.truncated[reused] = stored.column("truncated").to_numpy()[source_rows]
+            vectors.stamps[reused] = stored.column("embedded_at").to_numpy()[source_rows]
+        texts = chunks.column("chunk_text").take(pa.array(vectors.embedded)).to_pylist()
+        return PreparedDocs(docs=rows, chunks=chunks, owner=owner, vectors=vectors, texts=texts)
+
+    def embed(self, prepared: PreparedDocs, bar: Progress) -> EmbeddedDocs:
+        """Embed the new chunks of one batch; ``bar`` counts its documents and tokens."""
+        encoded = None
+        if prepared.texts:
+            encoded = embed_reporting(
+                self.embedder, prepared.texts, lambda rows, tokens: bar.update(0, tokens=tokens)
+            )
+        # Documents are counted here, as their chunks are embedded, so that the progress line
+        # has one writer (this thread); the batch is committed right after.
+        bar.update(prepared.docs.num_rows)
+        return EmbeddedDocs(prepared=prepared, encoded=encoded)
+
+    def write(self, embedded: EmbeddedDocs) -> None:
+        """Replace the batch's documents (one commit), then record those that failed."""
+        tally, prepared, encoded = self.tally, embedded.prepared, embedded.encoded
+        docs, chunks, owner = prepared.docs, prepared.chunks, prepared.owner
+        vectors = prepared.vectors
+        if encoded is not None:
+            # Filled in here, not by the model's thread: the calling thread only embeds.
+            tally.encode = tally.encode + encoded.stats
+            vectors.vectors[vectors.embedded] = encoded.vectors
+            vectors.n_tokens[vectors.embedded] = encoded.n_tokens
+            vectors.truncated[vectors.embedded] = encoded.truncated
+            vectors.failures = dict(encoded.failures)
+        embed = np.zeros(chunks.num_rows, dtype=bool)
+        embed[vectors.embedded] = True
+        doc_keys = docs.column("key").combine_chunks()
+        statuses = np.asarray(docs.column(STATUS_COLUMN).to_numpy(), dtype=np.int8)
         doc_ok = np.ones(docs.num_rows, dtype=bool)
         failed = self._failed_documents(
             vectors.failures, vectors.embedded, owner, chunks, docs, doc_ok
@@ -103,39 +187,6 @@ class ChunkWriter(RowWriter):
         self.record_outcome(
             failed, doc_keys.filter(pa.array(doc_ok)), partitions.filter(pa.array(~doc_ok))
         )
-        bar.update(docs.num_rows)
-
-    def _chunk_vectors(
-        self, chunks: pa.Table, stored: pa.Table, matched: ChunkDiff, bar: Progress
-    ) -> "_ChunkVectors":
-        """Each chunk's vector: the stored one of the same text, or the model's."""
-        n, dim = chunks.num_rows, self.store.spec.output_dim
-        out = _ChunkVectors(
-            vectors=np.zeros((n, dim), dtype=np.float32),
-            n_tokens=np.zeros(n, dtype=np.int32),
-            truncated=np.zeros(n, dtype=bool),
-            stamps=np.full(n, np.datetime64(datetime.now(UTC).replace(tzinfo=None), "us")),
-            embedded=np.flatnonzero(matched.embed),
-        )
-        reused = np.flatnonzero(~matched.embed)
-        if len(reused):
-            source_rows = matched.vector_row[reused]
-            flat = stored.column("vector").combine_chunks().flatten()
-            out.vectors[reused] = flat.to_numpy(zero_copy_only=False).reshape(-1, dim)[source_rows]
-            out.n_tokens[reused] = stored.column("n_tokens").to_numpy()[source_rows]
-            out.truncated[reused] = stored.column("truncated").to_numpy()[source_rows]
-            out.stamps[reused] = stored.column("embedded_at").to_numpy()[source_rows]
-        if len(out.embedded):
-            texts = chunks.column("chunk_text").take(pa.array(out.embedded)).to_pylist()
-            encoded = embed_reporting(
-                self.embedder, texts, lambda rows, tokens: bar.update(0, tokens=tokens)
-            )
-            self.tally.encode = self.tally.encode + encoded.stats
-            out.vectors[out.embedded] = encoded.vectors
-            out.n_tokens[out.embedded] = encoded.n_tokens
-            out.truncated[out.embedded] = encoded.truncated
-            out.failures = dict(encoded.failures)
-        return out
 
     def _rows(
         self,

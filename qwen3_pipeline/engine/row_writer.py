@@ -1,18 +1,31 @@
-"""The row writer of the apply pass: embed (or re-project) a chunk of rows, upsert it.
+"""The row writer of the apply pass: prepare, embed (or re-project) and upsert chunks of rows.
 
-:class:`RowWriter` writes a table of one row per document: each chunk of the plan's rows is
-embedded in one call (rows a donor table holds unchanged are re-projected instead; a donor
-that cannot be read is dropped with a warning in the report), the rows the model failed on are
-left out (they keep their old vectors and are counted as failed), and the rest is upserted in
-one ``merge_insert`` commit. Rows that only moved partition or changed carry-along columns get
-a column update, no model call. After each commit of vectors the drift guard hears of it
-(:meth:`~qwen3_pipeline.engine.canary.DriftGuard.after_commit`): the first one records the
-table's canaries when it has none.
+The apply pass runs each chunk of the plan's rows through three steps, each on its own thread
+when pipelined (:mod:`.pipeline`):
+
+1. :meth:`TableWriter.prepare`: everything before the model that only reads (the texts to
+   embed; rows a donor table holds unchanged are re-projected instead; a donor that cannot be
+   read is dropped with a warning in the report);
+2. :meth:`TableWriter.embed`: the model call, nothing else (it runs on the thread that called
+   the refresh, so Ctrl-C and SIGTERM land in it);
+3. :meth:`TableWriter.write`: the rows the model failed on are left out (they keep their old
+   vectors and are counted as failed), the rest is upserted in one ``merge_insert`` commit;
+   then the drift guard hears of the commit
+   (:meth:`~qwen3_pipeline.engine.canary.DriftGuard.after_commit`: the first one records the
+   table's canaries when it has none), the failure records are updated, and the rows are
+   counted. Only this step writes and counts, so the tally has one writer.
+
+:class:`RowWriter` writes a table of one row per document; the chunk table's writer is
+:class:`~qwen3_pipeline.engine.chunk_writer.ChunkWriter`. Rows that only moved partition or
+changed carry-along columns get a column update, no model call
+(:meth:`TableWriter.write_updates`).
 """
 
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Generic, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -37,9 +50,27 @@ from qwen3_pipeline.store.failure_log import FailedRow
 
 logger = logging.getLogger("qwen3_pipeline")
 
+PreparedT = TypeVar("PreparedT")
+EmbeddedT = TypeVar("EmbeddedT")
 
-class RowWriter:
-    """Embeds and writes the plan's rows chunk by chunk, counting what landed in ``tally``."""
+
+class TableWriter(ABC, Generic[PreparedT, EmbeddedT]):
+    """Writes the plan's rows chunk by chunk, counting what landed in ``tally``.
+
+    The three steps of a chunk (:meth:`prepare`, :meth:`embed`, :meth:`write`) may run on
+    three threads at once, each on a different chunk; they share no mutable state but what
+    each step owns: :meth:`prepare` the donor, :meth:`embed` the model and the progress line,
+    :meth:`write` the store's commits, the drift guard's commit hook, the failure records and
+    the tally.
+
+    Args:
+        store: The table written.
+        embedder: The model (the refresh sets the drift guard in front of it).
+        tally: The refresh's counters.
+        carry_names: The carry-along columns written beside each vector.
+        label: The source's name (lineage).
+        run_id: The refresh's run id (lineage).
+    """
 
     def __init__(
         self,
@@ -57,9 +88,20 @@ class RowWriter:
         self.carry_names = carry_names
         self.label = label
         self.run_id = run_id
-        self.donor: Donor | None = None
         self.guard: DriftGuard | None = None
         self.failures: FailureRecords | None = None
+
+    @abstractmethod
+    def prepare(self, rows: pa.Table) -> PreparedT:
+        """Everything before the model call that only reads; no commit, no count."""
+
+    @abstractmethod
+    def embed(self, prepared: PreparedT, bar: Progress) -> EmbeddedT:
+        """The model call of one chunk; ``bar`` hears of each forward pass."""
+
+    @abstractmethod
+    def write(self, embedded: EmbeddedT) -> None:
+        """Commit one embedded chunk, then its failure records; count it in ``tally``."""
 
     def write_updates(self, rows: pa.Table) -> None:
         """Update the moved or carry-only rows of ``rows`` (one commit, no model call)."""
@@ -71,18 +113,76 @@ class RowWriter:
         tally.add("moved", partitions, moved)
         tally.add("carry_updated", partitions, ~moved)
 
-    def embed_and_write(self, chunk: pa.Table, bar: Progress) -> None:
-        """Embed one chunk of rows and upsert it; ``bar`` hears of each forward pass."""
-        tally, store = self.tally, self.store
+    def record_outcome(
+        self,
+        failed: list[FailedRow],
+        written_keys: pa.Array | pa.ChunkedArray,
+        failed_partitions: pa.Array,
+    ) -> None:
+        """After a commit of vectors: record the rows that failed, clear those written.
 
-        def on_batch(rows: int, tokens: int) -> None:
-            bar.update(rows, tokens=tokens)
+        Done after the vector commit, so a kill between the two leaves a row retried (no
+        record yet) or a stale record that the next plan finds and clears: never a row
+        skipped for good.
+        """
+        if self.failures is None:
+            return
+        keys = written_keys.cast(pa.string())
+        quarantined = self.failures.after_commit(
+            failed, keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
+        )
+        self.tally.add("quarantined", failed_partitions, quarantined)
 
-        partitions = chunk.column("partition_key").combine_chunks()
+
+@dataclass(frozen=True, kw_only=True)
+class PreparedRows:
+    """One chunk of the plan's rows, ready for the model.
+
+    Attributes:
+        rows: The chunk as the plan spilled it.
+        texts: The documents sent to the model (rows where ``to_embed``), in row order.
+        to_embed: Per row, whether the model embeds it (else a donor re-projected it).
+        reprojected: What the donor gave (None without a donor).
+        warnings: For the report (a donor dropped because it could not be read).
+    """
+
+    rows: pa.Table
+    texts: list[str]
+    to_embed: np.ndarray
+    reprojected: Reprojected | None
+    warnings: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbeddedRows:
+    """One chunk of rows after the model: what :meth:`RowWriter.write` commits.
+
+    Attributes:
+        prepared: The chunk before the model.
+        encoded: What the model gave for ``prepared.texts`` (None: no text went to it).
+    """
+
+    prepared: PreparedRows
+    encoded: EncodeResult | None
+
+
+class RowWriter(TableWriter[PreparedRows, EmbeddedRows]):
+    """Embeds (or re-projects) and upserts rows of a table of one row per document.
+
+    Attributes:
+        donor: A table whose vectors are re-projected instead of embedding the same texts
+            again (None: every row goes to the model).
+    """
+
+    donor: Donor | None = None
+
+    def prepare(self, rows: pa.Table) -> PreparedRows:
+        """The texts to embed, after re-projecting what the donor holds unchanged."""
         reprojected = None
+        warnings: list[str] = []
         if self.donor is not None:
             try:
-                reprojected = self.donor.lookup(chunk.column("key"), chunk.column("content_hash"))
+                reprojected = self.donor.lookup(rows.column("key"), rows.column("content_hash"))
             except StoreError as e:
                 # Re-projection only saves work: a donor that cannot be read is dropped, its
                 # rows go to the model, and the report says so.
@@ -91,24 +191,45 @@ class RowWriter:
                     f"read ({e}); its rows were embedded by the model instead"
                 )
                 logger.warning("%s", warning)
-                tally.warnings.append(warning)
+                warnings.append(warning)
                 self.donor = None
-        if reprojected is not None:
-            tally.add("reprojected", partitions, reprojected.found)
-            bar.update(int(reprojected.found.sum()))
-        to_embed = (
-            np.ones(chunk.num_rows, dtype=bool) if reprojected is None else ~reprojected.found
+        to_embed = np.ones(rows.num_rows, dtype=bool) if reprojected is None else ~reprojected.found
+        texts = rows.column(TEXT_COLUMN).filter(pa.array(to_embed)).to_pylist()
+        return PreparedRows(
+            rows=rows,
+            texts=texts,
+            to_embed=to_embed,
+            reprojected=reprojected,
+            warnings=tuple(warnings),
         )
-        texts = chunk.column(TEXT_COLUMN).filter(pa.array(to_embed)).to_pylist()
+
+    def embed(self, prepared: PreparedRows, bar: Progress) -> EmbeddedRows:
+        """Embed the chunk's texts; ``bar`` hears of each forward pass and of re-projections."""
+
+        def on_batch(rows: int, tokens: int) -> None:
+            bar.update(rows, tokens=tokens)
+
+        if prepared.reprojected is not None:
+            bar.update(int(prepared.reprojected.found.sum()))
+        encoded = (
+            embed_reporting(self.embedder, prepared.texts, on_batch) if prepared.texts else None
+        )
+        return EmbeddedRows(prepared=prepared, encoded=encoded)
+
+    def write(self, embedded: EmbeddedRows) -> None:
+        """Upsert the chunk's rows but those the model failed on (one commit), then record."""
+        tally, store = self.tally, self.store
+        prepared = embedded.prepared
+        chunk = prepared.rows
         encoded = _merge_reprojected(
-            embed_reporting(self.embedder, texts, on_batch) if texts else None,
-            reprojected,
-            to_embed,
-            store.spec.output_dim,
+            embedded.encoded, prepared.reprojected, prepared.to_embed, store.spec.output_dim
         )
-        if texts:
-            tally.encode = tally.encode + encoded.stats
-        tally.add("embedded", partitions, to_embed)
+        tally.warnings.extend(prepared.warnings)
+        partitions = chunk.column("partition_key").combine_chunks()
+        if prepared.reprojected is not None:
+            tally.add("reprojected", partitions, prepared.reprojected.found)
+        tally.encode = tally.encode + encoded.stats
+        tally.add("embedded", partitions, prepared.to_embed)
         ok = np.ones(chunk.num_rows, dtype=bool)
         failed: list[FailedRow] = []
         if encoded.failures:
@@ -162,26 +283,6 @@ class RowWriter:
             self.guard.after_commit(samples, run_id=self.run_id)
         failed_partitions = partitions.filter(pa.array(~ok))
         self.record_outcome(failed, written.column("key"), failed_partitions)
-
-    def record_outcome(
-        self,
-        failed: list[FailedRow],
-        written_keys: pa.Array | pa.ChunkedArray,
-        failed_partitions: pa.Array,
-    ) -> None:
-        """After a commit of vectors: record the rows that failed, clear those written.
-
-        Done after the vector commit, so a kill between the two leaves a row retried (no
-        record yet) or a stale record that the next plan finds and clears: never a row
-        skipped for good.
-        """
-        if self.failures is None:
-            return
-        keys = written_keys.cast(pa.string())
-        quarantined = self.failures.after_commit(
-            failed, keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys
-        )
-        self.tally.add("quarantined", failed_partitions, quarantined)
 
 
 @dataclass(frozen=True, kw_only=True)
