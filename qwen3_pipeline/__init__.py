@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from qwen3_pipeline.consumers.vector_search import open_vector_table, search
     from qwen3_pipeline.core.spec import EmbeddingSpec
     from qwen3_pipeline.embedding.encoder import Qwen3Encoder
+    from qwen3_pipeline.embedding.reranker import Qwen3Reranker
     from qwen3_pipeline.engine.refresh import refresh
     from qwen3_pipeline.engine.report import RefreshReport
     from qwen3_pipeline.sources import (
@@ -44,6 +45,7 @@ _WHERE = {
     "ParquetSource": "qwen3_pipeline.sources",
     "PostgresSource": "qwen3_pipeline.sources",
     "Qwen3Encoder": "qwen3_pipeline.embedding.encoder",
+    "Qwen3Reranker": "qwen3_pipeline.embedding.reranker",
     "RefreshReport": "qwen3_pipeline.engine.report",
     "Shards": "qwen3_pipeline.sources",
     "SourceConfig": "qwen3_pipeline.sources",
@@ -59,6 +61,7 @@ __all__ = [
     "ParquetSource",
     "PostgresSource",
     "Qwen3Encoder",
+    "Qwen3Reranker",
     "RefreshReport",
     "Shards",
     "SourceConfig",

@@ -58,6 +58,7 @@ from qwen3_pipeline.core.failures import (
 )
 from qwen3_pipeline.core.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
 from qwen3_pipeline.embedding.engines import ENGINES, EngineOptions, open_embedder
+from qwen3_pipeline.embedding.reranker import DEFAULT_RERANK_MAX_LENGTH
 
 if TYPE_CHECKING:
     from qwen3_pipeline.chunking.config import ChunkingConfig
@@ -662,6 +663,44 @@ def _add_search_command(commands: Any, debug_after: argparse.ArgumentParser) -> 
         action="store_true",
         help="on a table of document chunks, return the nearest chunks rather than documents",
     )
+    rerank = find.add_argument_group(
+        "reranking",
+        "score the nearest candidates with a Qwen3-Reranker and return the best k by its score "
+        "(each result keeps its similarity and gains rerank_score)",
+    )
+    rerank.add_argument(
+        "--rerank-model",
+        default=None,
+        metavar="M",
+        help="Qwen3-Reranker hub id or local directory (e.g. Qwen/Qwen3-Reranker-0.6B)",
+    )
+    rerank.add_argument(
+        "--candidates",
+        type=int,
+        default=None,
+        metavar="N",
+        help="vector candidates the reranker scores, at least k (default: max(k, 50))",
+    )
+    rerank.add_argument(
+        "--instruction",
+        default=None,
+        help="what relevance means to the reranker (default: the model card's web-search task)",
+    )
+    rerank.add_argument(
+        "--rerank-text",
+        default=None,
+        metavar="COLUMN",
+        help="the column the reranker reads (default: chunk_text; a table of whole documents "
+        "needs a carried text column)",
+    )
+    rerank.add_argument(
+        "--rerank-max-length",
+        type=int,
+        default=DEFAULT_RERANK_MAX_LENGTH,
+        metavar="T",
+        help=f"tokens per (query, document) pair, template included (default "
+        f"{DEFAULT_RERANK_MAX_LENGTH})",
+    )
     find.add_argument("query", help="query text")
 
 
@@ -922,7 +961,7 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``qwen3-pipeline search``: returns the results printed on stdout."""
     from dataclasses import replace
 
-    from qwen3_pipeline.consumers.vector_search import open_vector_table, search
+    from qwen3_pipeline.consumers.vector_search import open_vector_table, rerank_plan, search
     from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
     check_db(args.db, must_exist=True)
@@ -933,6 +972,29 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
             f"--chunks needs a table of document chunks, but {args.table!r} holds one row per "
             "document; search it without --chunks"
         )
+    rerank_options: dict[str, Any] = {}
+    if args.rerank_model is None:
+        given = [
+            flag
+            for flag, value in (
+                ("--candidates", args.candidates),
+                ("--instruction", args.instruction),
+                ("--rerank-text", args.rerank_text),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with --rerank-model")
+    else:
+        # Checked against the table before either model loads.
+        plan = rerank_plan(
+            vectors, k=args.k, candidates=args.candidates, text_column=args.rerank_text
+        )
+        rerank_options = {
+            "candidates": plan.candidates,
+            "text_column": plan.text_column,
+            "rerank_instruction": args.instruction,
+        }
     recorded = vectors.spec
     asked = EmbeddingSpec(
         model=args.model,
@@ -952,7 +1014,15 @@ def run_search(args: argparse.Namespace) -> dict[str, Any]:
         )
     query_spec = recorded if args.task is None else replace(recorded, query_task=args.task)
     encoder = Qwen3Encoder(query_spec, device=args.device, progress=False)
-    found = search(vectors, args.query, k=args.k, embedder=encoder, chunks=args.chunks)
+    if args.rerank_model is not None:
+        from qwen3_pipeline.embedding.reranker import Qwen3Reranker
+
+        rerank_options["rerank"] = Qwen3Reranker(
+            args.rerank_model, device=args.device, max_length=args.rerank_max_length
+        )
+    found = search(
+        vectors, args.query, k=args.k, embedder=encoder, chunks=args.chunks, **rerank_options
+    )
     return {
         "table": args.table,
         "version": vectors.version,

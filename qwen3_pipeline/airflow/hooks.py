@@ -223,6 +223,76 @@ class LanceDBHook(BaseHook):
             table.checkout(version)
         return table
 
+    def search(
+        self,
+        table: str,
+        query: str,
+        *,
+        k: int = 10,
+        version: int | None = None,
+        chunks: bool = False,
+        rerank_model: str | None = None,
+        candidates: int | None = None,
+        text_column: str | None = None,
+        instruction: str | None = None,
+        device: str = "auto",
+    ) -> list[dict[str, Any]]:
+        """Search a vector table of this connection, reranked when ``rerank_model`` is given.
+
+        The query is embedded with the table's own model and spec; with ``rerank_model`` (a
+        Qwen3-Reranker hub id or checkpoint directory) the ``candidates`` nearest rows are
+        scored by the reranker and the ``k`` best returned, with ``similarity`` and
+        ``rerank_score`` (see :func:`qwen3_pipeline.consumers.vector_search.search`). Both
+        models load for this call and are released before it returns.
+
+        Args:
+            table: Vector table name.
+            query: The query text.
+            k: Rows (documents, on a chunk table) to return.
+            version: Lance version to read (None: the newest checked version).
+            chunks: On a chunk table, return chunks rather than documents.
+            rerank_model: The reranker (None: vector order only).
+            candidates: Vector candidates the reranker scores (default ``max(k, 50)``).
+            text_column: The column the reranker reads (default ``chunk_text``; required on a
+                table of whole documents: a carried text column).
+            instruction: The reranker's instruction (None: the model card's web-search task).
+            device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` for both models.
+
+        Returns:
+            The result rows as dicts (JSON-ready for XCom but for timestamps, which Airflow
+            serialises).
+
+        Raises:
+            ConfigError: A bad option (see ``search``), or the table does not exist.
+        """
+        from qwen3_pipeline.consumers.vector_search import open_vector_table, search
+        from qwen3_pipeline.embedding.encoder import Qwen3Encoder
+        from qwen3_pipeline.embedding.reranker import Qwen3Reranker
+
+        found = self.destination()
+        vectors = open_vector_table(
+            found.uri, table, version=version, storage_options=found.storage_options
+        )
+        encoder = Qwen3Encoder(vectors.spec, device=device, progress=False)
+        reranker = None if rerank_model is None else Qwen3Reranker(rerank_model, device=device)
+        try:
+            hits = search(
+                vectors,
+                query,
+                k=k,
+                embedder=encoder,
+                chunks=chunks,
+                rerank=reranker,
+                candidates=candidates,
+                text_column=text_column,
+                rerank_instruction=instruction,
+            )
+        finally:
+            encoder.close()
+            if reranker is not None:
+                reranker.close()
+        return list(hits.to_pylist())
+
     def test_connection(self) -> tuple[bool, str]:
         """List the database's tables (the UI's *Test* button)."""
         try:

@@ -1,7 +1,7 @@
 """Readers of a vector table: search, data-quality checks, near duplicates.
 
-- :mod:`qwen3_pipeline.consumers.vector_search`: :func:`open_vector_table`, :func:`search`,
-  vector reads, ANN index upkeep, near-duplicate pairs;
+- :mod:`qwen3_pipeline.consumers.vector_search`: :func:`open_vector_table`, :func:`search`
+  (reranked too: :func:`rerank_plan`), vector reads, ANN index upkeep, near-duplicate pairs;
 - :mod:`qwen3_pipeline.consumers.checks`: the table's data-quality checks;
 - :mod:`qwen3_pipeline.consumers.near_duplicates`: the near-duplicate report.
 """
@@ -9,12 +9,14 @@
 from qwen3_pipeline.consumers.vector_search import (
     IndexPolicy,
     IndexUpkeep,
+    RerankPlan,
     VectorTable,
     maintain_vector_index,
     near_duplicate_pairs,
     open_vector_table,
     read_vectors,
     recorded_spec,
+    rerank_plan,
     search,
     vector_matrix,
 )
@@ -22,12 +24,14 @@ from qwen3_pipeline.consumers.vector_search import (
 __all__ = [
     "IndexPolicy",
     "IndexUpkeep",
+    "RerankPlan",
     "VectorTable",
     "maintain_vector_index",
     "near_duplicate_pairs",
     "open_vector_table",
     "read_vectors",
     "recorded_spec",
+    "rerank_plan",
     "search",
     "vector_matrix",
 ]

@@ -10,7 +10,10 @@ to pin from the latest Dagster materialisation.
 - :func:`search` embeds a query with the matching query encoder (same model, dim and
   fingerprint; the query instruction of the recorded spec) and returns the nearest rows; on a
   table of document chunks, the nearest documents (each with its best chunk), or with
-  ``chunks=True`` the nearest chunks.
+  ``chunks=True`` the nearest chunks. With ``rerank=`` (a
+  :class:`~qwen3_pipeline.embedding.reranker.Qwen3Reranker`) it is two-stage: the nearest
+  ``candidates`` are scored by the reranker and the best ``k`` by its score returned;
+  :func:`rerank_plan` checks those options before any model loads.
 - :func:`maintain_vector_index` keeps an ANN index on the vectors: none below a row threshold
   (exact search is fast there), created once the table passes it, then
   :func:`~qwen3_pipeline.store.upkeep.optimize_table` to fold new rows into it after refreshes
@@ -43,6 +46,7 @@ from qwen3_pipeline.core.schema import (
 )
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import Embedder
+from qwen3_pipeline.embedding.reranker import Reranker
 from qwen3_pipeline.store import checked_versions, resolve_read_version, store_error
 from qwen3_pipeline.store.upkeep import fragment_count, optimize_table
 
@@ -58,6 +62,10 @@ _SEARCH_CHUNK = ("chunk_seq", "chunk_start", "chunk_end", "chunk_text")
 # A document search first fetches this many nearest chunks per wanted document, and doubles
 # the fetch while fewer than k distinct documents come back (long documents crowd the top).
 _CHUNK_OVERFETCH = 4
+# A reranked search scores this many vector candidates unless told otherwise (at least k).
+DEFAULT_RERANK_CANDIDATES = 50
+# The reranker's score in a reranked search's results (beside the vector stage's similarity).
+RERANK_SCORE_COLUMN = "rerank_score"
 
 
 # --------------------------------------------------------------------------- pinned tables
@@ -209,6 +217,10 @@ def search(
     where: Any = None,
     columns: list[str] | None = None,
     chunks: bool = False,
+    rerank: Reranker | None = None,
+    candidates: int | None = None,
+    text_column: str | None = None,
+    rerank_instruction: str | None = None,
 ) -> pa.Table:
     """Return the ``k`` rows (or documents) nearest to ``query`` (cosine), best first.
 
@@ -223,6 +235,16 @@ def search(
     table (after ``where``) has no more chunks. ``chunks=True`` returns the ``k`` nearest chunk
     rows instead, several of one document included.
 
+    With ``rerank`` (a :class:`~qwen3_pipeline.embedding.reranker.Qwen3Reranker`, or anything
+    with its ``score`` method) search is two-stage: the ``candidates`` nearest rows (documents,
+    each with its best chunk, on a chunk table) are fetched by vector, the reranker scores
+    each against the query, and the ``k`` best by that score are returned, best first, with
+    both scores: ``similarity`` (of the vector stage) and ``rerank_score``. On a chunk table
+    the reranker reads the matched chunk's text; a table of whole documents stores no text,
+    so ``text_column`` names a carry-along column holding it (carry the text column when the
+    table is built, e.g. ``SourceConfig(..., carry=("body",))``). A null text is scored as an
+    empty document.
+
     Args:
         vectors: The pinned table.
         query: The query text.
@@ -230,14 +252,22 @@ def search(
         embedder: The query embedder; None builds the matching Qwen3 encoder.
         where: An optional ``lancedb.expr`` filter (never a pasted SQL string), applied to the
             rows (chunks) before the nearest are chosen.
-        columns: Columns to return besides ``similarity`` (never the vector). Default: key,
+        columns: Columns to return besides the scores (never the vector). Default: key,
             carry-along and time lineage columns; on a chunk table ``doc_key``, ``chunk_seq``,
             ``chunk_start``, ``chunk_end``, ``chunk_text`` instead of the key (with it too when
             ``chunks=True``). A document search always returns ``doc_key``.
         chunks: On a chunk table, return the nearest chunks rather than documents.
+        rerank: Rerank the vector candidates with this reranker (None: vector order).
+        candidates: How many vector candidates the reranker scores (at least ``k``); default
+            ``max(k, 50)``. Only with ``rerank``.
+        text_column: The column whose text the reranker reads; default ``chunk_text`` on a
+            chunk table, required on a table of whole documents. Only with ``rerank``.
+        rerank_instruction: What relevance means to the reranker (its ``Instruct``); None is
+            the reranker's default (the model card's web-search task). Only with ``rerank``.
 
     Returns:
-        An Arrow table with the requested columns and ``similarity`` (1 - cosine distance).
+        An Arrow table with the requested columns and ``similarity`` (1 - cosine distance),
+        then ``rerank_score`` when reranked.
 
     Raises:
         SpecMismatchError: ``embedder`` follows another spec than the table.
@@ -245,13 +275,18 @@ def search(
             (its rows are already documents; asking for chunks there is a mistake worth
             hearing about, e.g. a table built without chunking), ``columns`` asks for a name
             search adds itself, or the table stores a ``_distance`` column (it cannot be
-            searched until that column is dropped).
+            searched until that column is dropped); with ``rerank``: fewer ``candidates``
+            than ``k``, no ``text_column`` on a table of whole documents or one the table
+            does not store; a reranking option without ``rerank``.
 
     Example:
         >>> hits = search(vectors, "retry with backoff", k=5)  # doctest: +SKIP
         >>> hits.column_names  # a chunk table with carry column "title"  # doctest: +SKIP
         ['doc_key', 'chunk_seq', 'chunk_start', 'chunk_end', 'chunk_text', 'title',
          'partition_key', 'source_updated_at', 'embedded_at', 'similarity']
+        >>> reranker = Qwen3Reranker("Qwen/Qwen3-Reranker-0.6B")  # doctest: +SKIP
+        >>> search(vectors, "retry with backoff", k=5, rerank=reranker, candidates=50)
+        ... # doctest: +SKIP
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"k must be a positive integer, got {k!r}")
@@ -261,14 +296,47 @@ def search(
             "per document (its spec has no chunking); search it without chunks=True"
         )
     _check_output_names(vectors, columns)
-    vector = _query_vector(vectors, query, embedder)
-    if not vectors.chunked or chunks:
+    documents = vectors.chunked and not chunks
+    if documents:
+        wanted = columns or [
+            DOC_KEY_COLUMN,
+            *_SEARCH_CHUNK,
+            *vectors.carry_columns,
+            *_SEARCH_LINEAGE,
+        ]
+        if DOC_KEY_COLUMN not in wanted:
+            wanted = [DOC_KEY_COLUMN, *wanted]
+    else:
         hit = [DOC_KEY_COLUMN, *_SEARCH_CHUNK] if vectors.chunked else []
         wanted = columns or ["key", *hit, *vectors.carry_columns, *_SEARCH_LINEAGE]
+    if rerank is None:
+        _refuse_rerank_options(candidates, text_column, rerank_instruction)
+        vector = _query_vector(vectors, query, embedder)
+        return _vector_hits(vectors, vector, wanted, where, k, documents=documents)
+    if not isinstance(rerank, Reranker):
+        raise ConfigError(
+            f"rerank must have a score(query, documents, instruction) method (a Qwen3Reranker), "
+            f"got {type(rerank).__name__}"
+        )
+    plan = rerank_plan(vectors, k=k, candidates=candidates, text_column=text_column, columns=wanted)
+    vector = _query_vector(vectors, query, embedder)
+    read = wanted if plan.text_column in wanted else [*wanted, plan.text_column]
+    hits = _vector_hits(vectors, vector, read, where, plan.candidates, documents=documents)
+    return _reranked(hits, query, rerank, rerank_instruction, plan.text_column, wanted, k)
+
+
+def _vector_hits(
+    vectors: VectorTable,
+    vector: np.ndarray,
+    wanted: list[str],
+    where: Any,
+    k: int,
+    *,
+    documents: bool,
+) -> pa.Table:
+    """The ``k`` nearest rows, or on a chunk table the ``k`` nearest documents, with similarity."""
+    if not documents:
         return _with_similarity(_nearest(vectors, vector, wanted, where, k), wanted)
-    wanted = columns or [DOC_KEY_COLUMN, *_SEARCH_CHUNK, *vectors.carry_columns, *_SEARCH_LINEAGE]
-    if DOC_KEY_COLUMN not in wanted:
-        wanted = [DOC_KEY_COLUMN, *wanted]
     limit = _CHUNK_OVERFETCH * k
     while True:
         found = _nearest(vectors, vector, wanted, where, limit)
@@ -276,6 +344,112 @@ def search(
         if best.num_rows >= k or found.num_rows < limit:
             return _with_similarity(best.slice(0, k), wanted)
         limit *= 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class RerankPlan:
+    """What the reranking stage of a search reads.
+
+    Attributes:
+        candidates: Vector candidates the reranker scores.
+        text_column: The column holding each candidate's text.
+    """
+
+    candidates: int
+    text_column: str
+
+
+def rerank_plan(
+    vectors: VectorTable,
+    *,
+    k: int,
+    candidates: int | None = None,
+    text_column: str | None = None,
+    columns: list[str] | None = None,
+) -> RerankPlan:
+    """Check a reranked search's options against the table, before any model loads.
+
+    :func:`search` runs it; a driver that builds the reranker itself (the CLI) runs it first,
+    so a bad option is refused before a checkpoint is read.
+
+    Args:
+        vectors: The pinned table.
+        k: Results wanted.
+        candidates: Vector candidates to rerank (None: ``max(k, 50)``).
+        text_column: The text the reranker reads (None: ``chunk_text`` on a chunk table).
+        columns: The result columns (None: the table's carry columns are among them).
+
+    Returns:
+        The number of candidates and the text column.
+
+    Raises:
+        ConfigError: ``candidates`` below ``k``; no ``text_column`` on a table of whole
+            documents, or one the table does not store; a result column already named
+            ``rerank_score``.
+
+    Example:
+        >>> rerank_plan(vectors, k=5).candidates  # doctest: +SKIP
+        50
+    """
+    pool = max(k, DEFAULT_RERANK_CANDIDATES) if candidates is None else candidates
+    if isinstance(pool, bool) or not isinstance(pool, int) or pool < k:
+        raise ConfigError(
+            f"candidates must be an integer of at least k={k} (the reranker picks the k best "
+            f"of them), got {candidates!r}"
+        )
+    if text_column is None:
+        if not vectors.chunked:
+            raise ConfigError(
+                f"reranking needs each candidate's text, but {vectors.name!r} holds whole "
+                "documents and stores no text: name a carry-along column holding it "
+                f"(text_column=; carried here: {vectors.carry_columns}), or carry the text "
+                "column when the table is built"
+            )
+        text_column = "chunk_text"
+    if text_column not in vectors.table.schema.names or text_column == VECTOR_COLUMN:
+        raise ConfigError(
+            f"text_column={text_column!r} is not a text column of {vectors.name!r} "
+            f"(carried here: {vectors.carry_columns})"
+        )
+    if RERANK_SCORE_COLUMN in (columns or vectors.carry_columns):
+        raise ConfigError(
+            f"a reranked search adds the column {RERANK_SCORE_COLUMN!r}; the table or columns= "
+            "name one already: leave it out of columns= (or rename the carry column)"
+        )
+    return RerankPlan(candidates=pool, text_column=text_column)
+
+
+def _refuse_rerank_options(
+    candidates: int | None, text_column: str | None, instruction: str | None
+) -> None:
+    named = (
+        ("candidates", candidates),
+        ("text_column", text_column),
+        ("rerank_instruction", instruction),
+    )
+    given = [name for name, value in named if value is not None]
+    if given:
+        raise ConfigError(f"{', '.join(given)}: only with rerank= (a reranker)")
+
+
+def _reranked(
+    hits: pa.Table,
+    query: str,
+    reranker: Reranker,
+    instruction: str | None,
+    text_column: str,
+    wanted: list[str],
+    k: int,
+) -> pa.Table:
+    """The ``k`` hits the reranker scores best, with its score beside the vector similarity."""
+    texts = [text or "" for text in hits.column(text_column).to_pylist()]
+    scores = np.asarray(reranker.score(query, texts, instruction), np.float32)
+    if scores.shape != (hits.num_rows,):
+        raise ConfigError(f"the reranker returned {scores.size} scores for {hits.num_rows} texts")
+    # A stable sort on the negated score: ties keep the vector stage's order.
+    order = np.argsort(-scores, kind="stable")[:k]
+    best = hits.take(pa.array(order, pa.int64())).select([*wanted, "similarity"])
+    return best.append_column(RERANK_SCORE_COLUMN, pa.array(scores[order], pa.float32()))
 
 
 def _check_output_names(vectors: VectorTable, columns: list[str] | None) -> None:

@@ -64,12 +64,14 @@ CHUNK_FIELDS = (
 )
 RESERVED_COLUMNS = frozenset(LINEAGE_COLUMNS) | frozenset(CHUNK_COLUMNS)
 # Names that reading a table adds to its rows, so no stored column may take them: search's
-# score (``similarity``), LanceDB's scores (``_distance`` of a vector search, ``_score`` of a
-# full-text search, ``_relevance_score`` of a reranked hybrid search) and Lance's row system
-# columns. A carry column named so would make the table unsearchable ("Duplicate column
-# name") or be silently replaced by the score in search results.
+# scores (``similarity``; ``rerank_score`` of a reranked search), LanceDB's scores
+# (``_distance`` of a vector search, ``_score`` of a full-text search, ``_relevance_score`` of a
+# reranked hybrid search) and Lance's row system columns. A carry column named so would make the
+# table unsearchable ("Duplicate column name") or be silently replaced by the score in search
+# results.
 SEARCH_OUTPUT_COLUMNS = (
     "similarity",
+    "rerank_score",
     "_distance",
     "_score",
     "_relevance_score",

@@ -32,6 +32,7 @@ _WHERE = {
     "HashShards": "qwen3_pipeline.dagster.embedding_asset",
     "LanceDBResource": "qwen3_pipeline.dagster.resources",
     "Qwen3EmbedderResource": "qwen3_pipeline.dagster.resources",
+    "Qwen3RerankerResource": "qwen3_pipeline.dagster.reranker_resource",
     "RayEmbedderResource": "qwen3_pipeline.dagster.ray_resource",
     "RefreshRunConfig": "qwen3_pipeline.dagster.embedding_asset",
     "RollbackConfig": "qwen3_pipeline.dagster.lifecycle_jobs",

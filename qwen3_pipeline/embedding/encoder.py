@@ -1,4 +1,4 @@
-r"""The Qwen3-Embedding encoder: the only module that imports torch and transformers.
+r"""The Qwen3-Embedding encoder (torch and transformers, placed and loaded as the reranker is).
 
 It follows the model card exactly: left padding, every input ending in ``<|endoftext|>``, the
 hidden state of that last token as the embedding, Matryoshka truncation to ``dim`` components,
@@ -10,73 +10,57 @@ and retried; a non-finite vector is recomputed in float32; a row that still fail
 never dropped.
 
 torch and transformers are imported when an encoder is built, never at package import, so
-Dagster definitions, the CLI's help and the non-model tests load without them.
+Dagster definitions, the CLI's help and the non-model tests load without them. Placement,
+loading and the left-padded inputs are :mod:`qwen3_pipeline.embedding.checkpoint`'s, shared
+with :mod:`qwen3_pipeline.embedding.reranker`.
 """
 
-import importlib.util
 import logging
-import os
 import time
-from collections.abc import Sequence
-from enum import StrEnum
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from qwen3_pipeline.core.errors import ConfigError, ModelLoadError
+from qwen3_pipeline.core.errors import EmbeddingFailedError, ModelLoadError
+from qwen3_pipeline.core.failures import FailureStep, RowFailure
 from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.core.spec import EmbeddingSpec
-from qwen3_pipeline.embedding.batching import left_pad, padded_positions, plan_batches, split_batch
+from qwen3_pipeline.embedding.batching import padded_positions, plan_batches, split_batch
+from qwen3_pipeline.embedding.checkpoint import (
+    DEFAULT_MAX_BATCH_ROWS,
+    DEFAULT_MAX_BATCH_TOKENS_CPU,
+    DEFAULT_MAX_BATCH_TOKENS_CUDA,
+    Attention,
+    Device,
+    PlacedModel,
+    Precision,
+    env_offline,
+    free_accelerator_memory,
+    in_float32,
+    load_pretrained,
+    padded_inputs,
+)
 from qwen3_pipeline.embedding.interface import BatchDone, EncodeResult, EncodeStats
 
 logger = logging.getLogger("qwen3_pipeline")
 
 END_OF_TEXT = "<|endoftext|>"
-DEFAULT_MAX_BATCH_TOKENS_CUDA = 16384
-DEFAULT_MAX_BATCH_TOKENS_CPU = 4096
-DEFAULT_MAX_BATCH_ROWS = 256
+# Where the model runs and how it loads is shared with the reranker (embedding.checkpoint);
+# these names stay importable from here.
+__all__ = [
+    "DEFAULT_MAX_BATCH_ROWS",
+    "DEFAULT_MAX_BATCH_TOKENS_CPU",
+    "DEFAULT_MAX_BATCH_TOKENS_CUDA",
+    "END_OF_TEXT",
+    "Attention",
+    "Device",
+    "Precision",
+    "Qwen3Encoder",
+    "env_offline",
+]
 
 
-class Device(StrEnum):
-    """Where the model runs; ``auto`` picks CUDA when available."""
-
-    AUTO = "auto"
-    CPU = "cpu"
-    CUDA = "cuda"
-
-
-class Precision(StrEnum):
-    """Model weights dtype; ``auto`` is bfloat16 on CUDA and float32 on CPU."""
-
-    AUTO = "auto"
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-    FLOAT16 = "float16"
-
-
-class Attention(StrEnum):
-    """Attention kernel; ``auto`` is flash-attention-2 when ``flash_attn`` imports on CUDA."""
-
-    AUTO = "auto"
-    SDPA = "sdpa"
-    EAGER = "eager"
-    FLASH_ATTENTION_2 = "flash_attention_2"
-
-
-def env_offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` asks for local files only."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _parse_choice(enum: type[StrEnum], value: str, name: str) -> Any:
-    try:
-        return enum(value)
-    except ValueError as e:
-        choices = ", ".join(m.value for m in enum)
-        raise ConfigError(f"{name}={value!r} is not one of: {choices}") from e
-
-
-class Qwen3Encoder:
+class Qwen3Encoder(PlacedModel):
     """Embed texts with a Qwen3-Embedding checkpoint, token-budget batched.
 
     Args:
@@ -118,28 +102,17 @@ class Qwen3Encoder:
         progress: bool = True,
         load_model: bool = True,
     ) -> None:
-        import torch
-
-        self._torch = torch
+        super().__init__(device, dtype, attention, max_batch_tokens, max_batch_rows)
         self._spec = spec
         self._progress = progress
-        self.last_stats: EncodeStats | None = None
-        self.device = self._resolve_device(device)
-        on_cuda = self.device.type == "cuda"
-        self.dtype = self._resolve_dtype(_parse_choice(Precision, dtype, "dtype"), on_cuda)
-        self.attention = self._resolve_attention(
-            _parse_choice(Attention, attention, "attention"), on_cuda
-        )
-        default_budget = DEFAULT_MAX_BATCH_TOKENS_CUDA if on_cuda else DEFAULT_MAX_BATCH_TOKENS_CPU
-        self.max_batch_tokens = max_batch_tokens or default_budget
-        self.max_batch_rows = max_batch_rows
-        if self.max_batch_tokens < 1 or self.max_batch_rows < 1:
-            raise ConfigError(
-                f"max_batch_tokens={max_batch_tokens} and max_batch_rows={max_batch_rows} "
-                "must be positive"
-            )
         offline = env_offline() if local_files_only is None else local_files_only
-        self._tokenizer, self._model = self._load(offline, load_model=load_model)
+        self._tokenizer, self._model = load_pretrained(
+            spec.model,
+            revision=spec.revision,
+            placement=self.placement,
+            local_files_only=offline,
+            load_model=load_model,
+        )
         self._eot_id = self._end_of_text_id()
         self._pad_id = self._tokenizer.pad_token_id
         if self._pad_id is None:
@@ -151,75 +124,6 @@ class Qwen3Encoder:
         return self._spec
 
     # -- loading -------------------------------------------------------------------------
-
-    def _resolve_device(self, device: str) -> Any:
-        torch = self._torch
-        if device == Device.AUTO:
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            resolved = torch.device(device)
-        except RuntimeError as e:
-            raise ConfigError(f"device={device!r} is not a valid torch device") from e
-        if resolved.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"device={device!r} was asked for but CUDA is not available here")
-        return resolved
-
-    def _resolve_dtype(self, precision: Precision, on_cuda: bool) -> Any:
-        torch = self._torch
-        if precision == Precision.AUTO:
-            # fp16 overflows to NaN on some inputs; bf16 has fp32's range.
-            return torch.bfloat16 if on_cuda else torch.float32
-        return getattr(torch, precision.value)
-
-    def _resolve_attention(self, attention: Attention, on_cuda: bool) -> str:
-        # transformers with the `kernels` package would download a flash-attention kernel from
-        # the hub when flash_attn is missing; only ever ask for it when the package imports.
-        has_flash = on_cuda and importlib.util.find_spec("flash_attn") is not None
-        if attention == Attention.AUTO:
-            return Attention.FLASH_ATTENTION_2.value if has_flash else Attention.SDPA.value
-        if attention == Attention.FLASH_ATTENTION_2 and not has_flash:
-            raise ConfigError(
-                "attention='flash_attention_2' needs CUDA and the flash_attn package; "
-                "install flash-attn or use attention='sdpa'"
-            )
-        return attention.value
-
-    def _load(self, local_files_only: bool, *, load_model: bool) -> tuple[Any, Any]:
-        from transformers import AutoModel, AutoTokenizer
-
-        spec = self._spec
-        common: dict[str, Any] = {
-            "revision": spec.revision,
-            "local_files_only": local_files_only,
-            "trust_remote_code": False,
-        }
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(spec.model, padding_side="left", **common)
-            if not load_model:
-                return tokenizer, None
-            model = AutoModel.from_pretrained(
-                spec.model,
-                dtype=self.dtype,
-                attn_implementation=self.attention,
-                use_safetensors=True,
-                **common,
-            )
-        except (OSError, ValueError) as e:
-            raise ModelLoadError(
-                f"could not load model {spec.model!r} (revision {spec.revision!r}): {e}. "
-                "If this machine cannot reach the hub, download the checkpoint elsewhere "
-                "(safetensors) and set the model (QWEN3_PIPELINE_MODEL / --model) to its "
-                "local directory."
-            ) from e
-        if getattr(model.config, "model_type", None) != "qwen3":
-            logger.warning(
-                "model %s has model_type=%r, not 'qwen3'; last-token pooling may not fit it",
-                spec.model,
-                getattr(model.config, "model_type", None),
-            )
-        model.to(self.device)
-        model.eval()
-        return tokenizer, model
 
     def _end_of_text_id(self) -> int:
         eot = self._tokenizer.convert_tokens_to_ids(END_OF_TEXT)
@@ -233,8 +137,7 @@ class Qwen3Encoder:
     def close(self) -> None:
         """Release the model and free accelerator memory (the encoder is unusable after)."""
         self._model = None
-        if self.device.type == "cuda":
-            self._torch.cuda.empty_cache()
+        free_accelerator_memory(self.device)
 
     # -- public encode API ---------------------------------------------------------------
 
@@ -320,15 +223,21 @@ class Qwen3Encoder:
                 "new one"
             )
         started = time.perf_counter()
-        ids, truncated = self.tokenize(texts)
+        failures: dict[int, RowFailure | str] = {}
+        ids, truncated = self._tokenize_rows(texts, failures)
         lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=len(ids))
         dim = self._spec.output_dim
         vectors = np.full((len(texts), dim), np.nan, dtype=np.float32)
-        failures: dict[int, str] = {}
         counters = {"batches": 0, "padded": 0}
-        batches = plan_batches(
-            lengths, max_batch_tokens=self.max_batch_tokens, max_batch_rows=self.max_batch_rows
-        )
+        tokenized = np.array([i for i in range(len(texts)) if i not in failures], dtype=np.int64)
+        batches = [
+            tokenized[batch]
+            for batch in plan_batches(
+                lengths[tokenized],
+                max_batch_tokens=self.max_batch_tokens,
+                max_batch_rows=self.max_batch_rows,
+            )
+        ]
         with Progress(
             int(lengths.sum()),
             f"embedding {what}",
@@ -341,6 +250,7 @@ class Qwen3Encoder:
                 progress.update(batch_tokens, rows=len(batch))
                 if on_batch is not None:
                     on_batch(len(batch), batch_tokens)
+        _raise_if_every_row_failed(failures, len(texts))
         self._retry_non_finite(ids, lengths, vectors, failures, counters)
         stats = EncodeStats(
             rows=len(texts),
@@ -359,43 +269,73 @@ class Qwen3Encoder:
             stats=stats,
         )
 
+    def _tokenize_rows(
+        self, texts: list[str], failures: dict[int, "RowFailure | str"]
+    ) -> tuple[list[list[int]], np.ndarray]:
+        """:meth:`tokenize`; a text the tokenizer rejects is a failed row, not a failed call."""
+        try:
+            return self.tokenize(texts)
+        except Exception:  # isolated below, row by row
+            logger.warning("the tokenizer failed on a batch of %d texts; isolating", len(texts))
+        ids: list[list[int]] = []
+        truncated = np.zeros(len(texts), dtype=bool)
+        for row, text in enumerate(texts):
+            try:
+                one, cut = self.tokenize([text])
+            except Exception as e:  # recorded with its step and type
+                failures[row] = RowFailure.of_error(FailureStep.TOKENIZE, e)
+                ids.append([self._eot_id])
+                continue
+            ids.append(one[0])
+            truncated[row] = bool(cut[0])
+        return ids, truncated
+
     def _run_batch(
         self,
         ids: list[list[int]],
         lengths: np.ndarray,
         batch: np.ndarray,
         vectors: np.ndarray,
-        failures: dict[int, str],
+        failures: dict[int, "RowFailure | str"],
         counters: dict[str, int],
     ) -> None:
+        """One forward pass; a failing batch is split until the failing rows are alone.
+
+        Out-of-memory and any other error of the forward pass are handled alike: one bad row
+        never fails its neighbours, and only the rows that fail on their own are recorded.
+        """
         torch = self._torch
         try:
             counters["batches"] += 1
             vectors[batch] = self._forward([ids[i] for i in batch])
             counters["padded"] += padded_positions(lengths, batch)
-        except torch.OutOfMemoryError:
+            return
+        except torch.OutOfMemoryError as e:
             torch.cuda.empty_cache()
-            if batch.size == 1:
-                row = int(batch[0])
-                failures[row] = f"out of memory for a single row of {int(lengths[row])} tokens"
-                logger.error("row %d (%d tokens) failed: out of memory", row, lengths[row])
-                return
-            logger.warning("out of memory on %d rows; splitting the batch and retrying", batch.size)
-            for half in split_batch(batch):
-                self._run_batch(ids, lengths, half, vectors, failures, counters)
+            error: Exception = e
+        except Exception as e:  # isolated by splitting, then recorded
+            error = e
+        out_of_memory = isinstance(error, torch.OutOfMemoryError)
+        if batch.size == 1:
+            row = int(batch[0])
+            if out_of_memory:
+                message = f"out of memory for a single row of {int(lengths[row])} tokens"
+                failures[row] = RowFailure(str(FailureStep.EMBED), type(error).__name__, message)
+            else:
+                failures[row] = RowFailure.of_error(FailureStep.EMBED, error)
+            logger.error("row %d (%d tokens) failed: %s", row, lengths[row], failures[row])
+            return
+        logger.warning(
+            "%s on %d rows; splitting the batch and retrying",
+            "out of memory" if out_of_memory else f"{type(error).__name__}: {error}",
+            batch.size,
+        )
+        for half in split_batch(batch):
+            self._run_batch(ids, lengths, half, vectors, failures, counters)
 
     def _forward(self, sequences: list[list[int]]) -> np.ndarray:
         torch = self._torch
-        input_ids, attention_mask = left_pad(sequences, self._pad_id)
-        ids_t = torch.from_numpy(input_ids).to(self.device)
-        inputs: dict[str, Any] = {"input_ids": ids_t, "use_cache": False}
-        if not attention_mask.all():
-            mask_t = torch.from_numpy(attention_mask).to(self.device)
-            inputs["attention_mask"] = mask_t
-            # Positions count real tokens only, as if each row ran alone (RoPE makes this exact).
-            inputs["position_ids"] = (mask_t.cumsum(-1) - 1).clamp(min=0)
-        # else: a batch of equal lengths (common after sorting) needs no mask, which lets SDPA
-        # take its fused causal kernel instead of materialising a padding mask.
+        inputs = padded_inputs(sequences, self._pad_id, self.device)
         with torch.inference_mode():
             hidden = self._model(**inputs).last_hidden_state
             # Left padding: every row's <|endoftext|> is in the last column.
@@ -409,7 +349,7 @@ class Qwen3Encoder:
         ids: list[list[int]],
         lengths: np.ndarray,
         vectors: np.ndarray,
-        failures: dict[int, str],
+        failures: dict[int, "RowFailure | str"],
         counters: dict[str, int],
     ) -> None:
         bad = [
@@ -417,12 +357,8 @@ class Qwen3Encoder:
         ]
         if not bad:
             return
-        torch = self._torch
-        original = self._model.dtype
         logger.warning("%d row(s) gave non-finite vectors; recomputing them in float32", len(bad))
-        if original != torch.float32:
-            self._model.float()
-        try:
+        with in_float32(self._model):
             for row in bad:
                 counters["batches"] += 1
                 counters["padded"] += int(lengths[row])
@@ -432,7 +368,21 @@ class Qwen3Encoder:
                 else:
                     failures[row] = "non-finite vector, also in float32"
                     logger.error("row %d gave a non-finite vector even in float32", row)
-        finally:
-            if original != torch.float32:
-                # bf16 -> fp32 -> bf16 is exact, so the model is unchanged afterwards.
-                self._model.to(original)
+
+
+def _raise_if_every_row_failed(failures: Mapping[int, "RowFailure | str"], rows: int) -> None:
+    """Raise when every row of a call of several rows failed on its own.
+
+    That is the model failing (a lost device, a broken checkpoint), not the rows: recording
+    each row as a failure would quarantine the whole table.
+
+    Raises:
+        EmbeddingFailedError: Every one of ``rows`` (>= 2) failed.
+    """
+    if rows < 2 or len(failures) < rows:
+        return
+    first = failures[min(failures)]
+    raise EmbeddingFailedError(
+        f"every one of {rows} rows failed on its own, so the model is failing, not the rows "
+        f"(first: {first}); nothing was recorded against the rows. Check the model and device"
+    )
