@@ -510,7 +510,8 @@ def test_reports_of_concurrent_shard_tasks_add_up_to_the_runs_summary() -> None:
     )
     assert summary.lines() == [
         "LanceDB table: /d/lancedb/docs.lance (version 7)",
-        "rows: 5 stored | this run: 3 inserted, 0 updated, 0 deleted, 2 unchanged, 3 embedded "
+        "rows: 5 stored | this run: 0 read, 3 inserted, 0 updated, 0 deleted, 2 unchanged, "
+        "3 embedded "
         "(30 tokens, padding efficiency 0.75); lance version 0 -> 6",
         "search: exact | near-duplicate pairs: 1 in warehouse.main.near_duplicates",
     ]
@@ -745,7 +746,9 @@ def test_demo_dag_runs_twice_second_run_embeds_nothing_and_commits_nothing(
     con.close()
     version = lancedb.connect(str(lance)).open_table("documents").version
     assert first[1] == f"LanceDB table: {lance}/documents.lance (version {version})"
-    assert first[2].startswith(f"rows: {documents} stored | this run: {documents} inserted, ")
+    assert first[2].startswith(
+        f"rows: {documents} stored | this run: {documents} read, {documents} inserted, "
+    )
     assert f"{documents} embedded" in first[2]
     assert first[3] == (
         f"search: exact | near-duplicate pairs: {pairs} in warehouse.main.near_duplicates"
@@ -1031,3 +1034,19 @@ def test_failed_row_settings_come_from_params_and_bad_values_fail_without_retry(
             _execute(_operator(db, lance, tiny_model_dir, **bad))
         assert isinstance(failed.value.__cause__, ConfigError)
     assert not lance.exists() or not list_table_names(lancedb.connect(str(lance)))
+
+
+def test_the_watermark_is_an_operator_setting_from_params(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from qwen3_pipeline.core.errors import ConfigError
+
+    db, lance = tmp_path / "src.duckdb", tmp_path / "lancedb"
+    # What Jinja renders from "{{ params.watermark }}" and friends.
+    config = _operator(db, lance, tiny_model_dir, watermark="True", watermark_lag_s="60",
+                       key_scan="4").source_config()  # fmt: skip
+    assert config.watermark is not None
+    assert (config.watermark.lag_s, config.watermark.key_scan) == (60.0, 4)
+    assert _operator(db, lance, tiny_model_dir, watermark="False").source_config().watermark is None
+    with pytest.raises(ConfigError, match="key_scan"):
+        _operator(db, lance, tiny_model_dir, watermark=True, key_scan="sometimes").source_config()

@@ -139,7 +139,8 @@ def test_backfill_from_the_ui_then_incremental_refresh(
     schedules = automation["schedulesOrError"]["results"]
     sensors = automation["sensorsOrError"]["results"]
     assert {s["name"]: s["scheduleState"]["status"] for s in schedules} == {
-        "document_vectors_hourly": "STOPPED"
+        "document_vectors_hourly": "STOPPED",
+        "document_vectors_nightly_reconcile": "STOPPED",
     }
     assert {s["name"]: s["sensorState"]["status"] for s in sensors} == {
         "document_vectors_automation": "STOPPED"
@@ -178,8 +179,11 @@ def test_backfill_from_the_ui_then_incremental_refresh(
     con = duckdb.connect(str(data / "warehouse.duckdb"))
     picked = con.execute(f"SELECT doc_id FROM documents ORDER BY doc_id LIMIT {CHANGED}")
     changed = [key for (key,) in picked.fetchall()]
+    # An edit moves updated_at (as the dbt model's source does): the demo's hourly refresh
+    # reads by watermark, so it reads only these rows.
     con.execute(
-        "UPDATE documents SET text = text || ' (edited)' WHERE doc_id IN (SELECT unnest(?))",
+        "UPDATE documents SET text = text || ' (edited)', updated_at = now()::TIMESTAMP "
+        "WHERE doc_id IN (SELECT unnest(?))",
         [changed],
     )
     con.close()

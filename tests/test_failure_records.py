@@ -258,3 +258,18 @@ def test_killed_before_clearing_the_records_of_fixed_rows_converges(source, tmp_
     assert rerun["unchanged"] == 30
     assert rerun["retried"] == 0
     assert records(db) == {}
+
+
+def test_a_half_created_side_table_is_dropped_and_made_again(source, tmp_path):
+    # A run killed while LanceDB created the canary or failure table leaves a directory that
+    # is listed but never committed: later refreshes must not fail on it forever.
+    path, rows = source
+    db = tmp_path / "db"
+    for name in ("docs__canary", "docs__failures"):
+        (db / f"{name}.lance" / "data").mkdir(parents=True)
+    fake = FakeEmbedder(spec(), fail_texts=[rendered(rows, 3)])
+    report = refresh(source=ParquetSource(path), config=CONFIG, embedder=fake, db_uri=str(db),
+                     table=TABLE, progress=False, retry_backoff_s=0)  # fmt: skip
+    assert report.canaries_recorded > 0
+    assert report.failed == 1
+    assert sorted(records(str(db))) == ["3"]

@@ -441,8 +441,11 @@ def test_a_first_fill_interrupted_then_run_by_changed_weights_is_refused(tiny_mo
 
     encoder = Qwen3Encoder(model_spec, device="cpu", progress=False)
     with pytest.raises(KeyboardInterrupt):
-        run(_CtrlC(encoder, TEXTS[10]))  # Ctrl-C in the third chunk: two chunks committed
-    assert lancedb.connect(db).open_table("docs").count_rows() == 8
+        run(_CtrlC(encoder, TEXTS[10]))  # Ctrl-C in the third chunk
+    # The first chunk is committed; the second, embedded while the first was written, is
+    # committed too unless the interrupt came before its commit began (the pipelined apply
+    # finishes the commit in progress, and starts none after an interrupt).
+    assert lancedb.connect(db).open_table("docs").count_rows() in (4, 8)
     _perturb_weights(model)
     version = lancedb.connect(db).open_table("docs").version
     with pytest.raises(EmbeddingDriftError, match="no longer reproduces"):
@@ -479,14 +482,15 @@ def test_a_resumed_rebuild_is_checked_against_its_staging_tables_canaries(tmp_pa
             table="docs", progress=False)  # fmt: skip
     staging = rebuild_table_name("docs", new)
     with pytest.raises(KeyboardInterrupt):
-        rebuild(_StopAt(new, TEXTS[20]))  # two chunks of the staging table committed
+        rebuild(_StopAt(new, TEXTS[20]))  # one or two chunks of the staging table committed
     assert f"{staging}__canary" in lancedb.connect(db).list_tables().tables
     # Resumed by other weights: refused, the staging table would mix two models.
     with pytest.raises(EmbeddingDriftError, match="drop the staging table"):
         rebuild(_Salted(new, "new weights "))
     # Resumed by the same weights: completed and swapped; the canaries go with it.
     report = rebuild(FakeEmbedder(new))
-    assert (report.inserted, report.committed) == (len(TEXTS) - 16, True)
+    assert report.committed
+    assert report.inserted in (len(TEXTS) - 16, len(TEXTS) - 8)  # see the interrupt above
     tables = set(lancedb.connect(db).list_tables().tables)
     assert staging not in tables
     assert f"{staging}__canary" not in tables

@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from qwen3_pipeline.embedding.lazy import EmbedderBuilder
     from qwen3_pipeline.engine.options import RefreshOptions
     from qwen3_pipeline.engine.report import RefreshReport
-    from qwen3_pipeline.sources import Shard, Shards, Source, SourceConfig
+    from qwen3_pipeline.sources import Shard, Shards, Source, SourceConfig, Watermark
 
 # Airflow re-parses a DAG file often: the engine (torch, lancedb, duckdb) is imported in
 # execute(), never at module import.
@@ -140,6 +140,13 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             with ``engine="ray"``), or a callable ``spec -> Embedder`` (an embedding
             service's client, or :class:`~qwen3_pipeline.testing.FakeEmbedder` in tests).
             Not templated (Airflow would call a callable template field).
+        watermark: Read only rows whose ``updated_at`` is later than the table's stored mark
+            for this task's scope (needs ``updated_at``; see docs/guides/change-capture.md).
+            Templated.
+        watermark_lag_s: With ``watermark``: also read rows up to this many seconds before
+            the mark (late commits; None: 0). Templated.
+        key_scan: With ``watermark``: read the source's keys to find deletes ``"every"``
+            refresh (None: the default), every N-th, or ``"never"``. Templated.
         **kwargs: :class:`~airflow.sdk.BaseOperator` arguments (``pool="gpu"``, ``retries``...).
 
     Rows the model fails on never fail the task: the refresh writes the others, and the task
@@ -179,6 +186,10 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         "max_attempts",
         "retry_backoff_s",
         "replay",
+        # Change capture: watermark="{{ params.watermark }}" (a nightly DAG run sets False).
+        "watermark",
+        "watermark_lag_s",
+        "key_scan",
     )
     ui_color = "#e8f0fe"
 
@@ -224,6 +235,9 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         retry_backoff_s: float | str | None = None,
         replay: str | Sequence[str | int] | None = None,
         embedder_factory: "EmbedderBuilder | str | None" = None,
+        watermark: bool | str = False,
+        watermark_lag_s: float | str | None = None,
+        key_scan: str | int | None = None,
         **kwargs: Any,
     ) -> None:
         if (text is None or text == [] or text == ()) == (template is None):
@@ -277,6 +291,9 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
         self.retry_backoff_s = retry_backoff_s
         self.replay = replay
         self.embedder_factory = embedder_factory
+        self.watermark = watermark
+        self.watermark_lag_s = watermark_lag_s
+        self.key_scan = key_scan
 
     @classmethod
     def partial(cls, **kwargs: Any) -> Any:
@@ -351,6 +368,24 @@ class Qwen3EmbeddingRefreshOperator(BaseOperator):
             updated_at=_optional_text(self.updated_at),
             partition=self.partition(),
             chunking=self.chunking,
+            watermark=self.watermark_setting(),
+        )
+
+    def watermark_setting(self) -> "Watermark | None":
+        """The task's :class:`~qwen3_pipeline.sources.watermark.Watermark`, or None.
+
+        Raises:
+            ConfigError: A bad lag or key scan.
+        """
+        from qwen3_pipeline.sources import Watermark
+
+        if not _flag(self.watermark, "watermark"):
+            return None
+        lag = self.watermark_lag_s
+        scan = _optional_text(self.key_scan)
+        return Watermark(
+            lag_s=0.0 if lag in (None, "", "None") else _number(lag, "watermark_lag_s"),
+            key_scan="every" if scan is None else scan,
         )
 
     def partition(self) -> "Shard | Shards | None":

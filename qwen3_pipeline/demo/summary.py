@@ -91,6 +91,8 @@ class DemoSummary:
         search_mode: ``exact`` or ``ann`` (an ANN index exists).
         near_duplicate_pairs: Rows of the near-duplicate report.
         near_duplicate_table: Where the report is (``<db>.main.<table>``).
+        read_rows: Source rows the run read with their text (a watermark run reads only the
+            rows whose ``updated_at`` moved).
     """
 
     table_uri: str
@@ -105,6 +107,7 @@ class DemoSummary:
     search_mode: str = "exact"
     near_duplicate_pairs: int = 0
     near_duplicate_table: str = "?"
+    read_rows: int = 0
 
     @classmethod
     def from_report(cls, report: RefreshReport, **figures: Any) -> "DemoSummary":
@@ -115,6 +118,7 @@ class DemoSummary:
             **figures: The other attributes (table location and version, search mode...).
         """
         return cls(
+            read_rows=report.read_rows,
             counters=report.counters(),
             tokens=report.tokens,
             padding_efficiency=report.padding_efficiency,
@@ -141,7 +145,8 @@ class DemoSummary:
         return [
             f"LanceDB table: {self.table_uri}/{self.table_name}.lance "
             f"(version {self.table_version})",
-            f"rows: {self.stored_rows} stored | this run: {totals['inserted']} inserted, "
+            f"rows: {self.stored_rows} stored | this run: {self.read_rows} read, "
+            f"{totals['inserted']} inserted, "
             f"{totals['updated']} updated, {totals['deleted']} deleted, "
             f"{totals['unchanged']} unchanged, {totals['embedded']} embedded "
             f"({self.tokens} tokens, padding efficiency {self.padding_efficiency:.2f}); "

@@ -60,6 +60,7 @@ from qwen3_pipeline.core.schema import REBUILD_MARKER, TIMESTAMP_TYPE, validate_
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import BatchDone, Embedder, EncodeResult, embed_reporting
 from qwen3_pipeline.store.retries import run_typed
+from qwen3_pipeline.store.side_tables import side_table_exists
 
 logger = logging.getLogger("qwen3_pipeline")
 
@@ -149,9 +150,7 @@ class Canaries:
 
     def recorded(self) -> pa.Table | None:
         """The recorded canaries of this spec, or None (none yet, or of another spec)."""
-        from qwen3_pipeline.store import list_table_names
-
-        if self.name not in list_table_names(self.db):
+        if not side_table_exists(self.db, self.name):
             return None
         rows = run_typed(self._read, f"read the canaries in {self.name!r}")
         if not rows.num_rows or set(rows["spec_fingerprint"].to_pylist()) != {
@@ -218,9 +217,7 @@ class Canaries:
                 "accepted_drift": pa.array([accepted_drift] * n, pa.bool_()),
             }
         )
-        from qwen3_pipeline.store import list_table_names
-
-        if self.name in list_table_names(self.db):
+        if side_table_exists(self.db, self.name):
             run_typed(
                 lambda: self.db.open_table(self.name).add(rows, mode="overwrite"),
                 f"overwrite the canaries in {self.name!r}",
@@ -245,10 +242,8 @@ def drop_canaries(db: Any, table: str) -> None:
     Raises:
         StoreError: LanceDB failed.
     """
-    from qwen3_pipeline.store import list_table_names
-
     name = canary_table_name(table)
-    if name in list_table_names(db):
+    if side_table_exists(db, name):
         run_typed(lambda: db.drop_table(name), f"drop the canary table {name!r}")
 
 
@@ -262,17 +257,15 @@ def hand_over_canaries(db: Any, staging: str, live: str) -> str | None:
     Returns:
         None, or a warning when the store failed (the swap itself is committed).
     """
-    from qwen3_pipeline.store import list_table_names
-
     source, target = canary_table_name(staging), canary_table_name(live)
     try:
-        if source not in list_table_names(db):
+        if not side_table_exists(db, source):
             drop_canaries(db, live)
             return None
         rows = run_typed(
             lambda: db.open_table(source).to_arrow(), f"read the canaries in {source!r}"
         )
-        if target in list_table_names(db):
+        if side_table_exists(db, target):
             run_typed(
                 lambda: db.open_table(target).add(rows, mode="overwrite"),
                 f"overwrite the canaries in {target!r}",
