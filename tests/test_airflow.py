@@ -843,20 +843,7 @@ def test_refusals_name_their_way_out_and_dag_params_let_them_through(
 
 # --------------------------------------------------------------------------- ways out, from conf
 
-
-def _perturb_weights(model_dir: Path, scale: float = 0.05) -> None:
-    """Change the checkpoint's weights in place, under the same path (a silent re-upload)."""
-    import torch  # the checkpoint is bf16, which numpy cannot hold
-    from safetensors.torch import load_file, save_file
-
-    (path,) = model_dir.glob("*.safetensors")
-    generator = torch.Generator().manual_seed(0)
-    weights = load_file(str(path))
-    for name, value in weights.items():
-        if value.is_floating_point() and value.ndim == 2:
-            noise = torch.randn(value.shape, generator=generator) * value.float().std() * scale
-            weights[name] = (value.float() + noise).to(value.dtype)
-    save_file(weights, str(path), metadata={"format": "pt"})
+from tests.test_lifecycle import _perturb_weights  # noqa: E402  # one way to change weights
 
 
 def _run_logged(

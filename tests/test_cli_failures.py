@@ -2,31 +2,18 @@
 
 import json
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from qwen3_pipeline import cli
 from qwen3_pipeline.cli import main
-from tests.test_cli import _error_lines, _fake_encoder, _refresh_args
+from tests.test_cli import _error_lines, _fake_encoder, _refresh_args, parquet_source  # noqa: F401
 
 POISON_TEXT = "Short: x"
 
 
 @pytest.fixture
-def source(tmp_path):
-    path = tmp_path / "docs.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "id": [1, 2, 3],
-                "title": ["Beijing", "Gravity", "Short"],
-                "body": ["The capital of China is Beijing.", "Gravity attracts bodies.", "x"],
-            }
-        ),
-        path,
-    )
-    return path
+def source(parquet_source):  # noqa: F811  # the fixture of tests.test_cli
+    return parquet_source
 
 
 def _listing(db, capsys, *extra):
