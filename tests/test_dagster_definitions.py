@@ -128,6 +128,7 @@ def test_definitions_load_in_a_fresh_process_without_torch(tmp_path: Path) -> No
             "long_documents",
             "document_chunks",
             "golden_queries",
+            "golden_rerank_eval",
         ]
     )
     assert loaded["jobs"] == [

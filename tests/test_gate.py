@@ -6,6 +6,7 @@ table (tests.chunk_tables) gives exactly known similarities; one test runs the t
 checkpoint end to end.
 """
 
+import dataclasses
 import doctest
 import json
 import math
@@ -145,6 +146,30 @@ def test_gate_keeps_the_names_it_exported_before_the_split():
     for name in ("Evaluation", "QueryResult", "recall_at_k", "ndcg_at_k", "score_rankings"):
         assert getattr(gate, name) is getattr(metrics, name)
     assert (gate.DEFAULT_K, gate.SHOWN_KEYS, gate.SHOWN_REGRESSIONS) == (10, 5, 5)
+
+
+def test_a_vector_evaluation_names_no_reranker():
+    # The rerank fields default to None and stay out of the dict, so the gate report of a
+    # vector evaluation keeps the keys it always had.
+    evaluation = scored(0.5, 0.25)
+    assert (evaluation.reranker, evaluation.candidates) == (None, None)
+    assert "reranker" not in evaluation.as_dict()
+    assert "candidates" not in evaluation.as_dict()
+    assert "reranked" not in evaluation.summary()
+    assert gate.RerankComparison is metrics.RerankComparison
+
+
+def test_a_rerank_comparison_reports_both_rankings_and_the_deltas():
+    vector = scored(0.5, 0.25)
+    reranked = dataclasses.replace(scored(0.75, 0.5), reranker="r", candidates=20)
+    comparison = metrics.RerankComparison(vector=vector, reranked=reranked)
+    assert (comparison.recall_delta, comparison.ndcg_delta) == (0.25, 0.25)
+    as_dict = comparison.as_dict()
+    assert json.loads(json.dumps(as_dict)) == as_dict
+    assert (as_dict["k"], as_dict["candidates"], as_dict["reranker"]) == (10, 20, "r")
+    assert (as_dict["recall_delta"], as_dict["ndcg_delta"]) == (0.25, 0.25)
+    assert (as_dict["vector"]["recall"], as_dict["reranked"]["recall"]) == (0.5, 0.75)
+    assert "recall@10 0.500 -> 0.750 (+0.250)" in comparison.summary()
 
 
 # --------------------------------------------------------------------------- golden set

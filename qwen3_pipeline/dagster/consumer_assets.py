@@ -1,4 +1,8 @@
-"""Downstream consumer assets of an embedding asset: index upkeep and a near-duplicate report.
+"""Downstream consumer assets of an embedding asset: index upkeep, near duplicates, evaluation.
+
+:func:`build_golden_rerank_eval_asset` scores a golden set with and without a reranker; it
+loads the query embedder and the reranker, and it is not skipped (see its docstring). The
+notes below are about the other two.
 
 Both are thin: the logic lives in :mod:`qwen3_pipeline.consumers.vector_search`. Neither requires
 the
@@ -46,6 +50,9 @@ from qwen3_pipeline.consumers.vector_search import (
 )
 from qwen3_pipeline.core.errors import ConfigError, UnsafeNameError
 from qwen3_pipeline.dagster.vectors import open_vectors
+from qwen3_pipeline.lifecycle.gate import check_golden_keys, evaluate, evaluate_with_rerank
+from qwen3_pipeline.lifecycle.golden import load_golden_set
+from qwen3_pipeline.lifecycle.metrics import Evaluation
 
 DEFAULT_RETRY_POLICY = dg.RetryPolicy(max_retries=2, delay=10)
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -548,3 +555,195 @@ def build_near_duplicates_asset(
         )
 
     return _near_duplicates
+
+
+# Metadata of the golden-set evaluation asset (build_golden_rerank_eval_asset).
+EVAL_K = "qwen3/eval/k"
+EVAL_CANDIDATES = "qwen3/eval/candidates"
+EVAL_QUERIES = "qwen3/eval/queries"
+EVAL_EMBEDDING_MODEL = "qwen3/eval/embedding_model"
+EVAL_RERANKER = "qwen3/eval/reranker_model"
+EVAL_TEXT_COLUMN = "qwen3/eval/text_column"
+EVAL_RECALL = "qwen3/eval/recall"
+EVAL_NDCG = "qwen3/eval/ndcg"
+EVAL_RERANKED_RECALL = "qwen3/eval/reranked_recall"
+EVAL_RERANKED_NDCG = "qwen3/eval/reranked_ndcg"
+EVAL_RECALL_DELTA = "qwen3/eval/recall_delta"
+EVAL_NDCG_DELTA = "qwen3/eval/ndcg_delta"
+EVAL_NOTE = "qwen3/eval/note"
+
+
+def build_golden_rerank_eval_asset(
+    *,
+    embedding_asset: dg.AssetsDefinition,
+    golden_set: Path | Callable[[], Path],
+    golden_asset_key: dg.AssetKey | str | None = None,
+    text_column: str,
+    key: dg.AssetKey | str | Sequence[str] = "golden_rerank_eval",
+    k: int = 10,
+    candidates: int = 50,
+    rerank_instruction: str | None = None,
+    index_asset: dg.AssetsDefinition | None = None,
+    embedder_key: str = "embedder",
+    reranker_key: str | None = "reranker",
+    lancedb_key: str = "lancedb",
+    note: str | None = None,
+    group_name: str | None = None,
+    pool: str | None = "gpu",
+) -> dg.AssetsDefinition:
+    """Build the asset that scores a golden set on the vector table, without and with reranking.
+
+    Each run reads the golden set (:func:`~qwen3_pipeline.lifecycle.golden.load_golden_set`),
+    opens the table at the version readers see, and runs
+    :func:`~qwen3_pipeline.lifecycle.gate.evaluate_with_rerank`: the same query vectors
+    searched by vector alone and with the reranker over ``candidates`` vector candidates. Its
+    metadata holds both means (``qwen3/eval/recall``, ``qwen3/eval/ndcg``,
+    ``qwen3/eval/reranked_recall``, ``qwen3/eval/reranked_ndcg``), the deltas, ``k``,
+    ``candidates``, the models and a per-query table. With ``reranker_key=None`` (no reranker
+    configured) it scores the vector ranking only and says that reranking was skipped. An
+    empty golden-set file (a corpus too small for queries) materialises ``qwen3/skipped: true``
+    with the reason; a missing or malformed one, or relevant keys the table does not hold,
+    fail the run (not retried).
+
+    It loads the query embedder and the reranker, so it runs in the ``pool`` (the accelerator's).
+
+    Args:
+        embedding_asset: The embedding asset whose table is scored.
+        golden_set: The golden-set JSONL file, or a function returning it at run time.
+        golden_asset_key: The asset that writes the golden set (an upstream dependency).
+        text_column: The column whose text the reranker reads (a carry column on a table of
+            whole documents; ``chunk_text`` on a chunk table).
+        key: Asset key.
+        k: Documents ranked and scored per query.
+        candidates: Vector candidates the reranker scores per query (at least ``k``).
+        rerank_instruction: The reranker's ``Instruct`` (None: its default).
+        index_asset: The index-upkeep asset of the same table (read its version, run after it).
+        embedder_key: Resource key of the query embedder (the table's spec).
+        reranker_key: Resource key of the reranker
+            (:class:`~qwen3_pipeline.dagster.reranker_resource.Qwen3RerankerResource`); None
+            when none is configured.
+        lancedb_key: Resource key of the :class:`~.resources.LanceDBResource`.
+        note: A caveat repeated in the description and the metadata (the demo's: random
+            weights make the figures meaningless).
+        group_name: Dagster asset group.
+        pool: Dagster concurrency pool (the embedding assets' ``gpu``).
+
+    Raises:
+        ConfigError: ``candidates`` below ``k``.
+    """
+    if candidates < k:
+        raise ConfigError(f"candidates={candidates} must be at least k={k}")
+    upstream = embedding_asset.key
+    deps: list[dg.AssetKey] = [upstream]
+    if index_asset is not None:
+        deps.append(index_asset.key)
+    if golden_asset_key is not None:
+        deps.append(dg.AssetKey.from_coercible(golden_asset_key))
+    resource_keys = {lancedb_key, embedder_key} | ({reranker_key} if reranker_key else set())
+    how = (
+        f"and with reranking of the {candidates} nearest by {text_column!r}"
+        if reranker_key
+        else "(no reranker configured: reranking skipped)"
+    )
+
+    @dg.asset(
+        key=dg.AssetKey.from_coercible(key),
+        deps=deps,
+        required_resource_keys=resource_keys,
+        group_name=group_name,
+        pool=pool,
+        kinds={"python", "lancedb"},
+        description=(
+            f"recall@{k} and nDCG@{k} of the golden set on {upstream.to_user_string()}, by "
+            f"vector search alone {how}, side by side." + (f" {note}" if note else "")
+        ),
+    )
+    def _golden_rerank_eval(context: dg.AssetExecutionContext) -> dg.MaterializeResult:
+        lancedb = getattr(context.resources, lancedb_key)
+        embedder = getattr(context.resources, embedder_key)
+        path = golden_set() if callable(golden_set) else golden_set
+        if path.is_file() and not path.read_text(encoding="utf-8").strip():
+            # The golden-set asset writes an empty file for a corpus too small to give queries
+            # (the demo's `--limit 3`); that is no failure of a whole-pipeline run.
+            context.log.warning(f"golden set {path} is empty: nothing to evaluate")
+            return dg.MaterializeResult(
+                metadata={
+                    SKIPPED: True,
+                    REASON: f"golden set {path} holds no query",
+                    "golden_set": dg.MetadataValue.path(str(path)),
+                }
+            )
+        try:
+            golden = load_golden_set(path)
+            vectors = open_vectors(
+                upstream,
+                instance=context.instance,
+                index_asset_key=index_asset.key if index_asset is not None else None,
+                storage_options=lancedb.options(),
+            )
+            # A golden key missing from the table scores 0 either way: refuse the set instead.
+            check_golden_keys(vectors, golden)
+            if reranker_key is None:
+                vector = evaluate(vectors, golden, embedder, k=k)
+                reranked = None
+            else:
+                comparison = evaluate_with_rerank(
+                    vectors,
+                    golden,
+                    embedder,
+                    getattr(context.resources, reranker_key),
+                    k=k,
+                    candidates=candidates,
+                    text_column=text_column,
+                    rerank_instruction=rerank_instruction,
+                )
+                vector, reranked = comparison.vector, comparison.reranked
+        except ConfigError as e:  # a bad or stale golden set fails the same way on a retry
+            raise dg.Failure(description=str(e), allow_retries=False) from e
+        metadata: dict[str, Any] = {
+            EVAL_K: k,
+            EVAL_QUERIES: len(vector.queries),
+            EVAL_EMBEDDING_MODEL: vector.model,
+            EVAL_RECALL: round(vector.recall, 6),
+            EVAL_NDCG: round(vector.ndcg, 6),
+            TABLE_URI: vectors.uri,
+            TABLE_NAME: vectors.name,
+            LANCE_VERSION: vectors.version,
+            "golden_set": dg.MetadataValue.path(str(path)),
+        }
+        if reranked is None:
+            metadata[EVAL_RERANKER] = "none (reranking skipped: no reranker configured)"
+            context.log.warning(f"no reranker configured: {vector.summary()}")
+        else:
+            metadata.update(
+                {
+                    EVAL_CANDIDATES: candidates,
+                    EVAL_RERANKER: reranked.reranker,
+                    EVAL_TEXT_COLUMN: text_column,
+                    EVAL_RERANKED_RECALL: round(reranked.recall, 6),
+                    EVAL_RERANKED_NDCG: round(reranked.ndcg, 6),
+                    EVAL_RECALL_DELTA: round(reranked.recall - vector.recall, 6),
+                    EVAL_NDCG_DELTA: round(reranked.ndcg - vector.ndcg, 6),
+                }
+            )
+            context.log.info(comparison.summary())
+        if note:
+            metadata[EVAL_NOTE] = note
+        metadata["qwen3/eval/per_query"] = dg.MetadataValue.md(_markdown_eval(vector, reranked, k))
+        return dg.MaterializeResult(metadata=metadata)
+
+    return _golden_rerank_eval
+
+
+def _markdown_eval(vector: Evaluation, reranked: Evaluation | None, k: int, limit: int = 20) -> str:
+    """Per-query nDCG@k by vector search and reranked, as a Markdown table."""
+    head = f"| query | nDCG@{k} vector |" + (f" nDCG@{k} reranked |" if reranked else "")
+    rule = "|---|---|" + ("---|" if reranked else "")
+    rows = []
+    pairs = zip(vector.queries, reranked.queries if reranked else vector.queries, strict=True)
+    for i, (v, r) in enumerate(pairs):
+        if i == limit:
+            break
+        query = v.query.replace("|", "\\|")[:80]
+        rows.append(f"| {query} | {v.ndcg:.3f} |" + (f" {r.ndcg:.3f} |" if reranked else ""))
+    return "\n".join([head, rule, *rows])

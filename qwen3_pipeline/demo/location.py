@@ -9,6 +9,8 @@ Assets (lineage left to right)::
                                     documents -> long_documents -> document_chunks
                                                  (dbt table)       (LanceDB, one row per chunk)
                                     documents -> golden_queries  (the gate's golden set, JSONL)
+                   document_vectors(_index), golden_queries -> golden_rerank_eval
+                                           (recall/nDCG@10 without and with the reranker)
 
 Jobs launched from the UI besides the assets': ``document_vectors_gated_rebuild`` (rebuild the
 vector table into staging, gate the swap on ``golden_queries``) and ``document_vectors_rollback``
@@ -21,6 +23,9 @@ Settings come from the environment (:meth:`DemoSettings.from_env`):
   manifest live (default ``./data``);
 - ``QWEN3_PIPELINE_DEVICE``: ``auto`` (default), ``cpu``, ``cuda``, ``cuda:N``;
 - ``QWEN3_PIPELINE_DIM``: output dimension (default: the model's hidden size);
+- ``QWEN3_PIPELINE_RERANK_MODEL``: the Qwen3-Reranker (hub id or local checkpoint) that
+  ``golden_rerank_eval`` compares with vector search alone; unset, that asset scores vector
+  search only and says reranking was skipped (no random-weight fallback is built for it);
 - ``QWEN3_PIPELINE_AUTOMATION``: ``off`` (default; also ``0``/``false``) leaves the hourly
   schedule and the automation sensor stopped, Dagster's own default, so opening the UI never
   launches a run that loads the model; ``on`` (``1``/``true``) starts both with the daemon
@@ -49,11 +54,13 @@ from qwen3_pipeline.chunking.config import ChunkingConfig
 from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.dagster.automation import build_automation_sensor, build_refresh_schedule
 from qwen3_pipeline.dagster.consumer_assets import (
+    build_golden_rerank_eval_asset,
     build_near_duplicates_asset,
     build_vector_index_asset,
 )
 from qwen3_pipeline.dagster.embedding_asset import HashShards, build_embedding_asset
 from qwen3_pipeline.dagster.lifecycle_jobs import build_rebuild_job, build_rollback_job
+from qwen3_pipeline.dagster.reranker_resource import Qwen3RerankerResource
 from qwen3_pipeline.dagster.resources import (
     DEFAULT_MODEL,
     EmbedderResource,
@@ -76,6 +83,7 @@ from qwen3_pipeline.sources import DuckDBSource, Source, SourceConfig, Watermark
 MODEL_ENV = "QWEN3_PIPELINE_MODEL"
 DEVICE_ENV = "QWEN3_PIPELINE_DEVICE"
 DIM_ENV = "QWEN3_PIPELINE_DIM"
+RERANK_MODEL_ENV = "QWEN3_PIPELINE_RERANK_MODEL"
 AUTOMATION_ENV = "QWEN3_PIPELINE_AUTOMATION"
 ENGINE_ENV = "QWEN3_PIPELINE_ENGINE"
 WORKERS_ENV = "QWEN3_PIPELINE_WORKERS"
@@ -107,6 +115,19 @@ GOLDEN_QUERIES = 20
 # the same vectors up to float noise of batching, which can swap near-tied neighbours of a
 # random-weight model; a real model upgrade would set its own tolerance in the launchpad.
 DEMO_GATE_TOLERANCE = 0.05
+# golden_rerank_eval: the reranker reorders the 20 nearest documents and the top 10 are scored.
+EVAL_K = 10
+EVAL_CANDIDATES = 20
+# The demo table carries no document text (only title, module, kind, source_path), so the
+# reranker reads the title: the qualified name (json.dumps' is "dumps"), a weak text for it.
+# Carrying the docstring text would let it read the whole document, at the cost of storing the
+# text twice (DuckDB and LanceDB) and a table schema change.
+EVAL_TEXT_COLUMN = "title"
+DEMO_EVAL_NOTE = (
+    "With the demo's random-weight fallback checkpoints (the embedder offline, or a tiny test "
+    "reranker) these numbers mean nothing; only real Qwen3 weights make them a measurement. "
+    "The reranker reads each candidate's title (the demo table stores no document text)."
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -118,6 +139,8 @@ class DemoSettings:
         data_dir: Directory of the LanceDB database (``<data_dir>/lancedb``).
         device: Torch device of the embedder.
         dim: Output dimension (None: the model's hidden size).
+        rerank_model: Qwen3-Reranker hub id or local checkpoint of ``golden_rerank_eval``
+            (None: that asset scores vector search only).
         automation: Start the schedule and the automation sensor by default (off: both
             start stopped, Dagster's default).
         shards: Hash shards of the vector table.
@@ -134,6 +157,7 @@ class DemoSettings:
     data_dir: Path = field(default_factory=lambda: Path(DEFAULT_DATA_DIR))
     device: str = "auto"
     dim: int | None = None
+    rerank_model: str | None = None
     automation: bool = False
     shards: int = 8
     table: str = "documents"
@@ -173,6 +197,7 @@ class DemoSettings:
             data_dir=Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR),
             device=env.get(DEVICE_ENV) or "auto",
             dim=dim,
+            rerank_model=env.get(RERANK_MODEL_ENV, "").strip() or None,
             automation=_SWITCH_VALUES[switch],
             engine=engine,
             workers=_number(env, WORKERS_ENV, int, 1),
@@ -377,12 +402,32 @@ def build_definitions(
         automation_condition=eager,
     )
     vector_assets = [document_vectors, vector_index, near_duplicates, document_chunks]
+    # Not eager and in no schedule: it loads the embedder and the reranker, so it runs when
+    # asked (materialize it in the UI, or `dagster asset materialize`).
+    golden_rerank_eval = build_golden_rerank_eval_asset(
+        embedding_asset=document_vectors,
+        golden_set=settings.golden_set_path,
+        golden_asset_key="golden_queries",
+        text_column=EVAL_TEXT_COLUMN,
+        k=EVAL_K,
+        candidates=EVAL_CANDIDATES,
+        index_asset=vector_index,
+        reranker_key="reranker" if settings.rerank_model else None,
+        note=DEMO_EVAL_NOTE,
+        group_name=EVALUATION_GROUP,
+    )
+    rerankers: dict[str, Any] = {}
+    if settings.rerank_model:
+        rerankers["reranker"] = Qwen3RerankerResource(
+            model=settings.rerank_model, device=settings.device
+        )
     return dg.Definitions(
         assets=[
             raw_docstrings,
             load_dbt_models_assets(),
             *vector_assets,
             build_golden_queries_asset(settings.golden_set_path),
+            golden_rerank_eval,
         ],
         jobs=[
             build_rebuild_job(
@@ -396,6 +441,7 @@ def build_definitions(
             "dbt": dbt_cli_resource(),
             "embedder": embedder,
             "lancedb": LanceDBResource(uri=settings.lancedb_uri),
+            **rerankers,
         },
         schedules=[
             build_refresh_schedule(

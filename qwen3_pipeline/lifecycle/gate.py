@@ -8,6 +8,8 @@ known to answer them), and the swap happens only when staging is at least as goo
 - :func:`evaluate` searches one pinned table with the query embedder of its own spec and
   averages the metrics over the queries (an :class:`Evaluation`, scored by
   :mod:`qwen3_pipeline.lifecycle.metrics`).
+- :func:`evaluate_with_rerank` scores one table by vector search alone and with a reranking
+  stage (a :class:`RerankComparison`: both evaluations and the deltas).
 - :func:`decide` compares the two evaluations (a :class:`GateDecision`): staging passes when
   neither its mean recall@k nor its mean nDCG@k is more than ``tolerance`` below live's; with
   no live table (a first build) it passes.
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from qwen3_pipeline.consumers.vector_search import VectorTable, search
+from qwen3_pipeline.consumers.vector_search import VectorTable, rerank_plan, search
 from qwen3_pipeline.core.errors import (
     ConfigError,
     EmbeddingFailedError,
@@ -42,6 +44,7 @@ from qwen3_pipeline.core.schema import DOC_KEY_COLUMN
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import BatchDone, Embedder, EncodeResult
 from qwen3_pipeline.embedding.options import EncoderOptions
+from qwen3_pipeline.embedding.reranker import Reranker
 from qwen3_pipeline.lifecycle.golden import (
     GoldenQuery,
     GoldenSet,
@@ -54,6 +57,7 @@ from qwen3_pipeline.lifecycle.metrics import (
     SHOWN_KEYS,
     Evaluation,
     QueryResult,
+    RerankComparison,
     check_k,
     mean_score,
     ndcg_at_k,
@@ -72,14 +76,17 @@ __all__ = [
     "GoldenSet",
     "Key",
     "QueryResult",
+    "RerankComparison",
     "check_golden_keys",
     "decide",
     "evaluate",
+    "evaluate_with_rerank",
     "gate_rebuild",
     "load_golden_set",
     "ndcg_at_k",
     "parse_golden_set",
     "recall_at_k",
+    "reranker_name",
     "score_rankings",
 ]
 
@@ -93,14 +100,23 @@ _EPSILON = 1e-9
 
 
 def evaluate(
-    vectors: VectorTable, golden: GoldenSet, embedder: Embedder, *, k: int = DEFAULT_K
+    vectors: VectorTable,
+    golden: GoldenSet,
+    embedder: Embedder,
+    *,
+    k: int = DEFAULT_K,
+    rerank: Reranker | None = None,
+    candidates: int | None = None,
+    text_column: str | None = None,
+    rerank_instruction: str | None = None,
 ) -> Evaluation:
     """Search ``vectors`` with every golden query and score the rankings.
 
     The queries are embedded in one ``embedder.embed_queries`` call (the encoder batches them),
     then each is searched as :func:`~qwen3_pipeline.consumers.vector_search.search` does: exact
     or ANN cosine search, and on a table of document chunks each document ranked by its best
-    chunk.
+    chunk. With ``rerank`` the search is search's two-stage one: the ``candidates`` nearest
+    documents reordered by the reranker (:func:`evaluate_with_rerank` scores both rankings).
 
     Args:
         vectors: The pinned table (live or staging).
@@ -108,21 +124,114 @@ def evaluate(
         embedder: The query embedder of this table's spec (same model, dim and fingerprint;
             chunking aside). Live and staging tables each need their own.
         k: Documents ranked and scored per query.
+        rerank: Rerank the vector candidates with this reranker (None: the vector ranking).
+        candidates: Vector candidates the reranker scores (default ``max(k, 50)``).
+        text_column: The text the reranker reads (default ``chunk_text`` on a chunk table;
+            required on a table of whole documents, which stores text only as a carry column).
+        rerank_instruction: The reranker's ``Instruct`` (None: its default).
 
     Returns:
-        The table's :class:`Evaluation`.
+        The table's :class:`Evaluation` (naming the reranker when there is one).
 
     Raises:
         SpecMismatchError: ``embedder`` follows another spec than the table.
-        ConfigError: A bad ``k``, or golden keys of another type than the table's keys.
+        ConfigError: A bad ``k``, golden keys of another type than the table's keys, or a
+            bad reranking option (checked before any query is embedded).
         EmbeddingFailedError: A query could not be embedded.
         StoreError: LanceDB failed to search the table.
     """
+    started = time.perf_counter()
+    # The reranking options are checked before the model embeds anything.
+    pool = _check_rerank(vectors, k, rerank, candidates, text_column, rerank_instruction)
+    key_column, embedded = _embed_golden(vectors, golden, embedder, k)
+    return _scored(
+        vectors,
+        golden,
+        embedded,
+        key_column,
+        k,
+        started,
+        rerank=rerank,
+        candidates=pool,
+        text_column=text_column,
+        rerank_instruction=rerank_instruction,
+    )
+
+
+def evaluate_with_rerank(
+    vectors: VectorTable,
+    golden: GoldenSet,
+    embedder: Embedder,
+    reranker: Reranker,
+    *,
+    k: int = DEFAULT_K,
+    candidates: int | None = None,
+    text_column: str | None = None,
+    rerank_instruction: str | None = None,
+) -> RerankComparison:
+    """Score ``vectors`` on the golden set by vector search alone and with ``reranker``.
+
+    The queries are embedded once; both rankings search with those vectors (the reranked
+    one is :func:`~qwen3_pipeline.consumers.vector_search.search` with ``rerank=``), so the
+    difference between the two is the reranking stage alone.
+
+    Args:
+        vectors: The pinned table.
+        golden: The golden set; its keys must have the table's key type.
+        embedder: The query embedder of this table's spec.
+        reranker: The reranker (a :class:`~qwen3_pipeline.embedding.reranker.Qwen3Reranker`,
+            its Dagster resource, or anything with its ``score`` method).
+        k: Documents ranked and scored per query.
+        candidates: Vector candidates the reranker scores (default ``max(k, 50)``).
+        text_column: The text the reranker reads (see :func:`evaluate`).
+        rerank_instruction: The reranker's ``Instruct`` (None: its default).
+
+    Returns:
+        Both evaluations, side by side (:class:`RerankComparison`).
+
+    Raises:
+        SpecMismatchError: ``embedder`` follows another spec than the table.
+        ConfigError: A bad ``k`` or reranking option, or golden keys of the wrong type.
+        EmbeddingFailedError: A query could not be embedded.
+        StoreError: LanceDB failed to search the table.
+
+    Example:
+        >>> comparison = evaluate_with_rerank(  # doctest: +SKIP
+        ...     vectors, golden, encoder, Qwen3Reranker("Qwen/Qwen3-Reranker-0.6B"),
+        ...     k=10, candidates=50, text_column="text")
+        >>> print(comparison.summary())  # doctest: +SKIP
+        'docs' v7: recall@10 0.712 -> 0.803 (+0.091), nDCG@10 0.540 -> 0.655 (+0.115) ...
+    """
+    started = time.perf_counter()
+    # The reranking options are checked before the model embeds anything.
+    pool = _check_rerank(vectors, k, reranker, candidates, text_column, rerank_instruction)
+    key_column, embedded = _embed_golden(vectors, golden, embedder, k)
+    embedding = time.perf_counter() - started
+    vector = _scored(vectors, golden, embedded, key_column, k, started)
+    # Each evaluation's time counts the shared query embedding once, plus its own searches.
+    reranked = _scored(
+        vectors,
+        golden,
+        embedded,
+        key_column,
+        k,
+        time.perf_counter() - embedding,
+        rerank=reranker,
+        candidates=pool,
+        text_column=text_column,
+        rerank_instruction=rerank_instruction,
+    )
+    return RerankComparison(vector=vector, reranked=reranked)
+
+
+def _embed_golden(
+    vectors: VectorTable, golden: GoldenSet, embedder: Embedder, k: int
+) -> tuple[str, "_EmbeddedQueries"]:
+    """Check the inputs, then embed every golden query in one call."""
     check_k(k)
     _check_embedder(vectors, embedder)
     key_column = DOC_KEY_COLUMN if vectors.chunked else "key"
     _check_key_type(vectors, key_column, golden)
-    started = time.perf_counter()
     texts = [item.query for item in golden.queries]
     encoded = embedder.embed_queries(texts)
     if encoded.failures:
@@ -134,12 +243,69 @@ def evaluate(
     # consumers.search embeds its query itself; handing it the vectors embedded above keeps
     # one batched model call for the whole golden set, and search's own checks and
     # best-chunk-per-document ranking stay the one implementation.
-    embedded = _EmbeddedQueries(embedder.spec, dict(zip(texts, encoded.vectors, strict=True)))
+    return key_column, _EmbeddedQueries(
+        embedder.spec, dict(zip(texts, encoded.vectors, strict=True))
+    )
+
+
+def _check_rerank(
+    vectors: VectorTable,
+    k: int,
+    rerank: Reranker | None,
+    candidates: int | None,
+    text_column: str | None,
+    instruction: str | None,
+) -> int | None:
+    """The reranker's candidate count, its options checked before the model or a search runs."""
+    if rerank is None:
+        # search() would refuse them too, but only once every query has been embedded.
+        given = [
+            n
+            for n, v in (
+                ("candidates", candidates),
+                ("text_column", text_column),
+                ("rerank_instruction", instruction),
+            )
+            if v is not None
+        ]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with rerank= (a reranker)")
+        return None
+    check_k(k)
+    key_column = DOC_KEY_COLUMN if vectors.chunked else "key"
+    plan = rerank_plan(
+        vectors, k=k, candidates=candidates, text_column=text_column, columns=[key_column]
+    )
+    return plan.candidates
+
+
+def _scored(
+    vectors: VectorTable,
+    golden: GoldenSet,
+    embedded: "_EmbeddedQueries",
+    key_column: str,
+    k: int,
+    started: float,
+    *,
+    rerank: Reranker | None = None,
+    candidates: int | None = None,
+    text_column: str | None = None,
+    rerank_instruction: str | None = None,
+) -> Evaluation:
+    """Search every golden query (through search(), reranked or not) and score the rankings."""
+    options: dict[str, Any] = {}
+    if rerank is not None:
+        options = {
+            "rerank": rerank,
+            "candidates": candidates,
+            "text_column": text_column,
+            "rerank_instruction": rerank_instruction,
+        }
     rankings = [
-        search(vectors, text, k=k, embedder=embedded, columns=[key_column])
+        search(vectors, item.query, k=k, embedder=embedded, columns=[key_column], **options)
         .column(key_column)
         .to_pylist()
-        for text in texts
+        for item in golden.queries
     ]
     results = score_rankings(golden, rankings, k=k)
     return Evaluation(
@@ -156,7 +322,23 @@ def evaluate(
         ndcg=mean_score(r.ndcg for r in results),
         queries=results,
         seconds=time.perf_counter() - started,
+        reranker=None if rerank is None else reranker_name(rerank),
+        candidates=candidates if rerank is not None else None,
     )
+
+
+def reranker_name(reranker: Reranker) -> str:
+    """What an evaluation calls a reranker: its ``model`` (hub id or path), else its type.
+
+    Example:
+        >>> class Overlap:
+        ...     def score(self, query, documents, instruction=None):
+        ...         return [0.0 for _ in documents]
+        >>> reranker_name(Overlap())
+        'Overlap'
+    """
+    model = getattr(reranker, "model", None)
+    return model if isinstance(model, str) and model else type(reranker).__name__
 
 
 def _check_embedder(vectors: VectorTable, embedder: Embedder) -> None:

@@ -2,7 +2,8 @@
 
 - :func:`recall_at_k` and :func:`ndcg_at_k` score one ranking (pure, binary relevance);
 - :func:`score_rankings` scores each golden query's ranking (a :class:`QueryResult` each);
-- :class:`Evaluation` holds one table's scores on a golden set, their means and the table.
+- :class:`Evaluation` holds one table's scores on a golden set, their means and the table;
+- :class:`RerankComparison` holds one table's scores without and with a reranking stage.
 
 Everything here is pure: rankings come from
 :func:`~qwen3_pipeline.lifecycle.gate.evaluate`, which searches a table.
@@ -153,6 +154,9 @@ class Evaluation:
         ndcg: Mean nDCG@k over the queries.
         queries: Per-query results, in the golden set's order.
         seconds: Wall-clock time of the evaluation (embedding the queries included).
+        reranker: The reranker that reordered the vector candidates (its model), None for the
+            vector ranking alone.
+        candidates: Vector candidates the reranker scored per query (None without one).
     """
 
     table: str
@@ -168,6 +172,8 @@ class Evaluation:
     ndcg: float
     queries: tuple[QueryResult, ...]
     seconds: float
+    reranker: str | None = None
+    candidates: int | None = None
 
     def as_dict(self, *, per_query: bool = False) -> dict[str, Any]:
         """A JSON-ready dict of the means and the table; ``per_query`` adds every query."""
@@ -186,16 +192,79 @@ class Evaluation:
             "ndcg": round(self.ndcg, 6),
             "seconds": round(self.seconds, 3),
         }
+        # Only a reranked evaluation names its reranker: a vector one's dict stays as it was.
+        if self.reranker is not None:
+            out["reranker"] = self.reranker
+            out["candidates"] = self.candidates
         if per_query:
             out["per_query"] = [q.as_dict() for q in self.queries]
         return out
 
     def summary(self) -> str:
         """One line: the table and its means."""
+        reranked = (
+            ""
+            if self.reranker is None
+            else f", reranked by {self.reranker} over {self.candidates} candidates"
+        )
         return (
-            f"{self.table!r} v{self.version} ({self.model}, dim {self.dim}): "
+            f"{self.table!r} v{self.version} ({self.model}, dim {self.dim}{reranked}): "
             f"recall@{self.k} {self.recall:.3f}, nDCG@{self.k} {self.ndcg:.3f} "
             f"over {len(self.queries)} queries"
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class RerankComparison:
+    """One table's scores on a golden set by vector search alone and with a reranking stage.
+
+    Both rankings come from the same query vectors; the reranked one reorders the vector
+    stage's ``candidates`` nearest documents, so with ``candidates == k`` its recall@k equals
+    the vector one's and only nDCG@k can move.
+
+    Attributes:
+        vector: The vector ranking's evaluation.
+        reranked: The reranked ranking's evaluation.
+    """
+
+    vector: Evaluation
+    reranked: Evaluation
+
+    @property
+    def recall_delta(self) -> float:
+        """Reranked mean recall@k minus the vector one."""
+        return self.reranked.recall - self.vector.recall
+
+    @property
+    def ndcg_delta(self) -> float:
+        """Reranked mean nDCG@k minus the vector one."""
+        return self.reranked.ndcg - self.vector.ndcg
+
+    def as_dict(self, *, per_query: bool = False) -> dict[str, Any]:
+        """A JSON-ready dict of both rankings and the change.
+
+        Keys: ``k``, ``candidates``, ``reranker``, ``queries``, both evaluations (``vector``,
+        ``reranked``: :meth:`Evaluation.as_dict`), ``recall_delta`` and ``ndcg_delta``.
+        """
+        return {
+            "k": self.vector.k,
+            "candidates": self.reranked.candidates,
+            "reranker": self.reranked.reranker,
+            "queries": len(self.vector.queries),
+            "vector": self.vector.as_dict(per_query=per_query),
+            "reranked": self.reranked.as_dict(per_query=per_query),
+            "recall_delta": round(self.recall_delta, 6),
+            "ndcg_delta": round(self.ndcg_delta, 6),
+        }
+
+    def summary(self) -> str:
+        """One line: both rankings' means and the change reranking made."""
+        k, vector, reranked = self.vector.k, self.vector, self.reranked
+        return (
+            f"{vector.table!r} v{vector.version}: recall@{k} {vector.recall:.3f} -> "
+            f"{reranked.recall:.3f} ({self.recall_delta:+.3f}), nDCG@{k} {vector.ndcg:.3f} -> "
+            f"{reranked.ndcg:.3f} ({self.ndcg_delta:+.3f}) reranked by {reranked.reranker} "
+            f"over {reranked.candidates} candidates, {len(vector.queries)} queries"
         )
 
 
