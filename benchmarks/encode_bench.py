@@ -7,11 +7,20 @@ positions), and our ratio to each peer.
 
     python benchmarks/encode_bench.py                      # hidden 256 / 4 layers, 1000 docs
     python benchmarks/encode_bench.py --model-size 0.6b --device cuda --corpus-size 4000
+    python benchmarks/encode_bench.py --whole-process 600   # start-up included, see below
+
+``--whole-process N`` times whole processes instead, start-up included (imports, tokenizer,
+weights): ``qwen3-pipeline embed`` of N skewed texts against a process that loads the same
+checkpoint with sentence-transformers and encodes the same texts, alternated ``--repeats``
+times in one run; the commands are printed and the medians compared.
 """
 
 import argparse
 import gc
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -148,6 +157,55 @@ def bench_corpus(name, texts, model_dir, args):
     return {"corpus": name, "texts": len(texts), "real_tokens": real, "results": rows}
 
 
+ST_SCRIPT = """
+import json, sys
+import numpy as np, torch
+from sentence_transformers import SentenceTransformer
+model_dir, corpus, output, device, dtype = sys.argv[1:6]
+texts = [json.loads(line)["text"] for line in open(corpus)]
+model = SentenceTransformer(model_dir, device=device, model_kwargs={"dtype": getattr(torch, dtype)})
+np.save(output, model.encode_document(texts, batch_size=32, convert_to_numpy=True))
+"""
+
+
+def bench_whole_process(model_dir, args, tmp):
+    """Whole processes, start-up included: ``qwen3-pipeline embed`` vs sentence-transformers."""
+    corpus, st_script = Path(tmp) / "corpus.jsonl", Path(tmp) / "st_embed.py"
+    docs = stdlib_docstrings(args.whole_process)
+    corpus.write_text("".join(json.dumps({"text": f"{d.title}\n\n{d.body}"}) + "\n" for d in docs))
+    st_script.write_text(ST_SCRIPT)
+    cli = str(Path(sys.executable).with_name("qwen3-pipeline"))
+    commands = {
+        "qwen3-pipeline embed": [
+            cli, "embed", "--model", str(model_dir), "--input", str(corpus),
+            "--output", f"{tmp}/ours.npy", "--device", args.device, "--dtype", args.dtype,
+        ],
+        "sentence-transformers": [
+            sys.executable, str(st_script), str(model_dir), str(corpus), f"{tmp}/st.npy",
+            args.device, args.dtype,
+        ],
+    }  # fmt: skip
+    print(f"\n== whole process: {len(docs)} skewed texts, median of {args.repeats} alternated runs")
+    for name, command in commands.items():
+        print(f"  {name}: {' '.join(command)}")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(args.repeats):
+        for name, command in commands.items():
+            started = time.perf_counter()
+            subprocess.run(command, check=True, env=env, capture_output=True)
+            times[name].append(time.perf_counter() - started)
+    ours = statistics.median(times["qwen3-pipeline embed"])
+    print(f"{'method':<24}{'median s':>10}{'runs':>30}{'it ÷ ours':>11}")
+    for name, runs in times.items():
+        median = statistics.median(runs)
+        shown = " ".join(f"{t:.1f}" for t in runs)
+        print(f"{name:<24}{median:>10.2f}{shown:>30}{median / ours:>10.2f}x")
+    a, b = np.load(f"{tmp}/ours.npy"), np.load(f"{tmp}/st.npy")
+    print(f"  min cosine vs sentence-transformers: {(a * b).sum(1).min():.6f}")
+    return {"whole_process": {name: runs for name, runs in times.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-size", choices=sorted(SHAPES), default="small")
@@ -157,6 +215,14 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, else float32")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: encoder's")
     parser.add_argument("--max-length", type=int, default=8192)
+    parser.add_argument(
+        "--whole-process",
+        type=int,
+        default=0,
+        metavar="N",
+        help="time whole processes (start-up included) on N skewed texts instead",
+    )
+    parser.add_argument("--repeats", type=int, default=3, help="runs per side (--whole-process)")
     parser.add_argument("--json", type=Path, default=None, help="also write results as JSON")
     args = parser.parse_args()
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -169,6 +235,11 @@ def main() -> None:
             f"(built in {time.perf_counter() - started:.1f}s); device={args.device} "
             f"dtype={args.dtype} threads={torch.get_num_threads()}"
         )
+        if args.whole_process:
+            results = [bench_whole_process(model_dir, args, tmp)]
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2))
+            return
         skewed = [f"{d.title}\n\n{d.body}" for d in stdlib_docstrings(args.corpus_size)]
         results = [bench_corpus("skewed (stdlib docstrings)", skewed, model_dir, args)]
         if args.narrow_size:

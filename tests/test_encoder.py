@@ -237,3 +237,37 @@ def test_bad_settings_are_config_errors(tiny_model_dir):
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             Qwen3Encoder(spec, device="cuda")
+
+
+def test_a_qwen3_checkpoint_skips_the_auto_class(tiny_model_dir, monkeypatch):
+    # model_type 'qwen3' loads through modeling_qwen3 directly: AutoModel's mapping walk is
+    # start-up time (issue 18). Make the auto class unusable to prove it is not consulted.
+    import transformers
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3Model
+
+    def no_auto(*args, **kwargs):
+        raise AssertionError("AutoModel.from_pretrained was called for a qwen3 checkpoint")
+
+    expected = _reference(tiny_model_dir, DOCUMENTS[:2])  # the card's code, through AutoModel
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", no_auto)
+    spec = EmbeddingSpec(model=str(tiny_model_dir))
+    encoder = Qwen3Encoder(spec, device=DEVICE, dtype=DTYPE, progress=False)
+    assert type(encoder._model) is Qwen3Model
+    np.testing.assert_allclose(encoder.encode_documents(DOCUMENTS[:2]), expected, atol=1e-5)
+
+
+def test_another_model_type_keeps_the_auto_class(tmp_path):
+    import json
+
+    import transformers
+
+    from qwen3_pipeline.embedding.checkpoint import _model_class
+
+    config = {"model_type": "llama", "hidden_size": 16, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "intermediate_size": 32, "vocab_size": 64}  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert _model_class(str(tmp_path), "AutoModel", None, True) is transformers.AutoModel
+    # An unreadable config is left to the auto class, which reports it as before.
+    assert (
+        _model_class(str(tmp_path / "missing"), "AutoModel", None, True) is transformers.AutoModel
+    )

@@ -23,7 +23,6 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import xxhash
@@ -253,6 +252,8 @@ class ExistingIndex:
         self._keys = self.column("key")
         self._key_type = self._keys.type
         self._hashed_keys = not pa.types.is_integer(self._key_type)
+        import pandas as pd  # imported when a table is diffed: `embed` never pays for it
+
         self._index = pd.Index(self._key_codes(self._keys))
         if not self._index.is_unique and self._hashed_keys:
             # A 64-bit collision between two stored keys (or a true duplicate): fall back to
@@ -660,6 +661,8 @@ class ScopeTracker:
             fresh_set = set(fresh)
             again_new = fresh_set & self._new_keys
             if again_new or len(fresh_set) != len(fresh):
+                import pandas as pd
+
                 counts = pd.Series(fresh, dtype=object).value_counts()
                 repeated = counts[counts > 1].index.tolist()
                 duplicates.extend([*repeated, *sorted(again_new, key=str)][:_SHOWN])

@@ -238,6 +238,8 @@ def load_pretrained(
     tokenizer = load_tokenizer(model, revision=revision, local_files_only=local_files_only)
     if not load_model:
         return tokenizer, None
+    # Not overlapped with the weights in a thread: transformers' lazy module is not safe to
+    # import from two threads at once (a partly initialised `transformers` was seen).
     weights = load_weights(
         model, revision=revision, placement=placement, local_files_only=local_files_only
     )
@@ -304,10 +306,8 @@ def load_weights(
     Raises:
         ModelLoadError: The checkpoint cannot be found or loaded.
     """
-    import transformers
-
     try:
-        loaded = getattr(transformers, model_class).from_pretrained(
+        loaded = _model_class(model, model_class, revision, local_files_only).from_pretrained(
             model,
             dtype=placement.dtype,
             attn_implementation=placement.attention,
@@ -324,6 +324,38 @@ def load_weights(
     loaded.to(placement.device)
     loaded.eval()
     return loaded
+
+
+# The Qwen3 class each auto class resolves to for ``model_type == "qwen3"``.
+_QWEN3_CLASSES = {"AutoModel": "Qwen3Model", "AutoModelForCausalLM": "Qwen3ForCausalLM"}
+
+
+def _model_class(model: str, model_class: str, revision: str | None, local_files_only: bool) -> Any:
+    """The class to load ``model`` with: the Qwen3 class itself for a qwen3 checkpoint.
+
+    ``AutoModel`` resolves a checkpoint's class through transformers' auto mappings, which
+    parse the config a second time and walk the lazy module of every architecture; a qwen3
+    checkpoint (every Qwen3-Embedding and Qwen3-Reranker) goes straight to
+    ``transformers.models.qwen3.modeling_qwen3``. Any other ``model_type`` (or a config that
+    cannot be read here: the auto class then reports it) keeps the auto class.
+    """
+    import transformers
+
+    auto_class = getattr(transformers, model_class)
+    qwen3_name = _QWEN3_CLASSES.get(model_class)
+    if qwen3_name is None:
+        return auto_class
+    try:
+        config = transformers.AutoConfig.from_pretrained(
+            model, revision=revision, local_files_only=local_files_only, trust_remote_code=False
+        )
+    except (OSError, ValueError):
+        return auto_class
+    if getattr(config, "model_type", None) != "qwen3":
+        return auto_class
+    from transformers.models.qwen3 import modeling_qwen3
+
+    return getattr(modeling_qwen3, qwen3_name)
 
 
 def _load_error(
