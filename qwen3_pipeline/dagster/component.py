@@ -66,7 +66,14 @@ from qwen3_pipeline.dagster.resources import (
     LanceDBResource,
     Qwen3EmbedderResource,
 )
-from qwen3_pipeline.sources import DuckDBSource, ParquetSource, PostgresSource, Source, SourceConfig
+from qwen3_pipeline.sources import (
+    DuckDBSource,
+    ParquetSource,
+    PostgresSource,
+    Source,
+    SourceConfig,
+    Watermark,
+)
 
 SourceKind = Literal["duckdb", "parquet", "postgres", "dbt"]
 SOURCE_KINDS: tuple[str, ...] = get_args(SourceKind)
@@ -454,9 +461,9 @@ class Qwen3EmbeddingComponent(dg.Component, dg.Resolvable):
 
     Two components share a resource object when their settings are equal (one model load for
     a run that refreshes both); components with other embedder or database settings need their
-    own ``embedder_key`` / ``lancedb_key``. An incremental watermark (read only rows changed
-    since the last run) is not a setting yet: every refresh reads its partitions whole and
-    re-embeds only what changed, by content hash.
+    own ``embedder_key`` / ``lancedb_key``. With ``watermark: true`` (and ``updated_at``) a
+    refresh reads only the rows whose ``updated_at`` moved past the stored mark; without it,
+    every refresh reads its partitions whole and re-embeds only what changed, by content hash.
 
     Example:
         ``defs.yaml``::
@@ -525,6 +532,20 @@ class Qwen3EmbeddingComponent(dg.Component, dg.Resolvable):
     carry: Annotated[
         str | Sequence[str] | None, _describe("Columns stored beside each vector (title, url...).")
     ] = None
+    watermark: Annotated[
+        bool,
+        _describe(
+            "Read only rows whose updated_at moved past the stored mark (needs updated_at; "
+            "see the change-capture guide)."
+        ),
+    ] = False
+    watermark_lag_s: Annotated[
+        float, _describe("With watermark: also read rows up to this many seconds before the mark.")
+    ] = 0.0
+    key_scan: Annotated[
+        str,
+        _describe("With watermark: find deletes by a key scan every refresh, every N, or never."),
+    ] = "every"
     chunking: Annotated[
         ChunkingConfig | None,
         dg.Resolver(
@@ -643,6 +664,11 @@ class Qwen3EmbeddingComponent(dg.Component, dg.Resolvable):
             updated_at=self.updated_at,
             carry=_as_names(self.carry),
             chunking=self.chunking,
+            watermark=(
+                Watermark(lag_s=self.watermark_lag_s, key_scan=self.key_scan)
+                if self.watermark
+                else None
+            ),
         )
 
     def embedder_resource(self) -> EmbedderResource:

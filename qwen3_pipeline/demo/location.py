@@ -53,12 +53,12 @@ import dagster as dg
 from qwen3_pipeline.chunking.config import ChunkingConfig
 from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.dagster.automation import build_automation_sensor, build_refresh_schedule
+from qwen3_pipeline.dagster.component import ComponentSource, Qwen3EmbeddingComponent
 from qwen3_pipeline.dagster.consumer_assets import (
     build_golden_rerank_eval_asset,
     build_near_duplicates_asset,
     build_vector_index_asset,
 )
-from qwen3_pipeline.dagster.embedding_asset import HashShards, build_embedding_asset
 from qwen3_pipeline.dagster.lifecycle_jobs import build_rebuild_job, build_rollback_job
 from qwen3_pipeline.dagster.reranker_resource import Qwen3RerankerResource
 from qwen3_pipeline.dagster.resources import (
@@ -263,6 +263,66 @@ def long_documents_source() -> Source:
     return DuckDBSource(duckdb_warehouse_path(), LONG_DOCUMENTS_TABLE)
 
 
+def demo_components(settings: DemoSettings) -> tuple[Qwen3EmbeddingComponent, ...]:
+    """The demo's two vector tables as components: ``document_vectors``, ``document_chunks``.
+
+    Each reads the table a dbt model builds in the DuckDB warehouse and depends on the model's
+    asset; the second cuts the long documents into chunks of at most 256 tokens. Both read
+    with a watermark on ``updated_at``. Their ``defs.yaml`` equivalent is in
+    docs/guides/dagster-component.md.
+    """
+    watermark = DOCUMENT_CONFIG.watermark
+    common: dict[str, Any] = {
+        "key": DOCUMENT_CONFIG.key,
+        "text": list(DOCUMENT_CONFIG.text_columns),
+        "updated_at": DOCUMENT_CONFIG.updated_at,
+        "carry": list(DOCUMENT_CONFIG.carry),
+        "watermark": watermark is not None,
+        "database": settings.lancedb_uri,
+        "embedding_model": settings.model,
+        "dim": settings.dim,
+        "device": settings.device,
+        "engine": settings.engine,
+        **(
+            {
+                "workers": settings.workers,
+                "gpus_per_worker": settings.gpus_per_worker,
+                "ray_address": settings.ray_address,
+            }
+            if settings.engine == "ray"
+            else {}
+        ),
+        "shards": settings.shards,
+        "group_name": EMBEDDING_GROUP,
+        "automation_condition": dg.AutomationCondition.eager(),
+    }
+    warehouse = duckdb_warehouse_path()
+    documents = ComponentSource(
+        kind="dbt", path=warehouse, relation=DOCUMENTS_TABLE, upstream=documents_asset_key()
+    )
+    long_documents = ComponentSource(
+        kind="dbt",
+        path=warehouse,
+        relation=LONG_DOCUMENTS_TABLE,
+        upstream=long_documents_asset_key(),
+    )
+    return (
+        Qwen3EmbeddingComponent(
+            source=documents,
+            asset_key=dg.AssetKey("document_vectors"),
+            table=settings.table,
+            **common,
+        ),
+        Qwen3EmbeddingComponent(
+            source=long_documents,
+            asset_key=dg.AssetKey("document_chunks"),
+            table=settings.chunk_table,
+            chunking=CHUNK_CONFIG.chunking,
+            **common,
+        ),
+    )
+
+
 def golden_queries_from_documents(
     documents: Iterable[tuple[str, str]], count: int = GOLDEN_QUERIES
 ) -> list[dict[str, Any]]:
@@ -367,17 +427,8 @@ def build_definitions(
         if settings.automation
         else dg.DefaultScheduleStatus.STOPPED
     )
-    document_vectors = build_embedding_asset(
-        key="document_vectors",
-        source=documents_source,
-        source_config=DOCUMENT_CONFIG,
-        spec=embedder,
-        table=settings.table,
-        deps=[documents_asset_key()],
-        partitioning=HashShards(settings.shards),
-        group_name=EMBEDDING_GROUP,
-        automation_condition=eager,
-    )
+    vectors_component, chunks_component = demo_components(settings)
+    document_vectors = vectors_component.build_asset(embedder)
     vector_index = build_vector_index_asset(
         embedding_asset=document_vectors,
         group_name=EMBEDDING_GROUP,
@@ -390,17 +441,7 @@ def build_definitions(
         group_name=EMBEDDING_GROUP,
         automation_condition=eager,
     )
-    document_chunks = build_embedding_asset(
-        key="document_chunks",
-        source=long_documents_source,
-        source_config=CHUNK_CONFIG,
-        spec=embedder,
-        table=settings.chunk_table,
-        deps=[long_documents_asset_key()],
-        partitioning=HashShards(settings.shards),
-        group_name=EMBEDDING_GROUP,
-        automation_condition=eager,
-    )
+    document_chunks = chunks_component.build_asset(embedder)
     vector_assets = [document_vectors, vector_index, near_duplicates, document_chunks]
     # Not eager and in no schedule: it loads the embedder and the reranker, so it runs when
     # asked (materialize it in the UI, or `dagster asset materialize`).
