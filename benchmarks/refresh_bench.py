@@ -30,18 +30,43 @@ through the old whole-scope path (one plan over every shard, one apply) for comp
 
     python benchmarks/refresh_bench.py --shard-memory --rows 1000000,5000000 \
         --whole-rows 1000000
+
+``--watermark`` measures watermark change capture against the full scan, side by side in one
+run, for each N (each phase in a fresh process; the source's ``updated_at`` is one second
+per id from a fixed start, and the 1% edited and 0.1% inserted rows are stamped a year
+later):
+
+1. ``backfill``: the first watermark refresh (everything read and embedded; its mark stored);
+2. ``noop-full``: a plain refresh of the same source (every row read and hashed);
+3. ``noop-wm`` / ``noop-wm-never``: watermark refreshes with ``key_scan="every"`` (the key
+   column read to find deletes) and ``"never"`` (no key scan this run; what ``key_scan=N``
+   does between its scans);
+4. ``changed-full`` / ``changed-wm`` / ``changed-wm-never``: the 1%-changed source, each on its
+   own copy of the table, with a paced stand-in for a GPU (``--paced-rate`` tokens/s, the
+   fake's vectors: a call lasts ``tokens / rate`` seconds, or the fake's own time if longer).
+
+It prints the no-op ratios (goal: the watermark no-op <= 0.3 s and <= 0.1x the full scan),
+the 1%-changed refresh against its own embed + write time (goal: within 2x), the backfill's
+peak RSS by N (goal: 5M within 15% of 1M), and with ``--profile`` the top of a cProfile of
+the watermark no-op.
+
+    python benchmarks/refresh_bench.py --watermark --rows 1000000,5000000 --profile 40
 """
 
 import argparse
+import cProfile
 import dataclasses
+import io
 import json
 import multiprocessing
+import pstats
 import queue as queue_module
 import resource
 import shutil
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -53,17 +78,23 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from qwen3_pipeline.core.spec import EmbeddingSpec  # noqa: E402
-from qwen3_pipeline.sources import ParquetSource, Shards, SourceConfig  # noqa: E402
+from qwen3_pipeline.sources import ParquetSource, Shards, SourceConfig, Watermark  # noqa: E402
 
 TABLE = "bench_docs"
 DIM = 64
 CONFIG = SourceConfig(key="id", text_columns=("title", "body"), carry=("title",))
 BLOCK = 100_000
+# updated_at: one second per id from STAMPED (ids in order, so each row group's statistics
+# cover its own span); rows the changed source edits or inserts are stamped CHANGED_AT.
+STAMPED = datetime(2026, 1, 1, tzinfo=UTC)
+CHANGED_AT = STAMPED + timedelta(days=400)
+TIME_TYPE = pa.timestamp("us", "UTC")
 SCHEMA = pa.schema(
     [
         pa.field("id", pa.int64()),
         pa.field("title", pa.string()),
         pa.field("body", pa.string()),
+        pa.field("updated_at", TIME_TYPE),
     ]
 )
 
@@ -97,7 +128,20 @@ def block_rows(start: int, stop: int, words: np.ndarray, version: int = 0) -> pa
         titles.append(" ".join(picks[at : at + t]).capitalize())
         bodies.append(" ".join(picks[at + t : at + t + b]) + ".")
         at += t + b
-    return pa.table({"id": np.arange(start, stop), "title": titles, "body": bodies}, SCHEMA)
+    ids = np.arange(start, stop)
+    stamps = np.datetime64(STAMPED.replace(tzinfo=None), "us") + ids.astype("timedelta64[s]")
+    return pa.table(
+        {"id": ids, "title": titles, "body": bodies, "updated_at": pa.array(stamps, TIME_TYPE)},
+        SCHEMA,
+    )
+
+
+def _stamp(table: pa.Table, rows: np.ndarray) -> pa.Table:
+    """``table`` with the ``updated_at`` of ``rows`` (a mask) moved to ``CHANGED_AT``."""
+    stamps = table.column("updated_at").to_numpy().copy()
+    stamps[rows] = np.datetime64(CHANGED_AT.replace(tzinfo=None), "us")
+    index = table.schema.get_field_index("updated_at")
+    return table.set_column(index, "updated_at", pa.array(stamps, TIME_TYPE))
 
 
 def write_source(path: Path, rows: int, words: np.ndarray, *, changed: bool) -> dict[str, int]:
@@ -112,6 +156,7 @@ def write_source(path: Path, rows: int, words: np.ndarray, *, changed: bool) -> 
                 bodies = np.array(table.column("body").to_pylist(), dtype=object)
                 bodies[edited] = bodies[edited] + " Edited."
                 table = table.set_column(2, "body", pa.array(bodies.tolist(), pa.string()))
+                table = _stamp(table, edited)
                 keep = ids % 1000 != 13
                 table = table.filter(pa.array(keep))
                 counts["edited"] += int((edited & keep).sum())
@@ -119,7 +164,8 @@ def write_source(path: Path, rows: int, words: np.ndarray, *, changed: bool) -> 
             writer.write_table(table, row_group_size=BLOCK)
         if changed:
             extra = max(rows // 1000, 1)
-            writer.write_table(block_rows(rows, rows + extra, words), row_group_size=BLOCK)
+            new = block_rows(rows, rows + extra, words)
+            writer.write_table(_stamp(new, np.ones(extra, bool)), row_group_size=BLOCK)
             counts["inserted"] = extra
     return counts
 
@@ -134,8 +180,8 @@ def run_phase(job: dict[str, Any], queue: Any) -> None:
     import lancedb  # noqa: F401
 
     import qwen3_pipeline.engine.refresh as engine
+    import qwen3_pipeline.testing  # noqa: F401  (the fake, imported before timing)
     from qwen3_pipeline.store import VectorStore
-    from qwen3_pipeline.testing import FakeEmbedder
 
     if job["embedder"] == "tiny":
         import torch  # noqa: F401
@@ -172,19 +218,24 @@ def run_phase(job: dict[str, Any], queue: Any) -> None:
     config = CONFIG
     if job.get("shards"):
         config = dataclasses.replace(CONFIG, partition=Shards(job["shards"]))
+    if job.get("updated_at"):
+        # A plain refresh keeps updated_at too: without it, source_updated_at would differ
+        # from what the watermark refreshes store (a column update of every row).
+        config = dataclasses.replace(CONFIG, updated_at="updated_at")
+    if job.get("key_scan"):
+        config = dataclasses.replace(config, watermark=Watermark(key_scan=job["key_scan"]))
     if job["embedder"] == "tiny":
         from qwen3_pipeline.embedding.encoder import Qwen3Encoder
 
         embedder: Any = Qwen3Encoder(spec, device="cpu", progress=False)
     else:
-        embedder = FakeEmbedder(spec)
+        embedder = bench_fake(spec, job.get("paced_rate", 0))
     embedder.embed_documents = timed("embed", embedder.embed_documents)
 
-    started = time.perf_counter()
-    if job.get("path") == "whole":
-        report = whole_scope_refresh(job, config, embedder)
-    else:
-        report = engine.refresh(
+    def run() -> Any:
+        if job.get("path") == "whole":
+            return whole_scope_refresh(job, config, embedder)
+        return engine.refresh(
             source=ParquetSource(job["source"]),
             config=config,
             embedder=embedder,
@@ -193,6 +244,14 @@ def run_phase(job: dict[str, Any], queue: Any) -> None:
             chunk_rows=job["chunk_rows"],
             progress=False,
         )
+
+    profile = cProfile.Profile() if job.get("profile") else None
+    started = time.perf_counter()
+    if profile is not None:
+        profile.enable()
+    report = run()
+    if profile is not None:
+        profile.disable()
     wall = time.perf_counter() - started
     queue.put(
         {
@@ -209,8 +268,41 @@ def run_phase(job: dict[str, Any], queue: Any) -> None:
             "peak_rss_mb": _peak_rss_mb(),
             "baseline_rss_mb": baseline_rss,
             "report": report.as_dict(),
+            "profile": None if profile is None else _profile_top(profile, job["profile"]),
         }
     )
+
+
+def bench_fake(spec: EmbeddingSpec, rate: float = 0) -> Any:
+    """The fake model, keeping nothing, paced like a GPU when ``rate`` (tokens/s) is set.
+
+    :class:`~qwen3_pipeline.testing.FakeEmbedder` keeps every text it was sent (for tests'
+    assertions): about 250 MB per million short rows, which a peak RSS must not count. Paced,
+    a call lasts ``tokens / rate`` seconds at least (the fake's own time counts toward it);
+    its vectors stay the fake's, so the table's canaries agree with a backfill by the plain
+    fake.
+    """
+    from qwen3_pipeline.testing import FakeEmbedder
+
+    class BenchFake(FakeEmbedder):
+        def embed_documents(self, texts: Any, *, on_batch: Any = None) -> Any:
+            started = time.perf_counter()
+            result = super().embed_documents(texts, on_batch=on_batch)
+            self.seen.clear()
+            self.calls.clear()
+            left = result.stats.real_tokens / rate - (time.perf_counter() - started) if rate else 0
+            if left > 0:
+                time.sleep(left)
+            return result
+
+    return BenchFake(spec)
+
+
+def _profile_top(profile: cProfile.Profile, lines: int) -> str:
+    out = io.StringIO()
+    stats = pstats.Stats(profile, stream=out)
+    stats.sort_stats("cumulative").print_stats(lines)
+    return out.getvalue()
 
 
 def whole_scope_refresh(job: dict[str, Any], config: SourceConfig, embedder: Any) -> Any:
@@ -432,6 +524,136 @@ def shard_memory(sizes: list[int], args: argparse.Namespace, words: np.ndarray,
     return lines
 
 
+# --------------------------------------------------------------------------- watermark
+
+
+WATERMARK_MODEL = "Qwen/Qwen3-Embedding-0.6B"  # only its spec: the fake embedder embeds
+# (name, source, key scan (None: a plain refresh), paced model, table: "main" or a copy)
+WATERMARK_PHASES = (
+    ("backfill", "base", "every", False, "main"),
+    ("noop-full", "base", None, False, "main"),
+    ("noop-wm", "base", "every", False, "main"),
+    ("noop-wm-never", "base", "never", False, "main"),
+    ("changed-full", "changed", None, True, "copy-full"),
+    ("changed-wm", "changed", "every", True, "copy-wm"),
+    ("changed-wm-never", "changed", "never", True, "main"),
+)
+WATERMARK_HEADER = (
+    f"  {'phase':<16} {'wall s':>7} {'read rows':>10} {'keys scanned':>12} {'embedded':>9} "
+    f"{'deleted':>8} {'embed s':>8} {'write s':>8} {'other s':>8} {'commits':>7} "
+    f"{'peak RSS':>10}"
+)
+
+
+def watermark_bench(sizes: list[int], args: argparse.Namespace, words: np.ndarray,
+                    workdir: Path) -> tuple[list[str], dict[str, Any]]:  # fmt: skip
+    """Watermark refreshes against full scans, by source size (see the module docstring)."""
+    print(
+        f"watermark vs full scan, FakeEmbedder (dim {DIM}); the changed phases pace it at "
+        f"{args.paced_rate:,.0f} tokens/s; each phase in a fresh process",
+        flush=True,
+    )
+    results: dict[int, dict[str, Any]] = {}
+    lines: list[str] = []
+    for rows in sizes:
+        folder = workdir / f"watermark-{rows}"
+        folder.mkdir(parents=True, exist_ok=True)
+        sources = {"base": folder / "source.parquet", "changed": folder / "changed.parquet"}
+        started = time.perf_counter()
+        write_source(sources["base"], rows, words, changed=False)
+        truth = write_source(sources["changed"], rows, words, changed=True)
+        print(f"\nN={rows:,}: sources written in {time.perf_counter() - started:.1f}s "
+              f"(changed: {truth})", flush=True)  # fmt: skip
+        print(WATERMARK_HEADER, flush=True)
+        main_db = folder / "lancedb"
+        runs: dict[str, Any] = {"truth": truth}
+        for name, source, key_scan, paced, table in WATERMARK_PHASES:
+            if args.watermark_phases and name not in args.watermark_phases.split(","):
+                continue
+            db = main_db if table == "main" else folder / f"lancedb-{table}"
+            if table != "main" and not db.exists():
+                shutil.copytree(main_db, db)  # the state after the no-ops, for this phase
+            job = {
+                "db": str(db),
+                "model": WATERMARK_MODEL,
+                "embedder": "fake",
+                "chunk_rows": args.chunk_rows,
+                "source": str(sources[source]),
+                "updated_at": True,
+                "key_scan": key_scan,
+                "paced_rate": args.paced_rate if paced else 0,
+                "profile": args.profile if args.profile and name == "noop-wm" else 0,
+            }
+            r = runs[name] = phase(job)
+            rep = r["report"]
+            other = r["wall_s"] - r["embed_s"] - r["write_s"]
+            print(
+                f"  {name:<16} {r['wall_s']:>7.2f} {rep['read_rows']:>10,} "
+                f"{rep.get('keys_scanned', 0):>12,} {rep['embedded_rows']:>9,} "
+                f"{rep['deleted']:>8,} {r['embed_s']:>8.2f} {r['write_s']:>8.2f} {other:>8.2f} "
+                f"{r['versions']:>7} {r['peak_rss_mb']:>6.0f} MiB",
+                flush=True,
+            )
+        for copy in ("copy-full", "copy-wm"):
+            shutil.rmtree(folder / f"lancedb-{copy}", ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(folder, ignore_errors=True)
+        results[rows] = runs
+        lines += [f"[N={rows:,}] {line}" for line in watermark_verdicts(runs)]
+    if "noop-wm" in results[sizes[0]] and results[sizes[0]]["noop-wm"]["profile"]:
+        print(f"\ncProfile of the watermark no-op (key_scan='every'), N={sizes[0]:,}")
+        print(results[sizes[0]]["noop-wm"]["profile"])
+    backfills = {n: r["backfill"]["peak_rss_mb"] for n, r in results.items() if "backfill" in r}
+    if len(backfills) > 1:
+        small, large = min(backfills), max(backfills)
+        growth = backfills[large] / backfills[small]
+        verdict = "PASS" if growth <= 1.15 else "MISS"
+        lines.append(
+            f"backfill peak RSS {small:,} -> {large:,} rows: {backfills[small]:.0f} -> "
+            f"{backfills[large]:.0f} MiB, x{growth:.2f} (goal <= x1.15): {verdict}"
+        )
+    return lines, {str(n): r for n, r in results.items()}
+
+
+def watermark_verdicts(runs: dict[str, Any]) -> list[str]:
+    """The goals of issue 18 for one size, from its phases (those that ran)."""
+    verdict = {True: "PASS", False: "MISS"}
+    lines = []
+    full = runs.get("noop-full")
+    for name in ("noop-wm", "noop-wm-never"):
+        if name not in runs or full is None:
+            continue
+        r = runs[name]
+        ratio = r["wall_s"] / full["wall_s"]
+        ok = r["wall_s"] <= 0.3 and ratio <= 0.1 and r["versions"] == 0
+        lines.append(
+            f"{name} no-op: {r['wall_s']:.2f}s = {ratio:.3f}x the full-scan no-op "
+            f"({full['wall_s']:.2f}s), read {r['report']['read_rows']} rows, "
+            f"{r['versions']} commits (goal <= 0.3 s, <= 0.1x, 0 commits): {verdict[ok]}"
+        )
+    truth = runs["truth"]
+    for name in ("changed-full", "changed-wm", "changed-wm-never"):
+        if name not in runs:
+            continue
+        r = runs[name]
+        rep = r["report"]
+        work = r["embed_s"] + r["write_s"]
+        ratio = r["wall_s"] / work if work else float("inf")
+        # Without a key scan, the deleted keys wait for the next scan (documented).
+        deletes = 0 if name == "changed-wm-never" else truth["deleted"]
+        embeds = truth["edited"] + truth["inserted"]
+        exact = rep["embedded_rows"] == embeds and rep["deleted"] == deletes
+        line = (
+            f"{name}: {r['wall_s']:.2f}s = {ratio:.2f}x its embed + write "
+            f"({r['embed_s']:.2f} + {r['write_s']:.2f}s); embedded {rep['embedded_rows']:,}, "
+            f"deleted {rep['deleted']:,}: counts {'exact' if exact else 'WRONG'}"
+        )
+        if name == "changed-wm":
+            line += f" (goal <= 2x): {verdict[ratio <= 2 and exact]}"
+        lines.append(line)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1000000", help="comma-separated source sizes")
@@ -464,12 +686,45 @@ def main() -> None:
         default="1000000",
         help="sizes (comma-separated) also run through the whole-scope path (--shard-memory)",
     )
+    parser.add_argument(
+        "--watermark",
+        action="store_true",
+        help="measure watermark refreshes against full scans instead (fake model)",
+    )
+    parser.add_argument(
+        "--paced-rate",
+        type=float,
+        default=350_000.0,
+        help="tokens/s of the paced stand-in for a GPU in the changed phases (--watermark; "
+        "0: the plain fake)",
+    )
+    parser.add_argument(
+        "--watermark-phases",
+        default="",
+        help="only these phases (comma-separated; --watermark; the no-ops need the backfill)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="print the top N lines of a cProfile of the watermark no-op (--watermark)",
+    )
     args = parser.parse_args()
     sizes = [int(s) for s in args.rows.split(",")]
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="refresh_bench_"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"workdir {workdir}; chunk_rows {args.chunk_rows}; {multiprocessing.cpu_count()} CPUs")
     words = np.array(vocabulary())
+    if args.watermark:
+        lines, measured = watermark_bench(sizes, args, words, workdir)
+        print("\nsummary")
+        for line in lines:
+            print("  " + line)
+        if args.json:
+            args.json.write_text(json.dumps(measured, indent=2, default=str))
+        if not args.keep and args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return
     if args.shard_memory:
         lines = shard_memory(sizes, args, words, workdir)
         print("\nsummary")

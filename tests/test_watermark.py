@@ -9,14 +9,17 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
 from qwen3_pipeline.cli import main
-from qwen3_pipeline.core.errors import ConfigError, MassDeleteError
+from qwen3_pipeline.core.errors import ConfigError, MassDeleteError, StoreError
+from qwen3_pipeline.engine import watermark as engine_watermark
 from qwen3_pipeline.engine.refresh import plan_refresh, refresh
+from qwen3_pipeline.engine.watermark import KeyScan, KeyScannedIndex, scan_keys
 from qwen3_pipeline.sources import (
     ArrowSource,
     DuckDBSource,
@@ -28,7 +31,9 @@ from qwen3_pipeline.sources import (
     Watermark,
 )
 from qwen3_pipeline.sources.watermark import RowFilter
-from qwen3_pipeline.store.watermark_log import WatermarkLog
+from qwen3_pipeline.store import VectorStore
+from qwen3_pipeline.store.connection import connect
+from qwen3_pipeline.store.watermark_log import WatermarkLog, watermarks_table_name
 from qwen3_pipeline.testing import FakeEmbedder
 from tests.refresh_helpers import (
     KillPoint,
@@ -225,6 +230,127 @@ def test_bad_watermark_settings(tmp_path, capsys):
     assert "--watermark-lag need(s) --watermark" in capsys.readouterr().err
     assert main([*base, "--watermark"]) == 2
     assert "needs updated_at" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- the key scan
+
+
+def test_a_key_scan_reads_the_stored_state_of_changed_and_gone_keys_only(tmp_path, monkeypatch):
+    rows = make_rows(range(200))
+    run(tmp_path / "db", ArrowSource(rows))
+    asked = []
+    original = VectorStore.existing_state
+
+    def spy(self, partition_keys=None, *, keys=None, **kwargs):
+        asked.append(None if keys is None else sorted(pa.array(keys).to_pylist()))
+        return original(self, partition_keys, keys=keys, **kwargs)
+
+    monkeypatch.setattr(VectorStore, "existing_state", spy)
+    changed = change(rows)
+    report = run(tmp_path / "db", ArrowSource(changed))
+    # The 5 edited and 3 new keys (read by the mark), the 2 deleted ones (found by the scan).
+    assert asked == [[0, 1, 2, 3, 4, 90, 91, 1000, 1001, 1002]]
+    assert (report.keys_scanned, report.updated, report.inserted, report.deleted) == (201, 5, 3, 2)
+    assert report.as_dict()["unchanged"] == 0
+    assert_table_matches(str(tmp_path / "db"), "docs", expected_state(changed))
+
+
+@pytest.mark.parametrize("keys", ["text", "sparse"])
+def test_the_key_scan_finds_deletes_among_text_and_sparse_integer_keys(keys, tmp_path):
+    rows = make_rows(range(120))
+    if keys == "text":
+        ids = pa.array([f"doc-{i:04d}" for i in range(120)])
+    else:
+        ids = pa.array([i * 10**12 for i in range(120)], pa.int64())  # no direct table
+    rows = rows.set_column(0, pa.field("id", ids.type, nullable=False), ids)
+    run(tmp_path / "db", ArrowSource(rows))
+    fewer = rows.filter(pa.array([i not in (7, 64, 119) for i in range(120)]))
+    report = run(tmp_path / "db", ArrowSource(fewer))
+    assert (report.read_rows, report.keys_scanned, report.deleted) == (0, 117, 3)
+    assert run(tmp_path / "db", ArrowSource(fewer), plain()).committed is False
+
+
+def test_each_shard_scans_and_deletes_only_its_own_keys(tmp_path):
+    rows = make_rows(range(100))
+    shards = [replace(CONFIG, partition=Shard(i, 2)) for i in range(2)]
+    for config in shards:
+        run(tmp_path / "db", ArrowSource(rows), config)  # each shard's mark
+    fewer = rows.filter(pa.array([i % 10 != 3 for i in range(100)]))
+    shard, rest = (run(tmp_path / "db", ArrowSource(fewer), config) for config in shards)
+    assert shard.read_rows == rest.read_rows == 0
+    where = expected_state(rows, partition=Shards(2))
+    first = [k for k in range(3, 100, 10) if where[k]["partition_key"] == "shard-00-of-02"]
+    assert 0 < len(first) < 10
+    assert (shard.deleted, rest.deleted) == (len(first), 10 - len(first))
+    assert shard.keys_scanned == rest.keys_scanned == 90  # a key scan reads the whole source
+    expected = expected_state(fewer, partition=Shards(2))
+    assert_table_matches(str(tmp_path / "db"), "docs", expected)
+
+
+def test_a_gone_key_written_again_while_the_plan_reads_is_not_deleted():
+    state = pa.table(
+        {
+            "key": pa.array([1, 2, 3], pa.int64()),
+            "content_hash": ["a", "b", "c"],
+            "spec_fingerprint": ["f"] * 3,
+            "partition_key": [""] * 3,
+        }
+    )
+    # The scan before the stored state was read found 2 and 3 gone; 3 is back since.
+    index = KeyScannedIndex(state, KeyScan(gone=pa.array([2, 3]), keys_scanned=1, stored=3))
+    seen, scanned = scan_keys(index, ArrowSource(pa.table({"id": [1, 3]})), CONFIG, 10)
+    assert (seen.tolist(), scanned) == ([True, False, True], 1)
+
+
+def test_stored_keys_are_matched_exactly_even_when_their_codes_collide(monkeypatch):
+    stored = pa.array(["a", "b", "c"])
+    monkeypatch.setattr(engine_watermark, "_key_codes", lambda keys, integer: np.zeros(len(keys)))
+    marks = engine_watermark._KeyMarks(stored)  # every code alike: an exact index instead
+    marks.mark(pa.array(["c", None, "z"]))
+    assert marks.unseen().to_pylist() == ["a", "b"]
+
+
+def test_a_text_key_whose_hash_matches_another_is_not_taken_for_it(monkeypatch):
+    real = engine_watermark._key_codes
+    marks = engine_watermark._KeyMarks(pa.array(["a", "b"]))
+
+    # "z" hashes like "a" from now on: the match is checked against the key itself.
+    def alias(keys, integer):
+        return real(pa.array(["a" if k == "z" else k for k in keys.to_pylist()]), integer)
+
+    monkeypatch.setattr(engine_watermark, "_key_codes", alias)
+    marks.mark(pa.array(["z", "b"]))
+    assert marks.unseen().to_pylist() == ["a"]
+
+
+def test_integer_keys_outside_the_stored_range_do_not_wrap_into_it():
+    marks = engine_watermark._KeyMarks(pa.array([5, 6, 7], pa.int64()))
+    marks.mark(pa.array([-(2**63), 2**63 - 1, 4, 8, 6], pa.int64()))
+    assert marks.unseen().to_pylist() == [5, 7]
+
+
+@pytest.mark.parametrize("keys", [[1, 2, 2], [1, 10**15, 10**15]])
+def test_duplicate_stored_keys_are_refused(keys):
+    with pytest.raises(StoreError, match="duplicate keys"):
+        engine_watermark._KeyMarks(pa.array(keys, pa.int64()))
+
+
+def test_a_no_op_commits_nothing_unless_it_counts_refreshes_to_a_key_scan(tmp_path):
+    rows = make_rows(range(40))
+
+    def marks_version(db):
+        return connect(str(db), None).open_table(watermarks_table_name("docs")).version
+
+    never = replace(CONFIG, watermark=Watermark(key_scan="never"))
+    run(tmp_path / "db", ArrowSource(rows), never)
+    before = marks_version(tmp_path / "db")
+    for config in (never, CONFIG):  # key_scan "never", then "every"
+        noop = run(tmp_path / "db", ArrowSource(rows), config)
+        assert (noop.committed, marks_version(tmp_path / "db")) == (False, before)
+    # Every 3rd refresh scans keys: the count of refreshes since the last scan is stored.
+    every3 = replace(CONFIG, watermark=Watermark(key_scan=3))
+    run(tmp_path / "db", ArrowSource(rows), every3)
+    assert marks_version(tmp_path / "db") == before + 1
 
 
 # ------------------------------------------------------------------------- killed refreshes

@@ -47,7 +47,13 @@ from qwen3_pipeline.engine.options import (
 )
 from qwen3_pipeline.engine.report import PLAN_COUNTERS, Tally
 from qwen3_pipeline.engine.scan import LiveKeys, Scan, key_codes
-from qwen3_pipeline.engine.watermark import WatermarkRead, changed_keys, plan_watermark
+from qwen3_pipeline.engine.watermark import (
+    KeyScannedIndex,
+    WatermarkRead,
+    changed_keys,
+    plan_watermark,
+    scan_stored_keys,
+)
 from qwen3_pipeline.sources import (
     Source,
     SourceConfig,
@@ -329,11 +335,18 @@ def plan_scope(request: RefreshRequest) -> RefreshPlan:
     failures = _failure_records(request, spec)
     watermark = plan_watermark(request, spec.fingerprint, scope, failures)
     keys = None
-    if watermark is not None and watermark.where is not None and not watermark.key_scan:
-        # Only the changed rows are diffed: their stored state alone is read.
+    key_scan = False
+    if watermark is not None and watermark.where is not None:
+        # Only the changed rows are diffed: their stored state alone is read (with a key scan,
+        # that of the stored keys gone from the source too).
         keys = changed_keys(request.source, request.config, watermark.where, options.chunk_rows)
+        key_scan = watermark.key_scan
     stored = _StoredScope.read(
-        request, scope, keys=keys, full_read=watermark is None or watermark.where is None
+        request,
+        scope,
+        keys=keys,
+        full_read=watermark is None or watermark.where is None,
+        key_scan=key_scan,
     )
     live, unread = _live_keys(request, stored.source_key_type) if options.rebuild else (None, None)
     directory = Path(tempfile.mkdtemp(prefix="qwen3-plan-", dir=options.spill_dir))
@@ -449,6 +462,7 @@ class _StoredScope:
         *,
         keys: pa.Array | None = None,
         full_read: bool = True,
+        key_scan: bool = False,
     ) -> "_StoredScope":
         """Check the source's columns and keys and the table's spec; index the stored state.
 
@@ -459,6 +473,9 @@ class _StoredScope:
                 ``rows`` still counts the whole scope, for the mass-delete guard.
             full_read: The whole source is read: check it for null and duplicate keys first
                 (a watermark read checks the rows it reads as it goes).
+            key_scan: With ``keys``: compare the stored keys of the scope with the source's
+                first (key columns only), and index the gone keys' rows too
+                (a :class:`~qwen3_pipeline.engine.watermark.KeyScannedIndex`).
         """
         source, config = request.source, request.config
         spec = table_spec_for(request.embedder.spec, config)
@@ -495,12 +512,20 @@ class _StoredScope:
         time_windows = isinstance(config.partition, TimeWindow)
         if store is None:
             existing = ExistingIndex.empty(key_type, _state_carry(carry_targets))
+        elif keys is not None and key_scan:
+            # Deletes from key columns alone: the stored state is read for the changed keys
+            # and the gone ones, never for the whole scope.
+            found = scan_stored_keys(store, scope, source, config)
+            state = store.existing_state(scope, keys=found.with_gone(keys))
+            existing = KeyScannedIndex(state, found)
         elif keys is not None:
             existing = ExistingIndex(store.existing_state(scope, keys=keys))
         else:
             existing = ExistingIndex(store.existing_state(None if time_windows else scope))
         rows = _stored_in_scope(existing, scope)
-        if keys is not None and store is not None:
+        if isinstance(existing, KeyScannedIndex):
+            rows = existing.scan.stored  # the scan read every stored key of the scope
+        elif keys is not None and store is not None:
             rows = store.count_rows(scope, documents=True)
         return cls(
             spec=spec,
