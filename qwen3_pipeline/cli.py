@@ -1040,10 +1040,14 @@ def run_rollback(args: argparse.Namespace) -> dict[str, Any]:
             lists the tags); without ``--to``, a table that no rebuild has swapped.
     """
     from qwen3_pipeline.store import open_lance_table, rollback
+    from qwen3_pipeline.store.watermark_log import forget_watermarks
 
     check_db(args.db, must_exist=True)
     table = open_lance_table(args.db, args.table)
-    return rollback(table, args.to).as_dict()
+    result = rollback(table, args.to).as_dict()
+    # The restored rows are older than the marks: the next watermark refresh reads all.
+    result["watermarks_forgotten"] = forget_watermarks(args.db, args.table)
+    return result
 
 
 def _failure_log(args: argparse.Namespace) -> "FailureLog":

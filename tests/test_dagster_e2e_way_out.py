@@ -110,7 +110,8 @@ def _swap_trap(lancedb_dir: Path, warehouse: Path) -> tuple[list[dict[str, Any]]
             """
             UPDATE documents SET text = CASE WHEN doc_id = $1
                 THEN (SELECT text FROM documents WHERE doc_id = $2)
-                ELSE (SELECT text FROM documents WHERE doc_id = $1) END
+                ELSE (SELECT text FROM documents WHERE doc_id = $1) END,
+                updated_at = now()::TIMESTAMP
             WHERE doc_id IN ($1, $2)
             """,
             [top, last],

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
@@ -372,3 +373,18 @@ def test_a_killed_watermark_refresh_converges(kill, tmp_path):
     assert rerun.read_rows >= 8  # the old mark: the changed rows are read again
     assert_table_matches(db, "docs", expected_state(target))
     assert not run(db, ParquetSource(path), plain()).committed
+
+
+def test_a_rollback_forgets_the_marks_so_the_next_refresh_reads_everything(tmp_path, capsys):
+    rows = make_rows(range(40))
+    db = tmp_path / "db"
+    run(db, ArrowSource(rows))
+    version = lancedb.connect(str(db)).open_table("docs").version
+    changed = change(rows)
+    run(db, ArrowSource(changed))
+    assert main(["rollback", "--db", str(db), "--table", "docs", "--to", str(version)]) == 0
+    assert '"watermarks_forgotten": true' in capsys.readouterr().out
+    # The restored rows predate the mark: only a full read brings the table back in line.
+    again = run(db, ArrowSource(changed))
+    assert again.read_rows == changed.num_rows
+    assert_table_matches(str(db), "docs", expected_state(changed))

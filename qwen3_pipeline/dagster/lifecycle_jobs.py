@@ -254,10 +254,13 @@ def _roll_back(
     """Roll ``table`` back; the materialization's metadata (failures typed for retries)."""
     from qwen3_pipeline.consumers.vector_search import recorded_spec
     from qwen3_pipeline.store import latest_checked_version, open_lance_table, rollback
+    from qwen3_pipeline.store.watermark_log import forget_watermarks
 
     try:
         lance = open_lance_table(lancedb.resolved_uri(), table, storage_options=lancedb.options())
         result = rollback(lance, config.target())
+        # The restored rows are older than the marks: the next watermark refresh reads all.
+        forget_watermarks(lancedb.resolved_uri(), table, storage_options=lancedb.options())
         spec = recorded_spec(lance)
         rows = int(lance.count_rows())
         checked_version = latest_checked_version(lance)

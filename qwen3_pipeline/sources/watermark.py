@@ -21,7 +21,7 @@ Behaviour at the edges (each tested):
   next one reads those rows again (those already stored are unchanged: no model call).
 
 Example:
-    >>> Watermark(lag_s=60, key_scan=4).scans_keys(refreshes_since_scan=3)
+    >>> Watermark(lag_s=60, key_scan=4).scans_keys(refreshes_since_scan=4)
     True
     >>> Watermark(key_scan="never").scans_keys(refreshes_since_scan=100)
     False

@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 
 from qwen3_pipeline.core.schema import TIMESTAMP_TYPE, validate_table_name
 from qwen3_pipeline.store.connection import connect
-from qwen3_pipeline.store.retries import RetryPolicy
-from qwen3_pipeline.store.side_tables import read_side_table, upsert_side_rows
+from qwen3_pipeline.store.retries import RetryPolicy, run_typed
+from qwen3_pipeline.store.side_tables import read_side_table, side_table_exists, upsert_side_rows
 
 WATERMARKS_SUFFIX = "__watermarks"
 
@@ -127,3 +127,24 @@ class WatermarkLog:
             schema=WATERMARK_SCHEMA,
         )
         upsert_side_rows(self.db, self.name, WATERMARK_SCHEMA, row, on="scope", retry=self.retry)
+
+    def forget(self) -> bool:
+        """Drop every mark of the table; the next watermark refresh reads everything.
+
+        For a rollback: rows restored to an older version would not be read again by a
+        watermark whose mark is past their ``updated_at``.
+
+        Returns:
+            Whether there were marks to drop.
+        """
+        if not side_table_exists(self.db, self.name):
+            return False
+        run_typed(lambda: self.db.drop_table(self.name), f"drop {self.name!r}")
+        return True
+
+
+def forget_watermarks(
+    uri: str, table: str, *, storage_options: dict[str, str] | None = None
+) -> bool:
+    """:meth:`WatermarkLog.forget` for ``table`` in the database at ``uri``."""
+    return WatermarkLog.open(uri, table, storage_options=storage_options).forget()
