@@ -192,6 +192,8 @@ def run_demo(*, limit: int | None, query: str, settings: DemoSettings | None = N
         table_version=vectors.version,
         stored_rows=vectors.count_rows(),
         counters=run_counters(report),
+        # A watermark run reports the rows it read; a plain run reads every row it scans.
+        read_rows=int(report.get("qwen3/run/read_rows", run_counters(report).get("scanned", 0))),
         tokens=int(report.get(RUN_TOKENS, 0)),
         padding_efficiency=float(report.get("qwen3/run/padding_efficiency", 1.0)),
         version_before=report.get(RUN_VERSION_BEFORE),
