@@ -34,9 +34,9 @@ from qwen3_pipeline.core.failures import (
     next_attempt,
 )
 from qwen3_pipeline.core.schema import TIMESTAMP_TYPE, validate_table_name
-from qwen3_pipeline.store.connection import connect, list_table_names
-from qwen3_pipeline.store.retries import RetryPolicy, run_typed, with_retries
-from qwen3_pipeline.store.side_tables import read_side_table, upsert_side_rows
+from qwen3_pipeline.store.connection import list_table_names
+from qwen3_pipeline.store.retries import run_typed, with_retries
+from qwen3_pipeline.store.side_tables import SideTable, read_side_table, upsert_side_rows
 
 FAILURES_SUFFIX = "__failures"
 
@@ -95,7 +95,7 @@ def utc_now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-class FailureLog:
+class FailureLog(SideTable):
     """The failure records of one vector table (the side table may not exist yet).
 
     Args:
@@ -104,22 +104,7 @@ class FailureLog:
         retry: Tries and backoff for commit conflicts.
     """
 
-    def __init__(self, db: Any, table: str, *, retry: RetryPolicy | None = None) -> None:
-        self.db = db
-        self.table = table
-        self.name = failures_table_name(table)
-        self.retry = retry or RetryPolicy()
-
-    @classmethod
-    def open(
-        cls, uri: str, table: str, *, storage_options: dict[str, str] | None = None
-    ) -> "FailureLog":
-        """The failure log of ``table`` in the database at ``uri``.
-
-        Raises:
-            StoreError: The database cannot be reached.
-        """
-        return cls(connect(uri, storage_options), table)
+    suffix = FAILURES_SUFFIX
 
     def exists(self) -> bool:
         """Whether any failure was ever recorded for the table."""

@@ -7,11 +7,12 @@ nothing more: the property that lets a refresh killed between two commits conver
 
 import logging
 import time
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import pyarrow as pa
 
-from qwen3_pipeline.store.connection import list_table_names
+from qwen3_pipeline.core.schema import validate_table_name
+from qwen3_pipeline.store.connection import connect, list_table_names
 from qwen3_pipeline.store.retries import RetryPolicy, run_typed, with_retries
 
 log = logging.getLogger(__name__)
@@ -83,3 +84,30 @@ def upsert_side_rows(
             .execute(rows.select(schema.names))
         ),
     )
+
+
+class SideTable:
+    """A side table of one vector table: ``<table><suffix>`` in the same database.
+
+    Args:
+        db: A ``lancedb`` connection to the table's database.
+        table: The vector table's name.
+        retry: Tries and backoff for commit conflicts.
+    """
+
+    suffix: ClassVar[str] = ""
+
+    def __init__(self, db: Any, table: str, *, retry: RetryPolicy | None = None) -> None:
+        self.db = db
+        self.table = table
+        self.name = validate_table_name(f"{table}{self.suffix}")
+        self.retry = retry or RetryPolicy()
+
+    @classmethod
+    def open(cls, uri: str, table: str, *, storage_options: dict[str, str] | None = None) -> Self:
+        """The side table of ``table`` in the database at ``uri``.
+
+        Raises:
+            StoreError: The database cannot be reached.
+        """
+        return cls(connect(uri, storage_options), table)

@@ -15,15 +15,18 @@ Example:
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from qwen3_pipeline.core.schema import TIMESTAMP_TYPE, validate_table_name
-from qwen3_pipeline.store.connection import connect
-from qwen3_pipeline.store.retries import RetryPolicy, run_typed
-from qwen3_pipeline.store.side_tables import read_side_table, side_table_exists, upsert_side_rows
+from qwen3_pipeline.store.retries import run_typed
+from qwen3_pipeline.store.side_tables import (
+    SideTable,
+    read_side_table,
+    side_table_exists,
+    upsert_side_rows,
+)
 
 WATERMARKS_SUFFIX = "__watermarks"
 
@@ -75,7 +78,7 @@ class WatermarkState:
     spec_fingerprint: str
 
 
-class WatermarkLog:
+class WatermarkLog(SideTable):
     """The watermark side table of one vector table.
 
     Args:
@@ -84,17 +87,7 @@ class WatermarkLog:
         retry: Tries and backoff for commit conflicts.
     """
 
-    def __init__(self, db: Any, table: str, *, retry: RetryPolicy | None = None) -> None:
-        self.db = db
-        self.name = watermarks_table_name(table)
-        self.retry = retry or RetryPolicy()
-
-    @classmethod
-    def open(
-        cls, uri: str, table: str, *, storage_options: dict[str, str] | None = None
-    ) -> "WatermarkLog":
-        """The watermark log of ``table`` in the database at ``uri``."""
-        return cls(connect(uri, storage_options), table)
+    suffix = WATERMARKS_SUFFIX
 
     def read(self, scope: str) -> WatermarkState | None:
         """The state of ``scope``, or None when no watermark refresh of it has committed."""
