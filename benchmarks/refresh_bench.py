@@ -582,7 +582,7 @@ def watermark_bench(sizes: list[int], args: argparse.Namespace, words: np.ndarra
                 "updated_at": True,
                 "key_scan": key_scan,
                 "paced_rate": args.paced_rate if paced else 0,
-                "profile": args.profile if args.profile and name == "noop-wm" else 0,
+                "profile": args.profile if args.profile and name == args.profile_phase else 0,
             }
             r = runs[name] = phase(job)
             rep = r["report"]
@@ -600,9 +600,10 @@ def watermark_bench(sizes: list[int], args: argparse.Namespace, words: np.ndarra
             shutil.rmtree(folder, ignore_errors=True)
         results[rows] = runs
         lines += [f"[N={rows:,}] {line}" for line in watermark_verdicts(runs)]
-    if "noop-wm" in results[sizes[0]] and results[sizes[0]]["noop-wm"]["profile"]:
-        print(f"\ncProfile of the watermark no-op (key_scan='every'), N={sizes[0]:,}")
-        print(results[sizes[0]]["noop-wm"]["profile"])
+    profiled = results[sizes[0]].get(args.profile_phase)
+    if profiled and profiled["profile"]:
+        print(f"\ncProfile of the {args.profile_phase} phase, N={sizes[0]:,}")
+        print(profiled["profile"])
     backfills = {n: r["backfill"]["peak_rss_mb"] for n, r in results.items() if "backfill" in r}
     if len(backfills) > 1:
         small, large = min(backfills), max(backfills)
@@ -707,7 +708,13 @@ def main() -> None:
         "--profile",
         type=int,
         default=0,
-        help="print the top N lines of a cProfile of the watermark no-op (--watermark)",
+        help="print the top N lines of a cProfile of one phase of --watermark",
+    )
+    parser.add_argument(
+        "--profile-phase",
+        default="noop-wm",
+        choices=[phase[0] for phase in WATERMARK_PHASES],
+        help="the phase --profile profiles (default: the watermark no-op)",
     )
     args = parser.parse_args()
     sizes = [int(s) for s in args.rows.split(",")]

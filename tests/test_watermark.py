@@ -124,11 +124,43 @@ def test_parquet_row_groups_before_the_mark_are_skipped(tmp_path):
     where = RowFilter(column="updated_at", since=since, key_column="id")
     read = sum(b.num_rows for b in source.batches_where(["id"], 1000, where))
     assert read == sum(1 for t in rows["updated_at"].to_pylist() if t > since)
-    # The dataset filter prunes by statistics: of 8 row groups, the one holding the mark and
-    # those after it are decoded, the others are skipped unread.
+    # The file's statistics let a reader prune: of 8 row groups, only the one holding the
+    # mark and those after it can hold selected rows (DuckDB skips the others unread).
     fragment = next(iter(source._dataset.get_fragments()))
     kept = fragment.split_by_row_group(filter=ds.field("updated_at") > since)
     assert len(kept) <= 2
+
+
+@pytest.mark.parametrize("naive", [False, True], ids=["aware", "naive"])
+def test_a_hive_partitioned_parquet_directory_is_read_by_the_filter(tmp_path, naive):
+    # Several files, a partition column in their paths, retry keys beside the mark, and
+    # naive or aware timestamps: the rows come back with the dataset's own types.
+    rows = make_rows(range(300))
+    rows = rows.append_column("lang", pa.array(["en" if i % 3 else "fr" for i in range(300)]))
+    if naive:
+        column = rows.schema.get_field_index("updated_at")
+        stamps = rows["updated_at"].cast(pa.timestamp("us", "UTC")).cast(pa.timestamp("us"))
+        rows = rows.set_column(column, "updated_at", stamps)
+    folder = tmp_path / "docs"
+    pq.write_to_dataset(rows, folder, partition_cols=["lang"])
+    source = ParquetSource(folder)
+    since = sorted(rows["updated_at"].to_pylist())[250]
+    if since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    where = RowFilter(column="updated_at", since=since, key_column="id", keys=(3, 7))
+    batches = list(source.batches_where(["id", "lang", "title"], 40, where))
+    read = pa.Table.from_batches(batches)
+    wanted = source.schema()
+    assert read.schema.types == [wanted.field(c).type for c in ("id", "lang", "title")]
+    assert all(b.num_rows == 40 for b in batches[:-1])
+    later = {
+        i for i, t in zip(rows["id"].to_pylist(), rows["updated_at"].to_pylist(), strict=True)
+        if (t if t.tzinfo else t.replace(tzinfo=UTC)) > since
+    }  # fmt: skip
+    assert sorted(read["id"].to_pylist()) == sorted(later | {3, 7})
+    langs = dict(zip(rows["id"].to_pylist(), rows["lang"].to_pylist(), strict=True))
+    pairs = zip(read["id"].to_pylist(), read["lang"].to_pylist(), strict=True)
+    assert all(langs[i] == lang for i, lang in pairs)
 
 
 def test_key_scan_every_n_and_never(tmp_path):
