@@ -1180,7 +1180,9 @@ def _one_line(message: str) -> str:
 
 def _report_error(args: argparse.Namespace, error: BaseException, message: str) -> None:
     if getattr(args, "debug", False):
-        traceback.print_exception(error, file=sys.stderr)
+        # The traceback repeats messages and arguments (a source DSN): scrubbed like the rest.
+        trace = "".join(traceback.format_exception(error))
+        print(redact_secrets(trace), file=sys.stderr, end="")
     print(f"error: {redact_secrets(_one_line(message))}", file=sys.stderr)
 
 

@@ -437,6 +437,20 @@ def test_debug_adds_the_traceback(where, monkeypatch, tmp_path, capsys):
     assert len(_error_lines(err)) == 1
 
 
+def test_the_debug_traceback_hides_passwords(monkeypatch, capsys):
+    dsn = "postgresql://app:hunter2@db:5432/docs"
+
+    def broken(args):
+        raise RuntimeError(f"could not connect to {dsn}")
+
+    monkeypatch.setattr(cli, "run_search", broken)
+    assert main(["--debug", *_SEARCH]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err
+    assert "hunter2" not in err
+    assert "postgresql://app:***@db:5432/docs" in err
+
+
 @pytest.mark.parametrize(
     ("command", "message"),
     [
