@@ -481,6 +481,23 @@ def test_decide_refuses_a_bad_tolerance(tolerance):
         decide(scored(0.8, 0.7), scored(0.8, 0.7), tolerance=tolerance)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"tolerance": 5}, "tolerance must be a number from 0 to 1"),
+        ({"tolerance": "0.1"}, "tolerance must be a number from 0 to 1"),
+        ({"k": 0}, "k must be a positive integer"),
+    ],
+)
+def test_a_bad_gate_setting_is_refused_before_the_rebuild_starts(settings, message):
+    # GateConfig checks its settings when it is made: a rebuild would otherwise embed the
+    # whole table before the gate found its tolerance out of range.
+    golden = parse_golden_set(['{"query": "q", "relevant": [1]}'])
+    with pytest.raises(ConfigError, match=message):
+        GateConfig(golden=golden, **settings)
+    assert GateConfig(golden=golden, tolerance=1).tolerance == 1.0
+
+
 def test_decide_refuses_evaluations_that_do_not_compare():
     with pytest.raises(ConfigError, match="k=10 but staging 't' at k=5"):
         decide(scored(0.8, 0.7), scored(0.8, 0.7, k=5))

@@ -557,6 +557,24 @@ class GateDecision:
             )
 
 
+def check_tolerance(tolerance: float) -> float:
+    """``tolerance`` as a float, checked: a number from 0 to 1.
+
+    Raises:
+        ConfigError: It is not (a percentage such as 5 instead of 0.05, a string...).
+    """
+    if (
+        isinstance(tolerance, bool)
+        or not isinstance(tolerance, int | float)
+        or not 0.0 <= tolerance <= 1.0
+    ):
+        raise ConfigError(
+            f"tolerance must be a number from 0 to 1 (the largest drop of mean recall@k or "
+            f"nDCG@k allowed; 0 means staging may not be worse), got {tolerance!r}"
+        )
+    return float(tolerance)
+
+
 def decide(live: Evaluation | None, staging: Evaluation, *, tolerance: float = 0.0) -> GateDecision:
     """Decide whether ``staging`` may replace ``live`` (pure).
 
@@ -584,16 +602,7 @@ def decide(live: Evaluation | None, staging: Evaluation, *, tolerance: float = 0
         >>> decide(scored(0.8, 0.7), scored(0.75, 0.72)).reason
         'staging recall@10 0.750 is 0.050 below live 0.800, more than the tolerance 0'
     """
-    if (
-        isinstance(tolerance, bool)
-        or not isinstance(tolerance, int | float)
-        or not 0.0 <= tolerance <= 1.0
-    ):
-        raise ConfigError(
-            f"tolerance must be a number from 0 to 1 (the largest drop of mean recall@k or "
-            f"nDCG@k allowed; 0 means staging may not be worse), got {tolerance!r}"
-        )
-    tolerance = float(tolerance)
+    tolerance = check_tolerance(tolerance)
     k = staging.k
     if live is None:
         reason = (
@@ -658,6 +667,9 @@ class GateConfig:
         live_encoder: How to build that encoder: the run's device, dtype and batch budget
             (default: ``auto`` for each).
 
+    Raises:
+        ConfigError: ``tolerance`` is not from 0 to 1, or ``k`` not a positive integer.
+
     Example:
         >>> golden = parse_golden_set(['{"query": "q", "relevant": [1]}'])
         >>> GateConfig(golden=golden, live_encoder=EncoderOptions(device="cpu")).live_encoder.device
@@ -669,6 +681,11 @@ class GateConfig:
     k: int = DEFAULT_K
     live_embedder: Embedder | None = None
     live_encoder: EncoderOptions = field(default_factory=EncoderOptions)
+
+    def __post_init__(self) -> None:
+        # Checked here, before the rebuild embeds anything, not by the gate hours later.
+        object.__setattr__(self, "tolerance", check_tolerance(self.tolerance))
+        check_k(self.k)
 
 
 def gate_rebuild(
