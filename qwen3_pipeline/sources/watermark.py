@@ -3,7 +3,7 @@
 A refresh with ``SourceConfig(updated_at="col", watermark=Watermark(...))`` reads, with their
 text, only the rows where ``col > mark - lag`` (plus the keys of failed rows due for a retry):
 a :class:`RowFilter` the source applies where the data lives (a ``WHERE`` in DuckDB and
-PostgreSQL, a dataset filter with row-group statistics for Parquet, an Arrow filter in
+PostgreSQL, DuckDB's ``read_parquet`` with the same ``WHERE`` for Parquet, an Arrow filter in
 memory). Deletes are found by a key-only read of the source (:attr:`Watermark.key_scan`).
 
 Behaviour at the edges (each tested):
