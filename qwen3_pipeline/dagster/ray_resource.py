@@ -62,10 +62,6 @@ class RayEmbedderResource(Qwen3EmbedderResource):
             workers=self.workers,
             gpus_per_worker=self.gpus_per_worker,
             ray_address=None if self.ray_cluster is not None else self.ray_address,
-            device=self.device,
-            dtype=self.dtype,
-            attention=self.attention,
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_rows=self.max_batch_rows,
+            **self.encoder_kwargs(),
             embedder_factory=self.embedder_factory,
         )

@@ -27,13 +27,13 @@ Example:
 # No `from __future__ import annotations`: Dagster reads the field annotations at runtime.
 
 from collections.abc import Sequence
-from typing import Literal
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from qwen3_pipeline.core.errors import ConfigError, Qwen3PipelineError
 from qwen3_pipeline.core.spec import MAX_CONTEXT
+from qwen3_pipeline.dagster.accelerator import AcceleratorSettings
 from qwen3_pipeline.embedding.reranker import (
     DEFAULT_RERANK_MAX_LENGTH,
     DEFAULT_RERANK_MODEL,
@@ -63,7 +63,7 @@ class RerankerLoadFailure(dg.Failure):
         )
 
 
-class Qwen3RerankerResource(dg.ConfigurableResource):
+class Qwen3RerankerResource(AcceleratorSettings):
     """A Qwen3-Reranker checkpoint on this run's accelerator, loaded on first use.
 
     Builds :class:`~qwen3_pipeline.embedding.reranker.Qwen3Reranker` on the first
@@ -85,28 +85,12 @@ class Qwen3RerankerResource(dg.ConfigurableResource):
     revision: str | None = Field(
         default=None, description="Pinned hub revision (commit hash or tag); none by default."
     )
-    device: str = Field(
-        default="auto", description="auto (CUDA when available), cpu, cuda or cuda:N."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="auto is bfloat16 on CUDA and float32 on CPU."
-    )
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        default="auto",
-        description="auto is flash-attention-2 when the flash_attn package imports on CUDA.",
-    )
     max_length: int = Field(
         default=DEFAULT_RERANK_MAX_LENGTH,
         ge=2,
         le=MAX_CONTEXT,
         description="Tokens per (query, document) pair, template included; longer are cut.",
     )
-    max_batch_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        description="Token budget per forward pass, padding included; null: 16384 CUDA, 4096 CPU.",
-    )
-    max_batch_rows: int = Field(default=256, ge=1, description="Most pairs per forward pass.")
     instruction: str | None = Field(
         default=None,
         description="What relevance means (the card's Instruct) when a call names none; null: "
@@ -127,12 +111,8 @@ class Qwen3RerankerResource(dg.ConfigurableResource):
                 self._reranker = Qwen3Reranker(
                     self.model,
                     revision=self.revision,
-                    device=self.device,
-                    dtype=self.dtype,
-                    attention=self.attention,
                     max_length=self.max_length,
-                    max_batch_tokens=self.max_batch_tokens,
-                    max_batch_rows=self.max_batch_rows,
+                    **self.encoder_kwargs(),
                 )
             except Qwen3PipelineError as e:
                 raise RerankerLoadFailure(e, self.model) from e

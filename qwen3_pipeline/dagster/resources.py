@@ -31,7 +31,7 @@ Example:
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import dagster as dg
 from pydantic import Field, PrivateAttr
@@ -44,6 +44,7 @@ from qwen3_pipeline.core.spec import (
     MIN_DIM,
     EmbeddingSpec,
 )
+from qwen3_pipeline.dagster.accelerator import AcceleratorSettings
 from qwen3_pipeline.embedding.engines import EngineOptions, build_embedder
 from qwen3_pipeline.embedding.interface import BatchDone, Embedder, EncodeResult, TokenCounter
 from qwen3_pipeline.embedding.lazy import LazyEmbedder
@@ -236,7 +237,7 @@ class EmbedderResource(dg.ConfigurableResource):
         return self.get_embedder().embed_queries(queries)
 
 
-class Qwen3EmbedderResource(EmbedderResource):
+class Qwen3EmbedderResource(EmbedderResource, AcceleratorSettings):
     """The Qwen3-Embedding model on this run's accelerator, loaded once per run process.
 
     Builds :class:`qwen3_pipeline.embedding.encoder.Qwen3Encoder` on the first embed call of the
@@ -250,22 +251,6 @@ class Qwen3EmbedderResource(EmbedderResource):
         ... )
     """
 
-    device: str = Field(
-        default="auto", description="auto (CUDA when available), cpu, cuda or cuda:N."
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="auto is bfloat16 on CUDA and float32 on CPU."
-    )
-    attention: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
-        default="auto",
-        description="auto is flash-attention-2 when the flash_attn package imports on CUDA.",
-    )
-    max_batch_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        description="Token budget per forward pass, padding included; null: 16384 CUDA, 4096 CPU.",
-    )
-    max_batch_rows: int = Field(default=256, ge=1, description="Most rows per forward pass.")
     embedder_factory: str | None = Field(
         default=None,
         description=(
@@ -277,14 +262,7 @@ class Qwen3EmbedderResource(EmbedderResource):
 
     def engine_options(self) -> EngineOptions:
         """The engine settings of this resource (one model in the run's process)."""
-        return EngineOptions(
-            device=self.device,
-            dtype=self.dtype,
-            attention=self.attention,
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_rows=self.max_batch_rows,
-            embedder_factory=self.embedder_factory,
-        )
+        return EngineOptions(**self.encoder_kwargs(), embedder_factory=self.embedder_factory)
 
     def load_embedder(self, spec: EmbeddingSpec) -> Embedder:
         """Load the Qwen3 encoder (imports torch), or the engine ``engine_options`` names.
