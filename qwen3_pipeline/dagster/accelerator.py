@@ -53,13 +53,7 @@ class AcceleratorSettings(dg.ConfigurableResource):
 
     def encoder_options(self) -> EncoderOptions:
         """These settings as the :class:`EncoderOptions` the model code takes."""
-        return EncoderOptions(
-            device=self.device,
-            dtype=self.dtype,
-            attention=self.attention,
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_rows=self.max_batch_rows,
-        )
+        return EncoderOptions.of(self)
 
     def encoder_kwargs(self) -> dict[str, Any]:
         """:meth:`encoder_options` as keyword arguments (``device=...``, ``dtype=...``)."""

@@ -81,13 +81,7 @@ class EngineOptions:
     @property
     def encoder_options(self) -> EncoderOptions:
         """The settings of each encoder (the local one, or every Ray actor's)."""
-        return EncoderOptions(
-            device=self.device,
-            dtype=self.dtype,
-            attention=self.attention,
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_rows=self.max_batch_rows,
-        )
+        return EncoderOptions.of(self)
 
 
 def build_embedder(

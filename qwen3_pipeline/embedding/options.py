@@ -5,7 +5,8 @@ from it, and the Ray engine ships it to each actor, which builds its own with
 :meth:`EncoderOptions.build`. It imports no torch until ``build`` is called.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.embedding.interface import Embedder
@@ -33,6 +34,22 @@ class EncoderOptions:
     attention: str = "auto"
     max_batch_tokens: int | None = None
     max_batch_rows: int = 256
+
+    @classmethod
+    def of(cls, settings: Any) -> "EncoderOptions":
+        """The options named by ``settings``' attributes of the same names.
+
+        For the objects that carry these settings among others (the engine options, the
+        Dagster resources), so that each builds its encoder options the same way.
+
+        Example:
+            >>> from types import SimpleNamespace
+            >>> settings = SimpleNamespace(device="cpu", dtype="auto", attention="sdpa",
+            ...                            max_batch_tokens=None, max_batch_rows=8, workers=2)
+            >>> EncoderOptions.of(settings).attention
+            'sdpa'
+        """
+        return cls(**{f.name: getattr(settings, f.name) for f in fields(cls)})
 
     def build(self, spec: EmbeddingSpec, *, progress: bool = False) -> Embedder:
         """Load the encoder for ``spec`` (imports torch; loads the weights).
