@@ -784,8 +784,9 @@ def run_refresh(args: argparse.Namespace) -> dict[str, Any]:
     from qwen3_pipeline.embedding.lazy import LazyEmbedder
 
     refresh_options = refresh_options_of(args)
-    # Loaded on the first embed: a refresh with nothing to embed never loads the model.
-    with _rebuild_lock(args), LazyEmbedder(spec, options) as embedder:
+    # Loaded on the first embed: a refresh with nothing to embed never loads the model. A
+    # rebuild holds the table's rebuild lock in the engine (store/rebuild_lock.py).
+    with LazyEmbedder(spec, options) as embedder:
         report = refresh(
             source=source,
             config=config,
@@ -901,45 +902,6 @@ def _dry_run(args: argparse.Namespace, source: Any, config: Any, spec: Embedding
             print(json.dumps({**output, "refused": str(e)}, default=str))
             raise
     return output
-
-
-@contextmanager
-def _rebuild_lock(args: argparse.Namespace) -> Iterator[None]:
-    """Hold an exclusive lock on ``--db``/``--table`` while a ``--rebuild`` runs (local --db).
-
-    Two rebuilds of one table to one spec share its staging table (that is how an interrupted
-    rebuild resumes): run at once, the first to finish swaps it in and drops it under the
-    other, which then fails on files that vanished. The lock (an ``flock`` on a file in the
-    system temp directory, released when the process ends, however it ends) makes the second
-    rebuild stop before it starts, with a transient error: re-run it once the first is done.
-
-    Raises:
-        StoreConflictError: Another process holds the lock (exit 1, transient).
-    """
-    path = _local_db(args.db)
-    if not args.rebuild or path is None:
-        yield
-        return
-    import fcntl
-    import hashlib
-
-    from qwen3_pipeline.core.errors import StoreConflictError
-
-    locks = Path(tempfile.gettempdir()) / "qwen3-pipeline-locks"
-    locks.mkdir(exist_ok=True)
-    name = hashlib.sha256(f"{path.resolve()}\0{args.table}".encode()).hexdigest()[:24]
-    with open(locks / f"rebuild-{name}.lock", "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreConflictError(
-                f"another rebuild of table {args.table!r} in {args.db!r} is running; run this "
-                "one when it is done (it resumes from the staging table, or finds nothing to do)"
-            ) from None
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextmanager

@@ -29,6 +29,7 @@ from qwen3_pipeline.core.schema import TEXT_COLUMN
 from qwen3_pipeline.engine.options import RefreshOptions
 from qwen3_pipeline.sources import SourceConfig, read_batches
 from qwen3_pipeline.sources.readers import ArrowSource
+from qwen3_pipeline.store.rebuild_lock import rebuild_lock
 from tests.refresh_helpers import table_rows, table_version
 
 
@@ -337,8 +338,7 @@ def test_a_second_concurrent_rebuild_stops_with_a_transient_conflict(
     version = table_version(str(db), "docs")
     rebuild = _refresh(tiny_model_dir, parquet, db, "--rebuild")
     rebuild[rebuild.index("--dim") + 1] = "48"
-    args = cli.build_parser().parse_args(rebuild)
-    with cli._rebuild_lock(args):  # what a rebuild running in another process holds
+    with rebuild_lock(str(db), "docs"):  # what a rebuild running in another process holds
         assert main(rebuild) == 1
         line = _one_error(capsys)
         assert "another rebuild of table 'docs'" in line

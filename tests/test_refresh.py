@@ -697,6 +697,29 @@ def test_tiny_model_spec_change_refused_then_rebuilt(db, tiny_model_dir, tiny_en
     np.testing.assert_allclose(vectors, wider.encode_documents(texts), atol=1e-5)
 
 
+def test_a_rebuild_waits_for_no_other_but_stops_when_one_runs(db):
+    # The engine holds the rebuild lock (so Python, Dagster and Airflow rebuilds are covered,
+    # not only the CLI's): a second rebuild of the table stops before it reads anything,
+    # with a transient error; a plain refresh beside a rebuild is not stopped by it.
+    from qwen3_pipeline.core.errors import StoreConflictError, is_transient
+    from qwen3_pipeline.store.rebuild_lock import rebuild_lock
+
+    source = make_rows(range(30))
+    run(db, source)
+    version = table_version(db, TABLE)
+    with rebuild_lock(db, TABLE):
+        with pytest.raises(StoreConflictError, match="another rebuild of table") as refused:
+            run(db, source, rebuild=True)
+        assert is_transient(refused.value)
+        assert table_version(db, TABLE) == version
+        assert run(db, make_rows(range(31))).inserted == 1
+    report = run(db, make_rows(range(31)), rebuild=True)
+    assert report.inserted == 31
+    # Released on the way out, error or not: the next rebuild takes it again.
+    with rebuild_lock(db, TABLE):
+        pass
+
+
 def test_naive_datetimes_and_dates_in_updated_at(db):
     rows = pa.table(
         {

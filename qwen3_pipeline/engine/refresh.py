@@ -45,6 +45,7 @@ from qwen3_pipeline.engine.report import ROW_COUNTERS, RefreshReport
 from qwen3_pipeline.engine.shards import apply_shards, plan_shards, several_shards
 from qwen3_pipeline.sources import Source, SourceConfig
 from qwen3_pipeline.store import list_table_names, store_error
+from qwen3_pipeline.store.rebuild_lock import rebuild_lock
 
 __all__ = [
     "DEFAULT_CHUNK_ROWS",
@@ -146,10 +147,19 @@ def run_refresh(request: RefreshRequest) -> RefreshReport:
         SpecMismatchError: The table holds another spec (use ``rebuild=True``).
         EmbeddingDriftError: The loaded model no longer reproduces the table's canaries.
         ConfigError: A partial rebuild, or a bad setting.
+        StoreConflictError: Another rebuild of the table is running (a rebuild only).
         StoreError: LanceDB failed (the table stays at its last committed version).
     """
     options = request.options.with_run_id()  # one run id for every shard of the run
     request = replace(request, options=options)
+    if options.rebuild:
+        with rebuild_lock(request.db_uri, request.table):
+            return _run_refresh(request)
+    return _run_refresh(request)
+
+
+def _run_refresh(request: RefreshRequest) -> RefreshReport:
+    options = request.options
     version_before = live_version(request.db_uri, request.table, request.storage_options)
     # A watermark refresh reads only changed rows: one plan over the scope, no per-shard split
     # (whose reason, bounding memory over a whole table, does not apply).
