@@ -56,6 +56,7 @@ from qwen3_pipeline.core.failures import (
     FailureStatus,
     FailureStep,
 )
+from qwen3_pipeline.core.schema import local_database
 from qwen3_pipeline.core.spec import DEFAULT_MAX_LENGTH, DEFAULT_QUERY_TASK, EmbeddingSpec
 from qwen3_pipeline.embedding.engines import ENGINES, EngineOptions, open_embedder
 from qwen3_pipeline.embedding.reranker import DEFAULT_RERANK_MAX_LENGTH
@@ -353,11 +354,6 @@ def _check_refresh_flags(args: argparse.Namespace) -> None:
         )
 
 
-def _local_db(db: str) -> Path | None:
-    """The directory ``--db`` names, or None for an object-store or other URI."""
-    return None if "://" in db else Path(db).expanduser()
-
-
 def check_db(db: str, *, must_exist: bool) -> None:
     """Check ``--db`` before LanceDB sees it (LanceDB creates a missing directory on connect).
 
@@ -370,7 +366,7 @@ def check_db(db: str, *, must_exist: bool) -> None:
         ConfigError: ``--db`` is a regular file, lies under one, or (``must_exist``) does
             not exist. Nothing is created.
     """
-    path = _local_db(db)
+    path = local_database(db)
     if path is None:
         return
     if path.exists() and not path.is_dir():
@@ -911,7 +907,7 @@ def _database_to_plan(db: str) -> Iterator[str]:
     A dry run writes nothing, not even the database directory that connecting to LanceDB
     would create: a first fill is planned against an empty temporary directory (removed after).
     """
-    path = _local_db(db)
+    path = local_database(db)
     if path is None or path.exists():
         yield db
         return

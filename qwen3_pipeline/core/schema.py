@@ -16,6 +16,7 @@ engine's own working columns live in a namespace no user column can enter: they 
 
 import re
 from importlib import metadata
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -125,6 +126,16 @@ def validate_table_name(name: str) -> str:
             "starting with a letter, digit or '_', without '..' or path separators"
         )
     return name
+
+
+def local_database(uri: str) -> Path | None:
+    """The directory a database URI names, or None for an object-store or other ``scheme://``.
+
+    Example:
+        >>> local_database("s3://bucket/db") is None, local_database("data/lancedb").name
+        (True, 'lancedb')
+    """
+    return None if "://" in uri else Path(uri).expanduser()
 
 
 def validate_uri(uri: str) -> str:

@@ -21,14 +21,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from qwen3_pipeline.core.errors import StoreConflictError
+from qwen3_pipeline.core.schema import local_database
 
 LOCK_DIRECTORY = "qwen3-pipeline-locks"
 """The folder of the lock files, under the system temp directory."""
-
-
-def local_database(db_uri: str) -> Path | None:
-    """The directory ``db_uri`` names, or None for an object-store or other URI."""
-    return None if "://" in db_uri else Path(db_uri).expanduser()
 
 
 @contextmanager
