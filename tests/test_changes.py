@@ -10,6 +10,7 @@ from qwen3_pipeline.core.changes import (
     EMBED_STATUSES,
     UPDATE_STATUSES,
     ExistingIndex,
+    KeyRuns,
     RowStatus,
     ScopeTracker,
     blank_mask,
@@ -335,6 +336,36 @@ def test_scope_tracker_rejects_duplicate_keys(batches):
         tracker.observe(keys, index.lookup(keys))
     with pytest.raises(InputDataError, match=r"duplicate key\(s\).*[17]"):
         tracker.observe(last, index.lookup(last))
+
+
+@pytest.mark.parametrize("key_kind", ["int", "string"])
+def test_key_runs_find_every_key_added_over_many_batches(key_kind):
+    rng = np.random.default_rng(1)
+    ids = rng.permutation(20_000)
+    as_keys = (lambda a: pa.array(a)) if key_kind == "int" else (
+        lambda a: pa.array([f"k{i}" for i in a]))  # fmt: skip
+    runs = KeyRuns()
+    for start in range(0, 15_000, 700):  # uneven batches: runs of many sizes get merged
+        batch = ids[start : min(start + 700, 15_000)]
+        assert not runs.contains(as_keys(batch)).any()
+        runs.add(as_keys(batch))
+    assert len(runs) == 15_000
+    assert len(runs._runs) < 10  # merged into few runs, not one per batch
+    assert runs.contains(as_keys(ids[:15_000])).all()
+    assert not runs.contains(as_keys(ids[15_000:])).any()
+
+
+def test_key_runs_tell_colliding_string_keys_apart(monkeypatch):
+    _colliding_key_hash(monkeypatch)  # every string key has the same code
+    runs = KeyRuns()
+    runs.add(pa.array(["a", "b"]))
+    runs.add(pa.array(["c"]))
+    assert runs.contains(pa.array(["b", "z", "c", "a"])).tolist() == [True, False, True, True]
+    tracker = ScopeTracker(ExistingIndex(state(["s"], ["h"])))
+    tracker.observe(pa.array(["x", "y"]), np.array([-1, -1]))
+    tracker.observe(pa.array(["w"]), np.array([-1]))  # same code as x and y: not a repeat
+    with pytest.raises(InputDataError, match=r"duplicate key\(s\).*'y'"):
+        tracker.observe(pa.array(["v", "y"]), np.array([-1, -1]))
 
 
 # ---------------------------------------------------------------- scale (speed: refresh_bench.py)
