@@ -271,3 +271,94 @@ def test_another_model_type_keeps_the_auto_class(tmp_path):
     assert (
         _model_class(str(tmp_path / "missing"), "AutoModel", None, True) is transformers.AutoModel
     )
+
+
+TRICKY_TEXTS = [
+    *DOCUMENTS,
+    "",
+    "   leading and trailing spaces   ",
+    "line\r\nbreaks\n\n\ttabs",
+    "cafe\u0301 vs café (NFD and NFC)",
+    "a literal <|endoftext|> and <|im_start|> inside text",
+    "数字 12345 and 1,234.56 — ‘quotes’ «guillemets»",
+    "Привет, мир! 👋🏽 🇫🇷",
+]
+
+
+def test_the_tokenizer_file_gives_transformers_ids(tiny_model_dir):
+    # The encoder reads tokenizer.json with the tokenizers library (no transformers import,
+    # overlapping the model's); its ids and special tokens must be transformers' own.
+    from qwen3_pipeline.embedding.checkpoint import CheckpointTokenizer, load_tokenizer
+
+    ours = load_tokenizer(str(tiny_model_dir), revision=None, local_files_only=True)
+    assert isinstance(ours, CheckpointTokenizer)
+    theirs = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for flag in (False, True):
+        assert (
+            ours(TRICKY_TEXTS, add_special_tokens=flag)["input_ids"]
+            == theirs(TRICKY_TEXTS, add_special_tokens=flag)["input_ids"]
+        )
+    assert ours.encode("yes no", add_special_tokens=False) == theirs.encode(
+        "yes no", add_special_tokens=False
+    )
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.convert_tokens_to_ids("<|endoftext|>") == theirs.convert_tokens_to_ids(
+        "<|endoftext|>"
+    )
+    assert ours.convert_tokens_to_ids("no-such-token-here") is None
+
+
+def test_the_tokenizer_loads_without_transformers(tiny_model_dir):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from qwen3_pipeline.embedding.checkpoint import load_tokenizer\n"
+        f"t = load_tokenizer({str(tiny_model_dir)!r}, revision=None, local_files_only=True)\n"
+        "assert t(['hi'], add_special_tokens=False)['input_ids'][0]\n"
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_checkpoint_without_tokenizer_json_uses_transformers(tiny_model_dir, tmp_path):
+    import shutil
+
+    from qwen3_pipeline.core.errors import ModelLoadError
+    from qwen3_pipeline.embedding.checkpoint import load_tokenizer, load_tokenizer_file
+
+    bare = tmp_path / "no-tokenizer-json"
+    shutil.copytree(tiny_model_dir, bare)
+    (bare / "tokenizer.json").unlink()
+    assert load_tokenizer_file(str(bare), revision=None, local_files_only=True) is None
+    # transformers' own classes take over (here they too find no vocabulary: its error).
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        load_tokenizer(str(bare), revision=None, local_files_only=True)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ModelLoadError, match="could not load model"):
+        load_tokenizer(str(tmp_path / "broken"), revision=None, local_files_only=True)
+
+
+def test_a_hub_id_reads_the_tokenizer_from_the_hub_cache(tiny_model_dir, tmp_path, monkeypatch):
+    # Offline, a hub id resolves through the local hub cache (as a downloaded model would).
+    import shutil
+
+    from huggingface_hub import constants
+
+    from qwen3_pipeline.embedding.checkpoint import CheckpointTokenizer, load_tokenizer
+
+    repo = tmp_path / "models--Qwen--Qwen3-Embedding-0.6B"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, snapshot / name)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    tokenizer = load_tokenizer("Qwen/Qwen3-Embedding-0.6B", revision=None, local_files_only=True)
+    assert isinstance(tokenizer, CheckpointTokenizer)
+    assert tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
