@@ -6,6 +6,7 @@ the engine facts and closing behave the same whichever driver runs the refresh.
 """
 
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -88,3 +89,49 @@ def test_the_token_counter_needs_no_weights_and_counts_as_the_model_does(
     assert loaded_counter.count_document_tokens(TEXTS).tolist() == counted
     resource.teardown_after_execution(context)
     assert not resource.loaded
+
+
+def test_a_model_that_cannot_start_leaves_no_table(tmp_path: Path) -> None:
+    # A first refresh whose model (or Ray cluster) fails to start: it starts before the table
+    # is created, so no empty table is left for readers and checks to find.
+    from qwen3_pipeline.core.errors import ModelLoadError
+    from tests.refresh_helpers import make_rows, run_refresh, spec, table_version, write_parquet
+
+    source = write_parquet(make_rows(range(20)), tmp_path / "source.parquet")
+    db = str(tmp_path / "db")
+    built: list[EmbeddingSpec] = []
+
+    def unreachable(model_spec: EmbeddingSpec) -> FakeEmbedder:
+        built.append(model_spec)
+        raise ConnectionError("Could not find any running Ray instance")
+
+    def lazy(build: Any) -> LazyEmbedder:
+        # The fake counts the plan's tokens: no tokenizer to load for a hub id offline.
+        return LazyEmbedder(spec(), EngineOptions(), build=build, count_tokens=FakeEmbedder)
+
+    failing = lazy(unreachable)
+    with pytest.raises(ConnectionError, match="running Ray instance"):
+        run_refresh(db, "docs", source, embedder=failing)  # type: ignore[arg-type]
+    assert built
+    assert table_version(db, "docs") is None
+
+    def missing(model_spec: EmbeddingSpec) -> FakeEmbedder:
+        raise ModelLoadError("could not load model 'nowhere'")
+
+    with pytest.raises(ModelLoadError):
+        run_refresh(
+            db, "docs", source, embedder=LazyEmbedder(spec(), EngineOptions(), build=missing)
+        )  # type: ignore[arg-type]
+    assert table_version(db, "docs") is None
+    working = lazy(FakeEmbedder)
+    assert run_refresh(db, "docs", source, embedder=working).inserted == 20  # type: ignore[arg-type]
+
+
+def test_a_resource_starts_its_model_on_demand() -> None:
+    resource = FakeEmbedderResource(dim=32)
+    context = dg.build_init_resource_context()
+    resource.setup_for_execution(context)
+    assert not resource.loaded
+    resource.start()
+    assert resource.loaded
+    resource.teardown_after_execution(context)

@@ -368,8 +368,10 @@ def test_a_factory_for_another_spec_fails_clearly_when_the_actors_start(
 ) -> None:
     with RayEmbedder(spec, workers=1, embedder_factory=other_dim_factory) as pool:
         with pytest.raises(ConfigError, match="other_dim_factory") as caught:
-            pool.embed_documents(_texts(20))
+            pool.start()  # what a refresh calls before it creates the table
         assert pool.engine_info()["model_loads"] == 0
+        with pytest.raises(ConfigError, match="other_dim_factory"):
+            pool.embed_documents(_texts(20))
     message = str(caught.value)
     assert message.startswith("the Ray workers could not start: embedder factory")
     assert "dim 32, asked for 64" in message

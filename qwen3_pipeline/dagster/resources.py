@@ -203,6 +203,18 @@ class EmbedderResource(dg.ConfigurableResource):
         except Qwen3PipelineError as e:
             raise EmbedderLoadFailure(e, self.model) from e
 
+    def start(self) -> None:
+        """Load the model (or start the Ray workers) now; a refresh does so before writing.
+
+        Raises:
+            EmbedderLoadFailure: The model cannot be found or loaded, or the settings are
+                invalid (not retried).
+        """
+        try:
+            self.lazy_embedder().start()
+        except Qwen3PipelineError as e:
+            raise EmbedderLoadFailure(e, self.model) from e
+
     def token_counter(self) -> TokenCounter | None:
         """Return a document token counter that needs no model (for exact plan totals)."""
         lazy = self.lazy_embedder()

@@ -162,6 +162,24 @@ def token_counter_of(embedder: Embedder) -> TokenCounter | None:
     return embedder if isinstance(embedder, TokenCounter) else None
 
 
+def start_embedder(embedder: Embedder) -> None:
+    """Load the model (or start the workers) now, if ``embedder`` defers that to first use.
+
+    An embedder that loads lazily (the CLI's and Airflow's :class:`~qwen3_pipeline.embedding.
+    lazy.LazyEmbedder`, the Dagster resources, :class:`~qwen3_pipeline.embedding.ray_pool.
+    RayEmbedder`) has a ``start()`` method; the refresh calls it before it creates or writes
+    the table, so a model that cannot load or a cluster that cannot be reached leaves no
+    empty table behind. Any other embedder is ready once built.
+
+    Example:
+        >>> from qwen3_pipeline.testing import FakeEmbedder
+        >>> start_embedder(FakeEmbedder(EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)))
+    """
+    start = getattr(embedder, "start", None)
+    if callable(start):
+        start()
+
+
 def engine_info(embedder: Embedder) -> dict[str, Any]:
     """Return ``engine``, ``workers`` and ``model_loads`` of an embedder, for the report.
 

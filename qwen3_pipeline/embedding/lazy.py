@@ -38,6 +38,7 @@ from qwen3_pipeline.embedding.interface import (
     TokenCounter,
     embed_reporting,
     engine_info,
+    start_embedder,
 )
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,15 @@ class LazyEmbedder:
                 time.perf_counter() - started,
             )
         return self._embedder
+
+    def start(self) -> None:
+        """Build the embedder now (and start its workers, for Ray) rather than on first use.
+
+        Raises:
+            ModelLoadError: The checkpoint or tokenizer cannot be loaded.
+            ConfigError: Ray is not installed, or a setting is invalid.
+        """
+        start_embedder(self.get_embedder())
 
     def token_counter(self) -> TokenCounter | None:
         """Count document tokens without the model, for the refresh plan's exact totals.

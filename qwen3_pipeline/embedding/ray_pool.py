@@ -307,6 +307,16 @@ class RayEmbedder:
         except self.ray.exceptions.RayError as e:
             raise EmbeddingFailedError(f"the Ray worker failed to embed queries: {e}") from e
 
+    def start(self) -> None:
+        """Connect to Ray and start the workers now rather than on the first embed call.
+
+        Raises:
+            ConnectionError: The Ray cluster at ``address`` cannot be reached.
+            EmbeddingFailedError: The workers could not load the model.
+            ConfigError: A worker refused the settings.
+        """
+        self._ensure_pool()
+
     def block_size(self, total_tokens: int) -> int:
         """Tokens per block for a call of ``total_tokens``: ``block_tokens``, or smaller.
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 from qwen3_pipeline.core.errors import ConfigError
 from qwen3_pipeline.core.progress import Progress
 from qwen3_pipeline.core.spec import EmbeddingSpec
-from qwen3_pipeline.embedding.interface import engine_info
+from qwen3_pipeline.embedding.interface import engine_info, start_embedder
 from qwen3_pipeline.engine import pipeline
 from qwen3_pipeline.engine.canary import (
     Canaries,
@@ -92,6 +92,10 @@ def apply_plan(
             raise ConfigError("a gate applies to a rebuild only (rebuild=True / --rebuild)")
         request = _with_run_id(request)
         started = time.perf_counter()
+        if plan.rows_to_embed:
+            # Before the table is created or written: a model that cannot load, or a Ray
+            # cluster that cannot be reached, leaves no (empty) table behind.
+            start_embedder(request.embedder)
         store = _open_target(plan, request, spec)
         if plan.rebuild and not plan.table_exists:
             # A new staging table: canaries left by an abandoned one describe nothing here.
