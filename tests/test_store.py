@@ -533,3 +533,26 @@ def test_open_without_carry_columns(tmp_path):
     store = VectorStore.open(str(tmp_path), "docs", SPEC, key_type=INT64)
     assert store.carry_columns == ()
     assert VectorStore.open(str(tmp_path), "docs", SPEC, key_type=INT64).carry_columns == ()
+
+
+@pytest.mark.parametrize("raw", ["0", "-5", "lots", "1.5"])
+def test_a_bad_metadata_cache_size_is_refused_naming_the_variable(raw, tmp_path, monkeypatch):
+    from qwen3_pipeline.core.errors import ConfigError
+    from qwen3_pipeline.store.connection import METADATA_CACHE_ENV, connect
+
+    monkeypatch.setenv(METADATA_CACHE_ENV, raw)
+    with pytest.raises(ConfigError, match=f"{METADATA_CACHE_ENV}='{raw}'"):
+        connect(str(tmp_path / "db"), None)
+
+
+def test_a_capped_metadata_cache_still_writes_and_reads(tmp_path, monkeypatch):
+    from qwen3_pipeline.store.connection import METADATA_CACHE_ENV, connect
+
+    monkeypatch.setenv(METADATA_CACHE_ENV, "1")  # 1 MiB: every old manifest is evicted
+    db = connect(str(tmp_path / "db"), None)
+    table = db.create_table("t", pa.table({"k": pa.array([0], pa.int64())}))
+    for i in range(1, 30):
+        table.add(pa.table({"k": pa.array([i], pa.int64())}))
+    assert sorted(
+        connect(str(tmp_path / "db"), None).open_table("t").to_arrow()["k"].to_pylist()
+    ) == list(range(30))
