@@ -732,3 +732,32 @@ def test_naive_datetimes_and_dates_in_updated_at(db):
     run(db, rows, config=config)
     stored = {r["key"]: r["source_updated_at"] for r in table_rows(db, TABLE).to_pylist()}
     assert stored[1] == datetime(2024, 5, 1, 12, tzinfo=UTC)
+
+
+def test_the_key_is_indexed_after_the_first_refresh_not_before_its_compaction(
+    tmp_path, monkeypatch
+):
+    # A backfill writes without the key's BTree and builds it once after its compaction: an
+    # index made on the empty table was updated with every row by that compaction, the peak
+    # of a backfill's memory (benchmarks: "Watermark").
+    import lancedb
+
+    import qwen3_pipeline.store.table as table_module
+
+    db = str(tmp_path / "db")
+    seen: list[list[list[str]]] = []
+    compact = table_module.VectorStore.maybe_optimize
+
+    def compacting(store, **kwargs):
+        seen.append([list(ix.columns) for ix in store.table.list_indices()])
+        return compact(store, **kwargs)
+
+    monkeypatch.setattr(table_module.VectorStore, "maybe_optimize", compacting)
+    run(db, make_rows(range(300)), chunk_rows=4)  # 75 commits: past 64 fragments
+    assert seen == [[]]  # compacted before the index existed
+    indices = lancedb.connect(db).open_table(TABLE).list_indices()
+    assert [(list(ix.columns), ix.index_type) for ix in indices] == [(["key"], "BTree")]
+    report = run(db, edit_body(make_rows(range(300)), [1, 2]))
+    assert report.updated == 2
+    indices = lancedb.connect(db).open_table(TABLE).list_indices()
+    assert [list(ix.columns) for ix in indices] == [["key"]]  # one index, kept

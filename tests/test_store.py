@@ -134,8 +134,13 @@ def test_create_records_schema_spec_key_and_index(tmp_path):
     assert b"qwen3_pipeline.package_version" in meta
     key_meta = schema.field("key").metadata or {}
     assert any(b"primary-key" in k for k in key_meta), "key declared as primary key"
+    # The BTree comes after a run's last commit (a fill's compaction then has no index to
+    # update with every row at once); the refresh calls ensure_key_index.
+    assert store.table.list_indices() == []
+    assert store.ensure_key_index()
     indices = store.table.list_indices()
     assert [(list(ix.columns), ix.index_type) for ix in indices] == [(["key"], "BTree")]
+    assert not store.ensure_key_index()  # already indexed: nothing built, no commit
     assert store.count_rows() == 0
 
 
@@ -459,6 +464,7 @@ def test_rebuild_swaps_only_when_committed(tmp_path):
     assert sorted(by_key(swapped)) == [1, 2, 3, 4]
     assert {r["spec_fingerprint"] for r in by_key(swapped).values()} == {OTHER_SPEC.fingerprint}
     assert any(b"primary-key" in k for k in (swapped.schema.field("key").metadata or {}))
+    swapped.ensure_key_index()  # as the refresh does after the swap
     assert [list(ix.columns) for ix in swapped.table.list_indices()] == [["key"]]
     assert swapped.version > old_version  # the swap is a new version: old ones stay readable
     import lancedb

@@ -116,6 +116,9 @@ def apply_plan(
         store, decision = _finish_rebuild(plan, request, writer.store)
         if optimize and (writer.tally.commits or committed_before):
             store.maybe_optimize()
+        if optimize:
+            # After the compaction, so a backfill's index is built once over compacted files.
+            store.ensure_key_index()
         report = _report(
             writer.tally,
             gate=decision,

@@ -20,9 +20,10 @@ that conflict are retried with bounded exponential backoff, then raise
 :class:`StoreConflictError`, and every LanceDB exception is typed at this boundary
 (:mod:`qwen3_pipeline.store.retries`).
 
-Concurrency: the key is declared with ``set_unenforced_primary_key`` and indexed (BTree), so
-concurrent ``merge_insert`` calls inserting the same new key are detected as conflicting and
-retried instead of both inserting; writers of disjoint keys all land.
+Concurrency: the key is declared with ``set_unenforced_primary_key``, so concurrent
+``merge_insert`` calls inserting the same new key are detected as conflicting and retried
+instead of both inserting; writers of disjoint keys all land. The key's BTree index is built
+after a run's last commit (:meth:`VectorStore.ensure_key_index`).
 
 LanceDB 0.40 facts this module relies on (checked against the installed package):
 ``Table.merge_insert(on).when_matched_update_all().when_not_matched_insert_all().execute()``
@@ -63,6 +64,7 @@ from qwen3_pipeline.store.schema_evolution import (
     check_key_type,
     check_recorded_spec,
     ensure_key,
+    ensure_key_index,
     missing_carry_columns,
 )
 from qwen3_pipeline.store.upkeep import optimize_table
@@ -167,7 +169,8 @@ class VectorStore:
         """Open (or create) the vector table ``table_name`` under ``uri`` for ``spec``.
 
         A new table is created empty with :func:`table_schema`, its key declared with
-        ``set_unenforced_primary_key`` and indexed with a BTree. An existing table is checked:
+        ``set_unenforced_primary_key`` (indexed later: :meth:`ensure_key_index`). An existing
+        table is checked:
         same spec fingerprint, same key type, compatible carry columns (carry columns new to
         the configuration are added, all-null, as one commit: :attr:`columns_added`; the
         refresh that planned against :meth:`inspect` then fills them by a column update).
@@ -719,6 +722,20 @@ class VectorStore:
         return with_retries(self._retry, f"{what} on table {self._table_name!r}", action)
 
     # ---- upkeep
+
+    def ensure_key_index(self) -> bool:
+        """Index the key (BTree) if it is not yet; returns whether it built the index.
+
+        The refresh calls it after its last commit and compaction (see
+        :func:`~qwen3_pipeline.store.schema_evolution.ensure_key_index` for why not earlier).
+
+        Raises:
+            StoreError: LanceDB kept failing within the retry policy.
+        """
+        built = ensure_key_index(self._table, self._table_name, policy=self._retry)
+        if built:
+            log.info("indexed the key of %s", self._table_name)
+        return built
 
     def maybe_optimize(
         self, *, max_fragments: int = 64, cleanup_older_than: timedelta = timedelta(days=7)
