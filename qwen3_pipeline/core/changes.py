@@ -756,12 +756,10 @@ class KeyRuns:
         for run_codes, run_keys in self._runs:
             left = np.searchsorted(run_codes, codes, side="left")
             right = np.searchsorted(run_codes, codes, side="right")
-            for row in np.flatnonzero(right > left):
-                if found[row]:
-                    continue
-                if run_keys is None:
-                    found[row] = True
-                    continue
+            if run_keys is None:  # integer keys: the code is the key
+                found |= right > left
+                continue
+            for row in np.flatnonzero((right > left) & ~found):
                 # Every stored key with this code (two only after a 64-bit collision).
                 candidates = run_keys.slice(int(left[row]), int(right[row] - left[row]))
                 found[row] = keys[row].as_py() in candidates.to_pylist()
