@@ -33,6 +33,7 @@ from qwen3_pipeline.store import (
     begin_rebuild,
     commit_rebuild,
 )
+from qwen3_pipeline.store.merge_path import key_index_coverage
 from tests.refresh_helpers import fork_context
 
 SPEC = EmbeddingSpec(model="Qwen/Qwen3-Embedding-0.6B", dim=64)
@@ -217,6 +218,39 @@ def test_upsert_inserts_then_updates_by_key(tmp_path):
     assert stored[1]["source"] == "test-source"
     assert stored[1]["embedded_at"].tzinfo is not None
     assert len(stored[1]["vector"]) == 64
+
+
+def test_writes_use_the_key_index_only_while_its_unindexed_tail_is_short(tmp_path, monkeypatch):
+    # With a long unindexed tail LanceDB's indexed merge is several times slower and bigger
+    # than a scan (benchmarks/merge_memory_bench.py), so the store picks the join per write.
+    from lancedb.merge import LanceMergeInsertBuilder
+
+    chosen: list[bool] = []
+    real_use_index = LanceMergeInsertBuilder.use_index
+
+    def spy(self, use_index):
+        chosen.append(use_index)
+        return real_use_index(self, use_index)
+
+    monkeypatch.setattr(LanceMergeInsertBuilder, "use_index", spy)
+    store = open_store(tmp_path)
+    store.upsert(rows(store, list(range(100))))  # no index yet: nothing to choose
+    assert store.ensure_key_index()
+    assert key_index_coverage(store.table) == (100, 0)
+    store.upsert(rows(store, [100, 101]))  # tail of 0 rows of 100: look up
+    store.upsert(rows(store, list(range(102, 140))))  # tail of 2 rows: look up
+    store.upsert(rows(store, [0, 140], texts=["new zero", "t"], run_id="run-2"))  # 40: scan
+    store.update_columns(pa.table({"key": [1], "partition_key": ["p"]}))  # still long: scan
+    assert chosen == [True, True, True, False, False]
+    assert key_index_coverage(store.table) == (98, 43)  # rows 0 and 1 rewritten: unindexed
+    stored = by_key(store)  # both joins wrote the same way: by key, no duplicates
+    assert sorted(stored) == list(range(141))
+    assert stored[0]["content_hash"] == "hash-new zero"
+    assert stored[1]["partition_key"] == "p"
+    store.maybe_optimize(max_fragments=0)  # the compaction folds the tail into the index
+    assert key_index_coverage(store.table) == (141, 0)
+    store.upsert(rows(store, [141]))
+    assert chosen[-1] is True
 
 
 def test_calls_with_nothing_to_do_make_no_commit(tmp_path):

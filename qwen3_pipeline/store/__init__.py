@@ -6,6 +6,8 @@
   write;
 - :mod:`qwen3_pipeline.store.schema_evolution`: what an existing table must agree on (spec,
   key type, carry columns) and how it grows (carry columns added, key declared and indexed);
+- :mod:`qwen3_pipeline.store.merge_path`: whether a write looks its keys up in the key's
+  index or scans the table (whichever is cheaper for the index's unindexed tail);
 - :mod:`qwen3_pipeline.store.connection`: connecting, listing every table, open-or-create;
 - :mod:`qwen3_pipeline.store.retries`: the one retry loop, and LanceDB errors typed
   (conflict, transient, corrupt, permanent);

@@ -23,7 +23,8 @@ that conflict are retried with bounded exponential backoff, then raise
 Concurrency: the key is declared with ``set_unenforced_primary_key``, so concurrent
 ``merge_insert`` calls inserting the same new key are detected as conflicting and retried
 instead of both inserting; writers of disjoint keys all land. The key's BTree index is built
-after a run's last commit (:meth:`VectorStore.ensure_key_index`).
+after a run's last commit (:meth:`VectorStore.ensure_key_index`); each write looks its keys up
+in it or scans the table, whichever is cheaper (:mod:`qwen3_pipeline.store.merge_path`).
 
 LanceDB 0.40 facts this module relies on (checked against the installed package):
 ``Table.merge_insert(on).when_matched_update_all().when_not_matched_insert_all().execute()``
@@ -57,6 +58,7 @@ from qwen3_pipeline.core.schema import (
 )
 from qwen3_pipeline.core.spec import EmbeddingSpec
 from qwen3_pipeline.store.connection import connect, list_table_names, open_or_create
+from qwen3_pipeline.store.merge_path import key_index_coverage, merge_uses_index
 from qwen3_pipeline.store.retries import RetryPolicy, run_typed, with_retries
 from qwen3_pipeline.store.rows import build_rows, conform_rows, key_values
 from qwen3_pipeline.store.schema_evolution import (
@@ -713,7 +715,9 @@ class VectorStore:
             builder = self._table.merge_insert("key").when_matched_update_all()
             if insert:
                 builder = builder.when_not_matched_insert_all()
-            return builder.execute(data)
+            # Asked again on every try: a retry follows other writers' commits.
+            use_index = merge_uses_index(key_index_coverage(self._table))
+            return builder.use_index(use_index).execute(data)
 
         result, tries = self._with_retries(what, run)
         return _merge_result(result, tries)
