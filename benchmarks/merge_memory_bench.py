@@ -33,6 +33,15 @@ with the index always used (the store before it chose). Each run's writes after 
 shard go into an indexed table and pile up an unindexed tail.
 
     python benchmarks/merge_memory_bench.py --rows 4000000 --shard-runs 4
+
+With ``--documents``, the table holds chunks (documents of 10 chunks, ``--rows`` chunks, key
+indexed) and one commit replaces ``--chunk-rows`` chunks' worth of documents three ways:
+with as many chunks as before through ``VectorStore.replace_documents`` (no chunk to delete,
+so no by-source delete), the same rows through LanceDB's merge with the by-source delete
+that ``replace_documents`` always asked for before, and with one chunk fewer per document
+through ``replace_documents`` (which must delete by source).
+
+    python benchmarks/merge_memory_bench.py --documents --rows 1000000,4000000
 """
 
 import argparse
@@ -272,6 +281,107 @@ def by_shard_runs(args: argparse.Namespace, sizes: list[int], workdir: Path) -> 
               flush=True)  # fmt: skip
 
 
+CHUNKS_PER_DOC = 10
+
+
+def chunk_rows_for(store: VectorStore, docs: np.ndarray, chunks: int, run_id: str) -> pa.Table:
+    """Rows of ``chunks`` chunks for each document of ``docs`` (random unit vectors)."""
+    owners = np.repeat(docs, chunks)
+    seqs = np.tile(np.arange(chunks, dtype=np.int32), len(docs))
+    n = len(owners)
+    keys = [f"{d}#{q}" for d, q in zip(owners.tolist(), seqs.tolist(), strict=True)]
+    texts = [f"chunk {k}" for k in keys]
+    starts = seqs.astype(np.int64) * 100
+    vectors = np.random.default_rng(0).standard_normal((n, DIM), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    chunk_columns = pa.table(
+        {
+            "doc_key": pa.array(owners, pa.int64()),
+            "chunk_seq": seqs,
+            "chunk_start": starts,
+            "chunk_core_start": starts,
+            "chunk_end": starts + 100,
+            "chunk_text": texts,
+            "chunk_hash": [f"{k}:{run_id}" for k in keys],
+        }
+    )
+    return store.build_rows(
+        keys=pa.array(keys),
+        vectors=vectors,
+        content_hashes=pa.array([f"doc {d}" for d in owners.tolist()]),
+        n_tokens=np.full(n, 20, dtype=np.int32),
+        truncated=np.zeros(n, dtype=bool),
+        partition_keys=pa.array([""] * n),
+        source="bench",
+        run_id=run_id,
+        carry=pa.table({"title": [f"title {d}" for d in owners.tolist()]}),
+        chunks=chunk_columns,
+    )
+
+
+def replace_documents(job: dict[str, Any], queue: Any) -> None:
+    """Child process: a chunk table of ``job["rows"]`` chunks; one way of replacing documents."""
+    import lancedb
+    from lancedb.expr import col
+
+    spec = SPEC.with_chunking('{"tokens":64}')
+    store = VectorStore.open(job["db"], "t", spec, key_type=pa.int64(), carry_schema=CARRY)
+    table = lancedb.connect(job["db"]).open_table("t")
+    docs = job["rows"] // CHUNKS_PER_DOC
+    for lo in range(0, docs, FILL_ROWS // CHUNKS_PER_DOC):
+        batch = np.arange(lo, min(docs, lo + FILL_ROWS // CHUNKS_PER_DOC), dtype=np.int64)
+        table.add(chunk_rows_for(store, batch, CHUNKS_PER_DOC, "fill"))
+    store = VectorStore.open(job["db"], "t", spec, key_type=pa.int64(), carry_schema=CARRY)
+    store.ensure_key_index()
+    per_commit = job["chunk_rows"] // CHUNKS_PER_DOC
+    chunks = CHUNKS_PER_DOC - 1 if job["way"] == "shorter documents" else CHUNKS_PER_DOC
+
+    def commit(i: int) -> None:
+        batch = np.arange(i * per_commit, (i + 1) * per_commit, dtype=np.int64)
+        rows = chunk_rows_for(store, batch, chunks, f"edit-{i}")
+        if job["way"] == "by-source delete always":  # what replace_documents did before
+            scope = col("doc_key").isin(batch.tolist())
+            merge = table.merge_insert("key").when_matched_update_all()
+            merge.when_not_matched_insert_all().when_not_matched_by_source_delete(scope).execute(
+                rows
+            )
+        else:
+            store.replace_documents(rows, pa.array(batch))
+
+    table.checkout_latest()
+    commit(0)  # warm-up
+    ctypes.CDLL(None).malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    base = _status_mib("VmRSS")
+    started = time.perf_counter()
+    for i in (1, 2, 3):
+        commit(i)
+    queue.put(
+        {
+            "base_mib": base,
+            "added_mib": _status_mib("VmHWM") - base,
+            "s_per_commit": (time.perf_counter() - started) / 3,
+        }
+    )
+
+
+def by_documents(args: argparse.Namespace, sizes: list[int], workdir: Path) -> None:
+    """Replacing documents of a chunk table: only when needed against always deleting by source."""
+    docs = args.chunk_rows // CHUNKS_PER_DOC
+    print(f"replace {docs:,} documents of {CHUNKS_PER_DOC} chunks (one commit) in a chunk table "
+          f"(dim {DIM}, key indexed): peak RSS it adds (max of 3) and time; each in a fresh "
+          f"process", flush=True)  # fmt: skip
+    ways = ("same length", "by-source delete always", "shorter documents")
+    print(f"  {'chunks':>11}  " + "  ".join(f"{way:>24}" for way in ways))
+    for rows in sizes:
+        cells = []
+        for way in ways:
+            r = run_job({"rows": rows, "way": way}, args, workdir, target=replace_documents)
+            cells.append(f"{r['added_mib']:>+7.0f} MiB {r['s_per_commit']:>6.3f} s")
+        print(f"  {rows:>11,}  " + "  ".join(f"{c:>24}" for c in cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1000000,4000000", help="comma-separated table sizes")
@@ -288,12 +398,25 @@ def main() -> None:
         default=0,
         help="backfill a source of each size in this many shards, one run each, instead",
     )
+    parser.add_argument(
+        "--documents",
+        action="store_true",
+        help="replace documents of a chunk table of each size (in chunks) instead",
+    )
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     sizes = sorted(int(n) for n in args.rows.split(","))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="merge_memory_bench_"))
     try:
-        mode = by_shard_runs if args.shard_runs else by_tail if args.tails else by_size
+        mode = (
+            by_documents
+            if args.documents
+            else by_shard_runs
+            if args.shard_runs
+            else by_tail
+            if args.tails
+            else by_size
+        )
         mode(args, sizes, workdir)
     finally:
         if args.workdir is None:

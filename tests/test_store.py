@@ -4,6 +4,7 @@ from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from qwen3_pipeline.core.errors import (
@@ -251,6 +252,55 @@ def test_writes_use_the_key_index_only_while_its_unindexed_tail_is_short(tmp_pat
     assert key_index_coverage(store.table) == (141, 0)
     store.upsert(rows(store, [141]))
     assert chosen[-1] is True
+
+
+def test_replacing_documents_deletes_by_source_only_when_a_stored_chunk_is_left_out(
+    tmp_path, monkeypatch
+):
+    # A merge that deletes by source joins the whole table with every column (1.4 GiB a
+    # commit at 4M chunks of dim 64), so a fill and edits that keep or add chunks go without.
+    from lancedb.merge import LanceMergeInsertBuilder
+
+    from tests.chunk_tables import CARRY as CHUNK_CARRY
+    from tests.chunk_tables import CHUNK_SPEC, chunk_rows
+
+    by_source: list[object] = []
+    real = LanceMergeInsertBuilder.when_not_matched_by_source_delete
+
+    def spy(self, condition=None):
+        by_source.append(condition)
+        return real(self, condition)
+
+    monkeypatch.setattr(LanceMergeInsertBuilder, "when_not_matched_by_source_delete", spy)
+    store = open_store(tmp_path, "chunks", spec=CHUNK_SPEC, carry=CHUNK_CARRY)
+    query = np.ones(CHUNK_SPEC.output_dim, dtype=np.float32)
+
+    def chunks_of(docs):
+        return chunk_rows(CHUNK_SPEC, query, docs)
+
+    def stored():
+        table = store.table.to_arrow()
+        return sorted(zip(table["key"].to_pylist(), table["chunk_hash"].to_pylist(), strict=True))
+
+    fill = store.replace_documents(chunks_of({1: [0.1, 0.2], 2: [0.3]}), [1, 2])
+    assert fill is not None
+    assert (fill.inserted, fill.deleted) == (3, 0)
+    grown = store.replace_documents(chunks_of({2: [0.3, 0.4, 0.5]}), [2])
+    assert grown is not None
+    assert (grown.inserted, grown.updated, grown.deleted) == (2, 1, 0)
+    assert by_source == []
+    expected = chunks_of({1: [0.9], 2: [0.3, 0.4, 0.5]})
+    shrunk = store.replace_documents(expected.filter(pc.equal(expected["doc_key"], 1)), [1])
+    assert shrunk is not None
+    assert (shrunk.updated, shrunk.deleted) == (1, 1)
+    assert len(by_source) == 1
+    assert stored() == sorted(
+        zip(expected["key"].to_pylist(), expected["chunk_hash"].to_pylist(), strict=True)
+    )
+    emptied = store.replace_documents(expected.slice(0, 0), [2])  # every chunk left out
+    assert emptied is not None
+    assert emptied.deleted == 3
+    assert [key for key, _ in stored()] == ["1#0"]
 
 
 def test_calls_with_nothing_to_do_make_no_commit(tmp_path):

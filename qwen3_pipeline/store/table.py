@@ -628,7 +628,10 @@ class VectorStore:
 
         Chunk tables only. One ``merge_insert`` upserts ``rows`` by chunk id and deletes the
         stored chunks of ``doc_keys`` that ``rows`` does not have, so a reader at any version
-        sees each document wholly old or wholly new, never a mix.
+        sees each document wholly old or wholly new, never a mix. The deletes make LanceDB
+        join the whole table, so the merge asks for them only when some stored chunk of
+        ``doc_keys`` is missing from ``rows`` (read first, by ``doc_key``); a fill, and edits
+        that keep or add chunks, cost what the rows written cost.
 
         Args:
             rows: Full chunk rows (:meth:`build_rows` with ``chunks=``) of some of ``doc_keys``.
@@ -655,15 +658,25 @@ class VectorStore:
             if pc.any(outside).as_py():
                 raise InputDataError("replace_documents: rows hold documents not in doc_keys")
         scope = col(DOC_KEY_COLUMN).isin(values)
+        new_keys = data.column("key")
 
         def run() -> Any:
-            return (
+            builder = (
                 self._table.merge_insert("key")
                 .when_matched_update_all()
                 .when_not_matched_insert_all()
-                .when_not_matched_by_source_delete(scope)
-                .execute(data)
             )
+            # Read on every try, at the version the merge joins against (a retry follows
+            # other writers' commits).
+            stored = self._scan(["key"], scope).column("key")
+            if pc.any(pc.invert(pc.is_in(stored, value_set=new_keys))).as_py():
+                # Some stored chunks are not among the new rows (a document got shorter, or
+                # lost every chunk): deleted in the same commit. LanceDB then joins every
+                # row of the table, with every column (about 100 + 4 x dim bytes a stored
+                # chunk for the commit: 1.4 GiB at 4M chunks of dim 64), so only then.
+                return builder.when_not_matched_by_source_delete(scope).execute(data)
+            use_index = merge_uses_index(key_index_coverage(self._table))
+            return builder.use_index(use_index).execute(data)
 
         result, tries = self._with_retries(f"replace {len(values)} documents", run)
         return _merge_result(result, tries)
