@@ -2,6 +2,7 @@ import json
 import warnings
 from datetime import UTC, datetime, timedelta
 
+import lancedb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -301,6 +302,37 @@ def test_replacing_documents_deletes_by_source_only_when_a_stored_chunk_is_left_
     assert emptied is not None
     assert emptied.deleted == 3
     assert [key for key, _ in stored()] == ["1#0"]
+
+
+def test_a_document_rewritten_by_another_writer_mid_commit_keeps_no_foreign_chunk(
+    tmp_path, monkeypatch
+):
+    # The read of the stored chunks and the merge are not one step: another writer may put a
+    # longer version of a document in between. The merge (retried by LanceDB on the new
+    # version) then updates chunks the read did not see, and must not keep the extra ones.
+    from tests.chunk_tables import CARRY as CHUNK_CARRY
+    from tests.chunk_tables import CHUNK_SPEC, chunk_rows
+
+    query = np.ones(CHUNK_SPEC.output_dim, dtype=np.float32)
+    ours = open_store(tmp_path, "chunks", spec=CHUNK_SPEC, carry=CHUNK_CARRY)
+    other = open_store(tmp_path, "chunks", spec=CHUNK_SPEC, carry=CHUNK_CARRY)
+    real_scan = VectorStore._scan
+    raced = []
+
+    def scan_then_race(self, columns, where):
+        stored = real_scan(self, columns, where)
+        if self is ours and not raced:  # the other writer commits right after our read
+            raced.append(
+                other.replace_documents(chunk_rows(CHUNK_SPEC, query, {7: [0.1] * 3}), [7])
+            )
+        return stored
+
+    monkeypatch.setattr(VectorStore, "_scan", scan_then_race)
+    written = ours.replace_documents(chunk_rows(CHUNK_SPEC, query, {7: [0.2, 0.3]}), [7])
+    assert raced
+    assert written is not None
+    table = lancedb.connect(str(tmp_path)).open_table("chunks").to_arrow().sort_by("key")
+    assert table["key"].to_pylist() == ["7#0", "7#1"]  # ours, wholly: no "7#2" left behind
 
 
 def test_calls_with_nothing_to_do_make_no_commit(tmp_path):

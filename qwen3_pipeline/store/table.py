@@ -660,23 +660,33 @@ class VectorStore:
         scope = col(DOC_KEY_COLUMN).isin(values)
         new_keys = data.column("key")
 
-        def run() -> Any:
-            builder = (
+        def upsert() -> Any:
+            return (
                 self._table.merge_insert("key")
                 .when_matched_update_all()
                 .when_not_matched_insert_all()
             )
+
+        def run() -> Any:
             # Read on every try, at the version the merge joins against (a retry follows
             # other writers' commits).
             stored = self._scan(["key"], scope).column("key")
-            if pc.any(pc.invert(pc.is_in(stored, value_set=new_keys))).as_py():
+            kept = int(pc.sum(pc.is_in(stored, value_set=new_keys)).as_py() or 0)
+            if kept < len(stored):
                 # Some stored chunks are not among the new rows (a document got shorter, or
                 # lost every chunk): deleted in the same commit. LanceDB then joins every
                 # row of the table, with every column (about 100 + 4 x dim bytes a stored
-                # chunk for the commit: 1.4 GiB at 4M chunks of dim 64), so only then.
-                return builder.when_not_matched_by_source_delete(scope).execute(data)
+                # chunk for the commit: 2 GiB at 4M chunks of dim 64), so only then.
+                return upsert().when_not_matched_by_source_delete(scope).execute(data)
             use_index = merge_uses_index(key_index_coverage(self._table))
-            return builder.use_index(use_index).execute(data)
+            result = upsert().use_index(use_index).execute(data)
+            if int(result.num_updated_rows) != kept:
+                # Another writer changed these documents between the read and the commit
+                # (LanceDB retried the merge on its version), and may have left chunks the
+                # new rows do not have: replace them again, deleting by source.
+                log.warning("documents of %s changed during a commit: rewritten", self._table_name)
+                return upsert().when_not_matched_by_source_delete(scope).execute(data)
+            return result
 
         result, tries = self._with_retries(f"replace {len(values)} documents", run)
         return _merge_result(result, tries)
