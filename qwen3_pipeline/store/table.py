@@ -631,7 +631,10 @@ class VectorStore:
         sees each document wholly old or wholly new, never a mix. The deletes make LanceDB
         join the whole table, so the merge asks for them only when some stored chunk of
         ``doc_keys`` is missing from ``rows`` (read first, by ``doc_key``); a fill, and edits
-        that keep or add chunks, cost what the rows written cost.
+        that keep or add chunks, cost what the rows written cost. Should another writer commit
+        a longer version of one of these documents between that read and the merge, one
+        version holds both writers' chunks of it; the merge's update count shows it, and the
+        documents are written again at once with the by-source delete.
 
         Args:
             rows: Full chunk rows (:meth:`build_rows` with ``chunks=``) of some of ``doc_keys``.
