@@ -26,6 +26,7 @@ import pyarrow as pa
 from qwen3_pipeline.core.errors import InputDataError, SpecMismatchError
 from qwen3_pipeline.core.schema import META_FINGERPRINT, META_SPEC
 from qwen3_pipeline.core.spec import EmbeddingSpec
+from qwen3_pipeline.store.merge_path import key_index_coverage
 from qwen3_pipeline.store.retries import RetryPolicy, with_retries
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def key_declared(table: Any) -> bool:
 
 def key_indexed(table: Any) -> bool:
     """Whether ``key`` has a scalar index of its own."""
-    return any(list(ix.columns) == ["key"] for ix in table.list_indices())
+    return key_index_coverage(table) is not None
 
 
 def _castable(source: pa.DataType, target: pa.DataType) -> bool:

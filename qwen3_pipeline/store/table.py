@@ -663,13 +663,6 @@ class VectorStore:
         scope = col(DOC_KEY_COLUMN).isin(values)
         new_keys = data.column("key")
 
-        def upsert() -> Any:
-            return (
-                self._table.merge_insert("key")
-                .when_matched_update_all()
-                .when_not_matched_insert_all()
-            )
-
         def run() -> Any:
             # Read on every try, at the version the merge joins against (a retry follows
             # other writers' commits).
@@ -680,15 +673,14 @@ class VectorStore:
                 # lost every chunk): deleted in the same commit. LanceDB then joins every
                 # row of the table, with every column (about 100 + 4 x dim bytes a stored
                 # chunk for the commit: 2 GiB at 4M chunks of dim 64), so only then.
-                return upsert().when_not_matched_by_source_delete(scope).execute(data)
-            use_index = merge_uses_index(key_index_coverage(self._table))
-            result = upsert().use_index(use_index).execute(data)
+                return self._merge_builder(insert=True, delete_by_source=scope).execute(data)
+            result = self._merge_builder(insert=True).execute(data)
             if int(result.num_updated_rows) != kept:
                 # Another writer changed these documents between the read and the commit
                 # (LanceDB retried the merge on its version), and may have left chunks the
                 # new rows do not have: replace them again, deleting by source.
                 log.warning("documents of %s changed during a commit: rewritten", self._table_name)
-                return upsert().when_not_matched_by_source_delete(scope).execute(data)
+                return self._merge_builder(insert=True, delete_by_source=scope).execute(data)
             return result
 
         result, tries = self._with_retries(f"replace {len(values)} documents", run)
@@ -737,16 +729,26 @@ class VectorStore:
         return conform_rows(rows, self._table.schema, table_name=self._table_name, full=full)
 
     def _merge(self, data: pa.Table, *, insert: bool, what: str) -> WriteResult:
-        def run() -> Any:
-            builder = self._table.merge_insert("key").when_matched_update_all()
-            if insert:
-                builder = builder.when_not_matched_insert_all()
-            # Asked again on every try: a retry follows other writers' commits.
-            use_index = merge_uses_index(key_index_coverage(self._table))
-            return builder.use_index(use_index).execute(data)
-
-        result, tries = self._with_retries(what, run)
+        result, tries = self._with_retries(
+            what, lambda: self._merge_builder(insert=insert).execute(data)
+        )
         return _merge_result(result, tries)
+
+    def _merge_builder(self, *, insert: bool, delete_by_source: Any = None) -> Any:
+        """A merge by key updating matched rows; inserting the others when ``insert``.
+
+        With ``delete_by_source`` (a filter), the stored rows it matches that the input lacks
+        are deleted in the same commit; LanceDB then joins every row of the table, so there
+        is no join to choose. Otherwise the join is chosen here, when the merge is built (on
+        every try: a retry follows other writers' commits), by
+        :func:`~qwen3_pipeline.store.merge_path.merge_uses_index`.
+        """
+        builder = self._table.merge_insert("key").when_matched_update_all()
+        if insert:
+            builder = builder.when_not_matched_insert_all()
+        if delete_by_source is not None:
+            return builder.when_not_matched_by_source_delete(delete_by_source)
+        return builder.use_index(merge_uses_index(key_index_coverage(self._table)))
 
     def _with_retries(self, what: str, action: Callable[[], _T]) -> tuple[_T, int]:
         return with_retries(self._retry, f"{what} on table {self._table_name!r}", action)
